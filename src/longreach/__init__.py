@@ -1,0 +1,41 @@
+"""longreach: training-free long-context inference for Hugging Face causal LMs.
+
+    import longreach
+    model, tok = longreach.load_model("smollm2-135m")
+    with longreach.apply(model, "quest:density=0.1") as handle:
+        out = model.generate(**tok(text, return_tensors="pt"), max_new_tokens=32)
+        print(handle.density())
+"""
+
+from .errors import InputError, LongreachError, ModelLoadError, SpecError, UnsupportedModelError
+from .hf import Handle, apply
+from .kernels import attend, kernel_names
+from .methods import Method, SelectContext, SelectionMethod, method_class, method_names, register
+from .models import load_model
+from .selection import Selection
+from .spec import Spec, parse_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Handle",
+    "InputError",
+    "LongreachError",
+    "Method",
+    "ModelLoadError",
+    "SelectContext",
+    "Selection",
+    "SelectionMethod",
+    "Spec",
+    "SpecError",
+    "UnsupportedModelError",
+    "__version__",
+    "apply",
+    "attend",
+    "kernel_names",
+    "load_model",
+    "method_class",
+    "method_names",
+    "parse_spec",
+    "register",
+]

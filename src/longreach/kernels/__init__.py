@@ -1,0 +1,47 @@
+"""Kernels compute attention for a Selection; they never decide what to keep.
+
+``reference`` is ground truth, ``gather`` is the CPU path, ``flex`` builds a FlexAttention BlockMask
+from the Selection's indices (GPU prefill). ``auto`` picks by device and phase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..errors import SpecError, did_you_mean
+from ..selection import Selection
+from . import flex, gather, reference
+
+Kernel = Callable[[Tensor, Tensor, Tensor, Selection, float], Tensor]
+
+KERNELS: dict[str, Kernel] = {
+    "reference": reference.attend,
+    "gather": gather.attend,
+    "flex": flex.attend,
+}
+
+
+def kernel_names() -> list[str]:
+    return ["auto", *KERNELS]
+
+
+def resolve(name: str, q: Tensor) -> Kernel:
+    """The kernel to run for ``name`` on these queries; ``auto``: flex for GPU prefill, gather otherwise."""
+    if name == "auto":
+        if q.device.type == "cuda" and q.shape[2] > 1 and flex.available():
+            return KERNELS["flex"]
+        return KERNELS["gather"]
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise SpecError(f"unknown kernel '{name}': {did_you_mean(name, kernel_names())}") from None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel: str = "auto") -> Tensor:
+    """Attention for ``sel``: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D)."""
+    return resolve(kernel, q)(q, k, v, sel, scale)
+
+
+__all__ = ["KERNELS", "Kernel", "attend", "kernel_names", "resolve"]

@@ -1,0 +1,31 @@
+"""Exact causal attention without T^2 masks or repeated K/V: the path of full selections."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), queries are the last Tq keys -> (B, Tq, Hq, D).
+
+    GQA: each of the ``group`` query heads sharing a KV head is one SDPA call over the un-repeated K/V
+    (head h*group + i reads KV head h, as in transformers' ``repeat_kv``).
+    """
+    batch, n_q, t_q, dim = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
+    group = n_q // n_kv
+    qg = q.view(batch, n_kv, group, t_q, dim)
+    if t_q == 1:  # decode: one query sees every key; fold the group into the query rows
+        out = F.scaled_dot_product_attention(qg.view(batch, n_kv, group, dim), k, v, scale=scale)
+        return out.view(batch, n_q, 1, dim).transpose(1, 2)
+    mask = None
+    if t_q != t_k:  # a chunk of queries after a prefix: bottom-right aligned causal mask (Tq x Tk)
+        pos = torch.arange(t_k - t_q, t_k, device=q.device)
+        mask = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
+    outs = [
+        F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        for i in range(group)
+    ]
+    return torch.stack(outs, dim=2).view(batch, n_q, t_q, dim).transpose(1, 2)

