@@ -47,7 +47,7 @@ def sdpa_dense(q, k, v):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kernel", FAST_KERNELS)
 def test_full_selection_equals_dense(shape, kernel):
-    b, hq, hkv, tq, tk, d, bq, bk = shape
+    b, hq, hkv, tq, tk, d, bq, _bk = shape
     q, k, v = qkv(b, hq, hkv, tq, tk, d)
     sel = Selection.dense(b, tq, tk, block=bq)
     out = kernels.attend(q, k, v, sel, d**-0.5, kernel)

@@ -16,7 +16,7 @@ def test_unknown_name_lists_what_is_accepted(tmp_path):
         longreach.load_model("not-a-model")
     with pytest.raises(ModelLoadError, match="not found"):
         longreach.load_model(tmp_path / "missing.gguf")
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         longreach.load_model(tmp_path)
 
 

@@ -58,7 +58,7 @@ def make_passkey(tokenizer, length: int, depth: float, seed: int = 0, chat: bool
     per_filler = max(1, n_tokens(FILLER * 20) // 20)
     units = max(0, (length - fixed) // per_filler)
     for _ in range(8):  # converge on the exact length
-        before = int(round(units * depth))
+        before = round(units * depth)
         text = wrap(PREFIX + FILLER * before + needle + FILLER * (units - before))
         got = n_tokens(text)
         if abs(got - length) <= max(1, length // 100) or units == 0:

@@ -11,7 +11,7 @@ from ._heads import plan_heads
 
 def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Tensor:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D); computed in float64."""
-    batch, n_q, _, _ = q.shape
+    _batch, n_q, _, _ = q.shape
     n_kv = k.shape[1]
     plan = plan_heads(sel, n_q, n_kv)
     mask = plan.sel.to_mask()  # (B, Hs, Tq, Tk)

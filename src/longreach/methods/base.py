@@ -57,7 +57,7 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def param(default: object, help: str) -> object:  # noqa: A002 - mirrors dataclasses.field
+def param(default: object, help: str) -> object:
     return dataclasses.field(default=default, metadata={"help": help})
 
 

@@ -46,7 +46,7 @@ class BlockTopK(BudgetedMethod):
         return scores.amax(dim=2)
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        batch, n_q, t_q, dim = q.shape
+        batch, n_q, t_q, _dim = q.shape
         n_kv, t_k = k.shape[1], k.shape[2]
         bs, window, sinks = self.block, self.local_window, self.sinks
         n_qb, n_kb = math.ceil(t_q / bs), math.ceil(t_k / bs)
