@@ -108,7 +108,7 @@ def generate(
 def demo(
     model: str = typer.Option("smollm2-135m"),
     lengths: str = typer.Option("2k,4k", help="comma-separated prompt lengths"),
-    methods: str = typer.Option("dense;quest:density=0.1;streaming:density=0.1",
+    methods: str = typer.Option("dense;quest:density=0.25;streaming:density=0.25",
                                 help="';'-separated method specs (the first is the baseline)"),
     depths: str = typer.Option("0.2,0.8", help="needle depths"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -130,17 +130,17 @@ def demo(
         lm, tok = load_model(model)
     except LongreachError as err:
         _fail(err)
-    samples = [make_passkey(tok, n, d, seed=i) for n in lens for i, d in enumerate(dps)]
+    samples = [(n, make_passkey(tok, n, d, seed=i)) for n in lens for i, d in enumerate(dps)]
     results: dict[tuple[str, int], list[dict]] = {}
     with Progress(disable=quiet, console=console) as progress:
         task = progress.add_task("passkey", total=len(specs) * len(samples))
         for spec in specs:
             with apply(lm, spec) as handle:
-                for sample in samples:
+                for length, sample in samples:
                     handle.reset_stats()
                     row = run_passkey(lm, tok, sample)
                     row["density"] = handle.density("prefill")
-                    results.setdefault((spec, sample.length), []).append(row)
+                    results.setdefault((spec, length), []).append(row)
                     progress.advance(task)
     table = Table(title=f"passkey retrieval on {model} ({len(dps)} depths per length)")
     for col in ("method", "length", "accuracy", "density", "prefill s", "prefill speed vs dense"):
