@@ -66,9 +66,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Ten
         o_near, l_near = attention_with_lse(qc, _flat(near_k), _flat(near_v), _bias(near_ok), scale)
         near_any = near_ok.any(-1)
 
-        if lay.far_pos.shape[-1] == 0:  # nothing behind the window (the fused op rejects empty key sets)
-            merged = _merge(o_near, l_near, near_any, o_near, l_near, torch.zeros_like(near_any))
-            out[:, :, b0:b1] = merged.view(batch, heads, nb, rows, dim)
+        if lay.far_pos.shape[-1] == 0:  # nothing behind the window (the fused op rejects empty key sets);
+            out[:, :, b0:b1] = o_near.view(batch, heads, nb, rows, dim)  # rows with no key are already 0
             continue
         far_k = k[b_idx, h_idx, lay.far_pos]  # (B, Hs, nb, Kf, D)
         far_v = v[b_idx, h_idx, lay.far_pos]
