@@ -45,8 +45,6 @@ def block_table(sel: Selection) -> Tensor:
     causal = k_lo[None, :] <= last[:, None]
     band = k_hi[None, :] > first[:, None] - sel.window
     sink = (k_lo < sel.sinks)[None, :]
-    if sel.full:
-        return causal.expand_as(table).clone()
     return (table & causal) | (causal & (band | sink))
 
 

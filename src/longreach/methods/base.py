@@ -8,7 +8,6 @@ Kinds (capability flags, so runners never branch on classes):
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -100,14 +99,14 @@ class BudgetedMethod(SelectionMethod):
     default_budget: ClassVar[int | None] = 2048
 
     def __post_init__(self) -> None:
-        _check_int(self, "block", self.block, minimum=1)
-        _check_int(self, "sinks", self.sinks, minimum=0)
+        check_int(self, "block", self.block, minimum=1)
+        check_int(self, "sinks", self.sinks, minimum=0)
         if self.window is not None:
-            _check_int(self, "window", self.window, minimum=1)
+            check_int(self, "window", self.window, minimum=1)
         if self.budget is not None and self.density is not None:
             raise SpecError(f"{self.name}: give budget= or density=, not both")
         if self.budget is not None:
-            _check_int(self, "budget", self.budget, minimum=1)
+            check_int(self, "budget", self.budget, minimum=1)
             if self.budget < self.sinks + self.local_window:
                 raise SpecError(
                     f"{self.name}: budget={self.budget} is smaller than the always-kept sinks + window "
@@ -128,10 +127,6 @@ class BudgetedMethod(SelectionMethod):
         return causal_keys.new_full(causal_keys.shape, budget if budget is not None else 2**62)
 
 
-def _check_int(method: Method, field: str, value: object, minimum: int) -> None:
+def check_int(method: Method, field: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SpecError(f"{method.name}: {field} must be an integer >= {minimum}, got {value!r}")
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import SelectContext, SelectionMethod, _check_int, param
+from .base import SelectContext, SelectionMethod, check_int, param
 from .registry import register
 
 
@@ -28,15 +28,15 @@ class Streaming(SelectionMethod):
     block: int = param(64, "query block size of the kernel (does not change the result)")
 
     def __post_init__(self) -> None:
-        _check_int(self, "sinks", self.sinks, minimum=0)
-        _check_int(self, "block", self.block, minimum=1)
+        check_int(self, "sinks", self.sinks, minimum=0)
+        check_int(self, "block", self.block, minimum=1)
         given = [n for n in ("window", "budget", "density") if getattr(self, n) is not None]
         if len(given) > 1:
             raise SpecError(f"streaming: give only one of window=, budget=, density= (got {', '.join(given)})")
         if self.window is not None:
-            _check_int(self, "window", self.window, minimum=1)
+            check_int(self, "window", self.window, minimum=1)
         if self.budget is not None:
-            _check_int(self, "budget", self.budget, minimum=self.sinks + 1)
+            check_int(self, "budget", self.budget, minimum=self.sinks + 1)
         if self.density is not None and not (isinstance(self.density, float | int) and 0 < self.density <= 1):
             raise SpecError(f"streaming: density must be in (0, 1], got {self.density!r}")
 
