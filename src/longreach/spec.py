@@ -14,11 +14,9 @@ form, and ``parse_spec(str(spec)) == spec``.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 
+from .configurable import parse_item
 from .errors import SpecError
 from .methods.base import Method, SelectionMethod
 from .methods.registry import method_class
@@ -60,66 +58,7 @@ def parse_spec(spec: str | Spec | Method) -> Spec:
 
 
 def _parse_item(item: str) -> Method:
-    name, _, rest = item.partition(":")
-    name = name.strip().lower()
-    cls = method_class(name)
-    kwargs: dict[str, object] = {}
-    if rest.strip():
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        for part in rest.split(","):
-            key, eq, raw = part.partition("=")
-            key = key.strip()
-            if not eq or not key or not raw.strip():
-                raise SpecError(f"{name}: parameter '{part.strip()}' must look like key=value (e.g. budget=2048)")
-            if key not in fields:
-                known = ", ".join(fields) or "none"
-                raise SpecError(f"{name}: unknown parameter '{key}'; it takes: {known}")
-            if key in kwargs:
-                raise SpecError(f"{name}: parameter '{key}' given twice")
-            kwargs[key] = _coerce(name, key, raw.strip(), hints[key])
-    elif item.endswith(":"):
-        raise SpecError(f"{name}: nothing after ':'; drop it or add key=value parameters")
-    return cls(**kwargs)
-
-
-def _coerce(method: str, key: str, raw: str, typ: object) -> object:
-    options = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) else (typ,)
-    if raw.lower() == "none":
-        if type(None) in options:
-            return None
-        raise SpecError(f"{method}: {key} cannot be none")
-    errors = []
-    for opt in options:
-        if opt is type(None):
-            continue
-        try:
-            return _convert(raw, opt)
-        except ValueError as err:
-            errors.append(str(err))
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise SpecError(f"{method}: {key}={raw} is not a valid {names}")
-
-
-def _convert(raw: str, typ: object) -> object:
-    if typ is bool:
-        low = raw.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ValueError(raw)
-    if typ is int:
-        text = raw.lower().replace("_", "")
-        mult = 1
-        if text.endswith("k"):
-            text, mult = text[:-1], 1024
-        return int(text) * mult
-    if typ is float:
-        return float(raw)
-    if typ is str:
-        return raw
-    raise ValueError(f"unsupported parameter type {typ}")
+    return parse_item(item, method_class)  # type: ignore[return-value]
 
 
 def _compose(methods: list[Method]) -> Spec:

@@ -7,57 +7,21 @@ Kinds (capability flags, so runners never branch on classes):
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
+from ..configurable import Configurable, param
 from ..errors import SpecError
 from ..selection import Selection
 
 
 @dataclass(frozen=True)
-class Method:
-    name: ClassVar[str] = ""
+class Method(Configurable):
     kind: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
-
-    @classmethod
-    def params(cls) -> list[tuple[str, object, object, str]]:
-        """(name, type, default, help) for every parameter, in declaration order."""
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in dataclasses.fields(cls):
-            out.append((f.name, hints[f.name], f.default, f.metadata.get("help", "")))
-        return out
-
-    def spec(self) -> str:
-        """Canonical spec string: the name plus every parameter that differs from its default."""
-        parts = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value != f.default:
-                parts.append(f"{f.name}={_fmt(value)}")
-        return self.name + (":" + ",".join(parts) if parts else "")
-
-    def __str__(self) -> str:
-        return self.spec()
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def param(default: object, help: str) -> object:
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
