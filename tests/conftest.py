@@ -37,3 +37,29 @@ def tiny_model(arch: str, **overrides):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer (converted from the bundled GGUF once, then cached)."""
+    from longreach.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    from longreach.models import load_tokenizer
+
+    return load_tokenizer("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a Hugging Face folder (loadable by name)."""
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=4096)
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder

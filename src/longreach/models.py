@@ -77,6 +77,37 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """Only the tokenizer (for building prompts without a model): seconds, cached like models."""
+    from transformers import AutoTokenizer
+
+    key = str(name_or_path)
+    path = Path(key).expanduser()
+    if key not in BUNDLED and path.is_dir():
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    gguf = _bundled_gguf(BUNDLED[key]) if key in BUNDLED else path
+    if key not in BUNDLED and (gguf.suffix != ".gguf" or not gguf.is_file()):
+        raise ModelLoadError(f"cannot load a tokenizer for '{key}': give a bundled name, an HF folder or a .gguf file")
+    folder = _converted_folder(gguf)
+    if (folder / ".complete").exists():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    target = folder.with_name(folder.name + "-tokenizer")
+    if not (target / "tokenizer_config.json").exists():
+        check_gguf(gguf)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.resolve().parent, gguf_file=gguf.name)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=_parent(target)))
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return AutoTokenizer.from_pretrained(target, local_files_only=True)
+
+
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent
+
+
 def _bundled_gguf(spec: Bundled) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -125,12 +156,17 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({err}); download or reinstall it") from err
 
 
-def _converted(gguf_path: Path) -> Path:
-    """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
+def _converted_folder(gguf_path: Path) -> Path:
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
     digest = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{digest}"
+    return cache_dir() / "converted" / f"{gguf_path.stem}-{digest}"
+
+
+def _converted(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
+    gguf_path = gguf_path.resolve()
+    folder = _converted_folder(gguf_path)
     if (folder / ".complete").exists():
         return folder
     check_gguf(gguf_path)
