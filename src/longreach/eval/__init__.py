@@ -1,5 +1,15 @@
-"""Evaluation tasks and runners (public API only)."""
+"""Evaluation: task generators on real prose, a resumable sweep runner, and reports.
 
-from .passkey import PasskeySample, make_passkey, run_passkey, score_passkey
+    from longreach.eval import make_plan, parse_task
+    task = parse_task("niah:variant=multikey")
+    sample = task.build(tokenizer, Corpus.load(), length=4096, depth=0.5, seed=0, chat=True)
+"""
 
-__all__ = ["PasskeySample", "make_passkey", "run_passkey", "score_passkey"]
+from .corpus import Corpus
+from .measure import run_sample
+from .report import build_report
+from .runner import Plan, make_plan, pending, run_local
+from .tasks import TASKS, Sample, Task, parse_task, parse_tasks
+
+__all__ = ["TASKS", "Corpus", "Plan", "Sample", "Task", "build_report", "make_plan", "parse_task", "parse_tasks",
+           "pending", "run_local", "run_sample"]

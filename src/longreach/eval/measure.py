@@ -1,0 +1,145 @@
+"""Run one sample on a model with a method applied, and measure what users pay for it.
+
+Generation is a plain greedy loop (prefill, then one token at a time, stopping at EOS) so the
+prefill and decode phases are timed separately; perplexity scores every position in one
+forward pass, with the vocabulary projection chunked so 8k-token logits never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import Sample, Task
+
+LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
+
+
+def reset_peak_rss() -> None:
+    """Linux lets a process reset its high-water mark, so the peak is per sample (else: per process)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def kv_bytes(cache) -> int | None:
+    """Bytes held by a transformers cache's key and value tensors."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def prompt_sha(sample: Sample) -> str:
+    return hashlib.sha256(sample.prompt.encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, sample: Sample) -> dict:
+    ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat).to(model.device)
+    eos = set(_eos_ids(model, tokenizer))
+    start = time.perf_counter()
+    out = model(**ids, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    new, mask = [int(token)], ids["attention_mask"]
+    start = time.perf_counter()
+    while len(new) < sample.max_new_tokens and new[-1] not in eos:
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+        past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        new.append(int(token))
+    decode = time.perf_counter() - start
+    return {
+        "prediction": tokenizer.decode(new, skip_special_tokens=True).strip(),
+        "tokens": ids["input_ids"].shape[1],
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "decode_tokens": len(new) - 1,
+        "kv_bytes": kv_bytes(past),
+    }
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids or [])
+
+
+@torch.no_grad()
+def perplexity(model, sample: Sample, buckets: int) -> dict:
+    """Next-token loss at every position, averaged per equal-width position bucket."""
+    ids = torch.tensor([sample.meta["ids"]], device=model.device)
+    start = time.perf_counter()
+    out = model.get_decoder()(input_ids=ids, use_cache=True)
+    hidden = out.last_hidden_state[0, :-1]
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    losses = []
+    for lo in range(0, hidden.shape[0], LOGIT_CHUNK):
+        logits = head(hidden[lo:lo + LOGIT_CHUNK]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        losses.append(F.cross_entropy(logits, ids[0, lo + 1:lo + 1 + LOGIT_CHUNK], reduction="none"))
+    elapsed = time.perf_counter() - start
+    nll = torch.cat(losses)  # nll[i] is the loss of predicting token i + 1
+    edges = [round(i * len(nll) / buckets) for i in range(buckets + 1)]
+    table = [[lo + 1, hi + 1, float(nll[lo:hi].mean())] for lo, hi in itertools.pairwise(edges) if hi > lo]
+    mean = float(nll.mean())
+    return {
+        "prediction": "",
+        "tokens": ids.shape[1],
+        "prefill_s": elapsed,
+        "decode_s": 0.0,
+        "decode_tokens": 0,
+        "kv_bytes": kv_bytes(out.past_key_values),
+        "loss": mean,
+        "loss_buckets": table,
+        "ppl": math.exp(mean),
+    }
+
+
+@torch.no_grad()
+def warm_up(model, tokens: int = 256) -> None:
+    """One short forward per method before timing, so one-time costs (lazy init, compilation) are not billed
+    to the first sample."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(tokens, device=model.device).remainder(vocab - 1).add(1).unsqueeze(0)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
+def run_sample(model, tokenizer, task: Task, sample: Sample, handle) -> dict:
+    """One measured row (without the run's identity fields, which the runner adds)."""
+    handle.reset_stats()
+    reset_peak_rss()
+    if task.metric == "ppl":
+        row = perplexity(model, sample, task.buckets)
+        row["score"] = row["ppl"]
+    else:
+        row = generate(model, tokenizer, sample)
+        row["score"] = task.score(row["prediction"], sample.gold)
+    row["density"] = handle.density("prefill")
+    row["density_decode"] = handle.density("decode")
+    row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return row

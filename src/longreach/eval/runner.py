@@ -1,0 +1,208 @@
+"""The sweep: methods x tasks x lengths x samples, one JSON line per sample, resumable.
+
+Everything a user can get wrong (task, method, length and depth specs, an output folder that
+holds another model's results) is checked by :func:`make_plan` / :func:`pending` before a model
+is loaded. The model is loaded once; each method is applied and removed around its cells, and
+prompts are built once per (task, length, sample) and shared by every method.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError, LongreachError
+from ..spec import parse_spec
+from .corpus import Corpus
+from .measure import prompt_sha, run_sample, warm_up
+from .results import ResultsWriter, read_rows, row_key
+from .tasks import Sample, Task, parse_tasks
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MAX_LENGTH = 1 << 20
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method x task x length: the unit of progress, scheduling and resuming."""
+
+    method: str
+    task: Task
+    length: int
+
+    def __str__(self) -> str:
+        return f"{self.method} · {self.task.spec()} · {self.length}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    tasks: tuple[Task, ...]
+    methods: tuple[str, ...]  # canonical spec strings
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    samples: int = 5  # per task x length; depths cycle over the grid, seeds are 0..samples-1
+    chat: bool = True
+    kernel: str = "auto"
+    corpus: str = "canterbury"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def cells(self) -> list[Cell]:
+        return [Cell(m, t, n) for m in self.methods for t in self.tasks for n in self.lengths]
+
+    def points(self, task: Task) -> list[tuple[float | None, int]]:
+        """(depth, seed) of every sample of a task at one length."""
+        return [(self.depths[i % len(self.depths)] if task.uses_depth else None, i) for i in range(self.samples)]
+
+    def key(self, cell: Cell, depth: float | None, seed: int) -> tuple:
+        chat = self.chat and cell.task.metric != "ppl"
+        return row_key({"model": self.model, "method": cell.method, "task": cell.task.spec(), "length": cell.length,
+                        "depth": depth, "seed": seed, "chat": chat, "corpus": self.corpus})
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            value = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
+        except ValueError:
+            raise InputError(f"'{part}' is not a length; use e.g. 2048 or 4k") from None
+        if not 64 <= value <= MAX_LENGTH:
+            raise InputError(f"length {part} is out of range; use 64 .. 1024k tokens")
+        out.append(value)
+    if not out:
+        raise InputError("no lengths given: e.g. --lengths 2k,4k,8k")
+    return tuple(dict.fromkeys(out))
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"depths must be numbers in [0, 1], got '{text}'") from None
+    if not out or any(not 0 <= d <= 1 for d in out):
+        raise InputError(f"depths must be numbers in [0, 1], got '{text}'")
+    return out
+
+
+def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
+              chat: bool = True, kernel: str = "auto", corpus: str = "canterbury") -> Plan:
+    """Parse and validate every spec of a sweep (no model, no corpus download)."""
+    from ..configurable import split_items
+    from ..kernels import kernel_names
+
+    method_specs = [str(parse_spec(s)) for s in split_items(methods)]
+    if not method_specs:
+        raise InputError("no methods given: e.g. --methods dense,quest:density=0.1")
+    if len(set(method_specs)) != len(method_specs):
+        raise InputError(f"a method is given twice in '{methods}'")
+    if samples < 1:
+        raise InputError("--samples must be >= 1")
+    if kernel != "auto" and kernel not in kernel_names():
+        raise InputError(f"unknown kernel '{kernel}': use auto, {', '.join(kernel_names())}")
+    if corpus not in ("canterbury", "synthetic", "austen", "bible"):
+        raise InputError(f"unknown corpus '{corpus}': use canterbury (default), austen, bible or synthetic")
+    return Plan(model, tuple(parse_tasks(tasks)), tuple(method_specs), parse_lengths(lengths),
+                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus)
+
+
+def pending(plan: Plan, out: Path) -> tuple[dict[Cell, list[tuple[float | None, int]]], list, int]:
+    """Work left per cell, the unreadable lines of ``results.jsonl``, and how many samples are done."""
+    rows, bad = read_rows(out / "results.jsonl")
+    others = sorted({r["model"] for r in rows} - {plan.model})
+    if others:
+        raise InputError(f"{out} holds results of another model ({', '.join(others)}); "
+                         "use a separate --out folder per model")
+    done = {row_key(r) for r in rows}
+    todo: dict[Cell, list[tuple[float | None, int]]] = {}
+    finished = 0
+    for cell in plan.cells():
+        left = [p for p in plan.points(cell.task) if plan.key(cell, *p) not in done]
+        finished += plan.samples - len(left)
+        if left:
+            todo[cell] = left
+    return todo, bad, finished
+
+
+class SampleBank:
+    """Prompts are built once per (task, length, depth, seed) and shared by every method."""
+
+    def __init__(self, tokenizer, corpus: Corpus, chat: bool):
+        self.tokenizer, self.corpus, self.chat = tokenizer, corpus, chat
+        self._cache: dict[tuple, Sample] = {}
+
+    def get(self, task: Task, length: int, depth: float | None, seed: int) -> Sample:
+        key = (task.spec(), length, depth, seed)
+        if key not in self._cache:
+            self._cache[key] = task.build(self.tokenizer, self.corpus, length, depth, seed, self.chat)
+        return self._cache[key]
+
+
+def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
+              on_sample: Callable[[Cell], None] | None = None) -> Iterator[dict]:
+    """Run the given cells, yielding finished rows (methods applied one at a time)."""
+    from .. import __version__, apply
+
+    bank = SampleBank(tokenizer, corpus, plan.chat)
+    model_id = plan.model
+    for method in plan.methods:
+        cells = [c for c in todo if c.method == method]
+        if not cells:
+            continue
+        with apply(model, method, kernel=plan.kernel) as handle:
+            warm_up(model)
+            for cell in cells:
+                for depth, seed in todo[cell]:
+                    sample = bank.get(cell.task, cell.length, depth, seed)
+                    measured = run_sample(model, tokenizer, cell.task, sample, handle)
+                    row = {
+                        "model": model_id, "method": method, "task": cell.task.spec(), "family": cell.task.name,
+                        "metric": cell.task.metric, "length": cell.length, "depth": depth, "seed": seed,
+                        "chat": sample.chat, "corpus": corpus.name, "gold": list(sample.gold), **measured,
+                        "kernel": plan.kernel, "prompt_sha": prompt_sha(sample), "version": __version__,
+                        "host": platform.node(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                        **{k: v for k, v in sample.meta.items() if k != "ids"},
+                    }
+                    yield row
+                    if on_sample:
+                        on_sample(cell)
+
+
+def run_local(plan: Plan, out: Path, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
+              progress=None) -> int:
+    """Append every row of ``todo`` to ``out/results.jsonl``; returns how many were written."""
+    written = 0
+    with ResultsWriter(out / "results.jsonl") as writer:
+        for row in run_cells(plan, todo, model, tokenizer, corpus, on_sample=progress):
+            writer.append(row)
+            written += 1
+    return written
+
+
+def write_plan(plan: Plan, out: Path, argv: list[str] | None) -> None:
+    """Record how the folder was produced (appended per invocation: resumes are visible)."""
+    import json
+    import shlex
+
+    out.mkdir(parents=True, exist_ok=True)
+    entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "model": plan.model,
+             "command": shlex.join(argv) if argv else None, "tasks": [t.spec() for t in plan.tasks],
+             "methods": list(plan.methods), "lengths": list(plan.lengths), "samples": plan.samples,
+             "depths": list(plan.depths), "chat": plan.chat, "kernel": plan.kernel, "corpus": plan.corpus}
+    with open(out / "runs.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def elapsed_since(start: float) -> str:
+    return f"{time.perf_counter() - start:.0f}s"
+
+
+__all__ = ["Cell", "LongreachError", "Plan", "make_plan", "parse_depths", "parse_lengths", "pending", "run_cells",
+           "run_local"]

@@ -1,0 +1,175 @@
+"""The sweep runner: resume after a kill gives the same rows as one uninterrupted run, corrupt lines are
+reported (never silently dropped), bad specs fail before any model loads, reports hold honest statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import longreach
+from longreach.cli import app
+from longreach.errors import InputError, SpecError
+from longreach.eval import Corpus, build_report, make_plan, pending, run_local
+from longreach.eval.report import mean_ci, wilson
+from longreach.eval.results import ResultsWriter, read_rows, row_key
+from longreach.eval.runner import run_cells
+
+cli = CliRunner()
+SWEEP = dict(tasks="passkey,niah:variant=multivalue,kvret,ppl:buckets=4", methods="dense,streaming:window=64",
+             lengths="256,384", samples=2, corpus="synthetic")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_lm_folder):
+    return longreach.load_model(tiny_lm_folder)
+
+
+def plan_for(folder, **overrides):
+    return make_plan(str(folder), **{**SWEEP, **overrides})
+
+
+def drop_volatile(row):
+    return {k: v for k, v in row.items() if k not in ("prefill_s", "decode_s", "peak_rss_mb", "time")}
+
+
+def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path, tiny, tiny_lm_folder):
+    model, tok = tiny
+    plan = plan_for(tiny_lm_folder)
+    corpus = Corpus.synthetic()
+    whole = tmp_path / "whole"
+    todo, bad, done = pending(plan, whole)
+    assert (bad, done) == ([], 0) and sum(map(len, todo.values())) == 2 * 4 * 2 * 2
+    assert run_local(plan, whole, todo, model, tok, corpus) == 32
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    with ResultsWriter(killed / "results.jsonl") as writer:  # the first 11 rows land, then the process dies...
+        for i, row in enumerate(run_cells(plan, todo, model, tok, corpus)):
+            writer.append(row)
+            if i == 10:
+                break
+    with open(killed / "results.jsonl", "a") as fh:  # ...halfway through writing the 12th
+        fh.write(json.dumps(row)[:57])
+    todo2, bad2, done2 = pending(plan, killed)
+    assert done2 == 11 and len(bad2) == 1 and "truncated" in bad2[0].reason and bad2[0].line == 12
+    run_local(plan, killed, todo2, model, tok, corpus)
+
+    rows_a, _ = read_rows(whole / "results.jsonl")
+    rows_b, bad_b = read_rows(killed / "results.jsonl")
+    assert len(bad_b) == 1  # the torn line stays visible, closed by a newline, never glued to a new row
+    assert len(rows_b) == len({row_key(r) for r in rows_b}) == 32  # nothing lost, nothing duplicated
+    by_key = {row_key(r): drop_volatile(r) for r in rows_a}
+    assert {row_key(r): drop_volatile(r) for r in rows_b} == by_key
+    assert pending(plan, killed)[0] == {}  # a third run has nothing left to do
+
+
+def test_rows_record_what_users_need(tmp_path, tiny, tiny_lm_folder):
+    model, tok = tiny
+    plan = plan_for(tiny_lm_folder, lengths="256", samples=1)
+    todo, _, _ = pending(plan, tmp_path)
+    run_local(plan, tmp_path, todo, model, tok, Corpus.synthetic())
+    rows, _ = read_rows(tmp_path / "results.jsonl")
+    needed = {"task", "length", "depth", "method", "seed", "prediction", "gold", "score", "prefill_s", "decode_s",
+              "density", "kv_bytes", "peak_rss_mb", "version", "model", "tokens", "chat", "prompt_sha"}
+    for row in rows:
+        assert needed <= set(row), needed - set(row)
+        assert row["version"] == longreach.__version__ and row["model"] == str(tiny_lm_folder)
+        assert row["kv_bytes"] > 0 and row["peak_rss_mb"] > 0 and row["prefill_s"] > 0
+        assert (row["density"] == 1.0) == (row["method"] == "dense")
+    ppl = [r for r in rows if r["task"].startswith("ppl")]
+    assert len(ppl) == 2 and all(len(r["loss_buckets"]) == 4 and r["score"] > 1 for r in ppl)
+
+
+def test_full_window_perplexity_equals_dense(tmp_path, tiny, tiny_lm_folder):
+    model, tok = tiny
+    plan = make_plan(str(tiny_lm_folder), "ppl", "dense,streaming:window=4096", "256", samples=1, corpus="synthetic")
+    todo, _, _ = pending(plan, tmp_path)
+    run_local(plan, tmp_path, todo, model, tok, Corpus.synthetic())
+    rows = {r["method"]: r for r in read_rows(tmp_path / "results.jsonl")[0]}
+    assert rows["dense"]["loss"] == pytest.approx(rows["streaming:window=4096"]["loss"], abs=1e-5)
+
+
+def test_corrupt_lines_are_reported_and_their_samples_rerun(tmp_path, tiny_lm_folder, monkeypatch):
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_lm_folder), "--tasks", "passkey", "--methods", "dense", "--lengths", "256",
+            "--samples", "2", "--corpus", "synthetic", "--out", str(out), "--quiet"]
+    first = cli.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n{not json\n" + '{"model": "x"}\n')
+    again = cli.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "line 2: not valid JSON" in again.output and "line 3: missing fields" in again.output
+    rows, bad = read_rows(out / "results.jsonl")
+    assert len(rows) == 2 and len(bad) == 2 and (out / "report.html").exists()
+    report = cli.invoke(app, ["report", str(out)])
+    assert report.exit_code == 0 and "line 2: not valid JSON" in report.output
+    assert "| dense | 256 | 2 |" in report.output
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--tasks", "passkey,nia", "did you mean 'niah'"),
+    ("--tasks", "niah:variant=double", "variant must be one of"),
+    ("--methods", "dense,qeust:density=0.1", "did you mean 'quest'"),
+    ("--methods", "quest:density=2", "density must be in"),
+    ("--lengths", "2k,lots", "'lots' is not a length"),
+    ("--lengths", "8", "out of range"),
+    ("--depths", "0.5,2", "depths must be numbers in [0, 1]"),
+    ("--samples", "0", "--samples must be >= 1"),
+    ("--executor", "slurm", "unknown executor"),
+    ("--kernel", "cuda", "unknown kernel"),
+])
+def test_bad_specs_fail_before_any_model_is_loaded(tmp_path, monkeypatch, option, value, message):
+    import longreach.models
+
+    def boom(*a, **k):
+        raise AssertionError("no model may be loaded for a bad sweep")
+
+    monkeypatch.setattr(longreach.models, "load_model", boom)
+    monkeypatch.setattr(longreach, "load_model", boom)
+    args = {"--model": "smollm2-135m", "--tasks": "passkey", "--methods": "dense", "--lengths": "2k",
+            "--out": str(tmp_path / "o"), option: value}
+    result = cli.invoke(app, ["eval", *[x for kv in args.items() for x in kv]])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_an_out_folder_of_another_model_is_refused(tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps(
+        {"model": "other", "method": "dense", "task": "passkey", "length": 256, "depth": 0.0, "seed": 0,
+         "chat": True, "corpus": "synthetic", "score": 1.0}) + "\n")
+    plan = make_plan("smollm2-135m", "passkey", "dense", "256", corpus="synthetic")
+    with pytest.raises(InputError, match="another model"):
+        pending(plan, tmp_path)
+    with pytest.raises(SpecError):
+        make_plan("smollm2-135m", "passkey", "dense+streaming+quest", "256")
+
+
+def test_confidence_intervals():
+    low, high = wilson(5, 5)
+    assert low == pytest.approx(0.566, abs=1e-3) and high == 1.0
+    low, high = wilson(0, 5)
+    assert low == 0.0 and high == pytest.approx(0.434, abs=1e-3)
+    mean, lo, hi = mean_ci([0.5, 0.7, 0.9], binary=False)
+    assert mean - lo == pytest.approx(hi - mean)
+    assert mean == pytest.approx(0.7) and hi - mean == pytest.approx(4.30 * 0.2 / 3**0.5, rel=1e-3)
+
+
+def test_report_table_and_html(tmp_path):
+    rows = []
+    for method, scores, t, dens in (("dense", [1, 1, 1, 0], 2.0, 1.0), ("quest:density=0.1", [1, 0, 0, 0], 1.0, 0.1)):
+        for i, s in enumerate(scores):
+            rows.append({"model": "m", "method": method, "task": "niah", "metric": "accuracy", "length": 2048,
+                         "depth": [0.0, 1.0][i % 2], "seed": i, "chat": True, "corpus": "c", "score": float(s),
+                         "prefill_s": t, "decode_s": 0.1, "decode_tokens": 5, "density": dens, "kv_bytes": 2**20,
+                         "peak_rss_mb": 900})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = build_report(tmp_path)
+    assert "| dense | 2048 | 4 | 75% (30%–95%) | 1.000 | 2.00 | 1.00x | 20 | 1.0 | 900 |" in report.markdown
+    assert "| quest:density=0.1 | 2048 | 4 | 25% (5%–70%) | 0.100 | 1.00 | 2.00x |" in report.markdown
+    page = report.html_path.read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "<table>" in page
+    assert (tmp_path / "plots").is_dir() and any((tmp_path / "plots").glob("*.png"))
