@@ -178,3 +178,20 @@ def test_real_prose_corpus_from_brotli_sdist(smol_tokenizer):
     assert sample.prompt[third:third + 80] in "\n\n".join(corpus.documents.values())  # the haystack is real prose
     ppl = parse_task("ppl").build(smol_tokenizer, corpus, 20_000, None, seed=0, chat=False)
     assert len(ppl.meta["ids"]) == 20_000
+
+
+@pytest.mark.slow
+def test_debian_prose_sources_decode_without_r_or_sword(tmp_path, monkeypatch, smol_tokenizer):
+    """apt-get download + dpkg -x, then our own R-serialization and zText readers."""
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path))
+    austen = Corpus.load("austen")
+    assert sorted(austen.documents) == ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
+                                        "sensesensibility"]
+    assert "It is a truth universally acknowledged" in austen.documents["prideprejudice"]
+    bible = Corpus.load("bible")
+    assert "In the beginning, God created the heavens and the earth." in bible.documents["old-testament"]
+    assert "<" not in bible.documents["new-testament"][:100_000]  # markup stripped
+    for corpus in (austen, bible):
+        sample = parse_task("niah").build(smol_tokenizer, corpus, 2048, 0.5, seed=1, chat=False)
+        assert abs(sample.tokens - 2048) <= tolerance(2048) and sample.prompt.count(sample.gold[0]) == 1
+    assert (tmp_path / "corpus" / "austen" / ".complete").exists()
