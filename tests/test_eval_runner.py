@@ -120,6 +120,7 @@ def test_corrupt_lines_are_reported_and_their_samples_rerun(tmp_path, tiny_lm_fo
     ("--samples", "0", "--samples must be >= 1"),
     ("--executor", "slurm", "unknown executor"),
     ("--kernel", "cuda", "unknown kernel"),
+    ("--lengths", "64", "task passkey at length 64"),  # shorter than the instructions: found by building a prompt
 ])
 def test_bad_specs_fail_before_any_model_is_loaded(tmp_path, monkeypatch, option, value, message):
     import longreach.models
@@ -134,7 +135,7 @@ def test_bad_specs_fail_before_any_model_is_loaded(tmp_path, monkeypatch, option
     result = cli.invoke(app, ["eval", *[x for kv in args.items() for x in kv]])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
-    assert not (tmp_path / "o" / "results.jsonl").exists()
+    assert not (tmp_path / "o").exists()  # nothing written either
 
 
 def test_an_out_folder_of_another_model_is_refused(tmp_path):
@@ -173,3 +174,17 @@ def test_report_table_and_html(tmp_path):
     page = report.html_path.read_text()
     assert page.count("data:image/png;base64,") >= 2 and "<table>" in page
     assert (tmp_path / "plots").is_dir() and any((tmp_path / "plots").glob("*.png"))
+
+
+@pytest.mark.model
+def test_demo_is_a_small_eval_with_a_report(tmp_path, tiny_lm_folder):
+    """The demo path end to end (real Canterbury prose; a tiny model keeps it fast)."""
+    result = cli.invoke(app, ["demo", "--model", str(tiny_lm_folder), "--lengths", "300", "--samples", "2",
+                              "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for task in ("### passkey", "### niah"):
+        assert task in result.output
+    for method in ("| dense | 300 | 2 |", "| quest:density=0.25 | 300 | 2 |", "| streaming:density=0.25 | 300 | 2 |"):
+        assert method in result.output
+    rows, bad = read_rows(tmp_path / "results.jsonl")
+    assert not bad and len(rows) == 12 and {r["corpus"] for r in rows} == {"canterbury"}

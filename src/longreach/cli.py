@@ -151,11 +151,13 @@ def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, 
     if not quiet:
         console.print(f"{len(plan.cells())} cells, {finished} samples done, {total} to run → {out / 'results.jsonl'}")
     if total:
-        runner.write_plan(plan, out, sys.argv)
         try:
             from .eval.corpus import Corpus
+            from .models import load_tokenizer
 
             prose = Corpus.load(plan.corpus)
+            runner.preflight(plan, todo, load_tokenizer(model), prose)
+            runner.write_plan(plan, out, sys.argv)
             if executor == "ray":
                 from .eval.distributed import run_ray
 

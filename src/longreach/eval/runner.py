@@ -58,10 +58,13 @@ class Plan:
         """(depth, seed) of every sample of a task at one length."""
         return [(self.depths[i % len(self.depths)] if task.uses_depth else None, i) for i in range(self.samples)]
 
+    def chat_for(self, task: Task) -> bool:
+        """The chat flag as requested (a row's ``chat_applied`` says whether the tokenizer had a template)."""
+        return self.chat and task.metric != "ppl"
+
     def key(self, cell: Cell, depth: float | None, seed: int) -> tuple:
-        chat = self.chat and cell.task.metric != "ppl"
         return row_key({"model": self.model, "method": cell.method, "task": cell.task.spec(), "length": cell.length,
-                        "depth": depth, "seed": seed, "chat": chat, "corpus": self.corpus})
+                        "depth": depth, "seed": seed, "chat": self.chat_for(cell.task), "corpus": self.corpus})
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -145,6 +148,18 @@ class SampleBank:
         return self._cache[key]
 
 
+def preflight(plan: Plan, todo: dict[Cell, list], tokenizer, corpus: Corpus) -> None:
+    """Build one pending prompt per task x length before the model loads: impossible lengths fail now."""
+    seen = set()
+    for cell, points in todo.items():
+        if (cell.task.spec(), cell.length) not in seen:
+            seen.add((cell.task.spec(), cell.length))
+            try:
+                cell.task.build(tokenizer, corpus, cell.length, points[0][0], points[0][1], plan.chat)
+            except (InputError, ValueError) as err:
+                raise InputError(f"task {cell.task.spec()} at length {cell.length}: {err}") from None
+
+
 def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
               on_sample: Callable[[Cell], None] | None = None) -> Iterator[dict]:
     """Run the given cells, yielding finished rows (methods applied one at a time)."""
@@ -165,7 +180,8 @@ def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corp
                     row = {
                         "model": model_id, "method": method, "task": cell.task.spec(), "family": cell.task.name,
                         "metric": cell.task.metric, "length": cell.length, "depth": depth, "seed": seed,
-                        "chat": sample.chat, "corpus": corpus.name, "gold": list(sample.gold), **measured,
+                        "chat": plan.chat_for(cell.task), "chat_applied": sample.chat, "corpus": corpus.name,
+                        "gold": list(sample.gold), **measured,
                         "kernel": plan.kernel, "prompt_sha": prompt_sha(sample), "version": __version__,
                         "host": platform.node(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                         **{k: v for k, v in sample.meta.items() if k != "ids"},
