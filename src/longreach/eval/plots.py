@@ -49,7 +49,7 @@ def _heatmaps(plt, rows, methods):
     depths = sorted({r["depth"] for r in rows if r.get("depth") is not None})
     lengths = sorted({r["length"] for r in rows})
     present = [m for m in methods if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(present), figsize=(2.2 + 2.2 * len(present), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(present), figsize=(2.2 + 2.2 * len(present), 2.8), squeeze=False, sharey=True)
     for ax, method in zip(axes[0], present, strict=True):
         grid = defaultdict(list)
         for r in rows:
@@ -58,8 +58,13 @@ def _heatmaps(plt, rows, methods):
         data = [[_mean(grid[(d, n)]) if grid[(d, n)] else float("nan") for n in range(len(lengths))]
                 for d in range(len(depths))]
         image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for d, line in enumerate(data):
+            for n, value in enumerate(line):
+                if value == value:  # not NaN
+                    ax.text(n, d, f"{value:.0%}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.tick_params(axis="y", labelleft=ax is axes[0][0])
         ax.set_title(method, fontsize=8)
         ax.set_xlabel("length")
     axes[0][0].set_ylabel("depth")

@@ -22,7 +22,7 @@ FINE_LEVELS = 16  # at most 15 blank lines between two pairs: enough to close a 
 class KVRetrieval(Task):
     name = "kvret"
     summary = "key-value retrieval from a JSON of uuid pairs; the gold pair swept first to last (exact match)"
-    max_new_tokens = 40
+    max_new_tokens = 64  # a uuid is ~25 tokens; models often quote the key first
 
     def build(self, tokenizer, corpus: Corpus, length: int, depth: float | None, seed: int, chat: bool) -> Sample:
         depth = 0.5 if depth is None else depth
@@ -31,7 +31,8 @@ class KVRetrieval(Task):
         (gold_key, *keys), (gold_value, *values) = uuids[:max_units], uuids[max_units:]
         frame = Frame(
             "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n",
-            f"\n\nKey: {json.dumps(gold_key)}\nCorresponding value:",
+            f"\n\nKey: {json.dumps(gold_key)}",
+            "Corresponding value:",
         )
 
         def pairs(n: int) -> list[str]:
