@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import math
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,10 +204,3 @@ def render_html(text: str, figures: list[tuple[str, str]], bad: list[BadLine]) -
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>longreach report</title><style>{style}"
             f"</style></head><body><h2>longreach evaluation</h2>{''.join(body)}</body></html>\n")
-
-
-def by_task_method(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    out: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        out[(r["task"], r["method"])].append(r)
-    return out

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, LongreachError
+from ..errors import InputError
 from ..spec import parse_spec
 from .corpus import Corpus
 from .measure import prompt_sha, run_sample, warm_up
@@ -49,7 +48,6 @@ class Plan:
     chat: bool = True
     kernel: str = "auto"
     corpus: str = "canterbury"
-    extra: dict = field(default_factory=dict, compare=False)
 
     def cells(self) -> list[Cell]:
         return [Cell(m, t, n) for m in self.methods for t in self.tasks for n in self.lengths]
@@ -214,11 +212,3 @@ def write_plan(plan: Plan, out: Path, argv: list[str] | None) -> None:
              "depths": list(plan.depths), "chat": plan.chat, "kernel": plan.kernel, "corpus": plan.corpus}
     with open(out / "runs.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")
-
-
-def elapsed_since(start: float) -> str:
-    return f"{time.perf_counter() - start:.0f}s"
-
-
-__all__ = ["Cell", "LongreachError", "Plan", "make_plan", "parse_depths", "parse_lengths", "pending", "run_cells",
-           "run_local"]
