@@ -24,14 +24,6 @@ app.add_typer(bench_app, name="bench")
 console = Console(width=max(Console().width, 140))  # tables stay readable when piped
 
 
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-    except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a length; use e.g. 2048 or 4k") from None
-
-
 def _fail(err: LongreachError) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(2)
@@ -278,7 +270,9 @@ def bench_attention(
         f"quest:density={density}", f"moba:density={density}", f"streaming:density={density}"]
     hq, hkv, dim = (int(x) for x in heads.split(","))
     try:
-        rows = attention.run([parse_length(x) for x in lengths.split(",")], specs, kernel, hq, hkv, dim, repeat)
+        from .eval.runner import parse_lengths
+
+        rows = attention.run(list(parse_lengths(lengths)), specs, kernel, hq, hkv, dim, repeat)
     except LongreachError as err:
         _fail(err)
     table = Table(title=f"attention operator, {hq} q / {hkv} kv heads, d={dim} — {attention.hardware()}")

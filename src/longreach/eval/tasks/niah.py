@@ -85,9 +85,10 @@ class Niah(Task):
             f"{'are' if plural else 'is'}",
         )
 
+        ends = sentence_ends(passage)  # once: insert_at ignores those past n
+
         def context(n: int, _m: int) -> str:
-            pieces = passage[:n]
-            return insert_at(pieces, inserts, sentence_ends(pieces))
+            return insert_at(passage[:n], inserts, ends)
 
         prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=max_units)
         return self.sample(tokenizer, prompt, gold, length, tokens, depth, seed, chat, keys=asked)

@@ -36,11 +36,13 @@ class Passkey(Task):
         key = str(random.Random(seed).randint(10000, 99999))
         needle = NEEDLE.format(key=key)
 
-        def context(n: int, _m: int) -> str:
-            pieces = filler_pieces(n)
-            return insert_at(pieces, [(depth, needle)], sentence_ends(pieces))
+        filler = filler_pieces(2 * length + 64)
+        ends = sentence_ends(filler)  # once: insert_at ignores those past n
 
-        prompt, tokens = fit(tokenizer, length, chat, FRAME, context, max_units=2 * length + 64)
+        def context(n: int, _m: int) -> str:
+            return insert_at(filler[:n], [(depth, needle)], ends)
+
+        prompt, tokens = fit(tokenizer, length, chat, FRAME, context, max_units=len(filler))
         return self.sample(tokenizer, prompt, [key], length, tokens, depth, seed, chat)
 
     def score(self, prediction: str, gold: tuple[str, ...]) -> float:

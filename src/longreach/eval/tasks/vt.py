@@ -59,9 +59,11 @@ class VariableTracking(Task):
             f"are assigned the value {values[0]}, they are:",
         )
 
-        def context(n: int, _m: int) -> str:
-            pieces = filler_pieces(n)
-            return insert_at(pieces, inserts, sentence_ends(pieces))
+        filler = filler_pieces(2 * length + 64)
+        ends = sentence_ends(filler)  # once: insert_at ignores those past n
 
-        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=2 * length + 64)
+        def context(n: int, _m: int) -> str:
+            return insert_at(filler[:n], inserts, ends)
+
+        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=len(filler))
         return self.sample(tokenizer, prompt, gold, length, tokens, None, seed, chat, value=values[0])
