@@ -95,17 +95,22 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     if not (target / "tokenizer_config.json").exists():
         check_gguf(gguf)
         tokenizer = AutoTokenizer.from_pretrained(gguf.resolve().parent, gguf_file=gguf.name)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=_parent(target)))
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _publish(target, tokenizer.save_pretrained)
     return AutoTokenizer.from_pretrained(target, local_files_only=True)
 
 
-def _parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
+def _publish(folder: Path, write) -> None:
+    """Fill a temporary sibling with ``write(tmp)``, then swap it in: a cache folder is complete or absent."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _bundled_gguf(spec: Bundled) -> Path:
@@ -181,16 +186,11 @@ def _converted(gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf_path))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    _publish(folder, write)
     return folder
