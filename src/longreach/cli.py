@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
@@ -56,9 +55,8 @@ def generate(
     chat: bool = typer.Option(False, help="wrap the input in the model's chat template"),
 ) -> None:
     """Continue a long prompt with a method applied; print text, timings and density."""
-    import torch
-
     from . import apply, load_model, parse_spec
+    from .generation import eos_ids, greedy
 
     try:
         parse_spec(method)  # bad specs fail before the model loads
@@ -66,32 +64,20 @@ def generate(
         if not text.strip():
             raise LongreachError(f"{input} is empty; give a text file with the prompt")
         lm, tok = load_model(model)
-        if chat and tok.chat_template:
+        templated = chat and tok.chat_template is not None
+        if templated:  # the rendered template holds its own special tokens
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
-        ids = tok(text, return_tensors="pt", add_special_tokens=not chat)
-        with apply(lm, method, kernel=kernel) as handle, torch.no_grad():
-            start = time.perf_counter()
-            out = lm(**ids, use_cache=True, logits_to_keep=1)
-            prefill = time.perf_counter() - start
-            token = out.logits[:, -1:].argmax(-1)
-            past, mask, new = out.past_key_values, ids["attention_mask"], [token]
-            start = time.perf_counter()
-            for _ in range(max_new_tokens - 1):
-                if tok.eos_token_id is not None and int(token) == tok.eos_token_id:
-                    break
-                mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
-                step = lm(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-                past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-                new.append(token)
-            decode = time.perf_counter() - start
+        ids = tok(text, return_tensors="pt", add_special_tokens=not templated)
+        with apply(lm, method, kernel=kernel) as handle:
+            run = greedy(lm, ids, max_new_tokens, eos_ids(lm, tok))
     except LongreachError as err:
         _fail(err)
-    console.print(tok.decode(torch.cat(new, dim=-1)[0], skip_special_tokens=True), markup=False)
-    n_in = ids["input_ids"].shape[1]
+    console.print(tok.decode(run.tokens, skip_special_tokens=True), markup=False)
+    n_in, prefill = ids["input_ids"].shape[1], run.prefill_s
     console.print(
         f"\n[dim]{n_in} prompt tokens, prefill {prefill:.2f}s ({n_in / prefill:.0f} tok/s), "
-        f"decode {len(new) - 1} tokens in {decode:.2f}s, density prefill {handle.density('prefill'):.3f}"
+        f"decode {len(run.tokens) - 1} tokens in {run.decode_s:.2f}s, density prefill {handle.density('prefill'):.3f}"
         + (f" decode {handle.density('decode'):.3f}" if handle.density("decode") is not None else "") + "[/dim]"
     )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..generation import eos_ids, greedy
 from .tasks import Sample, Task
 
 LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
@@ -57,35 +58,17 @@ def prompt_sha(sample: Sample) -> str:
     return hashlib.sha256(sample.prompt.encode()).hexdigest()[:12]
 
 
-@torch.no_grad()
 def generate(model, tokenizer, sample: Sample) -> dict:
     ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat).to(model.device)
-    eos = set(_eos_ids(model, tokenizer))
-    start = time.perf_counter()
-    out = model(**ids, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - start
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    new, mask = [int(token)], ids["attention_mask"]
-    start = time.perf_counter()
-    while len(new) < sample.max_new_tokens and new[-1] not in eos:
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
-        step = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-        past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-        new.append(int(token))
-    decode = time.perf_counter() - start
+    run = greedy(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer))
     return {
-        "prediction": tokenizer.decode(new, skip_special_tokens=True).strip(),
+        "prediction": tokenizer.decode(run.tokens, skip_special_tokens=True).strip(),
         "tokens": ids["input_ids"].shape[1],
-        "prefill_s": prefill,
-        "decode_s": decode,
-        "decode_tokens": len(new) - 1,
-        "kv_bytes": kv_bytes(past),
+        "prefill_s": run.prefill_s,
+        "decode_s": run.decode_s,
+        "decode_tokens": len(run.tokens) - 1,
+        "kv_bytes": kv_bytes(run.cache),
     }
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    return [ids] if isinstance(ids, int) else list(ids or [])
 
 
 @torch.no_grad()

@@ -1,0 +1,38 @@
+"""Greedy decoding with the prefill and decode phases timed apart (what users pay for each)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Greedy:
+    tokens: list[int]  # generated ids, the EOS included when it came
+    prefill_s: float
+    decode_s: float
+    cache: object  # the transformers cache after the last step
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    return {ids} if isinstance(ids, int) else set(ids or [])
+
+
+@torch.no_grad()
+def greedy(model, ids: dict, max_new_tokens: int, eos: set[int]) -> Greedy:
+    """Prefill ``ids`` (batch of one), then one token at a time until EOS or ``max_new_tokens``."""
+    start = time.perf_counter()
+    out = model(**ids, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    new, mask = [int(token)], ids["attention_mask"]
+    start = time.perf_counter()
+    while len(new) < max_new_tokens and new[-1] not in eos:
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
+        step = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+        past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        new.append(int(token))
+    return Greedy(new, prefill, time.perf_counter() - start, past)
