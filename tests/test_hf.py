@@ -9,7 +9,10 @@ from conftest import ARCHS, tiny_model
 import longreach
 from longreach import LongreachError, UnsupportedModelError
 
-FULL = ["dense", "quest:budget=100000,block=16", "moba:density=1.0,block=16", "streaming:window=100000"]
+FULL = ["dense", "quest:budget=100000,block=16", "moba:density=1.0,block=16", "streaming:window=100000",
+        "hip:density=1.0,block=16", "twilight:density=1.0,block=16", "vslash:budget=100000,block=16"]
+NEW_SELECTORS = ["hip", "twilight", "flexprefill", "vslash", "squeezed", "loki", "hyper", "longheads", "anchor",
+                 "recycled"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -130,3 +133,20 @@ def test_attention_without_a_handle_explains_itself():
     model.set_attn_implementation("longreach")
     with pytest.raises(LongreachError, match=r"longreach.apply"):
         model(torch.randint(0, 128, (1, 8)))
+
+
+@pytest.mark.parametrize("name", NEW_SELECTORS)
+def test_every_method_generates_sparsely_through_the_model(name):
+    """Prefill and decode inside a real (tiny) model, with the per-layer state a method keeps."""
+    model = tiny_model("qwen2")
+    x = torch.randint(0, 128, (1, 200))
+    spec = f"{name}:budget=64,block=16,window=16,sinks=4"
+    with torch.no_grad(), longreach.apply(model, spec) as handle:
+        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        again = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(out, again), "state from the first sequence leaked into the second"
+    assert handle.density("decode") < 0.6
+    if name == "recycled":
+        assert handle.density("prefill") == pytest.approx(1.0)
+    else:
+        assert handle.density("prefill") < 0.6

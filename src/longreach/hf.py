@@ -9,6 +9,7 @@ own ``set_attn_implementation`` does the switching.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,8 @@ class Handle:
         self.previous = previous
         self.stats = DensityStats()
         self.active = True
+        # called with (layer_idx, q, k, v, scale, sliding_window, key_mask) before each attention: diagnostics
+        self.observer: Callable[..., None] | None = None
         self._mask_cache: dict[tuple, tuple[weakref.ref, Tensor | None]] = {}
 
     def density(self, phase: str | None = None) -> float | None:
@@ -96,7 +99,8 @@ class LayerRuntime:
         self.layer_idx = int(getattr(module, "layer_idx", 0) or 0)
         method = handle.spec.selector
         stats = getattr(method, "block_stats", ())
-        self.summaries = BlockSummaries(method.block, stats) if stats else None
+        self.summaries = BlockSummaries(getattr(method, "kblock", method.block), stats) if stats else None
+        self.state: dict = {}  # the method's per-layer scratch for the current sequence
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, sliding_window: int | None
@@ -112,8 +116,12 @@ class LayerRuntime:
         else:
             if self.summaries is not None:
                 self.summaries.update(k, new_sequence=new_sequence)
-            ctx = SelectContext(self.layer_idx, key_mask, self.summaries)
+            if new_sequence:
+                self.state.clear()
+            ctx = SelectContext(self.layer_idx, key_mask, self.summaries, self.state, scale)
             sel = self.handle.spec.selector.select(q, k, ctx)
+        if self.handle.observer is not None:
+            self.handle.observer(self.layer_idx, q, k, v, scale, sliding_window, key_mask)
         if self.handle.track_density and sliding_window is None:  # density of the layers the method controls
             self.handle.stats.add("decode" if t_q == 1 else "prefill", sel)
         return kernels.attend(q, k, v, sel, scale, self.handle.kernel)

@@ -147,20 +147,23 @@ class Selection:
         table.scatter_(-1, slot, True)
         return table[..., :n_kb]
 
-    def to_mask(self) -> Tensor:
-        """Dense (B, Hs, q_len, kv_len) bool mask. O(T^2): reference kernel and tests only."""
+    def to_mask(self, q_start: int = 0, q_end: int | None = None) -> Tensor:
+        """Dense (B, Hs, rows, kv_len) bool mask of queries [q_start, q_end) (default all).
+
+        O(rows * T): the reference kernel, diagnostics and tests only.
+        """
         dev = self.indices.device
-        pos = self.q_offset + torch.arange(self.q_len, device=dev)  # (Tq,)
+        q_end = self.q_len if q_end is None else q_end
+        qi = torch.arange(q_start, q_end, device=dev)
+        pos = self.q_offset + qi  # (rows,)
         j = torch.arange(self.kv_len, device=dev)  # (Tk,)
-        causal = j[None, :] <= pos[:, None]  # (Tq, Tk)
+        causal = j[None, :] <= pos[:, None]  # (rows, Tk)
         if self.full:
             mask = causal[None, None].expand(self.batch, self.heads, -1, -1)
         else:
             near = (j[None, :] > pos[:, None] - self.window) | (j[None, :] < self.sinks)
             memb = self._membership(0, self.query_blocks)  # (B, Hs, nQB, nKB)
-            qb = torch.arange(self.q_len, device=dev) // self.block_q
-            kb = j // self.block_k
-            chosen = memb[:, :, qb][:, :, :, kb]  # (B, Hs, Tq, Tk)
+            chosen = memb[:, :, qi // self.block_q][:, :, :, j // self.block_k]  # (B, Hs, rows, Tk)
             mask = causal & (near | chosen)
         if self.key_mask is not None:
             mask = mask & self.key_mask[:, None, None, :]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-STATS = ("min", "max", "mean")
+STATS = ("min", "max", "mean", "pooled")
 
 
 def block_stats(keys: Tensor, block: int, stats: tuple[str, ...]) -> dict[str, Tensor]:
@@ -37,6 +37,9 @@ def _append(parts: dict[str, list[Tensor]], blocks: Tensor, stats: tuple[str, ..
             parts[s].append(blocks.amax(dim=3))
         elif s == "mean":
             parts[s].append(blocks.mean(dim=3))
+        elif s == "pooled":  # the block's keys averaged with attention weights of their own mean (LongHeads)
+            weights = (blocks @ blocks.mean(dim=3).unsqueeze(-1) * blocks.shape[-1] ** -0.5).softmax(dim=3)
+            parts[s].append((weights * blocks).sum(dim=3))
         else:
             raise ValueError(f"unknown block statistic '{s}'; known: {', '.join(STATS)}")
 

@@ -7,9 +7,11 @@ Kinds (capability flags, so runners never branch on classes):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..configurable import Configurable, param
@@ -31,6 +33,13 @@ class SelectContext:
     layer_idx: int = 0
     key_mask: Tensor | None = None  # (B, Tk) bool; False = padding
     summaries: object | None = None  # cache.summaries.BlockSummaries of this layer, if the method asked
+    # Per-layer scratch a method may keep between calls of one sequence (clusters, a recycled key set);
+    # the runtime clears it when a new sequence starts.
+    state: dict = field(default_factory=dict)
+    scale: float | None = None  # the model's softmax scale (default 1/sqrt(head_dim)), for mass estimates
+
+    def softmax_scale(self, q: Tensor) -> float:
+        return self.scale if self.scale is not None else q.shape[-1] ** -0.5
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,33 @@ class SelectionMethod(Method):
         raise NotImplementedError
 
 
+@dataclass(frozen=True, eq=False)
+class BlockPlan:
+    """Block geometry and budget of one select call; shared by every block-scoring method."""
+
+    t_q: int
+    t_k: int
+    n_qb: int
+    n_kb: int
+    first: Tensor  # (nQB,) key position of each query block's first query
+    last: Tensor  # (nQB,) key position of each query block's last query
+    candidate: Tensor  # (nQB, nKB) bool: blocks worth choosing (past the sinks, behind the window)
+    n_take: Tensor  # (nQB,) most blocks each query block may choose
+    dense: bool  # the budget covers every causal key of every query block
+
+    @property
+    def k_max(self) -> int:
+        return int(self.n_take.max().item()) if self.n_qb else 0
+
+
 @dataclass(frozen=True)
 class BudgetedMethod(SelectionMethod):
     """Shared budget vocabulary: ``budget`` keys per query, or ``density`` of the causal keys.
 
     Sinks and the local window are always kept and count toward the budget; a budget that covers
-    all causal keys of a query block makes that block exactly dense.
+    all causal keys of a query block makes that block exactly dense. With ``group=kv`` the query heads
+    sharing a KV head choose together (the kernel then gathers each chosen block once per KV head);
+    ``group=q`` lets every query head choose its own blocks.
     """
 
     budget: int | None = param(None, "keys each query sees (tokens, sinks and window included)")
@@ -59,6 +89,9 @@ class BudgetedMethod(SelectionMethod):
     block: int = param(64, "block size in tokens (queries and keys)")
     sinks: int = param(4, "first tokens every query sees (attention sinks)")
     window: int | None = param(None, "most recent tokens every query sees (default: one block)")
+    group: str = param("kv", "kv: heads sharing a KV head choose together; q: each query head chooses")
+    key_block: int | None = param(None, "key block size in tokens, finer than block for stripe-like choices "
+                                  "(default: block)")
 
     default_budget: ClassVar[int | None] = 2048
 
@@ -67,6 +100,8 @@ class BudgetedMethod(SelectionMethod):
         check_int(self, "sinks", self.sinks, minimum=0)
         if self.window is not None:
             check_int(self, "window", self.window, minimum=1)
+        if self.key_block is not None:
+            check_int(self, "key_block", self.key_block, minimum=1)
         if self.budget is not None and self.density is not None:
             raise SpecError(f"{self.name}: give budget= or density=, not both")
         if self.budget is not None:
@@ -78,10 +113,16 @@ class BudgetedMethod(SelectionMethod):
                 )
         if self.density is not None and not (isinstance(self.density, float | int) and 0 < self.density <= 1):
             raise SpecError(f"{self.name}: density must be in (0, 1], got {self.density!r}")
+        if self.group not in ("kv", "q"):
+            raise SpecError(f"{self.name}: group must be 'kv' or 'q', got {self.group!r}")
 
     @property
     def local_window(self) -> int:
         return self.window if self.window is not None else self.block
+
+    @property
+    def kblock(self) -> int:
+        return self.key_block if self.key_block is not None else self.block
 
     def token_budget(self, causal_keys: Tensor) -> Tensor:
         """Keys allowed per query block, given how many causal keys its last query has."""
@@ -89,6 +130,59 @@ class BudgetedMethod(SelectionMethod):
             return (causal_keys.double() * self.density).floor().long()
         budget = self.budget if self.budget is not None else self.default_budget
         return causal_keys.new_full(causal_keys.shape, budget if budget is not None else 2**62)
+
+    def plan(self, q: Tensor, k: Tensor) -> BlockPlan:
+        """Which key blocks each query block may choose and how many (budget minus sinks and window)."""
+        t_q, t_k = q.shape[2], k.shape[2]
+        bs, bk, window, sinks = self.block, self.kblock, self.local_window, self.sinks
+        n_qb, n_kb = math.ceil(t_q / bs), math.ceil(t_k / bk)
+        dev = q.device
+        first = (t_k - t_q) + torch.arange(n_qb, device=dev) * bs
+        last = torch.clamp(first + bs - 1, max=t_k - 1)
+        budget = self.token_budget(last + 1)
+        dense_block = budget >= last + 1
+        k_lo = torch.arange(n_kb, device=dev) * bk
+        k_hi = torch.clamp(k_lo + bk, max=t_k)
+        # a block is worth choosing if some of its keys lie behind the window of some query, past the sinks
+        candidate = (k_lo[None, :] <= (last - window)[:, None]) & (k_hi[None, :] > sinks)
+        n_cand = candidate.sum(-1)
+        n_take = torch.div(budget - sinks - window, bk, rounding_mode="floor").clamp(min=0)
+        n_take = torch.where(dense_block, n_cand, torch.minimum(n_take, n_cand))
+        return BlockPlan(t_q, t_k, n_qb, n_kb, first, last, candidate, n_take, bool(dense_block.all()))
+
+    def trivial(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection | None:
+        """The selection when nothing needs scoring: full budget (exactly dense) or no block to choose."""
+        batch, dev = q.shape[0], q.device
+        if plan.dense:
+            return Selection.dense(batch, plan.t_q, plan.t_k, key_mask=ctx.key_mask, block=self.block, device=dev)
+        if plan.k_max == 0:
+            idx = torch.full((batch, self.heads(q, k), plan.n_qb, 0), -1, dtype=torch.long, device=dev)
+            return self.selection(idx, plan, ctx)
+        return None
+
+    def heads(self, q: Tensor, k: Tensor) -> int:
+        return k.shape[1] if self.group == "kv" else q.shape[1]
+
+    def selection(self, indices: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+        return Selection(indices, plan.t_q, plan.t_k, self.block, self.kblock, self.sinks, self.local_window,
+                         ctx.key_mask)
+
+    def top_blocks(self, scores: Tensor, plan: BlockPlan, ctx: SelectContext, n_take: Tensor | None = None
+                   ) -> Selection:
+        """Keep each query block's best-scoring candidate blocks: scores (B, H, nQB, nKB), higher is better.
+
+        ``n_take`` (broadcastable to (B, H, nQB)) lowers the per-block count for adaptive methods; it never
+        raises it past the budget. Blocks scored -inf are never chosen.
+        """
+        limit = plan.n_take if n_take is None else torch.minimum(n_take, plan.n_take)
+        k_max = int(limit.max().item()) if limit.numel() else 0
+        scores = scores.masked_fill(~plan.candidate, float("-inf"))
+        k_max = min(k_max, plan.n_kb)
+        top_val, top_idx = scores.topk(k_max, dim=-1)
+        rank = torch.arange(k_max, device=scores.device)
+        keep = torch.isfinite(top_val) & (rank < limit.unsqueeze(-1))
+        idx = torch.where(keep, top_idx, torch.full_like(top_idx, -1))
+        return self.selection(idx, plan, ctx)
 
 
 def check_int(method: Method, field: str, value: object, minimum: int) -> None:

@@ -5,14 +5,12 @@
 - ``moba``: the mean key of each block against the mean query of the block (MoBA, arXiv:2502.13189;
   InfLLM's representative keys are the same idea).
 
-Both keep the sinks and the local window, which count toward the budget. With ``group=kv`` (default)
-the query heads that share a KV head choose together (their scores are combined), so the kernel
-gathers each chosen block once per KV head; ``group=q`` lets every query head choose its own blocks.
+Both keep the sinks and the local window, which count toward the budget; ``group`` is described in
+``BudgetedMethod``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,23 +18,14 @@ import torch
 from torch import Tensor
 
 from ..cache.summaries import block_stats
-from ..errors import SpecError
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext, param
+from .base import BudgetedMethod, SelectContext
 from .registry import register
-
-SCORE_BYTES = 64 * 2**20
+from .scoring import by_group, chunk_rows, query_blocks
 
 
 @dataclass(frozen=True)
 class BlockTopK(BudgetedMethod):
-    group: str = param("kv", "kv: heads sharing a KV head choose together; q: each query head chooses")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.group not in ("kv", "q"):
-            raise SpecError(f"{self.name}: group must be 'kv' or 'q', got {self.group!r}")
-
     def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor) -> Tensor:
         """q (B, Hkv, G, nb, bq, D) for nb query blocks -> (B, Hkv, G, nb, nKB) block scores."""
         raise NotImplementedError
@@ -46,59 +35,27 @@ class BlockTopK(BudgetedMethod):
         return scores.amax(dim=2)
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        batch, n_q, t_q, _dim = q.shape
-        n_kv, t_k = k.shape[1], k.shape[2]
-        bs, window, sinks = self.block, self.local_window, self.sinks
-        n_qb, n_kb = math.ceil(t_q / bs), math.ceil(t_k / bs)
-        dev = q.device
-
-        first = (t_k - t_q) + torch.arange(n_qb, device=dev) * bs  # first query position per block
-        last = torch.clamp(first + bs - 1, max=t_k - 1)
-        budget = self.token_budget(last + 1)  # (nQB,)
-        dense_block = budget >= last + 1
-        if bool(dense_block.all()):
-            return Selection.dense(batch, t_q, t_k, key_mask=ctx.key_mask, block=bs, device=dev)
-
-        k_lo = torch.arange(n_kb, device=dev) * bs
-        k_hi = torch.clamp(k_lo + bs, max=t_k)
-        # a block is worth choosing if some of its keys lie behind the window of some query, past the sinks
-        candidate = (k_lo[None, :] <= (last - window)[:, None]) & (k_hi[None, :] > sinks)  # (nQB, nKB)
-        n_take = torch.div(budget - sinks - window, bs, rounding_mode="floor").clamp(min=0)
-        n_take = torch.where(dense_block, candidate.sum(-1), torch.minimum(n_take, candidate.sum(-1)))
-        k_max = int(n_take.max().item()) if n_qb else 0
-        heads = n_kv if self.group == "kv" else n_q
-        if k_max == 0:
-            idx = torch.full((batch, heads, n_qb, 0), -1, dtype=torch.long, device=dev)
-            return Selection(idx, t_q, t_k, bs, bs, sinks, window, ctx.key_mask)
-
-        stats = self._stats(k, ctx)
-        scores = self._block_scores(q, n_kv, stats)  # (B, heads, nQB, nKB)
-        scores = scores.masked_fill(~candidate, float("-inf"))
-        top_val, top_idx = scores.topk(k_max, dim=-1)
-        keep = torch.isfinite(top_val) & (torch.arange(k_max, device=dev) < n_take[:, None])
-        idx = torch.where(keep, top_idx, torch.full_like(top_idx, -1))
-        return Selection(idx, t_q, t_k, bs, bs, sinks, window, ctx.key_mask)
+        plan = self.plan(q, k)
+        done = self.trivial(q, k, plan, ctx)
+        if done is not None:
+            return done
+        scores = self._block_scores(q, k.shape[1], self._stats(k, ctx))  # (B, heads, nQB, nKB)
+        return self.top_blocks(scores, plan, ctx)
 
     def _stats(self, k: Tensor, ctx: SelectContext) -> dict[str, Tensor]:
         summ = ctx.summaries
-        if summ is not None and getattr(summ, "block", None) == self.block:
+        if summ is not None and getattr(summ, "block", None) == self.kblock:
             return summ.get(k)
-        return block_stats(k, self.block, self.block_stats)
+        return block_stats(k, self.kblock, self.block_stats)
 
     def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor]) -> Tensor:
-        batch, n_q, t_q, dim = q.shape
-        group, bs = n_q // n_kv, self.block
-        n_qb = math.ceil(t_q / bs)
+        batch, n_q = q.shape[:2]
+        qb, q_valid = query_blocks(q, self.block)
+        qg = by_group(qb, n_kv)  # (B, Hkv, G, nQB, bq, D)
+        n_qb = qg.shape[3]
         n_kb = next(iter(stats.values())).shape[2]
-        pad = n_qb * bs - t_q
-        qg = q.float().reshape(batch, n_kv, group, t_q, dim)
-        if pad:
-            qg = torch.nn.functional.pad(qg, (0, 0, 0, pad))
-        qg = qg.view(batch, n_kv, group, n_qb, bs, dim)
-        q_valid = (torch.arange(n_qb * bs, device=q.device) < t_q).view(n_qb, bs)
         stats = {s: t.float() for s, t in stats.items()}
-        per_block = 4 * batch * n_q * bs * n_kb * 2
-        step = max(1, SCORE_BYTES // max(per_block, 1))
+        step = chunk_rows(4 * batch * n_q * self.block * n_kb * 2)  # bytes of one query block's scores
         chunks = []
         for b0 in range(0, n_qb, step):
             b1 = min(b0 + step, n_qb)

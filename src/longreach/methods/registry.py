@@ -31,4 +31,18 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import blocktopk, dense, streaming  # noqa: F401  (registers on import)
+    from . import (  # noqa: F401  (registers on import)
+        anchor,
+        blocktopk,
+        dense,
+        flexprefill,
+        hip,
+        hyper,
+        loki,
+        longheads,
+        recycled,
+        squeezed,
+        streaming,
+        twilight,
+        vslash,
+    )

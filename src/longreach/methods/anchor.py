@@ -1,0 +1,72 @@
+"""AnchorAttention: keep key stripes whose score comes close to an anchor (Zhang et al., arXiv:2505.23520).
+
+The largest scores of a query usually sit on the first tokens and its local window, which it attends
+anyway; their maximum is the *anchor*. A key elsewhere matters only if its score comes within
+``theta`` of the anchor. Each query block compares its pooled (mean) query with every key, takes the
+anchor from the sinks and its window, and keeps the key stripes (``key_block`` tokens, default 16)
+holding a key within ``theta`` of it, best first, up to the budget.
+
+Simplifications: the anchor and the comparison use the block's mean query (the paper compares
+per query against a per-query anchor); stripes are ``key_block`` tokens wide, not single tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import SpecError
+from ..selection import Selection
+from .base import BudgetedMethod, SelectContext, param
+from .registry import register
+from .scoring import by_group, chunk_rows, mean_queries, reduce_heads
+
+
+@register
+@dataclass(frozen=True)
+class Anchor(BudgetedMethod):
+    name: ClassVar[str] = "anchor"
+    summary: ClassVar[str] = "key stripes scoring within theta of the sink/window anchor (AnchorAttention)"
+    paper: ClassVar[str] = "AnchorAttention: Difference-Aware Sparse Attention with Stripe Granularity " \
+                           "(arXiv:2505.23520)"
+
+    key_block: int | None = param(16, "stripe width in tokens")
+    theta: float = param(4.0, "keep stripes whose best scaled score is within theta of the anchor")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.theta, float | int) or self.theta < 0:
+            raise SpecError(f"anchor: theta must be a number >= 0, got {self.theta!r}")
+
+    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        plan = self.plan(q, k)
+        done = self.trivial(q, k, plan, ctx)
+        if done is not None:
+            return done
+        batch, n_q = q.shape[:2]
+        n_kv, t_k = k.shape[1], k.shape[2]
+        bk, dev = self.kblock, q.device
+        qm = by_group(mean_queries(q, self.block), n_kv) * ctx.softmax_scale(q)  # (B, Hkv, G, nQB, D)
+        kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+        j = torch.arange(t_k, device=dev)
+        pad = plan.n_kb * bk - t_k
+        step = chunk_rows(4 * batch * n_q * t_k * 2)
+        parts = []
+        for b0 in range(0, plan.n_qb, step):
+            b1 = min(b0 + step, plan.n_qb)
+            s = qm[:, :, :, b0:b1] @ kf.transpose(-1, -2)  # (B, Hkv, G, nb, Tk)
+            first, last = plan.first[b0:b1, None], plan.last[b0:b1, None]
+            always = ((j < self.sinks) | (j > first - self.local_window)) & (j <= last)  # (nb, Tk)
+            if ctx.key_mask is not None:
+                s = s.masked_fill(~ctx.key_mask[:, None, None, None, :], float("-inf"))
+            anchor = s.masked_fill(~always, float("-inf")).amax(-1, keepdim=True)
+            gap = (s - anchor).masked_fill(j > last, float("-inf"))
+            gap = torch.nn.functional.pad(gap, (0, pad), value=float("-inf"))
+            parts.append(gap.view(*gap.shape[:-1], plan.n_kb, bk).amax(-1))  # (B, Hkv, G, nb, nKB)
+        gap = torch.cat(parts, dim=3).reshape(batch, n_q, plan.n_qb, plan.n_kb)
+        gap = reduce_heads(gap, n_kv, self.group, "max")
+        close = (gap >= -self.theta) & plan.candidate
+        return self.top_blocks(gap, plan, ctx, n_take=close.sum(-1))

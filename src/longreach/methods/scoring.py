@@ -1,0 +1,107 @@
+"""Small tensor helpers shared by the block-scoring methods: query blocks, head groups, estimates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SCORE_BYTES = 64 * 2**20  # bound on any (queries x keys) score chunk a selector materialises
+
+
+def query_blocks(q: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """q (B, H, Tq, D) -> fp32 (B, H, nQB, block, D) zero-padded, and q_valid (nQB, block)."""
+    batch, heads, t_q, dim = q.shape
+    n_qb = math.ceil(t_q / block)
+    pad = n_qb * block - t_q
+    qf = q.float()
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+    q_valid = (torch.arange(n_qb * block, device=q.device) < t_q).view(n_qb, block)
+    return qf.view(batch, heads, n_qb, block, dim), q_valid
+
+
+def mean_queries(q: Tensor, block: int) -> Tensor:
+    """Mean query of each query block (padding excluded): (B, H, nQB, D)."""
+    qb, valid = query_blocks(q, block)
+    weights = valid.float() / valid.sum(-1, keepdim=True).clamp(min=1)
+    return (qb * weights[..., None]).sum(dim=-2)
+
+
+def by_group(x: Tensor, n_kv: int) -> Tensor:
+    """(B, Hq, ...) -> (B, Hkv, G, ...): the query heads that share each KV head."""
+    return x.view(x.shape[0], n_kv, x.shape[1] // n_kv, *x.shape[2:])
+
+
+def reduce_heads(scores: Tensor, n_kv: int, group: str, how: str = "max") -> Tensor:
+    """Per-query-head scores (B, Hq, ...) -> the selection's heads: (B, Hkv, ...) for group=kv."""
+    if group != "kv":
+        return scores
+    grouped = by_group(scores, n_kv)
+    return grouped.amax(dim=2) if how == "max" else grouped.sum(dim=2) if how == "sum" else grouped.mean(dim=2)
+
+
+def expand_kv(k: Tensor, n_q: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, Hq, T, D) without copying."""
+    batch, n_kv, length, dim = k.shape
+    return k[:, :, None].expand(batch, n_kv, n_q // n_kv, length, dim).reshape(batch, n_q, length, dim)
+
+
+def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: Tensor | None = None) -> Tensor:
+    """Exact causal softmax of the last ``n_last`` queries over all keys: (B, Hq, n, Tk), fp32.
+
+    The cheap, exact estimate MInference and FlexPrefill start from: O(n * T) per head.
+    """
+    n_q, t_q, t_k = q.shape[1], q.shape[2], k.shape[2]
+    n = min(n_last, t_q)
+    ql = q[:, :, t_q - n :].float()
+    logits = ql @ expand_kv(k, n_q).float().transpose(-1, -2) * scale  # (B, Hq, n, Tk)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    pos = (t_k - n) + torch.arange(n, device=q.device)
+    future = torch.arange(t_k, device=q.device)[None, :] > pos[:, None]
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def block_sums(x: Tensor, block: int) -> Tensor:
+    """Sum consecutive groups of ``block`` along the last dim (zero-padding the tail)."""
+    length = x.shape[-1]
+    n = math.ceil(length / block)
+    pad = n * block - length
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(*x.shape[:-1], n, block).sum(-1)
+
+
+def chunk_rows(bytes_per_row: int) -> int:
+    """How many rows fit in one SCORE_BYTES chunk (at least one)."""
+    return max(1, SCORE_BYTES // max(bytes_per_row, 1))
+
+
+def gather_keys(keys: Tensor, pos: Tensor) -> Tensor:
+    """keys (B, H, T, D) at positions pos (B, H, ...) -> (B, H, ..., D)."""
+    flat = pos.reshape(pos.shape[0], pos.shape[1], -1)
+    out = keys.gather(2, flat[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    return out.view(*pos.shape, keys.shape[-1])
+
+
+def slash_sums(probs: Tensor, t_k: int) -> Tensor:
+    """Attention mass per diagonal offset o = query_pos - key_pos of the last queries: (B, H, n, Tk) -> (B, H, Tk)."""
+    n = probs.shape[2]
+    pos = (t_k - n) + torch.arange(n, device=probs.device)  # (n,)
+    j = pos[:, None] - torch.arange(t_k, device=probs.device)[None, :]  # (n, Tk): key at offset o
+    ok = j >= 0
+    picked = probs.gather(-1, j.clamp(min=0).expand(*probs.shape[:2], n, t_k))
+    return (picked * ok).sum(2)
+
+
+def sorted_count_to_reach(mass: Tensor, already: Tensor, target: float) -> Tensor:
+    """How many of the largest entries of ``mass`` (last dim) bring ``already + their sum`` to ``target``.
+
+    The cumulative-threshold rule of Twilight (top-p) and FlexPrefill (gamma); entries with no mass
+    are never counted.
+    """
+    srt = mass.sort(dim=-1, descending=True).values
+    before = srt.cumsum(-1) - srt  # mass kept before adding each entry
+    return (((already.unsqueeze(-1) + before) < target) & (srt > 0)).sum(-1)
