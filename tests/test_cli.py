@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from longreach.cli import app
@@ -43,3 +44,22 @@ def test_bench_attention_smoke(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["spec"] for r in rows] == ["quest:density=0.5,block=32", "streaming:window=64"]
     assert all(r["speedup"] > 0 and 0 < r["density"] <= 1 for r in rows)
+
+
+def test_bench_selection_reports_a_t_log_t_fit():
+    result = runner.invoke(app, ["bench", "selection", "--method", "hip:budget=256,block=32", "--lengths",
+                                 "512,1k,2k", "--heads", "2,1,16", "--repeat", "1"])
+    assert result.exit_code == 0, result.output
+    assert "log-log slope" in result.output and "T log T fit" in result.output
+
+
+def test_fit_recovers_t_log_t_and_quadratic_slopes():
+    import math
+
+    from longreach.bench.attention import fit_t_log_t
+
+    lengths = [4096, 8192, 16384, 32768, 65536]
+    exact = fit_t_log_t(lengths, [3e-7 * t * math.log2(t) for t in lengths])
+    assert exact.max_rel_residual < 1e-9 and 1.0 < exact.slope < 1.15
+    quad = fit_t_log_t(lengths, [1e-9 * t * t for t in lengths])
+    assert quad.slope == pytest.approx(2.0) and quad.max_rel_residual > 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -80,6 +81,97 @@ def generate(
         f"decode {len(run.tokens) - 1} tokens in {run.decode_s:.2f}s, density prefill {handle.density('prefill'):.3f}"
         + (f" decode {handle.density('decode'):.3f}" if handle.density("decode") is not None else "") + "[/dim]"
     )
+
+
+@app.command()
+def diagnose(
+    model: str = typer.Option(..., help="bundled name (smollm2-135m, gemma3-270m), HF folder or .gguf file"),
+    method: list[str] = typer.Option(..., help="method spec; repeat --method to compare several in one run"),
+    input: Path = typer.Option(None, exists=True, dir_okay=False, help="text file with the prompt"),
+    task: str = typer.Option(None, help="instead of --input: build the prompt from an eval task, e.g. passkey"),
+    length: str = typer.Option("2k", help="prompt length in tokens for --task (e.g. 8k)"),
+    depth: float = typer.Option(0.5, help="needle depth for --task"),
+    layers: str = typer.Option(None, help="layers to replay, e.g. 0,10,20 (default: all)"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the model's chat template, if it has one"),
+    kernel: str = typer.Option("auto", help="auto, gather, flex or reference"),
+    out: Path = typer.Option(Path("diagnose"), help="folder for diagnose.json and recall.png"),
+) -> None:
+    """Oracle gap per layer: dense mass recall, output error, density, selection vs attention time.
+
+    Example: longreach diagnose --model smollm2-135m --method hip:density=0.1 --method quest:density=0.1
+    --task passkey --length 8k
+    """
+    from . import load_model, parse_spec
+    from .diagnostics import diagnose as run_diagnosis
+    from .diagnostics import recall_heatmaps
+
+    try:
+        specs = [str(parse_spec(m)) for m in method]
+        if (input is None) == (task is None):
+            raise LongreachError("give exactly one of --input FILE or --task TASK (e.g. --task passkey --length 8k)")
+        wanted = [_layer_index(x) for x in layers.split(",") if x.strip()] if layers else None
+        text = None
+        if input is not None:
+            text = input.read_text()
+            if not text.strip():
+                raise LongreachError(f"{input} is empty; give a text file with the prompt")
+        else:
+            from .eval.corpus import Corpus
+            from .eval.runner import parse_lengths
+            from .eval.tasks import parse_task
+
+            task_obj, n_tokens = parse_task(task), parse_lengths(length)[0]
+        lm, tok = load_model(model)
+        templated = chat and tok.chat_template is not None
+        if text is None:
+            sample = task_obj.build(tok, Corpus.load("canterbury"), n_tokens, depth, 0, chat)
+            text, templated = sample.prompt, sample.chat
+        elif templated:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"]
+        n_layers = getattr(lm.config, "num_hidden_layers", None)
+        if wanted and n_layers is not None and max(wanted) >= n_layers:
+            raise LongreachError(f"--layers: this model has layers 0..{n_layers - 1}, got {max(wanted)}")
+        console.print(f"{ids.shape[1]} tokens; replaying {len(specs)} method(s) on each layer")
+        diag = run_diagnosis(lm, ids, specs, kernel=kernel, layers=wanted)
+    except LongreachError as err:
+        _fail(err)
+    table = Table(title=f"oracle gap per layer, {diag.tokens} tokens (times: this machine, one run)")
+    for col in ("layer", "method", "recall mean", "recall min head", "output error", "density", "select ms",
+                "attend ms", "dense ms"):
+        table.add_column(col)
+    for r in diag.layers:
+        table.add_row(str(r.layer), r.method, f"{sum(r.recall) / len(r.recall):.3f}", f"{min(r.recall):.3f}",
+                      f"{sum(r.output_error) / len(r.output_error):.3f}", f"{r.density:.3f}",
+                      f"{r.select_s * 1e3:.1f}", f"{r.attend_s * 1e3:.1f}", f"{r.dense_s * 1e3:.1f}")
+    console.print(table)
+    summary = Table(title="all layers")
+    for col in ("method", "mass recall", "worst head", "output error", "density", "select / attend",
+                "sparse vs dense attention"):
+        summary.add_column(col)
+    for m in diag.methods:
+        s = diag.summary(m)
+        summary.add_row(m, f"{s['recall']:.3f}", f"{s['min_recall']:.3f}", f"{s['output_error']:.3f}",
+                        f"{s['density']:.3f}", f"{s['select_s'] / max(s['attend_s'], 1e-9):.2f}",
+                        f"{s['dense_s'] / max(s['select_s'] + s['attend_s'], 1e-9):.2f}x")
+    console.print(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnose.json").write_text(json.dumps({"tokens": diag.tokens, "model": model, "methods": diag.methods,
+                                                   "summary": {m: diag.summary(m) for m in diag.methods},
+                                                   "layers": [r.__dict__ for r in diag.layers]}, indent=1))
+    recall_heatmaps(diag, out / "recall.png")
+    console.print(f"wrote {out / 'diagnose.json'} and {out / 'recall.png'}")
+
+
+def _layer_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise LongreachError(f"--layers: '{text}' is not a layer index; use e.g. 0,10,20") from None
+    if value < 0:
+        raise LongreachError(f"--layers: layer indices start at 0, got {value}")
+    return value
 
 
 @app.command("eval")
@@ -272,6 +364,34 @@ def bench_attention(
     if json_out:
         json_out.write_text(json.dumps([{**r.__dict__, "speedup": r.speedup, "hardware": attention.hardware()}
                                         for r in rows], indent=1))
+
+
+@bench_app.command("selection")
+def bench_selection(
+    method: str = typer.Option("hip:budget=2048", help="method spec (a fixed budget shows the scaling best)"),
+    lengths: str = typer.Option("4k,8k,16k,32k,64k"),
+    heads: str = typer.Option("9,3,64", help="query heads, kv heads, head dim (SmolLM2: 9,3,64)"),
+    repeat: int = typer.Option(2, min=1),
+) -> None:
+    """Selection time alone vs length, with a c * T log2 T fit and the log-log slope (one run)."""
+    from .bench import attention
+    from .eval.runner import parse_lengths
+
+    try:
+        hq, hkv, dim = (int(x) for x in heads.split(","))
+        fit = attention.selection_scaling(method, list(parse_lengths(lengths)), hq, hkv, dim, repeat)
+    except LongreachError as err:
+        _fail(err)
+    table = Table(title=f"{method} selection (prefill), {hq} q / {hkv} kv heads, d={dim} — {attention.hardware()}")
+    for col in ("T", "select s", "x previous", "c*T*log2(T) fit s"):
+        table.add_column(col)
+    prev = None
+    for t, s in zip(fit.lengths, fit.seconds, strict=True):
+        table.add_row(str(t), f"{s:.3f}", f"{s / prev:.2f}x" if prev else "-", f"{fit.c * t * math.log2(t):.3f}")
+        prev = s
+    console.print(table)
+    console.print(f"log-log slope {fit.slope:.2f} (1 = linear, 2 = quadratic); T log T fit: worst relative "
+                  f"residual {fit.max_rel_residual:.0%}")
 
 
 if __name__ == "__main__":

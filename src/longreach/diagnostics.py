@@ -1,0 +1,181 @@
+"""The oracle gap: how far a method's selection is from dense attention, layer by layer.
+
+``diagnose`` runs the model once densely and, at every attention layer, replays each method on that
+layer's real queries and keys. Per (layer, query head) it reports the share of the dense softmax mass
+that falls on the selected keys (*mass recall*: 1.0 means nothing that mattered was dropped) and the
+relative error of the attention output; per layer, the density actually used and how long the
+selection took next to the sparse and the dense attention. Layers the model itself runs with a
+sliding window (Gemma 3's local layers) are not controlled by methods and are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .errors import InputError
+from .hf import apply
+from .methods.base import SelectContext
+from .selection import Selection
+from .spec import parse_spec
+
+T = TypeVar("T")
+ROW_BYTES = 64 * 2**20  # dense probabilities materialised per chunk of query rows
+
+
+@dataclass
+class LayerReport:
+    """One method at one layer."""
+
+    layer: int
+    method: str
+    recall: list[float]  # per query head: dense softmax mass on the selected keys
+    output_error: list[float]  # per query head: ||out - dense|| / ||dense||
+    density: float
+    select_s: float
+    attend_s: float
+    dense_s: float  # longreach's dense attention at this layer, same kernel, same run
+
+
+@dataclass
+class Diagnosis:
+    tokens: int
+    methods: list[str]
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def of(self, method: str) -> list[LayerReport]:
+        return [r for r in self.layers if r.method == method]
+
+    def summary(self, method: str) -> dict[str, float]:
+        """Means over layers and heads, plus the worst head's recall and the time shares."""
+        rows = self.of(method)
+        if not rows:
+            raise KeyError(method)
+        recall = torch.tensor([r.recall for r in rows])
+        err = torch.tensor([r.output_error for r in rows])
+        return {
+            "recall": recall.mean().item(),
+            "min_recall": recall.min().item(),
+            "output_error": err.mean().item(),
+            "density": sum(r.density for r in rows) / len(rows),
+            "select_s": sum(r.select_s for r in rows),
+            "attend_s": sum(r.attend_s for r in rows),
+            "dense_s": sum(r.dense_s for r in rows),
+        }
+
+
+def _per_query_head(x: Tensor, n_q: int) -> Tensor:
+    """(B, Hs, ...) with Hs in {1, Hkv, Hq} -> (B, Hq, ...)."""
+    return x.repeat_interleave(n_q // x.shape[1], dim=1) if x.shape[1] != n_q else x
+
+
+def mass_recall(q: Tensor, k: Tensor, sel: Selection | Sequence[Selection], scale: float,
+                key_mask: Tensor | None = None) -> Tensor:
+    """Per query head, the mean over queries of the dense softmax mass on the keys a selection keeps.
+
+    Returns (Hq,) for one selection, (n, Hq) for a list (the dense probabilities are computed once
+    for all of them). Chunked over query rows so memory stays O(rows * T); the batch is averaged.
+    """
+    sels = [sel] if isinstance(sel, Selection) else list(sel)
+    batch, n_q, t_q, _ = q.shape
+    t_k = k.shape[2]
+    total = torch.zeros(len(sels), n_q, dtype=torch.float64)
+    sparse = [i for i, s in enumerate(sels) if not s.full]
+    if sparse:
+        kf = k.float().repeat_interleave(n_q // k.shape[1], dim=1)
+        rows = max(1, ROW_BYTES // (4 * batch * n_q * t_k))
+        j = torch.arange(t_k)
+        for r0 in range(0, t_q, rows):
+            r1 = min(r0 + rows, t_q)
+            logits = q[:, :, r0:r1].float() @ kf.transpose(-1, -2) * scale  # (B, Hq, r, Tk)
+            pos = (t_k - t_q) + torch.arange(r0, r1)
+            allowed = j[None, :] <= pos[:, None]
+            if key_mask is not None:
+                allowed = allowed & key_mask[:, None, None, :]
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+            for i in sparse:
+                kept = _per_query_head(sels[i].to_mask(r0, r1), n_q)  # (B, Hq, r, Tk)
+                total[i] += (probs * kept).sum(-1).sum(dim=(0, 2)).double()
+    recall = (total / (batch * t_q)).float()
+    for i, s in enumerate(sels):
+        if s.full:
+            recall[i] = 1.0
+    return recall[0] if isinstance(sel, Selection) else recall
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kernel: str = "auto",
+             layers: Sequence[int] | None = None,
+             progress: Callable[[int], None] | None = None) -> Diagnosis:
+    """Replay every method in ``specs`` on each attention layer of one dense forward of ``input_ids``."""
+    methods = [parse_spec(s) for s in specs]  # every spec is checked before the model runs
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise InputError(f"input_ids must be (batch, tokens) with at least 2 tokens, got {tuple(input_ids.shape)}")
+    wanted = set(layers) if layers is not None else None
+    diag = Diagnosis(int(input_ids.shape[1]), [str(m) for m in methods])
+
+    def observe(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, sliding: int | None,
+                key_mask: Tensor | None) -> None:
+        if sliding is not None or (wanted is not None and layer not in wanted):
+            return
+        batch, t_q = q.shape[0], q.shape[2]
+        dense_sel = Selection.dense(batch, t_q, k.shape[2], key_mask=key_mask, device=q.device)
+        ref, dense_s = _timed(lambda: kernels.attend(q, k, v, dense_sel, scale, kernel))
+        ref_norm = ref.float().square().sum(dim=(0, 1, 3)).sqrt().clamp(min=1e-12)  # per query head
+        runs = []
+        for spec in methods:
+            ctx = SelectContext(layer, key_mask, None, {}, scale)
+            sel, select_s = _timed(lambda spec=spec, ctx=ctx: spec.selector.select(q, k, ctx))
+            out, attend_s = _timed(lambda sel=sel: kernels.attend(q, k, v, sel, scale, kernel))
+            err = (out.float() - ref.float()).square().sum(dim=(0, 1, 3)).sqrt() / ref_norm
+            runs.append((spec, sel, select_s, attend_s, err))
+        recalls = mass_recall(q, k, [r[1] for r in runs], scale, key_mask)
+        for (spec, sel, select_s, attend_s, err), recall in zip(runs, recalls, strict=True):
+            diag.layers.append(LayerReport(layer, str(spec), recall.tolist(), err.tolist(), sel.density(),
+                                           select_s, attend_s, dense_s))
+        if progress is not None:
+            progress(layer)
+
+    with torch.no_grad(), apply(model, "dense", kernel=kernel, track_density=False) as handle:
+        handle.observer = observe
+        model(input_ids=input_ids, use_cache=False)
+    return diag
+
+
+def recall_heatmaps(diag: Diagnosis, path: str | Path) -> None:
+    """One panel per method: layers x query heads, colour = mass recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(diag.methods)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, diag.methods, strict=False):
+        reports = diag.of(method)
+        grid = torch.tensor([r.recall for r in reports])
+        im = ax.imshow(grid.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.set_title(f"{method}\nmean recall {grid.mean():.2f}", fontsize=8)
+        ax.set_xlabel("query head", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_yticks(range(len(reports)), [str(r.layer) for r in reports], fontsize=5)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="dense softmax mass kept")
+    fig.suptitle(f"mass recall, {diag.tokens} tokens", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,100 @@
+"""The oracle-gap diagnostics: mass recall and output error against dense, on tiny models and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from longreach import kernels, parse_spec
+from longreach.cli import app
+from longreach.diagnostics import diagnose, mass_recall
+from longreach.methods import SelectContext
+from longreach.selection import Selection
+
+
+def test_mass_recall_is_one_for_dense_and_matches_a_brute_force_sum():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 90, 8), torch.randn(1, 2, 90, 8)
+    dense = Selection.dense(1, 90, 90)
+    assert torch.allclose(mass_recall(q, k, dense, 0.5), torch.ones(4))
+    sel = parse_spec("quest:budget=40,block=16,window=16").selector.select(q, k, SelectContext())
+    got = mass_recall(q, k, sel, 0.5)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.5
+    s = s.masked_fill(torch.ones(90, 90, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    want = (s * sel.to_mask().repeat_interleave(2, 1)).sum(-1).mean(-1)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (got < 1).all() and (got > 0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_diagnose_reports_every_controlled_layer_and_method(arch):
+    model = tiny_model(arch)
+    x = torch.randint(0, 128, (1, 160))
+    specs = ["quest:budget=100000,block=16", "streaming:window=16,sinks=0", "hip:budget=64,block=16"]
+    diag = diagnose(model, x, specs)
+    sliding = getattr(model.config, "layer_types", None) or []
+    controlled = [i for i in range(model.config.num_hidden_layers)
+                  if not (sliding and sliding[i] == "sliding_attention")]
+    assert sorted({r.layer for r in diag.layers}) == controlled
+    full, window, hip = (diag.summary(str(parse_spec(s))) for s in specs)
+    assert full["recall"] == pytest.approx(1.0) and full["output_error"] < 1e-5 and full["density"] == 1.0
+    assert 0 < window["recall"] < 1 and window["output_error"] > 1e-3 and window["density"] < 0.2
+    assert 0 < hip["recall"] < 1
+    assert all(len(r.recall) == model.config.num_attention_heads for r in diag.layers)
+
+
+def test_diagnose_restores_the_model():
+    model = tiny_model("llama")
+    x = torch.randint(0, 128, (1, 64))
+    with torch.no_grad():
+        before = model(x).logits
+    diagnose(model, x, ["quest:budget=32,block=16"], layers=[0])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_kernels_agree_on_diagnosed_selection():
+    """diagnose measures the kernel it is given; gather and reference must agree on what it replays."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 120, 8), torch.randn(1, 2, 120, 8), torch.randn(1, 2, 120, 8)
+    sel = parse_spec("vslash:budget=48,block=16").selector.select(q, k, SelectContext())
+    assert (kernels.attend(q, k, v, sel, 0.3, "gather") - kernels.attend(q, k, v, sel, 0.3, "reference")).abs().max() \
+        < 1e-5
+
+
+def test_cli_diagnose_writes_table_json_and_heatmap(tiny_lm_folder, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "diag"
+    result = CliRunner().invoke(app, ["diagnose", "--model", str(tiny_lm_folder), "--method", "quest:budget=128",
+                                      "--method", "hip:budget=128", "--input", str(prompt), "--no-chat",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "diagnose.json").read_text())
+    assert set(data["summary"]) == {"quest:budget=128", "hip:budget=128"}
+    assert all(0 < s["recall"] <= 1 for s in data["summary"].values())
+    assert (out / "recall.png").stat().st_size > 1000
+    assert "oracle gap per layer" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "qeust", "--task", "passkey"], "did you mean 'quest'"),
+    (["--method", "quest", "--task", "passkey", "--input", "README.md"], "exactly one of"),
+    (["--method", "quest", "--task", "passkey", "--layers", "a"], "not a layer index"),
+    (["--method", "quest", "--task", "pasky"], "pasky"),
+])
+def test_cli_diagnose_refuses_bad_input_before_loading(monkeypatch, args, message):
+    import longreach
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(longreach, "load_model", boom)
+    result = CliRunner().invoke(app, ["diagnose", "--model", "smollm2-135m", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
