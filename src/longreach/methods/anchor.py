@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext, param
+from .base import BlockPlan, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import by_group, chunk_rows, mean_queries, reduce_heads
 
@@ -41,11 +41,7 @@ class Anchor(BudgetedMethod):
         if not isinstance(self.theta, float | int) or self.theta < 0:
             raise SpecError(f"anchor: theta must be a number >= 0, got {self.theta!r}")
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         batch, n_q = q.shape[:2]
         n_kv, t_k = k.shape[1], k.shape[2]
         bk, dev = self.kblock, q.device

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..cache.summaries import block_stats
 from ..configurable import Configurable, param
 from ..errors import SpecError
 from ..selection import Selection
@@ -149,6 +150,22 @@ class BudgetedMethod(SelectionMethod):
         n_take = torch.div(budget - sinks - window, bk, rounding_mode="floor").clamp(min=0)
         n_take = torch.where(dense_block, n_cand, torch.minimum(n_take, n_cand))
         return BlockPlan(t_q, t_k, n_qb, n_kb, first, last, candidate, n_take, bool(dense_block.all()))
+
+    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        plan = self.plan(q, k)
+        done = self.trivial(q, k, plan, ctx)
+        return done if done is not None else self.choose(q, k, plan, ctx)
+
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+        """Score and pick blocks once the budget is known to need it (not full, some block to choose)."""
+        raise NotImplementedError
+
+    def key_stats(self, k: Tensor, ctx: SelectContext, stats: tuple[str, ...]) -> dict[str, Tensor]:
+        """Per-key-block statistics: from the cache's incremental summaries when they match, else computed."""
+        summ = ctx.summaries
+        if summ is not None and getattr(summ, "block", None) == self.kblock and set(stats) <= set(summ.stats):
+            return summ.get(k)
+        return block_stats(k, self.kblock, stats)
 
     def trivial(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection | None:
         """The selection when nothing needs scoring: full budget (exactly dense) or no block to choose."""

@@ -17,9 +17,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..cache.summaries import block_stats
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext
+from .base import BlockPlan, BudgetedMethod, SelectContext
 from .registry import register
 from .scoring import by_group, chunk_rows, query_blocks
 
@@ -34,19 +33,9 @@ class BlockTopK(BudgetedMethod):
         """(B, Hkv, G, nQB, nKB) -> (B, Hkv, nQB, nKB) when the group chooses together."""
         return scores.amax(dim=2)
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
-        scores = self._block_scores(q, k.shape[1], self._stats(k, ctx))  # (B, heads, nQB, nKB)
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+        scores = self._block_scores(q, k.shape[1], self.key_stats(k, ctx, self.block_stats))  # (B, H, nQB, nKB)
         return self.top_blocks(scores, plan, ctx)
-
-    def _stats(self, k: Tensor, ctx: SelectContext) -> dict[str, Tensor]:
-        summ = ctx.summaries
-        if summ is not None and getattr(summ, "block", None) == self.kblock:
-            return summ.get(k)
-        return block_stats(k, self.kblock, self.block_stats)
 
     def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor]) -> Tensor:
         batch, n_q = q.shape[:2]

@@ -21,10 +21,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..cache.summaries import block_stats
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext, param
+from .base import BlockPlan, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import block_sums, by_group, last_query_probs, mean_queries, sorted_count_to_reach
 from .vslash import vertical_slash_scores
@@ -57,19 +56,11 @@ class FlexPrefill(BudgetedMethod):
         if not (isinstance(self.tau, float | int) and 0 <= self.tau <= 1):
             raise SpecError(f"flexprefill: tau must be in [0, 1], got {self.tau!r}")
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         n_kv, n_q = k.shape[1], q.shape[1]
         scale = ctx.softmax_scale(q)
         bk, dev = self.kblock, q.device
-        summ = ctx.summaries
-        if summ is not None and getattr(summ, "block", None) == bk:
-            k_mean = summ.get(k)["mean"].float()
-        else:
-            k_mean = block_stats(k, bk, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
+        k_mean = self.key_stats(k, ctx, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
 
         probs = last_query_probs(q, k, self.block, scale, ctx.key_mask)  # (B, Hq, n, Tk)
         true_dist = block_sums(probs.mean(2), bk)  # (B, Hq, nKB)

@@ -35,11 +35,7 @@ class HiP(BudgetedMethod):
 
     key_block: int | None = param(16, "leaf size of the tree search in tokens")
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         n_kv, n_q = k.shape[1], q.shape[1]
         qb, q_valid = query_blocks(q, self.block)  # (B, Hq, nQB, bq, D)
         keys = k.float() if self.group == "kv" else expand_kv(k, n_q).float()  # (B, H, Tk, D)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext, check_int, param
+from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import block_sums, by_group, query_blocks
 
@@ -56,11 +56,7 @@ class Hyper(BudgetedMethod):
             raise SpecError(f"hyper: sample must be in [0, 1], got {self.sample!r}")
         check_int(self, "seed", self.seed, minimum=0)
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         batch, n_q, t_q, dim = q.shape
         n_kv = k.shape[1]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext, check_int, param
+from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import by_group, chunk_rows, query_blocks
 
@@ -45,11 +45,7 @@ class Loki(BudgetedMethod):
         super().__post_init__()
         check_int(self, "rank", self.rank, minimum=1)
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         batch, n_q, t_q, dim = q.shape
         n_kv, t_k = k.shape[1], k.shape[2]
         rank = min(self.rank, dim)

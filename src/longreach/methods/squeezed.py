@@ -21,9 +21,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..cache.summaries import block_stats
 from ..selection import Selection
-from .base import BudgetedMethod, SelectContext, check_int, param
+from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import by_group, query_blocks
 
@@ -72,18 +71,10 @@ class Squeezed(BudgetedMethod):
         for name in ("cluster_blocks", "fanout", "iters"):
             check_int(self, name, getattr(self, name), minimum=1)
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         batch, n_q = q.shape[:2]
         n_kv, dim = k.shape[1], k.shape[-1]
-        summ = ctx.summaries
-        if summ is not None and getattr(summ, "block", None) == self.kblock:
-            means = summ.get(k)["mean"].float()
-        else:
-            means = block_stats(k, self.kblock, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
+        means = self.key_stats(k, ctx, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
         flat = means.reshape(batch * n_kv, plan.n_kb, dim)
         tree = ctx.state.get("squeezed")
         if q.shape[2] > 1 or tree is None or tree[0].shape[0] != batch * n_kv or tree[2] > plan.n_kb:

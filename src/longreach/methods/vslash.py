@@ -75,11 +75,7 @@ class VerticalSlash(BudgetedMethod):
             if getattr(self, name) is not None:
                 check_int(self, name, getattr(self, name), minimum=1)
 
-    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        if done is not None:
-            return done
+    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
         probs = last_query_probs(q, k, self.last_q, ctx.softmax_scale(q), ctx.key_mask)
         scores = vertical_slash_scores(probs, plan, self.block, self.kblock, self.vertical, self.slash)
         return self.top_blocks(reduce_heads(scores, k.shape[1], self.group, "sum"), plan, ctx)
