@@ -98,3 +98,17 @@ def test_cli_diagnose_refuses_bad_input_before_loading(monkeypatch, args, messag
     result = CliRunner().invoke(app, ["diagnose", "--model", "smollm2-135m", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_sampled_mass_recall_uses_evenly_spaced_queries_including_the_last():
+    from longreach.diagnostics import query_sample
+
+    assert query_sample(10, None).tolist() == list(range(10))
+    picked = query_sample(1000, 7)
+    assert picked[0] == 0 and picked[-1] == 999 and len(picked) == 7
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 4, 400, 8), torch.randn(1, 2, 400, 8)
+    sel = parse_spec("quest:budget=80,block=16,window=16").selector.select(q, k, SelectContext())
+    full, sampled = mass_recall(q, k, sel, 0.5), mass_recall(q, k, sel, 0.5, max_queries=400)
+    assert torch.allclose(full, sampled)
+    assert (mass_recall(q, k, sel, 0.5, max_queries=100) - full).abs().max() < 0.1

@@ -92,6 +92,7 @@ def diagnose(
     length: str = typer.Option("2k", help="prompt length in tokens for --task (e.g. 8k)"),
     depth: float = typer.Option(0.5, help="needle depth for --task"),
     layers: str = typer.Option(None, help="layers to replay, e.g. 0,10,20 (default: all)"),
+    queries: int = typer.Option(1024, min=1, help="queries (evenly spaced) that estimate mass recall"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the model's chat template, if it has one"),
     kernel: str = typer.Option("auto", help="auto, gather, flex or reference"),
     out: Path = typer.Option(Path("diagnose"), help="folder for diagnose.json and recall.png"),
@@ -134,10 +135,18 @@ def diagnose(
         if wanted and n_layers is not None and max(wanted) >= n_layers:
             raise LongreachError(f"--layers: this model has layers 0..{n_layers - 1}, got {max(wanted)}")
         console.print(f"{ids.shape[1]} tokens; replaying {len(specs)} method(s) on each layer")
-        diag = run_diagnosis(lm, ids, specs, kernel=kernel, layers=wanted)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        total = len(wanted) if wanted else n_layers
+        with Progress(TextColumn("layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as bar:
+            task_id = bar.add_task("layers", total=total)
+            diag = run_diagnosis(lm, ids, specs, kernel=kernel, layers=wanted, max_queries=queries,
+                                 progress=lambda _layer: bar.advance(task_id))
     except LongreachError as err:
         _fail(err)
-    table = Table(title=f"oracle gap per layer, {diag.tokens} tokens (times: this machine, one run)")
+    table = Table(title=f"oracle gap per layer, {diag.tokens} tokens, recall over {min(queries, diag.tokens)} "
+                        "queries (times: this machine, one run)")
     for col in ("layer", "method", "recall mean", "recall min head", "output error", "density", "select ms",
                 "attend ms", "dense ms"):
         table.add_column(col)

@@ -76,34 +76,43 @@ def _per_query_head(x: Tensor, n_q: int) -> Tensor:
     return x.repeat_interleave(n_q // x.shape[1], dim=1) if x.shape[1] != n_q else x
 
 
+def query_sample(t_q: int, max_queries: int | None) -> Tensor:
+    """All query indices, or ``max_queries`` of them evenly spaced (the last query always included)."""
+    if max_queries is None or max_queries >= t_q:
+        return torch.arange(t_q)
+    return torch.linspace(0, t_q - 1, max_queries).round().long().unique()
+
+
 def mass_recall(q: Tensor, k: Tensor, sel: Selection | Sequence[Selection], scale: float,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, max_queries: int | None = None) -> Tensor:
     """Per query head, the mean over queries of the dense softmax mass on the keys a selection keeps.
 
     Returns (Hq,) for one selection, (n, Hq) for a list (the dense probabilities are computed once
-    for all of them). Chunked over query rows so memory stays O(rows * T); the batch is averaged.
+    for all of them). ``max_queries`` averages over that many evenly spaced queries instead of all
+    (O(T^2) becomes O(max_queries * T)). Chunked over rows; the batch is averaged.
     """
     sels = [sel] if isinstance(sel, Selection) else list(sel)
     batch, n_q, t_q, _ = q.shape
     t_k = k.shape[2]
+    picked = query_sample(t_q, max_queries)
     total = torch.zeros(len(sels), n_q, dtype=torch.float64)
     sparse = [i for i, s in enumerate(sels) if not s.full]
     if sparse:
         kf = k.float().repeat_interleave(n_q // k.shape[1], dim=1)
         rows = max(1, ROW_BYTES // (4 * batch * n_q * t_k))
         j = torch.arange(t_k)
-        for r0 in range(0, t_q, rows):
-            r1 = min(r0 + rows, t_q)
-            logits = q[:, :, r0:r1].float() @ kf.transpose(-1, -2) * scale  # (B, Hq, r, Tk)
-            pos = (t_k - t_q) + torch.arange(r0, r1)
+        for c0 in range(0, len(picked), rows):
+            qi = picked[c0 : c0 + rows]
+            logits = q[:, :, qi].float() @ kf.transpose(-1, -2) * scale  # (B, Hq, r, Tk)
+            pos = (t_k - t_q) + qi
             allowed = j[None, :] <= pos[:, None]
             if key_mask is not None:
                 allowed = allowed & key_mask[:, None, None, :]
             probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
             for i in sparse:
-                kept = _per_query_head(sels[i].to_mask(r0, r1), n_q)  # (B, Hq, r, Tk)
+                kept = _per_query_head(sels[i].mask_rows(qi), n_q)  # (B, Hq, r, Tk)
                 total[i] += (probs * kept).sum(-1).sum(dim=(0, 2)).double()
-    recall = (total / (batch * t_q)).float()
+    recall = (total / (batch * len(picked))).float()
     for i, s in enumerate(sels):
         if s.full:
             recall[i] = 1.0
@@ -118,8 +127,11 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kernel: str = "auto",
              layers: Sequence[int] | None = None,
-             progress: Callable[[int], None] | None = None) -> Diagnosis:
-    """Replay every method in ``specs`` on each attention layer of one dense forward of ``input_ids``."""
+             progress: Callable[[int], None] | None = None, max_queries: int | None = None) -> Diagnosis:
+    """Replay every method in ``specs`` on each attention layer of one dense forward of ``input_ids``.
+
+    ``max_queries`` estimates mass recall from that many evenly spaced queries (all by default).
+    """
     methods = [parse_spec(s) for s in specs]  # every spec is checked before the model runs
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise InputError(f"input_ids must be (batch, tokens) with at least 2 tokens, got {tuple(input_ids.shape)}")
@@ -128,7 +140,11 @@ def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kerne
 
     def observe(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, sliding: int | None,
                 key_mask: Tensor | None) -> None:
-        if sliding is not None or (wanted is not None and layer not in wanted):
+        if wanted is not None and layer not in wanted:
+            return
+        if sliding is not None:  # the model's own sliding-window layer: no method controls it
+            if progress is not None:
+                progress(layer)
             return
         batch, t_q = q.shape[0], q.shape[2]
         dense_sel = Selection.dense(batch, t_q, k.shape[2], key_mask=key_mask, device=q.device)
@@ -141,7 +157,7 @@ def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kerne
             out, attend_s = _timed(lambda sel=sel: kernels.attend(q, k, v, sel, scale, kernel))
             err = (out.float() - ref.float()).square().sum(dim=(0, 1, 3)).sqrt() / ref_norm
             runs.append((spec, sel, select_s, attend_s, err))
-        recalls = mass_recall(q, k, [r[1] for r in runs], scale, key_mask)
+        recalls = mass_recall(q, k, [r[1] for r in runs], scale, key_mask, max_queries)
         for (spec, sel, select_s, attend_s, err), recall in zip(runs, recalls, strict=True):
             diag.layers.append(LayerReport(layer, str(spec), recall.tolist(), err.tolist(), sel.density(),
                                            select_s, attend_s, dense_s))

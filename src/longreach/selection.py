@@ -152,9 +152,12 @@ class Selection:
 
         O(rows * T): the reference kernel, diagnostics and tests only.
         """
-        dev = self.indices.device
         q_end = self.q_len if q_end is None else q_end
-        qi = torch.arange(q_start, q_end, device=dev)
+        return self.mask_rows(torch.arange(q_start, q_end, device=self.indices.device))
+
+    def mask_rows(self, qi: Tensor) -> Tensor:
+        """Dense (B, Hs, len(qi), kv_len) bool mask of the queries with indices ``qi``."""
+        dev = self.indices.device
         pos = self.q_offset + qi  # (rows,)
         j = torch.arange(self.kv_len, device=dev)  # (Tk,)
         causal = j[None, :] <= pos[:, None]  # (rows, Tk)

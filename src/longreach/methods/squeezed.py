@@ -94,12 +94,12 @@ class Squeezed(BudgetedMethod):
         if heads != n_kv:  # group=q: every query head scores its KV head's clusters
             fine_of = fine_of.repeat_interleave(n_q // n_kv, dim=1)
             coarse_of_fine = coarse_of_fine.repeat_interleave(n_q // n_kv, dim=1)
-        # coarse clusters, best first, until they hold twice the block budget
-        coarse_of_block = coarse_of_fine.gather(-1, fine_of)  # (B, H, nKB)
-        size = torch.zeros(batch, heads, coarse_s.shape[-1], device=q.device).scatter_add_(
-            -1, coarse_of_block, torch.ones_like(coarse_of_block, dtype=torch.float))
+        # coarse clusters, best first, until they hold twice the block budget of choosable blocks
+        coarse_of_block = coarse_of_fine.gather(-1, fine_of).unsqueeze(2).expand(-1, -1, plan.n_qb, -1)
+        size = torch.zeros_like(coarse_s).scatter_add_(  # (B, H, nQB, C2): candidate blocks per cluster
+            -1, coarse_of_block, plan.candidate.float().expand(batch, heads, -1, -1))
         order = coarse_s.sort(dim=-1, descending=True).indices  # (B, H, nQB, C2)
-        held = size.unsqueeze(2).expand_as(coarse_s).gather(-1, order)
+        held = size.gather(-1, order)
         before = held.cumsum(-1) - held
         keep_sorted = before < 2 * plan.n_take.view(1, 1, -1, 1)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
