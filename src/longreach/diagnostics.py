@@ -23,6 +23,7 @@ from . import kernels
 from .errors import InputError
 from .hf import apply
 from .methods.base import SelectContext
+from .methods.scoring import expand_kv
 from .selection import Selection
 from .spec import parse_spec
 
@@ -98,7 +99,7 @@ def mass_recall(q: Tensor, k: Tensor, sel: Selection | Sequence[Selection], scal
     total = torch.zeros(len(sels), n_q, dtype=torch.float64)
     sparse = [i for i, s in enumerate(sels) if not s.full]
     if sparse:
-        kf = k.float().repeat_interleave(n_q // k.shape[1], dim=1)
+        kf = expand_kv(k, n_q).float()
         rows = max(1, ROW_BYTES // (4 * batch * n_q * t_k))
         j = torch.arange(t_k)
         for c0 in range(0, len(picked), rows):

@@ -147,16 +147,12 @@ class Selection:
         table.scatter_(-1, slot, True)
         return table[..., :n_kb]
 
-    def to_mask(self, q_start: int = 0, q_end: int | None = None) -> Tensor:
-        """Dense (B, Hs, rows, kv_len) bool mask of queries [q_start, q_end) (default all).
-
-        O(rows * T): the reference kernel, diagnostics and tests only.
-        """
-        q_end = self.q_len if q_end is None else q_end
-        return self.mask_rows(torch.arange(q_start, q_end, device=self.indices.device))
+    def to_mask(self) -> Tensor:
+        """Dense (B, Hs, q_len, kv_len) bool mask. O(T^2): reference kernel and tests only."""
+        return self.mask_rows(torch.arange(self.q_len, device=self.indices.device))
 
     def mask_rows(self, qi: Tensor) -> Tensor:
-        """Dense (B, Hs, len(qi), kv_len) bool mask of the queries with indices ``qi``."""
+        """Dense (B, Hs, len(qi), kv_len) bool mask of the queries with indices ``qi`` (diagnostics)."""
         dev = self.indices.device
         pos = self.q_offset + qi  # (rows,)
         j = torch.arange(self.kv_len, device=dev)  # (Tk,)

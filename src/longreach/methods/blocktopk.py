@@ -50,9 +50,7 @@ class BlockTopK(BudgetedMethod):
             b1 = min(b0 + step, n_qb)
             chunks.append(self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1]))
         scores = torch.cat(chunks, dim=3)  # (B, Hkv, G, nQB, nKB)
-        if self.group == "kv":
-            return self.combine_group(scores)
-        return scores.reshape(batch, n_q, n_qb, n_kb)
+        return self.combine_group(scores) if self.group == "kv" else scores.flatten(1, 2)
 
 
 @register

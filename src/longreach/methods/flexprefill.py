@@ -25,7 +25,7 @@ from ..errors import SpecError
 from ..selection import Selection
 from .base import BlockPlan, BudgetedMethod, SelectContext, param
 from .registry import register
-from .scoring import block_sums, by_group, last_query_probs, mean_queries, sorted_count_to_reach
+from .scoring import block_sums, by_group, last_query_probs, mean_queries, reduce_heads, sorted_count_to_reach
 from .vslash import vertical_slash_scores
 
 
@@ -77,8 +77,7 @@ class FlexPrefill(BudgetedMethod):
         vs = vertical_slash_scores(probs, plan, self.block, bk) * causal
         vs = vs / vs.sum(-1, keepdim=True).clamp(min=1e-12)
         mass = torch.where(query_aware[..., None, None], qa, vs)  # (B, Hq, nQB, nKB)
-        if self.group == "kv":
-            mass = by_group(mass, n_kv).mean(2)
+        mass = reduce_heads(mass, n_kv, self.group, "mean")
         always = (mass * (causal & ~plan.candidate)).sum(-1)  # sinks' and window's blocks
         cand_mass = mass * plan.candidate
         need = sorted_count_to_reach(cand_mass, always, self.gamma)

@@ -23,7 +23,7 @@ from ..errors import SpecError
 from ..selection import Selection
 from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import block_sums, by_group, query_blocks
+from .scoring import block_sums, by_group, group_heads, query_blocks
 
 
 def bucket_histograms(x: Tensor, planes: Tensor, block: int, valid: Tensor | None = None) -> Tensor:
@@ -57,7 +57,7 @@ class Hyper(BudgetedMethod):
         check_int(self, "seed", self.seed, minimum=0)
 
     def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
-        batch, n_q, t_q, dim = q.shape
+        t_q, dim = q.shape[2], q.shape[3]
         n_kv = k.shape[1]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx)
         planes = torch.randn(dim, self.bits, generator=gen).to(q.device)
@@ -67,7 +67,7 @@ class Hyper(BudgetedMethod):
         if ctx.key_mask is not None:
             hk = hk * block_sums(ctx.key_mask.float(), self.kblock)[:, None, :, None].clamp(max=1)
         collide = by_group(hq, n_kv) @ hk.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, nQB, nKB)
-        collide = collide.sum(2) if self.group == "kv" else collide.reshape(batch, n_q, plan.n_qb, plan.n_kb)
+        collide = group_heads(collide, self.group, "sum")
         collide = collide.masked_fill(~plan.candidate, 0)
 
         n_heavy = (plan.n_take.double() * (1 - self.sample)).ceil().long()  # (nQB,)

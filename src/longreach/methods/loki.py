@@ -21,7 +21,7 @@ from torch import Tensor
 from ..selection import Selection
 from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import by_group, chunk_rows, query_blocks
+from .scoring import by_group, chunk_rows, group_heads, query_blocks
 
 
 def principal_directions(keys: Tensor, rank: int) -> Tensor:
@@ -69,5 +69,5 @@ class Loki(BudgetedMethod):
             s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
             parts.append(s.view(*s.shape[:-1], plan.n_kb, bk).amax(-1))
         scores = torch.cat(parts, dim=3)  # (B, Hkv, G, nQB, nKB)
-        scores = scores.amax(2) if self.group == "kv" else scores.reshape(batch, n_q, plan.n_qb, plan.n_kb)
+        scores = group_heads(scores, self.group, "max")
         return self.top_blocks(scores, plan, ctx)

@@ -34,16 +34,21 @@ def by_group(x: Tensor, n_kv: int) -> Tensor:
     return x.view(x.shape[0], n_kv, x.shape[1] // n_kv, *x.shape[2:])
 
 
-def reduce_heads(scores: Tensor, n_kv: int, group: str, how: str = "max") -> Tensor:
-    """Per-query-head scores (B, Hq, ...) -> the selection's heads: (B, Hkv, ...) for group=kv."""
+def group_heads(grouped: Tensor, group: str, how: str) -> Tensor:
+    """Scores by head group (B, Hkv, G, ...) -> the selection's heads: combined over G (``how``: max,
+    sum or mean) for group=kv, or one row per query head (B, Hq, ...) for group=q."""
     if group != "kv":
-        return scores
-    grouped = by_group(scores, n_kv)
-    return grouped.amax(dim=2) if how == "max" else grouped.sum(dim=2) if how == "sum" else grouped.mean(dim=2)
+        return grouped.flatten(1, 2)
+    return {"max": grouped.amax, "sum": grouped.sum, "mean": grouped.mean}[how](dim=2)
+
+
+def reduce_heads(scores: Tensor, n_kv: int, group: str, how: str) -> Tensor:
+    """Per-query-head scores (B, Hq, ...) -> the selection's heads: (B, Hkv, ...) for group=kv."""
+    return group_heads(by_group(scores, n_kv), group, how)
 
 
 def expand_kv(k: Tensor, n_q: int) -> Tensor:
-    """(B, Hkv, T, D) -> (B, Hq, T, D) without copying."""
+    """(B, Hkv, T, D) -> (B, Hq, T, D): each KV head repeated for the query heads that read it (a copy)."""
     batch, n_kv, length, dim = k.shape
     return k[:, :, None].expand(batch, n_kv, n_q // n_kv, length, dim).reshape(batch, n_q, length, dim)
 

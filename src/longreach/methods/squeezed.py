@@ -24,7 +24,7 @@ from torch import Tensor
 from ..selection import Selection
 from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import by_group, query_blocks
+from .scoring import by_group, group_heads, query_blocks
 
 
 def kmeans(points: Tensor, n_clusters: int, iters: int) -> tuple[Tensor, Tensor]:
@@ -119,6 +119,4 @@ class Squeezed(BudgetedMethod):
         """Best query of each block against each centroid: (B, Hkv, G, nQB, bq, D) -> (B, H, nQB, C)."""
         s = qg @ centroids[:, :, None, None].transpose(-1, -2)  # (B, Hkv, G, nQB, bq, C)
         s = s.masked_fill(~q_valid[..., None], float("-inf")).amax(-2)  # (B, Hkv, G, nQB, C)
-        if self.group == "kv":
-            return s.amax(2)
-        return s.reshape(s.shape[0], -1, *s.shape[3:])
+        return group_heads(s, self.group, "max")
