@@ -43,8 +43,18 @@ def test_bad_specs_fail_clearly(text, message):
         parse_spec(text)
 
 
-def test_every_registered_method_has_docs_and_round_trips_defaults():
+def test_every_registered_method_has_docs_and_round_trips_defaults(tmp_path):
+    from longreach.cache.press import Press
+    from longreach.heads import HeadProfile
+    from longreach.heads.policies import Profiled
+    from longreach.methods import method_class
+
+    profile = HeadProfile("", 1, 1, 1, {"retrieval": [[0.5]]}).save(tmp_path / "p.json")
     for name in method_names():
-        spec = parse_spec(name)
-        assert str(spec) == name
-        assert spec.selector.summary
+        cls = method_class(name)
+        # presses need a budget and head policies a profile: those are their only required parameters
+        needed = ["density=0.5"] * issubclass(cls, Press) + [f"profile={profile}"] * issubclass(cls, Profiled)
+        item = name + (":" + ",".join(needed) if needed else "")
+        spec = parse_spec(item)
+        assert str(spec) == item
+        assert spec.methods[0].summary

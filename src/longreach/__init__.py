@@ -7,6 +7,7 @@
         print(handle.density())
 """
 
+from .cache.compressed import cache_bytes
 from .errors import InputError, LongreachError, ModelLoadError, SpecError, UnsupportedModelError
 from .hf import Handle, apply
 from .kernels import attend, kernel_names
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "apply",
     "attend",
+    "cache_bytes",
     "kernel_names",
     "load_model",
     "method_class",

@@ -21,6 +21,9 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks (ratios measured in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+heads_app = typer.Typer(help="Attention-head profiles (retrieval, sink, locality) for head-aware policies.",
+                        no_args_is_help=True)
+app.add_typer(heads_app, name="heads")
 console = Console(width=max(Console().width, 140))  # tables stay readable when piped
 
 
@@ -56,7 +59,7 @@ def generate(
     chat: bool = typer.Option(False, help="wrap the input in the model's chat template"),
 ) -> None:
     """Continue a long prompt with a method applied; print text, timings and density."""
-    from . import apply, load_model, parse_spec
+    from . import apply, cache_bytes, load_model, parse_spec
     from .generation import eos_ids, greedy
 
     try:
@@ -71,7 +74,7 @@ def generate(
                                            add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=not templated)
         with apply(lm, method, kernel=kernel) as handle:
-            run = greedy(lm, ids, max_new_tokens, eos_ids(lm, tok))
+            run = greedy(lm, ids, max_new_tokens, eos_ids(lm, tok), hold_last=handle.compresses)
     except LongreachError as err:
         _fail(err)
     console.print(tok.decode(run.tokens, skip_special_tokens=True), markup=False)
@@ -79,7 +82,9 @@ def generate(
     console.print(
         f"\n[dim]{n_in} prompt tokens, prefill {prefill:.2f}s ({n_in / prefill:.0f} tok/s), "
         f"decode {len(run.tokens) - 1} tokens in {run.decode_s:.2f}s, density prefill {handle.density('prefill'):.3f}"
-        + (f" decode {handle.density('decode'):.3f}" if handle.density("decode") is not None else "") + "[/dim]"
+        + (f" decode {handle.density('decode'):.3f}" if handle.density("decode") is not None else "")
+        + (f", KV cache {cache_bytes(run.cache) / 2**20:.1f} MiB" if cache_bytes(run.cache) is not None else "")
+        + "[/dim]"
     )
 
 
@@ -405,3 +410,62 @@ def bench_selection(
 
 if __name__ == "__main__":
     app()
+
+
+@heads_app.command("profile")
+def heads_profile(
+    model: str = typer.Option(..., help="bundled name (smollm2-135m, gemma3-270m), HF folder or .gguf file"),
+    lengths: str = typer.Option("1k,2k", help="probe lengths in tokens"),
+    depths: str = typer.Option("0.1,0.4,0.7,0.95", help="needle depths of the probes (one probe per length x depth)"),
+    corpus: str = typer.Option("canterbury", help="prose for the probes: canterbury, austen, bible or synthetic"),
+    out: Path = typer.Option(Path("profile.json"), help="where to write the profile JSON"),
+) -> None:
+    """Score every (layer, head) on copy probes: retrieval, sink, hidden sink, locality, entropy."""
+    from . import load_model
+    from .eval.corpus import Corpus
+    from .eval.runner import parse_lengths
+    from .heads import profile_heads
+
+    try:
+        lens = tuple(parse_lengths(lengths))
+        deps = tuple(_floats(depths, "depths"))
+        if out.exists() and out.is_dir():
+            raise LongreachError(f"--out {out} is a folder; give a file name such as profile.json")
+        prose_src = Corpus.synthetic() if corpus == "synthetic" else Corpus.load(corpus)
+        lm, tok = load_model(model)
+        prof = profile_heads(lm, tok, lambda seed: "".join(prose_src.passage(seed, 3 * max(lens))),
+                             prose_src.vocabulary(), lengths=lens, depths=deps,
+                             progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    except LongreachError as err:
+        _fail(err)
+    prof.save(out)
+    from .heads.show import summary
+
+    console.print("\n".join(summary(prof)), markup=False)
+    console.print(f"wrote {out}")
+
+
+@heads_app.command("show")
+def heads_show(
+    profile: Path = typer.Argument(..., help="a profile JSON from `longreach heads profile`"),
+    plots: Path = typer.Option(None, help="folder for one heatmap PNG per score (default: next to the profile)"),
+) -> None:
+    """Print a profile's summary and write layers x heads heatmaps."""
+    from .heads import HeadProfile
+    from .heads.show import heatmaps, summary
+
+    try:
+        prof = HeadProfile.load(profile)
+    except LongreachError as err:
+        _fail(err)
+    console.print("\n".join(summary(prof)), markup=False)
+    folder = plots or profile.with_suffix("")
+    for path in heatmaps(prof, folder):
+        console.print(f"wrote {path}")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LongreachError(f"--{what} must be comma-separated numbers, got '{text}'") from None

@@ -22,10 +22,20 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy(model, ids: dict, max_new_tokens: int, eos: set[int]) -> Greedy:
-    """Prefill ``ids`` (batch of one), then one token at a time until EOS or ``max_new_tokens``."""
+def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool = False) -> Greedy:
+    """Prefill ``ids`` (batch of one), then one token at a time until EOS or ``max_new_tokens``.
+
+    ``hold_last`` feeds the prompt's last token as a decode step after the prefill: with a press, the
+    prefill's last query would otherwise still see every key, and the first answer token with it.
+    """
     start = time.perf_counter()
-    out = model(**ids, use_cache=True, logits_to_keep=1)
+    if hold_last and ids["input_ids"].shape[1] > 1:
+        head = {k: v[:, :-1] for k, v in ids.items()}
+        past = model(**head, use_cache=True, logits_to_keep=1).past_key_values
+        out = model(input_ids=ids["input_ids"][:, -1:], attention_mask=ids["attention_mask"],
+                    past_key_values=past, use_cache=True)
+    else:
+        out = model(**ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     new, mask = [int(token)], ids["attention_mask"]

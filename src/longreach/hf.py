@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer
 
 from . import kernels
+from .cache.compressed import CompressedLayer
+from .cache.press import Observation, Press, attention_received
 from .cache.summaries import BlockSummaries
 from .compat import can_set_attn_implementation
-from .errors import InputError, LongreachError, UnsupportedModelError
+from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
+from .heads.policies import HeadSplit
 from .methods.base import SelectContext
 from .selection import Selection
 from .spec import Spec, parse_spec
@@ -42,6 +46,15 @@ class DensityStats:
         self.kept[phase] += kept
         self.causal[phase] += total
 
+    def add_heads(self, phase: str, sel: Selection, n_heads: int, seen: int) -> None:
+        """Count ``sel`` for ``n_heads`` query heads (head policies attend groups of heads apart); causal pairs
+        are counted over the ``seen`` tokens, not just the keys still held."""
+        kept = float(sel.causal_counts().sum().item()) if sel.full else \
+            float(sel.visible_counts().sum().item()) / sel.heads
+        causal = float(sum(seen - sel.q_len + i + 1 for i in range(sel.q_len)))
+        self.kept[phase] += kept * n_heads
+        self.causal[phase] += causal * n_heads
+
     def density(self, phase: str | None = None) -> float | None:
         phases = [phase] if phase else list(self.kept)
         causal = sum(self.causal[p] for p in phases)
@@ -62,6 +75,18 @@ class Handle:
         # called with (layer_idx, q, k, v, scale, sliding_window, key_mask) before each attention: diagnostics
         self.observer: Callable[..., None] | None = None
         self._mask_cache: dict[tuple, tuple[weakref.ref, Tensor | None]] = {}
+        presses = [m for m in spec.of_kind("press") if isinstance(m, Press)]
+        self.press: Press | None = presses[0] if presses else None
+        # a head policy (duo, lserve, razor): some KV heads keep every key, the others a few
+        self.split = next((m for m in spec.methods if hasattr(m, "head_split")), None)
+        self.n_layers = 0
+        self._hooks: list = []
+
+    @property
+    def compresses(self) -> bool:
+        """Whether this handle shrinks the KV cache (callers then feed the prompt's last token as a decode step,
+        so every generated token reads the compressed cache)."""
+        return self.press is not None or self.split is not None
 
     def density(self, phase: str | None = None) -> float | None:
         """Fraction of causal query-key pairs actually attended since the last ``reset_stats``."""
@@ -75,6 +100,8 @@ class Handle:
         if not self.active:
             return
         self.model.set_attn_implementation(self.previous)
+        for hook in self._hooks:
+            hook.remove()
         for module in list(_RUNTIMES):
             if _RUNTIMES[module].handle is self:
                 del _RUNTIMES[module]
@@ -101,6 +128,11 @@ class LayerRuntime:
         stats = getattr(method, "block_stats", ())
         self.summaries = BlockSummaries(getattr(method, "kblock", method.block), stats) if stats else None
         self.state: dict = {}  # the method's per-layer scratch for the current sequence
+        self.press_state: dict = {}  # the press's: recent queries, accumulated attention, decode steps
+        self.cache: object | None = None  # the forward's transformers cache (set by a pre-hook)
+
+    def remember_cache(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, sliding_window: int | None
@@ -108,7 +140,13 @@ class LayerRuntime:
         batch, _, t_q, _ = q.shape
         t_k = k.shape[2]
         key_mask = self.handle_key_mask(mask, batch, t_q, t_k, sliding_window)
+        if key_mask is not None and self.handle.compresses:
+            raise InputError("presses compress unpadded sequences: run one sequence per batch (or batch prompts of "
+                             "equal length without padding)")
         new_sequence = t_k == t_q
+        split = self.split_for(k, t_q, sliding_window)
+        if split is not None:
+            return self.attend_split(q, k, v, scale, split, new_sequence)
         if sliding_window is not None:
             # sliding-window layers (Gemma 3's local layers) keep exactly their own window
             sel = Selection.local(batch, t_q, t_k, sinks=0, window=sliding_window, key_mask=key_mask,
@@ -118,13 +156,136 @@ class LayerRuntime:
                 self.summaries.update(k, new_sequence=new_sequence)
             if new_sequence:
                 self.state.clear()
+                self.press_state.clear()
             ctx = SelectContext(self.layer_idx, key_mask, self.summaries, self.state, scale)
             sel = self.handle.spec.selector.select(q, k, ctx)
         if self.handle.observer is not None:
             self.handle.observer(self.layer_idx, q, k, v, scale, sliding_window, key_mask)
         if self.handle.track_density and sliding_window is None:  # density of the layers the method controls
             self.handle.stats.add("decode" if t_q == 1 else "prefill", sel)
-        return kernels.attend(q, k, v, sel, scale, self.handle.kernel)
+        out = kernels.attend(q, k, v, sel, scale, self.handle.kernel)
+        post = getattr(self.handle.spec.selector, "postprocess", None)
+        if post is not None and sliding_window is None:  # ablate / act rework some heads' outputs
+            out = post(out, q, k, v, ctx)
+        if self.handle.press is not None and sliding_window is None:
+            self.press_step(self.handle.press, q, k, scale)
+        elif self.handle.split is not None and sliding_window is None and t_q > 1:
+            split = self.handle.split.head_split(self.layer_idx, k.shape[1])
+            if split is not None:  # razor: the prefill was dense; now the short heads give up their keys
+                self.shrink_short_heads(k, v, split)
+        return out
+
+    def split_for(self, k: Tensor, t_q: int, sliding_window: int | None) -> HeadSplit | None:
+        """The head split to attend with: always for duo/lserve, after the (dense) prefill for razor."""
+        policy = self.handle.split
+        if policy is None or sliding_window is not None:
+            return None
+        layer = self._cache_layer()
+        compressed = isinstance(layer, CompressedLayer) and layer.split
+        if not (policy.split_prefill or compressed):
+            return None
+        return policy.head_split(self.layer_idx, k.shape[1])
+
+    def _cache_layer(self) -> object | None:
+        layers = getattr(self.cache, "layers", None)
+        return layers[self.layer_idx] if layers is not None else None
+
+    def attend_split(self, q: Tensor, k: Tensor, v: Tensor, scale: float, split: HeadSplit, new_sequence: bool
+                     ) -> Tensor:
+        """Attend the long and short KV heads apart (they hold different keys), then free the short heads' old keys."""
+        layer = self._cache_layer()
+        if new_sequence:
+            self.state.clear()
+        if isinstance(layer, CompressedLayer) and layer.short is not None:
+            long_kv = (layer.keys, layer.values)
+            short_k, short_v, short_sinks = layer.short.view()
+        else:
+            long_kv = (k[:, split.long], v[:, split.long])
+            short_k, short_v, short_sinks = k[:, split.short], v[:, split.short], split.sinks
+        batch, n_q, t_q, _ = q.shape
+        group = n_q // k.shape[1]
+        out = q.new_empty(batch, t_q, n_q, v.shape[-1])
+        parts = ((split.long, long_kv, None), (split.short, (short_k, short_v), short_sinks))
+        for heads, (kk, vv), sinks in parts:
+            if not len(heads):
+                continue
+            qh = (heads.to(q.device)[:, None] * group + torch.arange(group, device=q.device)).flatten()
+            qq = q[:, qh]
+            if sinks is None:
+                ctx = SelectContext(self.layer_idx, None, None, self.state, scale)
+                long_select = getattr(self.handle.split, "long_select", None)
+                sel = long_select(qq, kk, ctx) if long_select else Selection.dense(batch, t_q, kk.shape[2])
+            else:
+                sel = Selection.local(batch, t_q, kk.shape[2], sinks=sinks, window=split.window, device=q.device)
+            out[:, :, qh] = kernels.attend(qq, kk, vv, sel, scale, self.handle.kernel)
+            if self.handle.track_density:
+                seen = layer.seen if isinstance(layer, CompressedLayer) else k.shape[2]
+                self.handle.stats.add_heads("decode" if t_q == 1 else "prefill", sel, len(qh), seen)
+        if self.handle.observer is not None:
+            self.handle.observer(self.layer_idx, q, k, v, scale, None, None)
+        if isinstance(layer, CompressedLayer) and layer.short is not None:
+            layer.short.trim(split.sinks, split.window, split.compensate)
+        elif layer is not None:
+            self.shrink_short_heads(k, v, split)
+        return out
+
+    def shrink_short_heads(self, k: Tensor, v: Tensor, split: HeadSplit) -> None:
+        """Turn this layer's cache into long heads (every key) + short heads (sinks + window [+ compensation])."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:
+            return
+        layer = layers[self.layer_idx]
+        if type(layer) is not DynamicLayer:
+            raise UnsupportedModelError(f"head policies need a DynamicCache; layer {self.layer_idx} of this cache "
+                                        f"is a {type(layer).__name__}")
+        compressed = CompressedLayer.from_layer(layer, self.handle)
+        compressed.split_heads(split.long.to(k.device), k[:, split.short.to(k.device)],
+                               v[:, split.short.to(k.device)])
+        assert compressed.short is not None
+        compressed.short.trim(split.sinks, split.window, split.compensate)
+        layers[self.layer_idx] = compressed
+        if self.summaries is not None:
+            self.summaries.reset()
+
+    def press_step(self, press: Press, q: Tensor, k: Tensor, scale: float) -> None:
+        """After attention: track what the press scores with, and compress the layer when it is due."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:
+            if self.cache is not None:
+                raise UnsupportedModelError(
+                    f"presses need a transformers DynamicCache, got {type(self.cache).__name__}")
+            return  # use_cache=False: nothing is kept, nothing to free
+        layer = layers[self.layer_idx]
+        if type(layer) not in (DynamicLayer, CompressedLayer):
+            raise UnsupportedModelError(f"presses need a DynamicCache; layer {self.layer_idx} of this cache is a "
+                                        f"{type(layer).__name__} (static / quantized caches are not supported)")
+        st, t_q = self.press_state, q.shape[2]
+        queries = st.get("queries")
+        st["queries"] = (q if queries is None or t_q > 1 else torch.cat([queries, q], dim=2))[:, :, -press.observe:]
+        if press.wants_history:
+            history = st.get("history")
+            got = attention_received(q, k, scale)
+            if history is not None:
+                got[:, :, : history.shape[2]] += history
+            st["history"] = got
+        st["steps"] = st.get("steps", 0) + (t_q == 1)
+        due = t_q > 1 or (press.interval > 0 and st["steps"] % press.interval == 0)
+        if not due:
+            return
+        seen = layer.get_seq_length()
+        capacity = press.capacity(self.layer_idx, self.handle.n_layers, seen)
+        obs = Observation(self.layer_idx, self.handle.n_layers, seen, st["queries"], layer.keys, layer.values,
+                          scale, st.get("history"))
+        keep = press.keep_indices(obs, capacity)
+        if keep is None:
+            return
+        compressed = CompressedLayer.from_layer(layer, self.handle)
+        compressed.keep(keep)
+        layers[self.layer_idx] = compressed
+        if "history" in st:
+            st["history"] = st["history"].gather(2, keep)
+        if self.summaries is not None:
+            self.summaries.reset()  # stored keys changed under the block summaries
 
     def handle_key_mask(
         self, mask: Tensor | None, batch: int, t_q: int, t_k: int, sliding_window: int | None
@@ -244,16 +405,29 @@ def apply(
         )
     if any(m in _RUNTIMES for m in modules):
         raise LongreachError(f"a longreach method is already applied to this {name}; call handle.remove() first")
-    unsupported = [p for p in parsed.methods if p.kind != "select"]
+    if any(hasattr(m, "head_split") for m in parsed.methods) and len(parsed.of_kind("press")) + sum(
+            hasattr(m, "head_split") for m in parsed.of_kind("select")) > 1:
+        raise SpecError("a head policy (duo, lserve, razor) manages the cache itself: do not add a press to it")
+    if len(parsed.of_kind("press")) > 1:
+        names = " and ".join(m.name for m in parsed.of_kind("press"))
+        raise SpecError(f"cannot stack presses {names}: keep one press per spec (it may follow a select method)")
+    unsupported = [p for p in parsed.methods if p.kind not in ("select", "press")]
     if unsupported:
         raise LongreachError(
             f"'{unsupported[0].name}' is a {unsupported[0].kind} method, which this version cannot apply yet"
         )
+    for m in parsed.methods:
+        check = getattr(m, "check_model", None)
+        if check is not None:
+            check(model)  # e.g. a head profile made for another model: refuse before any work
     _register()
     previous = config._attn_implementation or "sdpa"
     handle = Handle(model, parsed, kernel, track_density, previous)
+    handle.n_layers = len(modules)
     for m in modules:
-        _RUNTIMES[m] = LayerRuntime(handle, m)
+        runtime = _RUNTIMES[m] = LayerRuntime(handle, m)
+        if handle.compresses:
+            handle._hooks.append(m.register_forward_pre_hook(runtime.remember_cache, with_kwargs=True))
     try:
         model.set_attn_implementation(ATTN_NAME)
     except Exception:

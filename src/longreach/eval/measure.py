@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache.compressed import cache_bytes as kv_bytes
 from ..generation import eos_ids, greedy
 from .tasks import Sample, Task
 
@@ -40,27 +41,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def kv_bytes(cache) -> int | None:
-    """Bytes held by a transformers cache's key and value tensors."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        return None
-    total = 0
-    for layer in layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 def prompt_sha(sample: Sample) -> str:
     return hashlib.sha256(sample.prompt.encode()).hexdigest()[:12]
 
 
-def generate(model, tokenizer, sample: Sample) -> dict:
+def generate(model, tokenizer, sample: Sample, hold_last: bool = False) -> dict:
     ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat).to(model.device)
-    run = greedy(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer))
+    run = greedy(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer), hold_last)
     return {
         "prediction": tokenizer.decode(run.tokens, skip_special_tokens=True).strip(),
         "tokens": ids["input_ids"].shape[1],
@@ -120,7 +107,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, handle) -> dict:
         row = perplexity(model, sample, task.buckets)
         row["score"] = row["ppl"]
     else:
-        row = generate(model, tokenizer, sample)
+        row = generate(model, tokenizer, sample, hold_last=handle.compresses)
         row["score"] = task.score(row["prediction"], sample.gold)
     row["density"] = handle.density("prefill")
     row["density_decode"] = handle.density("decode")

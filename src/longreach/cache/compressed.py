@@ -1,0 +1,195 @@
+"""A transformers cache layer that holds only some of the keys, with their positions intact.
+
+Keys are cached after RoPE, so keeping a subset (in order) keeps every kept key at its true
+position. What must not shrink is the *logical* length: new tokens get their positions from
+``get_seq_length()``, so this layer reports the number of tokens seen, like transformers' own
+sliding-window layer, and sizes the attention mask to the keys it really returns.
+
+Heads may keep different numbers of keys (DuoAttention, RazorAttention): the layer then holds a
+*long* part (some KV heads, every kept key) and a *short* part (the other heads, a few keys), each a
+real tensor, so the bytes are really freed. Only longreach's attention can read a split layer, so
+``update`` refuses to run once the owning handle is removed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import LongreachError
+
+
+@dataclass
+class Part:
+    heads: Tensor  # (h,) long: which KV heads this part holds, ascending
+    keys: Tensor  # (B, h, n, D)
+    values: Tensor  # (B, h, n, D)
+    # RazorAttention's compensation token: the mean of every key / value dropped so far, and their count
+    comp_keys: Tensor | None = None
+    comp_values: Tensor | None = None
+    comp_count: int = 0
+    sinks: int = 0  # leading keys that are attention sinks
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        self.keys = torch.cat([self.keys, k[:, self.heads]], dim=2)
+        self.values = torch.cat([self.values, v[:, self.heads]], dim=2)
+
+    def keep(self, idx: Tensor) -> None:
+        """Keep positions ``idx`` (B, h, n') of each head, in the given (ascending) order."""
+        ix = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, ix)
+        self.values = self.values.gather(2, ix)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.keys, self.values, self.comp_keys, self.comp_values)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def trim(self, sinks: int, window: int, compensate: bool) -> None:
+        """Keep the first ``sinks`` and last ``window`` keys; fold the dropped ones into the compensation token."""
+        n = self.length
+        lo = min(sinks, n)
+        hi = max(n - window, lo)
+        self.sinks = lo
+        if hi == lo:
+            return
+        if compensate:
+            dropped_k, dropped_v, d = self.keys[:, :, lo:hi], self.values[:, :, lo:hi], hi - lo
+            total = self.comp_count + d
+            if self.comp_keys is None:
+                self.comp_keys, self.comp_values = dropped_k.mean(2, keepdim=True), dropped_v.mean(2, keepdim=True)
+            else:
+                self.comp_keys = (self.comp_keys * self.comp_count + dropped_k.sum(2, keepdim=True)) / total
+                self.comp_values = (self.comp_values * self.comp_count + dropped_v.sum(2, keepdim=True)) / total
+            self.comp_count = total
+        self.keys = torch.cat([self.keys[:, :, :lo], self.keys[:, :, hi:]], dim=2)
+        self.values = torch.cat([self.values[:, :, :lo], self.values[:, :, hi:]], dim=2)
+
+    def view(self) -> tuple[Tensor, Tensor, int]:
+        """(keys, values, leading keys to treat as sinks): the compensation token sits right after the sinks."""
+        if self.comp_keys is None or self.comp_values is None:
+            return self.keys, self.values, self.sinks
+        lo = self.sinks
+        keys = torch.cat([self.keys[:, :, :lo], self.comp_keys, self.keys[:, :, lo:]], dim=2)
+        values = torch.cat([self.values[:, :, :lo], self.comp_values, self.values[:, :, lo:]], dim=2)
+        return keys, values, lo + 1
+
+
+class CompressedLayer(DynamicLayer):
+    """Drop-in for ``DynamicLayer`` after a press: ``keys``/``values`` hold the kept keys of every head
+    (uniform), or of the long heads only when ``short`` holds the rest."""
+
+    def __init__(self, keys: Tensor, values: Tensor, seen: int, owner: object) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.seen = seen  # tokens this layer has been given: the next token's position
+        self.long_heads: Tensor | None = None
+        self.short: Part | None = None
+        self._owner = weakref.ref(owner)
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, owner: object) -> CompressedLayer:
+        if isinstance(layer, CompressedLayer):
+            return layer
+        return cls(layer.keys, layer.values, layer.get_seq_length(), owner)
+
+    # -- what transformers calls -------------------------------------------------------------
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
+               ) -> tuple[Tensor, Tensor]:
+        owner = self._owner()
+        if owner is None or not getattr(owner, "active", False):
+            raise LongreachError(
+                "this cache was compressed by a longreach press whose handle is removed; keep the handle applied "
+                "while using the cache, or start generation from a fresh cache"
+            )
+        self.seen += key_states.shape[-2]
+        if self.short is None:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            return self.keys, self.values
+        assert self.long_heads is not None
+        self.keys = torch.cat([self.keys, key_states[:, self.long_heads]], dim=-2)
+        self.values = torch.cat([self.values, value_states[:, self.long_heads]], dim=-2)
+        self.short.append(key_states, value_states)
+        return key_states, value_states  # longreach's attention reads the parts (see hf.LayerRuntime)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the mask must match the keys update() returns; offsets keep query positions causal
+        stored = 0 if self.short is not None else self.keys.shape[-2]
+        return stored + query_length, self.seen - stored
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LongreachError("a compressed cache cannot be cropped (assisted decoding / rollback); "
+                             "use an uncompressed cache for that")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.short is not None:
+            self.short.keys = self.short.keys.repeat_interleave(repeats, dim=0)
+            self.short.values = self.short.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.short is not None:
+            self.short.keys, self.short.values = self.short.keys[indices], self.short.values[indices]
+
+    # -- what presses call -------------------------------------------------------------------
+    @property
+    def split(self) -> bool:
+        return self.short is not None
+
+    def parts(self) -> list[Part]:
+        """The layer as parts: one with every head, or the long and short heads."""
+        if self.short is None:
+            heads = torch.arange(self.keys.shape[1], device=self.keys.device)
+            return [Part(heads, self.keys, self.values)]
+        assert self.long_heads is not None
+        return [Part(self.long_heads, self.keys, self.values), self.short]
+
+    def keep(self, idx: Tensor) -> None:
+        """Uniform layer: keep positions ``idx`` (B, Hkv, n) per head (ascending, so order is kept)."""
+        part = self.parts()[0]
+        part.keep(idx)
+        self.keys, self.values = part.keys, part.values
+
+    def split_heads(self, long_heads: Tensor, short_keys: Tensor, short_values: Tensor) -> None:
+        """Hold every key of ``long_heads`` and only (short_keys, short_values) for the other heads."""
+        n_kv = self.keys.shape[1]
+        short_heads = torch.tensor([h for h in range(n_kv) if h not in set(long_heads.tolist())],
+                                   dtype=torch.long, device=self.keys.device)
+        self.long_heads = long_heads
+        self.keys, self.values = self.keys[:, long_heads].contiguous(), self.values[:, long_heads].contiguous()
+        self.short = Part(short_heads, short_keys, short_values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts())
+
+
+def cache_bytes(cache: object) -> int | None:
+    """Bytes held by a transformers cache's keys and values (compressed layers counted as they are stored)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    total = 0
+    for layer in layers:
+        if isinstance(layer, CompressedLayer):
+            total += layer.nbytes
+            continue
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+    return total

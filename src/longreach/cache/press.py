@@ -1,0 +1,137 @@
+"""What every press is: score each cached key, keep the best ``capacity`` per KV head, free the rest.
+
+A press runs after every forward that feeds several tokens (the prompt, or each chunk of it) and,
+with ``every=N``, after every N-th decode step. It sees an ``Observation`` of one layer and returns a
+score per stored key; the shared ``keep_indices`` protects the sinks and the recent window, keeps
+exactly ``capacity`` keys per head and returns them in their original order (their RoPE positions are
+baked into the cached keys, so order and positions survive). Scores are per KV head: query heads of a
+group are combined on their own scores, never by expanding K/V.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..configurable import param
+from ..errors import SpecError
+from ..methods.base import Method, check_int
+from ..methods.scoring import by_group, chunk_rows
+
+
+@dataclass
+class Observation:
+    """One layer as a press sees it, right after a forward."""
+
+    layer_idx: int
+    n_layers: int
+    seen: int  # tokens the layer has been given (the logical length)
+    queries: Tensor  # (B, Hq, w, D) the most recent queries, post-RoPE; query i is at stored key n - w + i
+    keys: Tensor  # (B, Hkv, n, D) stored keys, post-RoPE
+    values: Tensor  # (B, Hkv, n, D)
+    scale: float
+    history: Tensor | None = None  # (B, Hkv, n) attention every past query paid each key (presses asking for it)
+
+
+@dataclass(frozen=True)
+class Press(Method):
+    """Budget vocabulary shared by presses: ``budget`` keys per head, or ``density`` of the tokens seen."""
+
+    kind: ClassVar[str] = "press"
+    budget: int | None = param(None, "keys each KV head keeps (tokens, sinks and window included)")
+    density: float | None = param(None, "fraction of the tokens seen that each KV head keeps, in (0, 1]")
+    sinks: int = param(4, "first tokens always kept (attention sinks)")
+    window: int | None = param(None, "most recent tokens always kept (default: the press's own)")
+    every: int = param(0, "also compress every N decode steps (0: only after forwards of several tokens)")
+
+    default_window: ClassVar[int] = 0
+    default_every: ClassVar[int] = 0
+    observe: ClassVar[int] = 1  # recent queries the press scores with
+    wants_history: ClassVar[bool] = False  # accumulate every query's attention (H2O)
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.density is not None:
+            raise SpecError(f"{self.name}: give budget= or density=, not both")
+        if self.budget is None and self.density is None:
+            raise SpecError(f"{self.name}: give budget= (keys per head) or density= (fraction kept), "
+                            f"e.g. {self.name}:density=0.25")
+        if self.budget is not None:
+            check_int(self, "budget", self.budget, minimum=1)
+        if self.density is not None and not (isinstance(self.density, float | int) and 0 < self.density <= 1):
+            raise SpecError(f"{self.name}: density must be in (0, 1], got {self.density!r}")
+        check_int(self, "sinks", self.sinks, minimum=0)
+        if self.window is not None:
+            check_int(self, "window", self.window, minimum=0)
+        check_int(self, "every", self.every, minimum=0)
+        if self.budget is not None and self.budget < self.sinks + self.recent:
+            raise SpecError(f"{self.name}: budget={self.budget} is smaller than the always-kept sinks + window "
+                            f"({self.sinks} + {self.recent}); raise budget or lower sinks/window")
+
+    @property
+    def recent(self) -> int:
+        return self.window if self.window is not None else self.default_window
+
+    @property
+    def interval(self) -> int:
+        return self.every or self.default_every
+
+    def capacity(self, layer_idx: int, n_layers: int, seen: int) -> int:
+        """Keys each KV head of this layer keeps once ``seen`` tokens have arrived."""
+        if self.budget is not None:
+            return self.budget
+        return max(math.floor(self.density * seen), self.sinks + self.recent, 1)
+
+    def scores(self, obs: Observation) -> Tensor:
+        """(B, Hkv, n): higher = keep."""
+        raise NotImplementedError
+
+    def keep_indices(self, obs: Observation, capacity: int) -> Tensor | None:
+        """Stored positions to keep per head (B, Hkv, capacity), ascending; None when all fit."""
+        n = obs.keys.shape[2]
+        if capacity >= n:
+            return None
+        scores = self.scores(obs).float()
+        return top_keep(scores, capacity, self.sinks, self.recent)
+
+
+def top_keep(scores: Tensor, capacity: int, sinks: int, recent: int) -> Tensor:
+    """Top ``capacity`` positions per row of (B, H, n) scores, sinks and the last ``recent`` forced in, ascending."""
+    n = scores.shape[-1]
+    pos = torch.arange(n, device=scores.device)
+    protect = (pos < sinks) | (pos >= n - recent)
+    scores = scores.masked_fill(protect, float("inf")).nan_to_num(nan=float("-inf"))
+    return scores.topk(capacity, dim=-1).indices.sort(dim=-1).values
+
+
+def window_probs(obs: Observation) -> Tensor:
+    """Causal softmax of the observed queries over the stored keys, grouped: (B, Hkv, G, w, n), fp32."""
+    q, k = obs.queries, obs.keys
+    n_kv, w, n = k.shape[1], q.shape[2], k.shape[2]
+    grouped = by_group(q, n_kv).float()  # (B, Hkv, G, w, D)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", grouped, k.float()) * obs.scale
+    own = (n - w) + torch.arange(w, device=k.device)
+    future = torch.arange(n, device=k.device)[None, :] > own[:, None]
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def attention_received(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Attention mass each key received from every query of ``q`` (the last t_q of the keys), summed over
+    queries and the query heads of its group: (B, Hkv, n), fp32. O(t_q * n) per head, in row chunks."""
+    batch, n_q, t_q, _ = q.shape
+    n_kv, n = k.shape[1], k.shape[2]
+    grouped = by_group(q, n_kv)
+    total = torch.zeros(batch, n_kv, n, dtype=torch.float32, device=q.device)
+    rows = chunk_rows(4 * n * n_q * batch)
+    kf = k.float()
+    cols = torch.arange(n, device=q.device)
+    for lo in range(0, t_q, rows):
+        hi = min(lo + rows, t_q)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", grouped[:, :, :, lo:hi].float(), kf) * scale
+        own = (n - t_q) + torch.arange(lo, hi, device=q.device)
+        logits = logits.masked_fill(cols[None, :] > own[:, None], float("-inf"))
+        total += logits.softmax(dim=-1).sum(dim=(2, 3))
+    return total

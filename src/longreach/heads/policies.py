@@ -1,0 +1,323 @@
+"""Head-aware policies: a saved HeadProfile decides which KV heads keep every key.
+
+- ``duo`` (DuoAttention, arXiv:2410.10819): retrieval heads attend densely; streaming heads see only
+  sinks + a recent window, in prefill and decode, and their other keys are freed from the cache.
+- ``lserve`` (LServe, arXiv:2502.14866): the same streaming heads; the retrieval heads select blocks with
+  a budgeted selector (``base``, Quest by default) instead of attending densely.
+- ``razor`` (RazorAttention, arXiv:2407.15891): a press: the prefill is dense; afterwards the
+  non-retrieval heads keep sinks + window + one compensation token (the mean of the keys and values they
+  dropped), and keep merging what falls out of the window into it while decoding.
+- ``ablate``: dense attention with the top (or random) heads' outputs zeroed: measures what they carry.
+
+Retrieval heads are ranked per KV head (a KV head scores as its best query head) by the profile's
+retrieval score, ties broken towards less local heads; ``ratio`` is the fraction of KV heads kept whole.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, fields
+from functools import cache, cached_property
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..configurable import param
+from ..errors import SpecError
+from ..methods.base import BudgetedMethod, Method, SelectContext, SelectionMethod, check_int
+from ..methods.registry import method_class, register
+from ..selection import Selection
+from .profile import HeadProfile
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """One layer's split: ``long`` KV heads keep every key; the others keep sinks + window (+ compensation)."""
+
+    long: Tensor  # (h,) long
+    short: Tensor  # (Hkv - h,) long
+    sinks: int
+    window: int
+    compensate: bool = False
+
+
+@cache
+def _load(path: str, mtime: float) -> HeadProfile:
+    return HeadProfile.load(path)
+
+
+def load_profile(path: str) -> HeadProfile:
+    p = Path(path)
+    return _load(str(p.resolve()), p.stat().st_mtime if p.exists() else 0.0)
+
+
+def long_heads(profile: HeadProfile, ratio: float) -> list[Tensor]:
+    """Per layer, the KV heads ranked retrieval-first whose count is ``ratio`` of all KV heads (model-wide)."""
+    retrieval = profile.kv_scores("retrieval")
+    locality = profile.kv_scores("locality")
+    rank = retrieval - 1e-6 * locality  # retrieval first; among equals, the less local heads
+    n_keep = round(ratio * rank.numel())
+    order = rank.flatten().argsort(descending=True)[:n_keep]
+    chosen = torch.zeros(rank.numel(), dtype=torch.bool)
+    chosen[order] = True
+    chosen = chosen.view_as(rank)
+    return [torch.nonzero(row).flatten() for row in chosen]
+
+
+@dataclass(frozen=True)
+class Profiled(Method):
+    """A method driven by a saved head profile, checked against the model at ``apply`` time."""
+
+    profile: str = param("", "head profile JSON from `longreach heads profile`")
+
+    def __post_init__(self) -> None:
+        if not self.profile:
+            raise SpecError(f"{self.name}: give profile=PATH (make one with `longreach heads profile`)")
+        load_profile(self.profile)  # a missing or malformed profile fails now, before any model work
+
+    def check_model(self, model: nn.Module) -> None:
+        load_profile(self.profile).check_model(model, where=f"{self.name}: profile {self.profile}")
+
+
+@dataclass(frozen=True)
+class HeadPolicy(Profiled):
+    """How many KV heads count as retrieval heads, and what the others keep."""
+
+    ratio: float = param(0.25, "fraction of KV heads kept whole (the top retrieval heads), in [0, 1]")
+    sinks: int = param(4, "first tokens the other heads keep")
+    window: int = param(256, "recent tokens the other heads keep")
+
+    compensate: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.ratio, float | int) and 0 <= self.ratio <= 1):
+            raise SpecError(f"{self.name}: ratio must be in [0, 1], got {self.ratio!r}")
+        check_int(self, "sinks", self.sinks, minimum=0)
+        check_int(self, "window", self.window, minimum=1)
+
+    @cached_property
+    def _long(self) -> list[Tensor]:
+        return long_heads(load_profile(self.profile), self.ratio)
+
+    def head_split(self, layer_idx: int, n_kv: int) -> HeadSplit | None:
+        """None when every KV head of the layer is long (nothing to split)."""
+        long = self._long[layer_idx].to(torch.long)
+        if len(long) == n_kv:
+            return None
+        short = torch.tensor([h for h in range(n_kv) if h not in set(long.tolist())], dtype=torch.long)
+        return HeadSplit(long, short, self.sinks, self.window, self.compensate)
+
+
+@dataclass(frozen=True)
+class StreamingHeads(HeadPolicy, SelectionMethod):
+    """Streaming heads see sinks + window in every phase; ``long_select`` picks keys for the others."""
+
+    split_prefill: ClassVar[bool] = True
+
+    def long_select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
+
+    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        """The whole layer as one Selection (what diagnostics and density accounting read): block granularity
+        for the long heads' choice, the shared sinks + window for the streaming ones."""
+        split = self.head_split(ctx.layer_idx, k.shape[1])
+        if split is None:
+            return self.long_select(q, k, ctx)
+        block = 64
+        t_q, t_k = q.shape[2], k.shape[2]
+        n_qb, n_kb = -(-t_q // block), -(-t_k // block)
+        long_sel = self.long_select(q, k, ctx)
+        idx = torch.full((q.shape[0], k.shape[1], n_qb, n_kb), -1, dtype=torch.long, device=q.device)
+        if len(split.long):
+            if long_sel.full:
+                chosen = torch.arange(n_kb, device=q.device).expand(q.shape[0], len(split.long), n_qb, n_kb)
+            else:
+                chosen = _blocks_of(long_sel, block, n_kb)[:, split.long.to(q.device)]
+            idx[:, split.long.to(q.device), :, : chosen.shape[-1]] = chosen
+        return Selection(idx, t_q, t_k, block, block, self.sinks, self.window, ctx.key_mask)
+
+
+def _blocks_of(sel: Selection, block: int, n_kb: int) -> Tensor:
+    """A block selection re-expressed at ``block`` granularity per KV head (union of what it shows)."""
+    mask = sel.to_mask()  # (B, H, Tq, Tk)
+    b, h, t_q, t_k = mask.shape
+    pad_q, pad_k = -t_q % block, -t_k % block
+    mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q))
+    hit = mask.view(b, h, -1, block, n_kb, block).any(dim=(3, 5))  # (B, H, nQB, nKB)
+    ids = torch.arange(n_kb, device=mask.device).expand_as(hit)
+    return torch.where(hit, ids, -1).sort(dim=-1, descending=True).values
+
+
+@register
+@dataclass(frozen=True)
+class Duo(StreamingHeads):
+    name: ClassVar[str] = "duo"
+    summary: ClassVar[str] = "retrieval heads dense, streaming heads sinks + window; their KV freed (DuoAttention)"
+    paper: ClassVar[str] = "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming " \
+                           "Heads (arXiv:2410.10819)"
+
+
+@register
+@dataclass(frozen=True)
+class LServe(StreamingHeads):
+    name: ClassVar[str] = "lserve"
+    summary: ClassVar[str] = "streaming heads sinks + window; retrieval heads pick blocks (LServe)"
+    paper: ClassVar[str] = "LServe: Efficient Long-sequence LLM Serving with Unified Sparse Attention " \
+                           "(arXiv:2502.14866)"
+
+    base: str = param("quest", "budgeted selector for the retrieval heads (quest, moba, hip, ...)")
+    density: float = param(0.1, "the retrieval heads' density (fraction of causal keys)")
+    block: int = param(64, "the retrieval heads' block size")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.base_method  # noqa: B018  (validates base now)
+
+    @cached_property
+    def base_method(self) -> BudgetedMethod:
+        cls = method_class(self.base)
+        if not issubclass(cls, BudgetedMethod):
+            raise SpecError(f"lserve: base must be a budgeted selector such as quest or moba, got '{self.base}'")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {"density": self.density, "block": self.block}.items() if k in known})
+
+    @property
+    def block_stats(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ()  # the long heads are a subset: they compute their own block statistics
+
+    def long_select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        return self.base_method.select(q, k, SelectContext(ctx.layer_idx, ctx.key_mask, None, {}, ctx.scale))
+
+
+@register
+@dataclass(frozen=True)
+class Razor(HeadPolicy):
+    name: ClassVar[str] = "razor"
+    kind: ClassVar[str] = "press"
+    summary: ClassVar[str] = "after a dense prefill, non-retrieval heads keep sinks + window + 1 compensation token"
+    paper: ClassVar[str] = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads " \
+                           "(arXiv:2407.15891)"
+
+    ratio: float = param(0.15, "fraction of KV heads kept whole (the top retrieval heads), in [0, 1]")
+    compensate: ClassVar[bool] = True
+    split_prefill: ClassVar[bool] = False
+
+
+@register
+@dataclass(frozen=True)
+class Ablate(Profiled, SelectionMethod):
+    name: ClassVar[str] = "ablate"
+    summary: ClassVar[str] = "dense attention with chosen heads' outputs zeroed (what do retrieval heads carry?)"
+
+    top: float = param(0.05, "fraction of query heads to zero")
+    by: str = param("retrieval", "which heads: retrieval (the top scorers) or random")
+    seed: int = param(0, "seed for by=random")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.by not in ("retrieval", "random"):
+            raise SpecError(f"ablate: by must be 'retrieval' or 'random', got {self.by!r}")
+        if not (isinstance(self.top, float | int) and 0 <= self.top <= 1):
+            raise SpecError(f"ablate: top must be in [0, 1], got {self.top!r}")
+
+    @cached_property
+    def zeroed(self) -> dict[int, list[int]]:
+        """Layer -> query heads to zero."""
+        prof = load_profile(self.profile)
+        n = round(self.top * prof.layers * prof.heads)
+        if self.by == "retrieval":
+            flat = prof.tensor("retrieval").flatten().argsort(descending=True, stable=True)[:n].tolist()
+        else:
+            flat = random.Random(self.seed).sample(range(prof.layers * prof.heads), n)
+        out: dict[int, list[int]] = {}
+        for i in flat:
+            out.setdefault(i // prof.heads, []).append(i % prof.heads)
+        return out
+
+    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
+
+    def postprocess(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: SelectContext) -> Tensor:
+        """out (B, Tq, Hq, D): the zeroed heads contribute nothing to the layer's output projection."""
+        heads = self.zeroed.get(ctx.layer_idx)
+        if heads:
+            out = out.clone()
+            out[:, :, heads] = 0
+        return out
+
+
+@register
+@dataclass(frozen=True)
+class ACT(Profiled, SelectionMethod):
+    """Attention calibration: in the heads most prone to hidden sinks, attention to the sinks this input
+    actually shows is scaled by ``damp`` and the freed mass flows back to the other keys in proportion.
+
+    Scaling a key's softmax weight by ``damp`` and renormalising is adding log(damp) to its logit, so the
+    calibrated heads are recomputed exactly with that bias. Sinks are detected per call and head from the
+    last ``observe`` queries: keys past the first ``sinks`` that draw ``alpha`` x their uniform share.
+    """
+
+    name: ClassVar[str] = "act"
+    summary: ClassVar[str] = "damp attention to hidden sinks in the heads that have them (ACT, training-free)"
+    paper: ClassVar[str] = "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models " \
+                           "without Training through Attention Calibration (arXiv:2406.15765)"
+
+    heads: float = param(0.1, "fraction of query heads calibrated (highest hidden_sink scores in the profile)")
+    damp: float = param(0.5, "factor on the attention a calibrated head pays a detected hidden sink, in (0, 1]")
+    alpha: float = param(10.0, "a key is a hidden sink when it draws alpha x the uniform share")
+    observe: int = param(64, "recent queries that detect the sinks")
+    sinks: int = param(1, "leading tokens never calibrated (the real attention sink)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.damp, float | int) and 0 < self.damp <= 1):
+            raise SpecError(f"act: damp must be in (0, 1], got {self.damp!r}")
+        if not (isinstance(self.heads, float | int) and 0 <= self.heads <= 1):
+            raise SpecError(f"act: heads must be in [0, 1], got {self.heads!r}")
+        check_int(self, "observe", self.observe, minimum=1)
+        check_int(self, "sinks", self.sinks, minimum=0)
+
+    @cached_property
+    def calibrated(self) -> dict[int, list[int]]:
+        prof = load_profile(self.profile)
+        n = round(self.heads * prof.layers * prof.heads)
+        out: dict[int, list[int]] = {}
+        for i in prof.tensor("hidden_sink").flatten().argsort(descending=True, stable=True)[:n].tolist():
+            out.setdefault(i // prof.heads, []).append(i % prof.heads)
+        return out
+
+    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
+
+    def postprocess(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: SelectContext) -> Tensor:
+        heads = self.calibrated.get(ctx.layer_idx)
+        if not heads or self.damp == 1:
+            return out
+        hq = torch.tensor(heads, device=q.device)
+        hk = hq // (q.shape[1] // k.shape[1])
+        qc, kc, vc = q[:, hq].float(), k[:, hk].float(), v[:, hk].float()
+        t_q, t_k = q.shape[2], k.shape[2]
+        cols = torch.arange(t_k, device=q.device)
+        rows = (t_k - t_q) + torch.arange(t_q, device=q.device)
+        hidden = (cols[None, :] > rows[:, None])[None]  # (1 or B, Tq, Tk): keys a query may not see
+        if ctx.key_mask is not None:
+            hidden = hidden | ~ctx.key_mask[:, None, :]
+        scale = ctx.softmax_scale(q)
+        n_obs = min(self.observe, t_q)
+        obs_hidden = hidden[:, t_q - n_obs:]
+        logits = (qc[:, :, t_q - n_obs:] @ kc.transpose(-1, -2) * scale).masked_fill(obs_hidden[:, None], -torch.inf)
+        share = logits.softmax(-1).mean(-2)  # (B, h, Tk): mean attention each key draws
+        visible = (~obs_hidden).sum(-1).float().mean(-1).reshape(-1, 1, 1)
+        sink = (share > self.alpha / visible) & (cols >= self.sinks)
+        bias = sink.float() * math.log(self.damp)  # scaling a softmax weight = adding its log to the logit
+        fixed = out.clone()
+        for lo in range(0, t_q, 1024):
+            hi = min(lo + 1024, t_q)
+            logits = qc[:, :, lo:hi] @ kc.transpose(-1, -2) * scale + bias[:, :, None, :]
+            logits = logits.masked_fill(hidden[:, None, lo:hi], -torch.inf)
+            fixed[:, lo:hi, hq] = (logits.softmax(-1) @ vc).transpose(1, 2).to(out.dtype)
+        return fixed

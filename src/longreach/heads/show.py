@@ -1,0 +1,51 @@
+"""Read a HeadProfile: a short text summary and one layers x heads heatmap per score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .profile import SCORES, HeadProfile
+
+
+def summary(profile: HeadProfile, top: int = 10) -> list[str]:
+    """Lines for a terminal: score ranges, how rare retrieval heads are, and the strongest ones."""
+    lines = [f"{profile.model or 'model'}: {profile.layers} layers x {profile.heads} heads "
+             f"({profile.kv_heads} KV), probes {profile.probe.get('lengths')} tokens, longreach {profile.version}"]
+    for name in profile.scores:
+        t = profile.tensor(name)
+        lines.append(f"  {name:<12} mean {t.mean():.3f}  min {t.min():.3f}  max {t.max():.3f}")
+    ret = profile.tensor("retrieval").flatten()
+    n = ret.numel()
+    for cut in (0.1, 0.3, 0.5):
+        lines.append(f"  heads with retrieval >= {cut}: {int((ret >= cut).sum())} of {n} "
+                     f"({100 * float((ret >= cut).float().mean()):.1f}%)")
+    best = ret.argsort(descending=True)[:top].tolist()
+    lines.append("  top retrieval heads (layer.head=score): "
+                 + ", ".join(f"{i // profile.heads}.{i % profile.heads}={float(ret[i]):.2f}" for i in best))
+    return lines
+
+
+def heatmaps(profile: HeadProfile, out: str | Path) -> list[Path]:
+    """One PNG per score (layers down, query heads across), written to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in [s for s in SCORES if s in profile.scores]:
+        fig, ax = plt.subplots(figsize=(0.35 * profile.heads + 2.2, 0.16 * profile.layers + 1.4))
+        im = ax.imshow(profile.tensor(name).numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                       vmin=0, vmax=1)
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{name} ({profile.model or 'model'})", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,211 @@
+"""KV-cache presses on tiny random models: exact budgets, kept sinks/window/order/positions, and decode after
+compression equal to a dense run restricted to the kept keys."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+import longreach
+from longreach import LongreachError, SpecError
+from longreach.cache.compressed import CompressedLayer, cache_bytes
+from longreach.cache.press import Observation, attention_received, top_keep, window_probs
+from longreach.methods.base import SelectionMethod
+from longreach.methods.scoring import expand_kv
+from longreach.selection import Selection
+
+PRESSES = ["snapkv:budget=40,window=8", "pyramidkv:budget=40,window=8", "h2o:budget=40", "tova:budget=40",
+           "streamingkv:budget=40", "finch:budget=40,window=8,chunk=20"]
+T = 120
+
+
+def full_layers(model, ids) -> list[torch.Tensor]:
+    """Keys of every layer after a dense prefill through longreach (the same arithmetic a press prefill does)."""
+    with torch.no_grad(), longreach.apply(model, "dense"):
+        cache = model(ids, use_cache=True).past_key_values
+    return [layer.keys for layer in cache.layers]
+
+
+def kept_positions(stored: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """Which positions of ``full`` (B, H, T, D) each stored key (B, H, n, D) is: (B, H, n)."""
+    same = (stored[:, :, :, None, :] == full[:, :, None, :, :]).all(-1)
+    assert bool(same.any(-1).all()), "a stored key is not one of the prompt's keys"
+    return same.float().argmax(-1)
+
+
+def press_of(spec: str):
+    return longreach.parse_spec(spec).of_kind("press")[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", PRESSES)
+def test_press_keeps_exactly_the_budget_with_sinks_window_and_order(arch, spec):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 128, (1, T))
+    full = full_layers(model, ids)
+    press = press_of(spec)
+    with torch.no_grad(), longreach.apply(model, spec):
+        cache = model(ids, use_cache=True).past_key_values
+    assert cache.get_seq_length() == T, "the logical length (next token's position) must not shrink"
+    n_layers = len(cache.layers)
+    for i, layer in enumerate(cache.layers):
+        if layer.is_sliding:  # Gemma 3's local layers keep their own window
+            assert not isinstance(layer, CompressedLayer)
+            continue
+        pos = kept_positions(layer.keys, full[i])
+        assert layer.keys.shape[2] == press.capacity(i, n_layers, T)
+        assert bool((pos.diff(dim=-1) > 0).all()), "kept keys must stay in order"
+        assert bool((pos[..., : press.sinks] == torch.arange(press.sinks)).all()), "sinks must be kept"
+        recent = press.recent if spec.split(":")[0] != "h2o" else (40 - press.sinks) // 2
+        if recent:
+            assert bool((pos[..., -recent:] == torch.arange(T - recent, T)).all()), "the window must be kept"
+
+
+class KeepOnly(SelectionMethod):
+    """Reference for one decode step: the new query sees exactly the given positions (+ itself), per KV head."""
+
+    name: ClassVar[str] = "keeponly"
+    kept: ClassVar[dict[int, torch.Tensor]] = {}
+
+    def select(self, q, k, ctx):
+        if q.shape[2] > 1:
+            return Selection.dense(q.shape[0], q.shape[2], k.shape[2])
+        idx = self.kept[ctx.layer_idx][:, :, None, :]
+        return Selection(idx, 1, k.shape[2], 1, 1, sinks=0, window=1)
+
+
+KeepOnly = dataclass(frozen=True)(KeepOnly)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("spec", PRESSES)
+def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, spec):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 128, (1, T))
+    nxt = torch.randint(1, 128, (1, 1))
+    full = full_layers(model, ids)
+    with torch.no_grad(), longreach.apply(model, spec):
+        cache = model(ids, use_cache=True).past_key_values
+        kept = {i: kept_positions(layer.keys, full[i]) for i, layer in enumerate(cache.layers) if not layer.is_sliding}
+        bytes_after = cache_bytes(cache)
+        ours = model(nxt, past_key_values=cache, use_cache=True).logits
+    KeepOnly.kept = kept
+    with torch.no_grad(), longreach.apply(model, KeepOnly()):
+        ref_cache = model(ids, use_cache=True).past_key_values
+        bytes_full = cache_bytes(ref_cache)
+        if arch == "gemma3":  # the sliding layers are not restricted: give the reference their window
+            for i, layer in enumerate(ref_cache.layers):
+                if layer.is_sliding:
+                    KeepOnly.kept[i] = torch.arange(T)[None, None].expand(1, layer.keys.shape[1], -1)
+        ref = model(nxt, past_key_values=ref_cache, use_cache=True).logits
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert bytes_after < bytes_full
+
+
+@pytest.mark.parametrize("spec", ["h2o:budget=40", "tova:budget=40", "streamingkv:budget=40",
+                                  "snapkv:budget=40,window=8,every=4"])
+def test_presses_that_evict_while_decoding_hold_the_cache_at_budget(spec):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, T))
+    with torch.no_grad(), longreach.apply(model, spec):
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             return_dict_in_generate=True)
+    cache = out.past_key_values
+    every = press_of(spec).interval
+    lengths = {layer.keys.shape[2] for layer in cache.layers}
+    # the last token is cached but not yet evicted; with every=4, up to 3 more wait for the next compression
+    assert lengths <= set(range(40, 40 + every + 1))
+    assert cache.get_seq_length() == T + 11
+    assert out.sequences.shape[1] == T + 12
+
+
+def test_density_budget_follows_the_tokens_seen_and_bytes_really_drop():
+    model = tiny_model("qwen2")
+    ids = torch.randint(1, 128, (1, 200))
+    with torch.no_grad():
+        dense_bytes = cache_bytes(model(ids, use_cache=True).past_key_values)
+        with longreach.apply(model, "snapkv:density=0.25"):
+            cache = model(ids, use_cache=True).past_key_values
+    assert {layer.keys.shape[2] for layer in cache.layers} == {50}
+    assert cache_bytes(cache) * 4 == dense_bytes
+
+
+def test_pyramid_budgets_shrink_with_depth_and_average_to_the_flat_budget():
+    press = press_of("pyramidkv:budget=1000,window=32")
+    caps = [press.capacity(i, 24, 8000) for i in range(24)]
+    assert all(a >= b for a, b in itertools.pairwise(caps)) and caps[0] > 2 * caps[-1]
+    assert sum(caps) / len(caps) == pytest.approx(1000, abs=1)
+
+
+def test_finch_spreads_its_budget_over_chunks():
+    press = press_of("finch:budget=28,sinks=4,window=4,chunk=25")
+    scores = torch.zeros(1, 2, 104)
+    scores[..., :54] = 1.0  # the first half of the context scores higher everywhere
+
+    class Fixed(type(press)):
+        def scores(self, obs):
+            return scores
+
+    keys = torch.zeros(1, 2, 104, 8)
+    idx = Fixed(budget=28, sinks=4, window=4, chunk=25).keep_indices(
+        Observation(0, 1, 104, torch.zeros(1, 2, 4, 8), keys, keys, 1.0), 28)
+    assert idx.shape == (1, 2, 28)
+    per_chunk = torch.bincount((idx[0, 0, 4:-4] - 4) // 25, minlength=4)
+    assert per_chunk.tolist() == [5, 5, 5, 5], "every chunk keeps its share, even low-scoring ones"
+
+
+def test_top_keep_protects_sinks_and_window_and_sorts():
+    scores = torch.tensor([[[0.0, 0.0, 9.0, 1.0, 8.0, 0.0, 0.0]]])
+    assert top_keep(scores, 4, sinks=1, recent=1).tolist() == [[[0, 2, 4, 6]]]
+
+
+def test_grouped_scores_equal_expanded_attention():
+    q, k = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 30, 8)
+    obs = Observation(0, 1, 30, q, k, k, 0.3)
+    probs = window_probs(obs)  # (B, Hkv, G, w, n)
+    logits = q @ expand_kv(k, 6).transpose(-1, -2) * 0.3
+    future = torch.arange(30)[None, :] > (25 + torch.arange(5))[:, None]
+    ref = logits.masked_fill(future, float("-inf")).softmax(-1)
+    assert torch.allclose(probs.flatten(1, 2), ref, atol=1e-6)
+    got = attention_received(q, k, 0.3)
+    assert torch.allclose(got, ref.view(2, 2, 3, 5, 30).sum(dim=(2, 3)), atol=1e-5)
+
+
+def test_bad_press_specs_and_padding_are_refused_before_work():
+    with pytest.raises(SpecError, match=r"budget= .* or density="):
+        longreach.parse_spec("snapkv")
+    with pytest.raises(SpecError, match="smaller than the always-kept"):
+        longreach.parse_spec("snapkv:budget=10,window=32")
+    model = tiny_model("llama")
+    with pytest.raises(SpecError, match="cannot stack presses"):
+        longreach.apply(model, "snapkv:density=0.5+h2o:density=0.5")
+    ids = torch.randint(1, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad(), longreach.apply(model, "snapkv:density=0.5"), pytest.raises(
+            longreach.InputError, match="unpadded"):
+        model(ids, attention_mask=mask)
+
+
+def test_compressed_cache_refuses_use_after_the_handle_is_removed():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 80))
+    with torch.no_grad():
+        with longreach.apply(model, "snapkv:budget=40,window=8"):
+            cache = model(ids, use_cache=True).past_key_values
+        with pytest.raises(LongreachError, match="handle is removed"):
+            model(ids[:, :1], past_key_values=cache)
+
+
+def test_press_stacks_after_a_select_method():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 160))
+    with torch.no_grad(), longreach.apply(model, "quest:budget=64,block=16+snapkv:budget=60,window=8") as h:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert {layer.keys.shape[2] for layer in out.past_key_values.layers} == {65}
+    assert h.density("prefill") < 1.0
