@@ -209,3 +209,15 @@ def test_press_stacks_after_a_select_method():
         out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     assert {layer.keys.shape[2] for layer in out.past_key_values.layers} == {65}
     assert h.density("prefill") < 1.0
+
+
+def test_greedy_holds_the_last_prompt_token_back_so_every_answer_token_reads_the_compressed_cache():
+    from longreach.generation import greedy
+
+    model = tiny_model("llama")
+    ids = {"input_ids": torch.randint(1, 128, (1, T)), "attention_mask": torch.ones(1, T, dtype=torch.long)}
+    with torch.no_grad(), longreach.apply(model, "snapkv:budget=40,window=8") as h:
+        run = greedy(model, ids, 4, eos=set(), hold_last=h.compresses)
+    per_token = 2 * 2 * 16 * 4 * 2  # K and V x KV heads x head_dim x fp32 bytes x layers
+    assert run.prompt_kv_bytes == (40 + 1) * per_token  # the budget, then the held-back last prompt token
+    assert len(run.tokens) == 4 and run.cache.get_seq_length() == T + 3

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache.compressed import cache_bytes
+
 
 @dataclass
 class Greedy:
@@ -14,6 +16,7 @@ class Greedy:
     prefill_s: float
     decode_s: float
     cache: object  # the transformers cache after the last step
+    prompt_kv_bytes: int | None = None  # bytes the cache held right after the prompt (after any press)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -38,6 +41,7 @@ def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool
         out = model(**ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    prompt_bytes = cache_bytes(past)
     new, mask = [int(token)], ids["attention_mask"]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] not in eos:
@@ -45,4 +49,4 @@ def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool
         step = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
         past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
         new.append(int(token))
-    return Greedy(new, prefill, time.perf_counter() - start, past)
+    return Greedy(new, prefill, time.perf_counter() - start, past, prompt_bytes)

@@ -55,6 +55,7 @@ def generate(model, tokenizer, sample: Sample, hold_last: bool = False) -> dict:
         "decode_s": run.decode_s,
         "decode_tokens": len(run.tokens) - 1,
         "kv_bytes": kv_bytes(run.cache),
+        "kv_bytes_prompt": run.prompt_kv_bytes,
     }
 
 

@@ -67,6 +67,19 @@ def long_heads(profile: HeadProfile, ratio: float) -> list[Tensor]:
     return [torch.nonzero(row).flatten() for row in chosen]
 
 
+def top_heads(profile: HeadProfile, score: str, fraction: float) -> dict[int, list[int]]:
+    """Layer -> query heads: the ``fraction`` of all query heads scoring highest on ``score``."""
+    n = round(fraction * profile.layers * profile.heads)
+    return by_layer(profile.tensor(score).flatten().argsort(descending=True, stable=True)[:n].tolist(), profile.heads)
+
+
+def by_layer(flat: list[int], heads: int) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i in flat:
+        out.setdefault(i // heads, []).append(i % heads)
+    return out
+
+
 @dataclass(frozen=True)
 class Profiled(Method):
     """A method driven by a saved head profile, checked against the model at ``apply`` time."""
@@ -228,15 +241,10 @@ class Ablate(Profiled, SelectionMethod):
     def zeroed(self) -> dict[int, list[int]]:
         """Layer -> query heads to zero."""
         prof = load_profile(self.profile)
-        n = round(self.top * prof.layers * prof.heads)
         if self.by == "retrieval":
-            flat = prof.tensor("retrieval").flatten().argsort(descending=True, stable=True)[:n].tolist()
-        else:
-            flat = random.Random(self.seed).sample(range(prof.layers * prof.heads), n)
-        out: dict[int, list[int]] = {}
-        for i in flat:
-            out.setdefault(i // prof.heads, []).append(i % prof.heads)
-        return out
+            return top_heads(prof, "retrieval", self.top)
+        n = round(self.top * prof.layers * prof.heads)
+        return by_layer(random.Random(self.seed).sample(range(prof.layers * prof.heads), n), prof.heads)
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
         return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
@@ -283,12 +291,7 @@ class ACT(Profiled, SelectionMethod):
 
     @cached_property
     def calibrated(self) -> dict[int, list[int]]:
-        prof = load_profile(self.profile)
-        n = round(self.heads * prof.layers * prof.heads)
-        out: dict[int, list[int]] = {}
-        for i in prof.tensor("hidden_sink").flatten().argsort(descending=True, stable=True)[:n].tolist():
-            out.setdefault(i // prof.heads, []).append(i % prof.heads)
-        return out
+        return top_heads(load_profile(self.profile), "hidden_sink", self.heads)
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
         return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
