@@ -221,3 +221,9 @@ def test_greedy_holds_the_last_prompt_token_back_so_every_answer_token_reads_the
     per_token = 2 * 2 * 16 * 4 * 2  # K and V x KV heads x head_dim x fp32 bytes x layers
     assert run.prompt_kv_bytes == (40 + 1) * per_token  # the budget, then the held-back last prompt token
     assert len(run.tokens) == 4 and run.cache.get_seq_length() == T + 3
+
+
+def test_every_zero_turns_decode_eviction_off():
+    assert press_of("h2o:budget=40").interval == 1
+    assert press_of("h2o:budget=40,every=0").interval == 0
+    assert press_of("snapkv:budget=40,window=8").interval == 0

@@ -46,7 +46,8 @@ class Press(Method):
     density: float | None = param(None, "fraction of the tokens seen that each KV head keeps, in (0, 1]")
     sinks: int = param(4, "first tokens always kept (attention sinks)")
     window: int | None = param(None, "most recent tokens always kept (default: the press's own)")
-    every: int = param(0, "also compress every N decode steps (0: only after forwards of several tokens)")
+    every: int | None = param(None, "also compress every N decode steps; 0: only after forwards of several tokens "
+                                    "(default: 1 for presses that evict while decoding, else 0)")
 
     default_window: ClassVar[int] = 0
     default_every: ClassVar[int] = 0
@@ -66,7 +67,8 @@ class Press(Method):
         check_int(self, "sinks", self.sinks, minimum=0)
         if self.window is not None:
             check_int(self, "window", self.window, minimum=0)
-        check_int(self, "every", self.every, minimum=0)
+        if self.every is not None:
+            check_int(self, "every", self.every, minimum=0)
         if self.budget is not None and self.budget < self.sinks + self.recent:
             raise SpecError(f"{self.name}: budget={self.budget} is smaller than the always-kept sinks + window "
                             f"({self.sinks} + {self.recent}); raise budget or lower sinks/window")
@@ -77,7 +79,7 @@ class Press(Method):
 
     @property
     def interval(self) -> int:
-        return self.every or self.default_every
+        return self.every if self.every is not None else self.default_every
 
     def capacity(self, layer_idx: int, n_layers: int, seen: int) -> int:
         """Keys each KV head of this layer keeps once ``seen`` tokens have arrived."""
