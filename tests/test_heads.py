@@ -236,3 +236,28 @@ def test_act_damps_only_detected_hidden_sinks_in_calibrated_heads(profile_path):
     assert (out - dense).abs().max() > 1e-3
     same = ACT(profile=profile_path, heads=1.0, damp=1.0).postprocess(dense, q, k, v, ctx)
     assert torch.equal(same, dense)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_every_policy_generates_on_every_family(arch, tmp_path):
+    model = tiny_model(arch)
+    cfg = model.config
+    path = random_profile(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads).save(
+        tmp_path / "p.json")
+    ids = torch.randint(1, 128, (1, 100))
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                               return_dict_in_generate=True)
+        for spec in ["duo:ratio=0.5,window=16", "lserve:ratio=0.5,window=16,block=16", "razor:ratio=0.5,window=16",
+                     "act:heads=0.5", "ablate:top=0.25", "duo:ratio=1.0"]:
+            name, _, rest = spec.partition(":")
+            with longreach.apply(model, f"{name}:profile={path},{rest}"):
+                out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                     return_dict_in_generate=True)
+            assert out.sequences.shape == (1, 106)
+            assert out.past_key_values.get_seq_length() == 105
+            if name in ("duo", "lserve", "razor") and "1.0" not in rest:
+                assert cache_bytes(out.past_key_values) < cache_bytes(dense.past_key_values), spec
+        with longreach.apply(model, f"duo:profile={path},ratio=1.0"):
+            full = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(full, dense.sequences), "duo with every head a retrieval head is dense"
