@@ -261,3 +261,8 @@ def test_every_policy_generates_on_every_family(arch, tmp_path):
         with longreach.apply(model, f"duo:profile={path},ratio=1.0"):
             full = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(full, dense.sequences), "duo with every head a retrieval head is dense"
+
+
+def test_a_head_policy_and_a_press_are_not_stacked(profile_path):
+    with pytest.raises(longreach.SpecError, match="cannot stack presses and head policies"):
+        longreach.apply(tiny_model("llama"), f"duo:profile={profile_path}+snapkv:density=0.5")

@@ -186,6 +186,22 @@ class LayerRuntime:
             return None
         return policy.head_split(self.layer_idx, k.shape[1])
 
+    def _shrinkable_layer(self) -> tuple[list, DynamicLayer] | None:
+        """This forward's cache layers and this layer's entry; None without a cache (use_cache=False: nothing
+        kept, nothing to free). Caches a press cannot shrink are refused."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:
+            if self.cache is not None:
+                raise UnsupportedModelError(
+                    f"presses and head policies need a transformers DynamicCache, got {type(self.cache).__name__}")
+            return None
+        layer = layers[self.layer_idx]
+        if type(layer) not in (DynamicLayer, CompressedLayer):
+            raise UnsupportedModelError(
+                f"presses and head policies need a DynamicCache; layer {self.layer_idx} of this cache is a "
+                f"{type(layer).__name__} (static / quantized caches are not supported)")
+        return layers, layer
+
     def _cache_layer(self) -> object | None:
         layers = getattr(self.cache, "layers", None)
         return layers[self.layer_idx] if layers is not None else None
@@ -231,13 +247,10 @@ class LayerRuntime:
 
     def shrink_short_heads(self, k: Tensor, v: Tensor, split: HeadSplit) -> None:
         """Turn this layer's cache into long heads (every key) + short heads (sinks + window [+ compensation])."""
-        layers = getattr(self.cache, "layers", None)
-        if layers is None:
+        found = self._shrinkable_layer()
+        if found is None:
             return
-        layer = layers[self.layer_idx]
-        if type(layer) is not DynamicLayer:
-            raise UnsupportedModelError(f"head policies need a DynamicCache; layer {self.layer_idx} of this cache "
-                                        f"is a {type(layer).__name__}")
+        layers, layer = found
         compressed = CompressedLayer.from_layer(layer, self.handle)
         compressed.split_heads(split.long.to(k.device), k[:, split.short.to(k.device)],
                                v[:, split.short.to(k.device)])
@@ -249,16 +262,10 @@ class LayerRuntime:
 
     def press_step(self, press: Press, q: Tensor, k: Tensor, scale: float) -> None:
         """After attention: track what the press scores with, and compress the layer when it is due."""
-        layers = getattr(self.cache, "layers", None)
-        if layers is None:
-            if self.cache is not None:
-                raise UnsupportedModelError(
-                    f"presses need a transformers DynamicCache, got {type(self.cache).__name__}")
-            return  # use_cache=False: nothing is kept, nothing to free
-        layer = layers[self.layer_idx]
-        if type(layer) not in (DynamicLayer, CompressedLayer):
-            raise UnsupportedModelError(f"presses need a DynamicCache; layer {self.layer_idx} of this cache is a "
-                                        f"{type(layer).__name__} (static / quantized caches are not supported)")
+        found = self._shrinkable_layer()
+        if found is None:
+            return
+        layers, layer = found
         st, t_q = self.press_state, q.shape[2]
         queries = st.get("queries")
         st["queries"] = (q if queries is None or t_q > 1 else torch.cat([queries, q], dim=2))[:, :, -press.observe:]
@@ -405,12 +412,11 @@ def apply(
         )
     if any(m in _RUNTIMES for m in modules):
         raise LongreachError(f"a longreach method is already applied to this {name}; call handle.remove() first")
-    if any(hasattr(m, "head_split") for m in parsed.methods) and len(parsed.of_kind("press")) + sum(
-            hasattr(m, "head_split") for m in parsed.of_kind("select")) > 1:
-        raise SpecError("a head policy (duo, lserve, razor) manages the cache itself: do not add a press to it")
-    if len(parsed.of_kind("press")) > 1:
-        names = " and ".join(m.name for m in parsed.of_kind("press"))
-        raise SpecError(f"cannot stack presses {names}: keep one press per spec (it may follow a select method)")
+    cache_owners = [m for m in parsed.methods if m.kind == "press" or hasattr(m, "head_split")]
+    if len(cache_owners) > 1:  # presses and head policies (duo, lserve, razor) each reshape the KV cache
+        names = " and ".join(m.name for m in cache_owners)
+        raise SpecError(f"cannot stack presses and head policies ({names}): each manages the KV cache; keep one "
+                        "per spec (it may follow a select method)")
     unsupported = [p for p in parsed.methods if p.kind not in ("select", "press")]
     if unsupported:
         raise LongreachError(
