@@ -252,8 +252,8 @@ class LayerRuntime:
             return
         layers, layer = found
         compressed = CompressedLayer.from_layer(layer, self.handle)
-        compressed.split_heads(split.long.to(k.device), k[:, split.short.to(k.device)],
-                               v[:, split.short.to(k.device)])
+        long, short = split.long.to(k.device), split.short.to(k.device)
+        compressed.split_heads(long, short, k[:, short], v[:, short])
         assert compressed.short is not None
         compressed.short.trim(split.sinks, split.window, split.compensate)
         layers[self.layer_idx] = compressed

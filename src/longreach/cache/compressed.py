@@ -164,11 +164,9 @@ class CompressedLayer(DynamicLayer):
         part.keep(idx)
         self.keys, self.values = part.keys, part.values
 
-    def split_heads(self, long_heads: Tensor, short_keys: Tensor, short_values: Tensor) -> None:
-        """Hold every key of ``long_heads`` and only (short_keys, short_values) for the other heads."""
-        n_kv = self.keys.shape[1]
-        short_heads = torch.tensor([h for h in range(n_kv) if h not in set(long_heads.tolist())],
-                                   dtype=torch.long, device=self.keys.device)
+    def split_heads(self, long_heads: Tensor, short_heads: Tensor, short_keys: Tensor, short_values: Tensor
+                    ) -> None:
+        """Hold every key of ``long_heads`` and only (short_keys, short_values) for ``short_heads``."""
         self.long_heads = long_heads
         self.keys, self.values = self.keys[:, long_heads].contiguous(), self.values[:, long_heads].contiguous()
         self.short = Part(short_heads, short_keys, short_values)

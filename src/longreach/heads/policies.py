@@ -116,13 +116,20 @@ class HeadPolicy(Profiled):
     def _long(self) -> list[Tensor]:
         return long_heads(load_profile(self.profile), self.ratio)
 
+    @cached_property
+    def _splits(self) -> dict[tuple[int, int], HeadSplit | None]:
+        return {}
+
     def head_split(self, layer_idx: int, n_kv: int) -> HeadSplit | None:
-        """None when every KV head of the layer is long (nothing to split)."""
-        long = self._long[layer_idx].to(torch.long)
-        if len(long) == n_kv:
-            return None
-        short = torch.tensor([h for h in range(n_kv) if h not in set(long.tolist())], dtype=torch.long)
-        return HeadSplit(long, short, self.sinks, self.window, self.compensate)
+        """None when every KV head of the layer is long (nothing to split). Built once per layer: every
+        attention call of the layer asks."""
+        key = (layer_idx, n_kv)
+        if key not in self._splits:
+            long = self._long[layer_idx].to(torch.long)
+            short = torch.tensor([h for h in range(n_kv) if h not in set(long.tolist())], dtype=torch.long)
+            self._splits[key] = None if len(short) == 0 else HeadSplit(long, short, self.sinks, self.window,
+                                                                        self.compensate)
+        return self._splits[key]
 
 
 @dataclass(frozen=True)
