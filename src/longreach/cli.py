@@ -57,6 +57,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, min=1),
     kernel: str = typer.Option("auto", help="auto, gather, flex or reference"),
     chat: bool = typer.Option(False, help="wrap the input in the model's chat template"),
+    chunk: int = typer.Option(None, min=1, help="prefill this many tokens per forward (long inputs in less memory)"),
 ) -> None:
     """Continue a long prompt with a method applied; print text, timings and density."""
     from . import apply, cache_bytes, load_model, parse_spec
@@ -74,7 +75,7 @@ def generate(
                                            add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=not templated)
         with apply(lm, method, kernel=kernel) as handle:
-            run = greedy(lm, ids, max_new_tokens, eos_ids(lm, tok), hold_last=handle.compresses)
+            run = greedy(lm, ids, max_new_tokens, eos_ids(lm, tok), hold_last=handle.compresses, chunk=chunk)
     except LongreachError as err:
         _fail(err)
     console.print(tok.decode(run.tokens, skip_special_tokens=True), markup=False)
@@ -86,6 +87,42 @@ def generate(
         + (f", KV cache {cache_bytes(run.cache) / 2**20:.1f} MiB" if cache_bytes(run.cache) is not None else "")
         + "[/dim]"
     )
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., help="bundled name (smollm2-135m, gemma3-270m), HF folder or .gguf file"),
+    length: str = typer.Option(..., help="prompt length in tokens, e.g. 32768 or 32k"),
+    method: str = typer.Option("dense", help="method spec, e.g. selfextend or yarn:factor=4+snapkv:density=0.25"),
+    chunk: int = typer.Option(None, min=1, help="prefill chunk in tokens (as given to generate/eval --chunk)"),
+    memory_gib: float = typer.Option(None, help="memory to plan for (default: MemAvailable now)"),
+) -> None:
+    """Expected memory of a long prompt (weights, KV cache, peak activations); exit 2 if it would not fit."""
+    from . import load_model, parse_spec
+    from .eval.runner import parse_lengths
+    from .plan import GiB, plan_memory
+
+    try:
+        spec = parse_spec(method)
+        tokens = parse_lengths(length)[0]
+        lm, _ = load_model(model)
+        budget = int(memory_gib * GiB) if memory_gib is not None else None
+        result = plan_memory(lm, spec, tokens, chunk, budget)
+    except LongreachError as err:
+        _fail(err)
+    table = Table(title=f"longreach plan: {model} · {spec} · {tokens} tokens")
+    table.add_column("")
+    table.add_column("bytes", justify="right")
+    for name, value in result.rows():
+        table.add_row(name, value)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if not result.fits:
+        _fail(LongreachError(
+            f"does not fit: expected peak {result.total / GiB:.2f} GiB > {result.available / GiB:.2f} GiB available; "
+            "try --chunk 2048 (smaller activations), a press (smaller cache) or a shorter input"))
+    console.print("[green]fits[/green]")
 
 
 @app.command()
@@ -205,22 +242,23 @@ def eval_cmd(
     workers: int = typer.Option(2, help="Ray actors (each loads the model once)"),
     report: bool = typer.Option(True, "--report/--no-report", help="write the report at the end"),
     quiet: bool = typer.Option(False, "--quiet"),
+    chunk: int = typer.Option(None, help="prefill this many tokens per forward (long inputs in less memory)"),
 ) -> None:
     """Sweep methods x tasks x lengths; one JSON line per sample in OUT/results.jsonl (resumable)."""
     _run_eval(model, tasks, lengths, methods, samples, depths, out, chat, kernel, corpus, executor, workers,
-              report, quiet)
+              report, quiet, chunk)
 
 
 def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, depths: str | None, out: Path,
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", executor: str = "local",
-              workers: int = 2, report: bool = True, quiet: bool = False) -> None:
+              workers: int = 2, report: bool = True, quiet: bool = False, chunk: int | None = None) -> None:
     import sys
 
     from .eval import runner
 
     try:
         plan = runner.make_plan(model, tasks, methods, lengths, depths=depths, samples=samples, chat=chat,
-                                kernel=kernel, corpus=corpus)
+                                kernel=kernel, corpus=corpus, chunk=chunk)
         if executor not in ("local", "ray"):
             raise LongreachError(f"unknown executor '{executor}': use local or ray")
         if executor == "ray":

@@ -27,6 +27,26 @@ def attention_with_lse(
     return attention_with_lse_math(q, k, v, bias, scale)
 
 
+def causal_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention with lse, the L queries being the last L of S positions (bottom-right aligned).
+
+    Square inputs take the fused kernel's own causal path (no L x S mask is built: at 16k that mask
+    alone would be 1 GiB); otherwise an additive mask.
+    """
+    t_q, t_k = q.shape[2], k.shape[2]
+    if t_q == t_k and _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+        out, lse = _CPU_FLASH(q, k, v, 0.0, True, scale=scale)
+        return out, lse
+    bias = None
+    if t_q > 1:
+        pos = torch.arange(t_k - t_q, t_k, device=q.device)
+        ok = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
+        bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+    return attention_with_lse(q, k, v, bias, scale)
+
+
 def attention_with_lse_math(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache.compressed import cache_bytes
+from .errors import InputError
 
 
 @dataclass
@@ -25,20 +26,29 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool = False) -> Greedy:
+def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool = False,
+           chunk: int | None = None) -> Greedy:
     """Prefill ``ids`` (batch of one), then one token at a time until EOS or ``max_new_tokens``.
 
     ``hold_last`` feeds the prompt's last token as a decode step after the prefill: with a press, the
     prefill's last query would otherwise still see every key, and the first answer token with it.
+    ``chunk`` prefills that many tokens per forward, so activations stay O(chunk) instead of O(prompt).
     """
+    if chunk is not None and chunk < 1:
+        raise InputError(f"chunk must be >= 1 token, got {chunk}")
     start = time.perf_counter()
-    if hold_last and ids["input_ids"].shape[1] > 1:
-        head = {k: v[:, :-1] for k, v in ids.items()}
-        past = model(**head, use_cache=True, logits_to_keep=1).past_key_values
+    n = ids["input_ids"].shape[1]
+    held = 1 if hold_last and n > 1 else 0
+    step_size = chunk or n
+    past, out = None, None
+    for lo in range(0, n - held, step_size):
+        hi = min(lo + step_size, n - held)
+        out = model(input_ids=ids["input_ids"][:, lo:hi], attention_mask=ids["attention_mask"][:, :hi],
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+    if held:
         out = model(input_ids=ids["input_ids"][:, -1:], attention_mask=ids["attention_mask"],
                     past_key_values=past, use_cache=True)
-    else:
-        out = model(**ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     prompt_bytes = cache_bytes(past)

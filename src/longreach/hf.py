@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from .compat import can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
 from .heads.policies import HeadSplit
 from .methods.base import SelectContext
+from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
 from .selection import Selection
 from .spec import Spec, parse_spec
 
@@ -79,8 +80,14 @@ class Handle:
         self.press: Press | None = presses[0] if presses else None
         # a head policy (duo, lserve, razor): some KV heads keep every key, the others a few
         self.split = next((m for m in spec.methods if hasattr(m, "head_split")), None)
+        # context extension: rope types swap the rotary modules (undone on remove); re-mapping methods
+        # re-rotate q/k in the attention function with the model's frequencies
+        self.position: PositionMethod | None = next(iter(spec.of_kind("position")), None)  # type: ignore[arg-type]
+        self.remap = self.position if isinstance(self.position, RemapPositions) else None
+        self.rope: RopeInfo | None = None
         self.n_layers = 0
         self._hooks: list = []
+        self._undo: list = []
 
     @property
     def compresses(self) -> bool:
@@ -102,6 +109,8 @@ class Handle:
         self.model.set_attn_implementation(self.previous)
         for hook in self._hooks:
             hook.remove()
+        for undo in self._undo:
+            undo()
         for module in list(_RUNTIMES):
             if _RUNTIMES[module].handle is self:
                 del _RUNTIMES[module]
@@ -130,6 +139,7 @@ class LayerRuntime:
         self.state: dict = {}  # the method's per-layer scratch for the current sequence
         self.press_state: dict = {}  # the press's: recent queries, accumulated attention, decode steps
         self.cache: object | None = None  # the forward's transformers cache (set by a pre-hook)
+        self.position_state: dict = {}  # the position method's per-layer scratch (group size, head ratios)
 
     def remember_cache(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
@@ -147,23 +157,30 @@ class LayerRuntime:
         split = self.split_for(k, t_q, sliding_window)
         if split is not None:
             return self.attend_split(q, k, v, scale, split, new_sequence)
+        far = None
         if sliding_window is not None:
             # sliding-window layers (Gemma 3's local layers) keep exactly their own window
             sel = Selection.local(batch, t_q, t_k, sinks=0, window=sliding_window, key_mask=key_mask,
                                   device=q.device)
         else:
-            if self.summaries is not None:
-                self.summaries.update(k, new_sequence=new_sequence)
             if new_sequence:
                 self.state.clear()
                 self.press_state.clear()
-            ctx = SelectContext(self.layer_idx, key_mask, self.summaries, self.state, scale)
-            sel = self.handle.spec.selector.select(q, k, ctx)
+            if self.handle.remap is not None:
+                q, k, far = self.remap_positions(q, k, key_mask, scale, new_sequence)
+            summaries = self.summaries if far is None else None  # far keys move when the group grows
+            if summaries is not None:
+                summaries.update(k, new_sequence=new_sequence)
+            ctx = SelectContext(self.layer_idx, key_mask, summaries, self.state, scale)
+            # with a two-piece position method, blocks are chosen on the far (re-mapped) positions
+            sel = self.handle.spec.selector.select(far.q if far else q, far.k if far else k, ctx)
+            if far is not None and not sel.full and sel.window < far.distance:
+                sel = replace(sel, window=far.distance)  # the near piece is always attended whole
         if self.handle.observer is not None:
             self.handle.observer(self.layer_idx, q, k, v, scale, sliding_window, key_mask)
         if self.handle.track_density and sliding_window is None:  # density of the layers the method controls
             self.handle.stats.add("decode" if t_q == 1 else "prefill", sel)
-        out = kernels.attend(q, k, v, sel, scale, self.handle.kernel)
+        out = kernels.attend(q, k, v, sel, scale, self.handle.kernel, far=far)
         post = getattr(self.handle.spec.selector, "postprocess", None)
         if post is not None and sliding_window is None:  # ablate / act rework some heads' outputs
             out = post(out, q, k, v, ctx)
@@ -174,6 +191,19 @@ class LayerRuntime:
             if split is not None:  # razor: the prefill was dense; now the short heads give up their keys
                 self.shrink_short_heads(k, v, split)
         return out
+
+    def remap_positions(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, new_sequence: bool
+                        ) -> tuple[Tensor, Tensor, object]:
+        """The position method's view of this call: re-rotated q/k and, for two-piece methods, the far pair."""
+        if key_mask is not None:
+            raise InputError(f"{self.handle.remap.name} re-maps token positions by index: run one sequence per "
+                             "batch (or prompts of equal length without padding)")
+        if new_sequence:
+            self.position_state.clear()
+            self.position_state.update(layer_idx=self.layer_idx, scale=scale)
+        assert self.handle.remap is not None and self.handle.rope is not None
+        view = self.handle.remap.view(q, k, self.handle.rope, self.position_state)
+        return view.q, view.k, view.far
 
     def split_for(self, k: Tensor, t_q: int, sliding_window: int | None) -> HeadSplit | None:
         """The head split to attend with: always for duo/lserve, after the (dense) prefill for razor."""
@@ -417,11 +447,11 @@ def apply(
         names = " and ".join(m.name for m in cache_owners)
         raise SpecError(f"cannot stack presses and head policies ({names}): each manages the KV cache; keep one "
                         "per spec (it may follow a select method)")
-    unsupported = [p for p in parsed.methods if p.kind not in ("select", "press")]
-    if unsupported:
-        raise LongreachError(
-            f"'{unsupported[0].name}' is a {unsupported[0].kind} method, which this version cannot apply yet"
-        )
+    remaps = [m for m in parsed.methods if isinstance(m, RemapPositions)]
+    if remaps and cache_owners:
+        raise SpecError(f"cannot stack {remaps[0].name} with {cache_owners[0].name}: {remaps[0].name} re-maps "
+                        "positions by cache index, and presses / head policies drop keys (indices stop being "
+                        "positions); use a rope scaling method (yarn, linear, ...) with a press instead")
     for m in parsed.methods:
         check = getattr(m, "check_model", None)
         if check is not None:
@@ -430,6 +460,10 @@ def apply(
     previous = config._attn_implementation or "sdpa"
     handle = Handle(model, parsed, kernel, track_density, previous)
     handle.n_layers = len(modules)
+    if handle.remap is not None:
+        handle.rope = rope_info(model)
+    if handle.position is not None:
+        handle._undo.append(handle.position.install(model))
     for m in modules:
         runtime = _RUNTIMES[m] = LayerRuntime(handle, m)
         if handle.compresses:

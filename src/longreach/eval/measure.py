@@ -45,9 +45,9 @@ def prompt_sha(sample: Sample) -> str:
     return hashlib.sha256(sample.prompt.encode()).hexdigest()[:12]
 
 
-def generate(model, tokenizer, sample: Sample, hold_last: bool = False) -> dict:
+def generate(model, tokenizer, sample: Sample, hold_last: bool = False, chunk: int | None = None) -> dict:
     ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat).to(model.device)
-    run = greedy(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer), hold_last)
+    run = greedy(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer), hold_last, chunk)
     return {
         "prediction": tokenizer.decode(run.tokens, skip_special_tokens=True).strip(),
         "tokens": ids["input_ids"].shape[1],
@@ -60,19 +60,29 @@ def generate(model, tokenizer, sample: Sample, hold_last: bool = False) -> dict:
 
 
 @torch.no_grad()
-def perplexity(model, sample: Sample, buckets: int) -> dict:
-    """Next-token loss at every position, averaged per equal-width position bucket."""
+def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) -> dict:
+    """Next-token loss at every position, averaged per equal-width position bucket.
+
+    With ``chunk`` the text goes through the decoder that many tokens at a time (with the cache), so
+    hidden states and logits never exist for the whole text at once.
+    """
     ids = torch.tensor([sample.meta["ids"]], device=model.device)
     start = time.perf_counter()
-    out = model.get_decoder()(input_ids=ids, use_cache=True)
-    hidden = out.last_hidden_state[0, :-1]
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
-    losses = []
-    for lo in range(0, hidden.shape[0], LOGIT_CHUNK):
-        logits = head(hidden[lo:lo + LOGIT_CHUNK]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        losses.append(F.cross_entropy(logits, ids[0, lo + 1:lo + 1 + LOGIT_CHUNK], reduction="none"))
+    decoder, n = model.get_decoder(), ids.shape[1]
+    step = chunk or n
+    past, losses = None, []
+    for lo in range(0, n, step):
+        out = decoder(input_ids=ids[:, lo:lo + step], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        hidden = out.last_hidden_state[0]
+        targets = ids[0, lo + 1:lo + step + 1]
+        hidden = hidden[: len(targets)]  # the last token has nothing to predict
+        for h0 in range(0, hidden.shape[0], LOGIT_CHUNK):
+            logits = head(hidden[h0:h0 + LOGIT_CHUNK]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            losses.append(F.cross_entropy(logits, targets[h0:h0 + LOGIT_CHUNK], reduction="none"))
     elapsed = time.perf_counter() - start
     nll = torch.cat(losses)  # nll[i] is the loss of predicting token i + 1
     edges = [round(i * len(nll) / buckets) for i in range(buckets + 1)]
@@ -84,7 +94,7 @@ def perplexity(model, sample: Sample, buckets: int) -> dict:
         "prefill_s": elapsed,
         "decode_s": 0.0,
         "decode_tokens": 0,
-        "kv_bytes": kv_bytes(out.past_key_values),
+        "kv_bytes": kv_bytes(past),
         "loss": mean,
         "loss_buckets": table,
         "ppl": math.exp(mean),
@@ -100,15 +110,15 @@ def warm_up(model, tokens: int = 256) -> None:
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
-def run_sample(model, tokenizer, task: Task, sample: Sample, handle) -> dict:
+def run_sample(model, tokenizer, task: Task, sample: Sample, handle, chunk: int | None = None) -> dict:
     """One measured row (without the run's identity fields, which the runner adds)."""
     handle.reset_stats()
     reset_peak_rss()
     if task.metric == "ppl":
-        row = perplexity(model, sample, task.buckets)
+        row = perplexity(model, sample, task.buckets, chunk)
         row["score"] = row["ppl"]
     else:
-        row = generate(model, tokenizer, sample, hold_last=handle.compresses)
+        row = generate(model, tokenizer, sample, hold_last=handle.compresses, chunk=chunk)
         row["score"] = task.score(row["prediction"], sample.gold)
     row["density"] = handle.density("prefill")
     row["density_decode"] = handle.density("decode")

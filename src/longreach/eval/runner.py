@@ -48,6 +48,7 @@ class Plan:
     chat: bool = True
     kernel: str = "auto"
     corpus: str = "canterbury"
+    chunk: int | None = None  # prefill tokens per forward (None: the whole prompt at once)
 
     def cells(self) -> list[Cell]:
         return [Cell(m, t, n) for m in self.methods for t in self.tasks for n in self.lengths]
@@ -94,7 +95,7 @@ def parse_depths(text: str) -> tuple[float, ...]:
 
 
 def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
-              chat: bool = True, kernel: str = "auto", corpus: str = "canterbury") -> Plan:
+              chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None) -> Plan:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
     from ..configurable import split_items
     from ..kernels import kernel_names
@@ -110,8 +111,10 @@ def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str
         raise InputError(f"unknown kernel '{kernel}': use auto, {', '.join(kernel_names())}")
     if corpus not in ("canterbury", "synthetic", "austen", "bible"):
         raise InputError(f"unknown corpus '{corpus}': use canterbury (default), austen, bible or synthetic")
+    if chunk is not None and chunk < 1:
+        raise InputError(f"--chunk must be >= 1 token, got {chunk}")
     return Plan(model, tuple(parse_tasks(tasks)), tuple(method_specs), parse_lengths(lengths),
-                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus)
+                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus, chunk)
 
 
 def pending(plan: Plan, out: Path) -> tuple[dict[Cell, list[tuple[float | None, int]]], list, int]:
@@ -174,13 +177,14 @@ def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corp
             for cell in cells:
                 for depth, seed in todo[cell]:
                     sample = bank.get(cell.task, cell.length, depth, seed)
-                    measured = run_sample(model, tokenizer, cell.task, sample, handle)
+                    measured = run_sample(model, tokenizer, cell.task, sample, handle, plan.chunk)
                     row = {
                         "model": model_id, "method": method, "task": cell.task.spec(), "family": cell.task.name,
                         "metric": cell.task.metric, "length": cell.length, "depth": depth, "seed": seed,
                         "chat": plan.chat_for(cell.task), "chat_applied": sample.chat, "corpus": corpus.name,
                         "gold": list(sample.gold), **measured,
-                        "kernel": plan.kernel, "prompt_sha": prompt_sha(sample), "version": __version__,
+                        "kernel": plan.kernel, "chunk": plan.chunk, "prompt_sha": prompt_sha(sample),
+                        "version": __version__,
                         "host": platform.node(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                         **{k: v for k, v in sample.meta.items() if k != "ids"},
                     }
@@ -209,6 +213,7 @@ def write_plan(plan: Plan, out: Path, argv: list[str] | None) -> None:
     entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "model": plan.model,
              "command": shlex.join(argv) if argv else None, "tasks": [t.spec() for t in plan.tasks],
              "methods": list(plan.methods), "lengths": list(plan.lengths), "samples": plan.samples,
-             "depths": list(plan.depths), "chat": plan.chat, "kernel": plan.kernel, "corpus": plan.corpus}
+             "depths": list(plan.depths), "chat": plan.chat, "kernel": plan.kernel, "corpus": plan.corpus,
+             "chunk": plan.chunk}
     with open(out / "runs.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")

@@ -13,8 +13,9 @@ from torch import Tensor
 from ..errors import SpecError, did_you_mean
 from ..selection import Selection
 from . import flex, gather, reference
+from .far import FarKeys
 
-Kernel = Callable[[Tensor, Tensor, Tensor, Selection, float], Tensor]
+Kernel = Callable[..., Tensor]  # (q, k, v, sel, scale[, far]) -> (B, Tq, Hq, D)
 
 KERNELS: dict[str, Kernel] = {
     "reference": reference.attend,
@@ -39,9 +40,19 @@ def resolve(name: str, q: Tensor) -> Kernel:
         raise SpecError(f"unknown kernel '{name}': {did_you_mean(name, kernel_names())}") from None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel: str = "auto") -> Tensor:
-    """Attention for ``sel``: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D)."""
-    return resolve(kernel, q)(q, k, v, sel, scale)
+def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel: str = "auto",
+           far: FarKeys | None = None) -> Tensor:
+    """Attention for ``sel``: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
+
+    ``far``: two-piece position methods (keys at distance >= far.distance scored with far.q / far.k);
+    the flex kernel has no such path, so those calls run on ``gather``.
+    """
+    fn = resolve(kernel, q)
+    if far is None:
+        return fn(q, k, v, sel, scale)
+    if fn is flex.attend:
+        fn = gather.attend
+    return fn(q, k, v, sel, scale, far)
 
 
-__all__ = ["KERNELS", "Kernel", "attend", "kernel_names", "resolve"]
+__all__ = ["KERNELS", "FarKeys", "Kernel", "attend", "kernel_names", "resolve"]

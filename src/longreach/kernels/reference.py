@@ -7,10 +7,13 @@ from torch import Tensor
 
 from ..selection import Selection
 from ._heads import plan_heads
+from .far import FarKeys
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Tensor:
-    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D); computed in float64."""
+def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None) -> Tensor:
+    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D); computed in float64.
+
+    With ``far``, the score of a key at distance >= far.distance is far.q . far.k instead."""
     _batch, n_q, _, _ = q.shape
     n_kv = k.shape[1]
     plan = plan_heads(sel, n_q, n_kv)
@@ -20,6 +23,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Ten
     kr = k.double().repeat_interleave(group, dim=1)
     vr = v.double().repeat_interleave(group, dim=1)
     scores = torch.matmul(q.double(), kr.transpose(-1, -2)) * scale
+    if far is not None:
+        kf = far.k.double().repeat_interleave(group, dim=1)
+        far_scores = torch.matmul(far.q.double(), kf.transpose(-1, -2)) * scale
+        pos = sel.q_offset + torch.arange(sel.q_len, device=q.device)
+        dist = pos[:, None] - torch.arange(sel.kv_len, device=q.device)[None, :]
+        scores = torch.where(dist >= far.distance, far_scores, scores)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
     out = torch.matmul(probs, vr)

@@ -33,6 +33,7 @@ def method_names() -> list[str]:
 def _load_builtin() -> None:
     from ..cache import presses  # noqa: F401
     from ..heads import policies  # noqa: F401
+    from ..position import remap, rescale  # noqa: F401
     from . import (  # noqa: F401  (registers on import)
         anchor,
         blocktopk,

@@ -1,0 +1,126 @@
+"""Will this run fit? Expected memory of a long prompt before any forward runs.
+
+An estimate from the model's shapes and the spec, not a measurement: weights (counted from the loaded
+parameters), the KV cache after the prompt (global layers hold every token unless a press shrinks
+them; sliding-window layers hold their window), and the peak working set of one prefill forward of
+``chunk`` tokens (hidden states, MLP intermediates, the attention kernel's working set, the causal mask
+of a chunk after a prefix, the extra re-rotated q/k of a position method). ``longreach plan`` prints it
+and refuses runs that would not fit in the memory available now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .errors import InputError
+from .kernels.gather import CHUNK_BYTES
+from .position import RemapPositions
+from .position.rotary import text_config
+from .spec import Spec
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    length: int
+    chunk: int
+    weights: int
+    kv_cache: int
+    activations: int
+    available: int | None
+    notes: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def rows(self) -> list[tuple[str, str]]:
+        avail = "unknown" if self.available is None else f"{self.available / GiB:.2f} GiB"
+        return [("prompt tokens", str(self.length)), ("prefill chunk", str(self.chunk)),
+                ("weights", f"{self.weights / GiB:.2f} GiB"),
+                ("KV cache after prompt", f"{self.kv_cache / GiB:.2f} GiB"),
+                ("peak activations (one forward)", f"{self.activations / GiB:.2f} GiB"),
+                ("expected peak", f"{self.total / GiB:.2f} GiB"), ("available now", avail)]
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = None,
+                available: int | None = None) -> MemoryPlan:
+    if length < 1:
+        raise InputError(f"--length must be >= 1 token, got {length}")
+    if chunk is not None and chunk < 1:
+        raise InputError(f"--chunk must be >= 1 token, got {chunk}")
+    cfg = text_config(model)
+    step = min(chunk or length, length)
+    param = next(model.parameters())
+    width = param.element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_layers = cfg.num_hidden_layers
+    n_q = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers
+    notes: list[str] = []
+
+    per_token = 2 * n_kv * head_dim * width  # K and V, one layer
+    kept = length
+    press = next(iter(spec.of_kind("press")), None)
+    density = getattr(press, "density", None)
+    budget = getattr(press, "budget", None)
+    if density is not None:
+        kept = max(1, int(length * density))
+    elif budget is not None:
+        kept = min(length, budget)
+    kv = 0
+    for kind in layer_types:
+        held = min(length, window) if kind == "sliding_attention" and window else kept
+        kv += held * per_token
+    if press is not None and chunk is None:
+        notes.append(f"{press.name} shrinks the cache after the prefill: the full {length}-token cache exists "
+                     "during it; --chunk lets it compress chunk by chunk")
+        kv_peak = max(kv, length * per_token * n_layers)
+    else:
+        kv_peak = kv
+
+    hidden = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    acts = step * (4 * hidden + 3 * inter) * width  # residual, normed input, attention out + MLP gate/up/act
+    acts += step * (n_q + 2 * n_kv) * head_dim * width  # q, k, v of the layer
+    acts += cfg.vocab_size * 4  # one row of logits (logits_to_keep=1)
+    attn = CHUNK_BYTES
+    if step < length:
+        attn += step * length * 4  # the additive causal mask of a chunk after a prefix
+    position = next(iter(spec.of_kind("position")), None)
+    if isinstance(position, RemapPositions):
+        attn += (step * n_q + length * n_kv) * head_dim * width  # re-rotated far q/k
+    activations = acts + attn
+
+    trained = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if trained and length > trained and position is None:
+        notes.append(f"{length} tokens is past the trained {trained} with no position method: expect the model "
+                     "to fail there; add e.g. selfextend or yarn:factor=" + f"{length / trained:.1f}")
+    if position is not None and hasattr(position, "group_for") and trained:
+        notes.append(f"selfextend groups far positions by {position.group_for(length, trained)} at this length")
+    if position is not None and hasattr(position, "shift_for") and trained:
+        notes.append(f"string shifts relative positions >= {position.shift_for(length, trained)}")
+    avail = available if available is not None else available_bytes()
+    return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes))

@@ -1,0 +1,299 @@
+"""Context extension: rope types configured through transformers, attention-level re-mapping by re-rotation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import longreach
+from longreach.errors import InputError, SpecError
+from longreach.kernels import FarKeys, gather, reference
+from longreach.methods.base import SelectContext
+from longreach.methods.registry import method_class
+from longreach.position import rerotate, rope_info
+from longreach.selection import Selection
+
+TRAINED = 64  # tiny models' max_position_embeddings: inputs past it need extension
+IDENTITY = ["selfextend:window=16", "selfextend:group=1,window=16", "string:shift=60,local=8",
+            "mspoe:min_ratio=1.0,max_ratio=1.0", "linear:factor=1.0", "dynamic:factor=1.0", "yarn:factor=1.0",
+            "llama3:factor=1.0", "longrope:factor=1.0", "gali:window=8"]
+
+
+def _rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin as transformers builds them, for (possibly per-head) positions."""
+    angle = pos.double().unsqueeze(-1) * inv_freq.double()
+    emb = torch.cat([angle, angle], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def _rotate(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    cos, sin = _rope_tables(inv_freq, pos)
+    if pos.dim() == 1:  # (T, D) -> (1, 1, T, D); per head (H, T, D) -> (1, H, T, D)
+        cos, sin = cos[None], sin[None]
+    out, _ = apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=1 if pos.dim() == 1 else 0)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", IDENTITY)
+def test_identity_settings_equal_dense_within_trained_length(arch, spec):
+    model = tiny_model(arch, max_position_embeddings=TRAINED)
+    ids = torch.randint(0, 128, (1, 50))
+    dense = model(ids).logits
+    with longreach.apply(model, spec):
+        got = model(ids).logits
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids).logits, dense, atol=0, rtol=0)  # removed: the model is as before
+
+
+def test_rerotation_equals_rope_at_the_new_positions():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).double() / 16))
+    x = torch.randn(2, 3, 40, 16)
+    pos = torch.arange(40)
+    new = torch.randint(-30000, 30000, (40,)).double() + torch.rand(40).double()
+    got = rerotate(_rotate(x, inv_freq, pos), new - pos, inv_freq)
+    torch.testing.assert_close(got, _rotate(x, inv_freq, new), atol=2e-4, rtol=1e-4)
+    per_head = torch.rand(3, 40).double() * 100
+    got = rerotate(_rotate(x, inv_freq, pos), per_head - pos, inv_freq)
+    torch.testing.assert_close(got, _rotate(x, inv_freq, per_head), atol=2e-4, rtol=1e-4)
+
+
+def test_partial_rotary_leaves_the_unrotated_dimensions():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).double() / 8))  # 8 of 16 dimensions rotate
+    x = torch.randn(1, 2, 5, 16)
+    got = rerotate(x, torch.full((5,), 7.0), inv_freq)
+    torch.testing.assert_close(got[..., 8:], x[..., 8:])
+    assert not torch.allclose(got[..., :8], x[..., :8])
+
+
+def _explicit_two_piece(q0, k0, v, inv_freq, near_q, near_k, far_q, far_k, distance, scale):
+    """Attention recomputed from un-rotated q/k: each pair scored with RoPE at the positions of its piece."""
+    group = q0.shape[1] // k0.shape[1]
+    k0, v = k0.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    near = _rotate(q0, inv_freq, near_q) @ _rotate(k0, inv_freq, near_k).transpose(-1, -2)
+    far = _rotate(q0, inv_freq, far_q) @ _rotate(k0, inv_freq, far_k).transpose(-1, -2)
+    t_q, t_k = q0.shape[2], k0.shape[2]
+    pq = torch.arange(t_k - t_q, t_k)[:, None]
+    pk = torch.arange(t_k)[None, :]
+    scores = torch.where(pq - pk >= distance, far, near) * scale
+    scores = scores.masked_fill(pk > pq, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("t_q,t_k", [(90, 90), (17, 90), (1, 90)])
+@pytest.mark.parametrize("kernel", ["reference", "gather"])
+def test_selfextend_equals_rope_recomputed_at_grouped_positions(t_q, t_k, kernel):
+    dim, group, window = 16, 3, 12
+    rope = longreach.position.RopeInfo(1.0 / (10000 ** (torch.arange(0, dim, 2).double() / dim)), trained=40)
+    q0, k0, v = torch.randn(1, 4, t_q, dim), torch.randn(1, 2, t_k, dim), torch.randn(1, 2, t_k, dim)
+    pq, pk = torch.arange(t_k - t_q, t_k), torch.arange(t_k)
+    q, k = _rotate(q0, rope.inv_freq, pq), _rotate(k0, rope.inv_freq, pk)
+    method = method_class("selfextend")(group=group, window=window)
+    view = method.view(q, k, rope, {})
+    assert view.far is not None and view.far.distance == window
+    sel = Selection.dense(1, t_q, t_k)
+    got = longreach.attend(view.q, view.k, v, sel, 0.25, kernel, far=view.far)
+    want = _explicit_two_piece(q0, k0, v, rope.inv_freq, pq, pk, pq // group + window - window // group,
+                               pk // group, window, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_string_equals_rope_recomputed_at_shifted_positions():
+    dim, shift, local = 16, 30, 6
+    rope = longreach.position.RopeInfo(1.0 / (10000 ** (torch.arange(0, dim, 2).double() / dim)), trained=64)
+    q0, k0, v = torch.randn(1, 4, 70, dim), torch.randn(1, 2, 70, dim), torch.randn(1, 2, 70, dim)
+    pos = torch.arange(70)
+    q, k = _rotate(q0, rope.inv_freq, pos), _rotate(k0, rope.inv_freq, pos)
+    view = method_class("string")(shift=shift, local=local).view(q, k, rope, {})
+    got = gather.attend(view.q, view.k, v, Selection.dense(1, 70, 70), 0.25, view.far)
+    want = _explicit_two_piece(q0, k0, v, rope.inv_freq, pos, pos, pos - shift + local, pos, shift, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t_q", [100, 9, 1])
+def test_gali_equals_interpolated_logits_of_floor_and_ceil_positions(t_q):
+    """Paper's rule: the query at ceil(p_q); a key at p = m + a scores (1 - a) s(m) + a s(m + 1)."""
+    dim, t_k = 16, 100
+    rope = longreach.position.RopeInfo(1.0 / (10000 ** (torch.arange(0, dim, 2).double() / dim)), trained=40)
+    q0, k0, v = torch.randn(1, 4, t_q, dim), torch.randn(1, 2, t_k, dim), torch.randn(1, 2, t_k, dim)
+    pq, pk = torch.arange(t_k - t_q, t_k), torch.arange(t_k)
+    method = method_class("gali")(window=8)
+    view = method.view(_rotate(q0, rope.inv_freq, pq), _rotate(k0, rope.inv_freq, pk), rope, {})
+    got = reference.attend(view.q, view.k, v, Selection.dense(1, t_q, t_k), 0.25)
+    pos = method.positions(t_k, rope.trained)
+    qr = _rotate(q0, rope.inv_freq, pos[-t_q:].ceil())
+    kr = k0.repeat_interleave(2, 1)
+    low = qr @ _rotate(kr, rope.inv_freq, pos.floor()).transpose(-1, -2)
+    high = qr @ _rotate(kr, rope.inv_freq, pos.floor() + 1).transpose(-1, -2)
+    frac = (pos - pos.floor()).float()
+    scores = ((1 - frac) * low + frac * high) * 0.25
+    scores = scores.masked_fill(pk[None, :] > pq[:, None], float("-inf"))
+    want = (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [40, 41, 79, 80, 81, 500, 5000])
+@pytest.mark.parametrize("window", [0, 8])
+def test_gali_positions_stay_below_the_trained_length(length, window):
+    pos = method_class("gali")(window=window).positions(length, 40)
+    assert len(pos) == length and bool((pos.diff() > 0).all())
+    assert float(pos.max()) == min(length, 40) - 1  # the newest token: an integer, at most trained - 1
+    if length > 40 and window:
+        assert int((pos[-window:].diff() == 1).sum()) == window - 1  # the newest keep unit spacing
+
+
+@pytest.mark.parametrize("length", [64, 65, 100, 1000, 4097, 32768, 100_000])
+@pytest.mark.parametrize("window", [1, 16, 48])
+def test_grouped_positions_never_exceed_the_trained_maximum(length, window):
+    method = method_class("selfextend")(window=window)
+    group = method.group_for(length, TRAINED)
+    pq, pk = torch.arange(length), torch.arange(length)
+    near_max = min(window - 1, length - 1)
+    far_q = pq // group + window - window // group
+    far_k = pk // group
+    far_rel = far_q[:, None] - far_k[None, :] if length <= 1000 else (far_q[-1] - far_k[0]).view(1, 1)
+    assert max(near_max, int(far_rel.max())) < TRAINED
+    if length <= TRAINED:
+        assert group == 1  # within the trained length nothing is grouped
+
+
+def test_selfextend_refuses_a_group_too_small_for_the_input():
+    with pytest.raises(InputError, match="raise group"):
+        method_class("selfextend")(group=2, window=16).group_for(200, TRAINED)
+
+
+def test_string_refuses_inputs_it_cannot_keep_in_range():
+    method = method_class("string")(local=8)
+    assert method.shift_for(100, TRAINED) < TRAINED
+    with pytest.raises(InputError, match="selfextend"):
+        method.shift_for(2 * TRAINED, TRAINED)
+
+
+@pytest.mark.parametrize("spec", ["linear:factor=2.0", "dynamic:factor=2.0", "yarn:factor=2.0",
+                                  "llama3:factor=2.0"])
+def test_rope_types_match_transformers_own_config(spec):
+    """Configuring the rope type through longreach = loading the model with that rope type in its config."""
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    method = longreach.parse_spec(spec).methods[0]
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = method.rope_parameters(dict(config.rope_parameters), TRAINED, 16)
+    twin = type(model)(config).eval()
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (1, 150))
+    with longreach.apply(model, spec):
+        got = model(ids).logits
+    torch.testing.assert_close(got, twin(ids).logits, atol=1e-4, rtol=1e-4)
+    assert model.config.rope_parameters["rope_type"] == "default"  # the model's own config is untouched
+
+
+def test_longrope_uses_long_factors_only_past_the_trained_length():
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    original = model.model.rotary_emb.inv_freq.clone()
+    method = method_class("longrope")(factor=4.0)
+    long_factors = torch.tensor(method.long_factors({"rope_theta": 10000.0}, TRAINED, 16))
+    with longreach.apply(model, "longrope:factor=4.0"):
+        rotary = model.model.rotary_emb
+        model(torch.randint(0, 128, (1, 40)))
+        torch.testing.assert_close(rotary.inv_freq, original)  # short factors: 1
+        model(torch.randint(0, 128, (1, 150)))
+        torch.testing.assert_close(rotary.inv_freq, original / long_factors)
+    factors = method.long_factors({"rope_theta": 10000.0}, 8192, 64)
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(4.0)
+    assert factors == sorted(factors)
+
+
+def test_gemma3_rope_scaling_touches_only_global_layers():
+    model = tiny_model("gemma3", max_position_embeddings=TRAINED)
+    rotary = model.model.rotary_emb
+    local_before = rotary.sliding_attention_inv_freq.clone()
+    with longreach.apply(model, "linear:factor=4.0"):
+        swapped = model.model.rotary_emb
+        assert swapped is not rotary
+        torch.testing.assert_close(swapped.sliding_attention_inv_freq, local_before)
+        torch.testing.assert_close(swapped.full_attention_inv_freq, rotary.full_attention_inv_freq / 4)
+    assert model.model.rotary_emb is rotary
+
+
+@pytest.mark.parametrize("spec", ["selfextend:group=3,window=16", "string:shift=40,local=8", "mspoe",
+                                  "yarn:factor=4.0"])
+def test_decode_with_cache_matches_one_forward(spec):
+    """Re-mapping recomputed per step from the cache's keys: prefill + decode = the same tokens in one pass."""
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    ids = torch.randint(0, 128, (1, 120))
+    with longreach.apply(model, spec):
+        full = model(ids).logits[:, -3:]
+        out = model(ids[:, :-3], use_cache=True)
+        past, steps = out.past_key_values, []
+        for i in range(3, 0, -1):
+            out = model(ids[:, -i:][:, :1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[:, -1])
+    if spec == "mspoe":  # head ratios are ranked on the prompt, which differs by three tokens here
+        assert all(torch.isfinite(s).all() for s in steps)
+        return
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_one_prefill():
+    from longreach.generation import greedy
+
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    ids = {"input_ids": torch.randint(0, 128, (1, 150)), "attention_mask": torch.ones(1, 150, dtype=torch.long)}
+    with longreach.apply(model, "selfextend:group=4,window=16"):
+        one = greedy(model, ids, 6, set())
+        chunked = greedy(model, ids, 6, set(), chunk=32)
+    assert chunked.tokens == one.tokens
+    torch.testing.assert_close(chunked.cache.layers[0].keys, one.cache.layers[0].keys)
+
+
+def test_selection_is_computed_on_extended_positions_and_keeps_the_neighbours():
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    ids = torch.randint(0, 128, (1, 200))
+    with longreach.apply(model, "selfextend:group=4,window=16") as handle:
+        alone = model(ids).logits
+    with longreach.apply(model, "selfextend:group=4,window=16+quest:density=1.0,block=16"):
+        full_budget = model(ids).logits
+    torch.testing.assert_close(full_budget, alone, atol=1e-5, rtol=1e-5)
+    with longreach.apply(model, "selfextend:group=4,window=16+quest:density=0.3,block=16,window=16") as handle:
+        sparse = model(ids).logits
+        assert handle.density("prefill") < 0.6
+    assert torch.isfinite(sparse).all()
+
+
+def test_sparse_selection_with_far_keys_matches_reference():
+    q, k, v = torch.randn(1, 4, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16)
+    far = FarKeys(torch.randn_like(q), torch.randn_like(k), 24)
+    sel = method_class("quest")(density=0.3, block=16, window=24).select(q, k, SelectContext())
+    torch.testing.assert_close(gather.attend(q, k, v, sel, 0.3, far), reference.attend(q, k, v, sel, 0.3, far),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_combinations_and_inputs_are_refused():
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    with pytest.raises(SpecError, match="keep one position method"):
+        longreach.parse_spec("yarn:factor=2.0+selfextend")
+    with pytest.raises(SpecError, match="drop keys"):
+        longreach.apply(model, "selfextend:window=16+snapkv:density=0.5")
+    with pytest.raises(SpecError, match="factor must be"):
+        longreach.parse_spec("yarn:factor=0.5")
+    with pytest.raises(InputError, match="below the trained length"):
+        longreach.apply(model, "selfextend:window=64")
+    with pytest.raises(InputError, match="below the trained length"):
+        longreach.apply(model, "gali:window=63")
+    ids = torch.randint(0, 128, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    with longreach.apply(model, "selfextend:window=16"), pytest.raises(InputError, match="one sequence"):
+        model(ids, attention_mask=mask)
+    # yarn with a press is fine: positions are rotated by transformers before any key is dropped
+    with longreach.apply(model, "yarn:factor=2.0+snapkv:density=0.5"):
+        model(torch.randint(0, 128, (1, 100)), use_cache=True)
+
+
+def test_rope_info_reads_the_global_frequencies():
+    info = rope_info(tiny_model("gemma3", max_position_embeddings=TRAINED))
+    assert info.trained == TRAINED and info.rotated_dims == 16
