@@ -297,3 +297,49 @@ def test_bad_combinations_and_inputs_are_refused():
 def test_rope_info_reads_the_global_frequencies():
     info = rope_info(tiny_model("gemma3", max_position_embeddings=TRAINED))
     assert info.trained == TRAINED and info.rotated_dims == 16
+
+
+def test_plan_kv_estimate_equals_the_measured_cache():
+    from longreach.plan import plan_memory
+
+    for arch in ("llama", "gemma3"):
+        model = tiny_model(arch, max_position_embeddings=TRAINED)
+        out = model(torch.randint(0, 128, (1, 100)), use_cache=True)
+        plan = plan_memory(model, longreach.parse_spec("dense"), 100, available=2**40)
+        assert plan.kv_cache == longreach.cache_bytes(out.past_key_values)  # sliding layers at their window
+        assert plan.fits
+
+
+def test_plan_shrinks_with_chunks_and_presses_and_refuses_what_does_not_fit():
+    from longreach.plan import plan_memory
+
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    dense = plan_memory(model, longreach.parse_spec("dense"), 20_000)
+    chunked = plan_memory(model, longreach.parse_spec("dense"), 20_000, chunk=256)
+    assert chunked.activations < dense.activations and chunked.kv_cache == dense.kv_cache
+    pressed = plan_memory(model, longreach.parse_spec("snapkv:density=0.25"), 20_000, chunk=1024)
+    assert pressed.kv_cache == dense.kv_cache // 4
+    unchunked_press = plan_memory(model, longreach.parse_spec("snapkv:density=0.25"), 20_000)
+    assert unchunked_press.kv_cache == dense.kv_cache  # the whole cache exists before the press runs
+    assert any("--chunk" in n for n in unchunked_press.notes)
+    assert any("past the trained" in n for n in dense.notes)
+    assert not plan_memory(model, longreach.parse_spec("dense"), 20_000, available=1000).fits
+    with pytest.raises(InputError, match="STRING reaches"):
+        plan_memory(model, longreach.parse_spec("string:local=8"), 20_000)
+    with pytest.raises(InputError, match="chunk"):
+        plan_memory(model, longreach.parse_spec("dense"), 100, chunk=0)
+
+
+def test_plan_command_exits_2_when_it_would_not_fit(tiny_lm_folder):
+    from typer.testing import CliRunner
+
+    from longreach.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["plan", "--model", str(tiny_lm_folder), "--length", "8k", "--method", "selfextend"])
+    assert ok.exit_code == 0 and "fits" in ok.output and "KV cache" in ok.output
+    assert "groups far positions by 3" in ok.output  # 8k tokens on a 4k model, window 1024
+    tight = runner.invoke(app, ["plan", "--model", str(tiny_lm_folder), "--length", "8k", "--memory-gib", "0.001"])
+    assert tight.exit_code == 2 and "does not fit" in tight.output
+    bad = runner.invoke(app, ["plan", "--model", str(tiny_lm_folder), "--length", "8k", "--method", "nope"])
+    assert bad.exit_code == 2 and "unknown method" in bad.output

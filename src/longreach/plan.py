@@ -92,7 +92,8 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
         kept = min(length, budget)
     kv = 0
     for kind in layer_types:
-        held = min(length, window) if kind == "sliding_attention" and window else kept
+        # transformers' sliding-window cache layers keep the last window - 1 tokens
+        held = min(length, window - 1) if kind == "sliding_attention" and window else kept
         kv += held * per_token
     if press is not None and chunk is None:
         notes.append(f"{press.name} shrinks the cache after the prefill: the full {length}-token cache exists "

@@ -17,15 +17,18 @@ from ..methods.registry import register
 from .base import RopeScaling
 
 
-def _base(old: dict) -> dict:
-    return {"rope_theta": old.get("rope_theta", 10000.0),
-            **({"partial_rotary_factor": old["partial_rotary_factor"]} if "partial_rotary_factor" in old else {})}
+def _params(method: RopeScaling, old: dict, **extra: object) -> dict:
+    """The model's theta (and partial rotary factor) + this rope type, its factor and its own keys."""
+    kept = {k: old[k] for k in ("partial_rotary_factor",) if k in old}
+    return {"rope_theta": old.get("rope_theta", 10000.0), **kept, "rope_type": method.rope_type,
+            "factor": float(method.factor), **extra}  # type: ignore[attr-defined]
 
 
 @register
 @dataclass(frozen=True)
 class Linear(RopeScaling):
     name: ClassVar[str] = "linear"
+    rope_type: ClassVar[str] = "linear"
     summary: ClassVar[str] = "position interpolation: every position divided by factor (PI)"
     paper: ClassVar[str] = "Extending Context Window of Large Language Models via Positional Interpolation " \
                            "(arXiv:2306.15595)"
@@ -33,13 +36,14 @@ class Linear(RopeScaling):
     factor: float = param(2.0, "target length / trained length")
 
     def rope_parameters(self, old: dict, trained: int, head_dim: int) -> dict:
-        return {**_base(old), "rope_type": "linear", "factor": float(self.factor)}
+        return _params(self, old)
 
 
 @register
 @dataclass(frozen=True)
 class Dynamic(RopeScaling):
     name: ClassVar[str] = "dynamic"
+    rope_type: ClassVar[str] = "dynamic"
     summary: ClassVar[str] = "dynamic NTK: the RoPE base grows with the current length past the trained one"
     paper: ClassVar[str] = "Dynamically Scaled RoPE further increases performance of long context LLaMA " \
                            "(r/LocalLLaMA, 2023); used by Code Llama / Qwen"
@@ -47,13 +51,14 @@ class Dynamic(RopeScaling):
     factor: float = param(2.0, "NTK scaling factor")
 
     def rope_parameters(self, old: dict, trained: int, head_dim: int) -> dict:
-        return {**_base(old), "rope_type": "dynamic", "factor": float(self.factor)}
+        return _params(self, old)
 
 
 @register
 @dataclass(frozen=True)
 class Yarn(RopeScaling):
     name: ClassVar[str] = "yarn"
+    rope_type: ClassVar[str] = "yarn"
     summary: ClassVar[str] = "YaRN: NTK-by-parts interpolation of low frequencies + attention temperature"
     paper: ClassVar[str] = "YaRN: Efficient Context Window Extension of Large Language Models (arXiv:2309.00071)"
 
@@ -63,18 +68,16 @@ class Yarn(RopeScaling):
     attention_factor: float | None = param(None, "softmax temperature factor (default 0.1 ln(factor) + 1)")
 
     def rope_parameters(self, old: dict, trained: int, head_dim: int) -> dict:
-        params = {**_base(old), "rope_type": "yarn", "factor": float(self.factor),
-                  "original_max_position_embeddings": trained,
-                  "beta_fast": float(self.beta_fast), "beta_slow": float(self.beta_slow)}
-        if self.attention_factor is not None:
-            params["attention_factor"] = float(self.attention_factor)
-        return params
+        extra = {} if self.attention_factor is None else {"attention_factor": float(self.attention_factor)}
+        return _params(self, old, original_max_position_embeddings=trained, beta_fast=float(self.beta_fast),
+                       beta_slow=float(self.beta_slow), **extra)
 
 
 @register
 @dataclass(frozen=True)
 class Llama3(RopeScaling):
     name: ClassVar[str] = "llama3"
+    rope_type: ClassVar[str] = "llama3"
     summary: ClassVar[str] = "Llama 3.1 rule: high frequencies kept, low ones divided by factor, smooth between"
     paper: ClassVar[str] = "The Llama 3 Herd of Models (arXiv:2407.21783)"
 
@@ -89,9 +92,8 @@ class Llama3(RopeScaling):
                             f"{self.low_freq_factor} and {self.high_freq_factor}")
 
     def rope_parameters(self, old: dict, trained: int, head_dim: int) -> dict:
-        return {**_base(old), "rope_type": "llama3", "factor": float(self.factor),
-                "original_max_position_embeddings": trained,
-                "low_freq_factor": float(self.low_freq_factor), "high_freq_factor": float(self.high_freq_factor)}
+        return _params(self, old, original_max_position_embeddings=trained,
+                       low_freq_factor=float(self.low_freq_factor), high_freq_factor=float(self.high_freq_factor))
 
 
 @register
@@ -103,6 +105,7 @@ class LongRope(RopeScaling):
     the trained length exact."""
 
     name: ClassVar[str] = "longrope"
+    rope_type: ClassVar[str] = "longrope"
     summary: ClassVar[str] = "LongRoPE: non-uniform per-dimension factors past the trained length"
     paper: ClassVar[str] = "LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens (arXiv:2402.13753)"
 
@@ -126,6 +129,5 @@ class LongRope(RopeScaling):
 
     def rope_parameters(self, old: dict, trained: int, head_dim: int) -> dict:
         long = self.long_factors(old, trained, head_dim)
-        return {**_base(old), "rope_type": "longrope", "factor": float(self.factor),
-                "original_max_position_embeddings": trained,
-                "short_factor": [1.0] * len(long), "long_factor": long}
+        return _params(self, old, original_max_position_embeddings=trained, short_factor=[1.0] * len(long),
+                       long_factor=long)
