@@ -343,3 +343,17 @@ def test_plan_command_exits_2_when_it_would_not_fit(tiny_lm_folder):
     assert tight.exit_code == 2 and "does not fit" in tight.output
     bad = runner.invoke(app, ["plan", "--model", str(tiny_lm_folder), "--length", "8k", "--method", "nope"])
     assert bad.exit_code == 2 and "unknown method" in bad.output
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 100, 16, 24), (2, 6, 2, 37, 8, 40), (1, 4, 1, 64, 16, 16),
+                                   (1, 2, 2, 5, 8, 8)])
+def test_band_attention_equals_the_local_selection(shape):
+    from longreach.kernels.band import band_attention_with_lse
+
+    batch, n_q, n_kv, t, dim, window = shape
+    q, k, v = torch.randn(batch, n_q, t, dim), torch.randn(batch, n_kv, t, dim), torch.randn(batch, n_kv, t, dim)
+    out, lse = band_attention_with_lse(q, k, v, window, 0.3)
+    sel = Selection.local(batch, t, t, sinks=0, window=window)
+    torch.testing.assert_close(out, reference.attend(q, k, v, sel, 0.3), atol=1e-5, rtol=1e-5)
+    _, want_lse = gather.attend_with_lse(q, k, v, sel, 0.3)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)

@@ -21,6 +21,7 @@ from ..compat import attention_with_lse, causal_attention_with_lse
 from ..errors import InputError
 from ..selection import Selection
 from ._heads import plan_heads
+from .band import band_attention_with_lse
 from .dense import causal_attention
 from .far import FarKeys
 
@@ -121,8 +122,11 @@ def two_piece_causal(q: Tensor, k: Tensor, v: Tensor, far: FarKeys, scale: float
     attention, so no T^2 mask is built and nothing is gathered for the far piece."""
     batch, n_q, t_q, dim = q.shape
     n_kv, t_k = k.shape[1], k.shape[2]
-    near_sel = Selection.local(batch, t_q, t_k, sinks=0, window=far.distance, device=q.device)
-    o_near, l_near = attend_with_lse(q, k, v, near_sel, scale)
+    if t_q == t_k:  # a whole prefill: chunked band, no per-block gather
+        o_near, l_near = band_attention_with_lse(q, k, v, far.distance, scale)
+    else:
+        near_sel = Selection.local(batch, t_q, t_k, sinks=0, window=far.distance, device=q.device)
+        o_near, l_near = attend_with_lse(q, k, v, near_sel, scale)
     off = t_k - t_q
     r0 = max(0, far.distance - off)  # first query row with a far key (position >= distance)
     n_keys = off + t_q - far.distance  # far keys of the last query: j <= last - distance
