@@ -100,14 +100,14 @@ def plan(
     """Expected memory of a long prompt (weights, KV cache, peak activations); exit 2 if it would not fit."""
     from . import load_model, parse_spec
     from .eval.runner import parse_lengths
-    from .plan import GiB, plan_memory
+    from .plan import GiB, plan_memory, resident_bytes
 
     try:
         spec = parse_spec(method)
         tokens = parse_lengths(length)[0]
         lm, _ = load_model(model)
         budget = int(memory_gib * GiB) if memory_gib is not None else None
-        result = plan_memory(lm, spec, tokens, chunk, budget)
+        result = plan_memory(lm, spec, tokens, chunk, budget, runtime=resident_bytes())
     except LongreachError as err:
         _fail(err)
     table = Table(title=f"longreach plan: {model} · {spec} · {tokens} tokens")

@@ -33,10 +33,11 @@ class MemoryPlan:
     activations: int
     available: int | None
     notes: tuple[str, ...]
+    runtime: int = 0  # this process's resident memory before the run (interpreter, torch, tokenizer)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
+        return self.runtime + self.weights + self.kv_cache + self.activations
 
     @property
     def fits(self) -> bool:
@@ -45,6 +46,7 @@ class MemoryPlan:
     def rows(self) -> list[tuple[str, str]]:
         avail = "unknown" if self.available is None else f"{self.available / GiB:.2f} GiB"
         return [("prompt tokens", str(self.length)), ("prefill chunk", str(self.chunk)),
+                ("runtime (resident now)", f"{self.runtime / GiB:.2f} GiB"),
                 ("weights", f"{self.weights / GiB:.2f} GiB"),
                 ("KV cache after prompt", f"{self.kv_cache / GiB:.2f} GiB"),
                 ("peak activations (one forward)", f"{self.activations / GiB:.2f} GiB"),
@@ -62,8 +64,21 @@ def available_bytes() -> int | None:
     return None
 
 
+def resident_bytes() -> int:
+    """VmRSS of this process (Linux; 0 elsewhere): what is already paid before the run."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
 def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = None,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, runtime: int = 0) -> MemoryPlan:
+    """``runtime``: bytes already resident besides the weights (the CLI passes this process's VmRSS,
+    which over-counts weights pages already touched: the plan errs on the safe side)."""
     if length < 1:
         raise InputError(f"--length must be >= 1 token, got {length}")
     if chunk is not None and chunk < 1:
@@ -124,4 +139,4 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     if position is not None and hasattr(position, "shift_for") and trained:
         notes.append(f"string shifts relative positions >= {position.shift_for(length, trained)}")
     avail = available if available is not None else available_bytes()
-    return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes))
+    return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes), runtime)
