@@ -357,3 +357,20 @@ def test_band_attention_equals_the_local_selection(shape):
     torch.testing.assert_close(out, reference.attend(q, k, v, sel, 0.3), atol=1e-5, rtol=1e-5)
     _, want_lse = gather.attend_with_lse(q, k, v, sel, 0.3)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.model
+def test_real_smollm2_identity_settings_equal_dense():
+    """The bundled model's own rotary module and config go through the same swap and re-rotation."""
+    model, tok = longreach.load_model("smollm2-135m")
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 30, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        dense = model(ids).logits[:, -5:]
+        for spec in ("yarn:factor=1.0", "selfextend", "gali", "mspoe:min_ratio=1.0,max_ratio=1.0"):
+            with longreach.apply(model, spec):
+                got = model(ids).logits[:, -5:]
+            torch.testing.assert_close(got, dense, atol=2e-4, rtol=2e-4)
+        with longreach.apply(model, "yarn:factor=4.0"):  # a real change stays a small one within 8k
+            changed = model(ids).logits[:, -5:]
+    assert not torch.allclose(changed, dense, atol=1e-3)
+    assert rope_info(model).trained == 8192
