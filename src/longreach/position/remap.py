@@ -137,8 +137,8 @@ class String(RemapPositions):
 @dataclass(frozen=True)
 class MsPoE(RemapPositions):
     """Each KV head group reads positions divided by its own ratio in [min_ratio, max_ratio]; groups
-    whose attention is most concentrated (most outlier weights, measured on the prompt's last queries)
-    get the smallest ratio. Ratios are per KV head, not per query head, so GQA keys are never copied
+    whose attention is most concentrated (most weights above 4x the row mean, as in the authors' code,
+    averaged over the prompt's last queries) get the smallest ratio. Ratios are per KV head, not per query head, so GQA keys are never copied
     per query head. The first ``first_layer`` layers are left as they are (as in the paper)."""
 
     name: ClassVar[str] = "mspoe"
@@ -169,7 +169,7 @@ class MsPoE(RemapPositions):
         causal = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
         probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
         uniform = 1.0 / (pos + 1).float()[:, None]
-        outliers = ((probs > 3 * uniform) & causal).float().sum(-1) / (pos + 1).float()  # (B, Hkv, rows)
+        outliers = ((probs > 4 * uniform) & causal).float().sum(-1) / (pos + 1).float()  # (B, Hkv, rows)
         score = outliers.mean(dim=(0, 2))
         ratios = torch.linspace(self.min_ratio, self.max_ratio, n_kv, device=q.device, dtype=torch.float64)
         out = torch.empty_like(ratios)
