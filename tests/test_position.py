@@ -374,3 +374,14 @@ def test_real_smollm2_identity_settings_equal_dense():
             changed = model(ids).logits[:, -5:]
     assert not torch.allclose(changed, dense, atol=1e-3)
     assert rope_info(model).trained == 8192
+
+
+def test_mspoe_gives_the_smallest_ratio_to_the_most_position_aware_head():
+    t, dim = 80, 16
+    q = torch.zeros(1, 4, t, dim)
+    k = torch.zeros(1, 2, t, dim)
+    q[:, :2, :, 0] = 10.0  # KV head 0's queries: peaked on a few keys (outliers)
+    k[:, 0, ::20, 0] = 3.0
+    k[:, 1] = torch.randn(t, dim) * 0.01  # KV head 1: nearly uniform
+    ratios = method_class("mspoe")(min_ratio=1.2, max_ratio=1.8).ratios(q, k, 0.25)
+    assert ratios.tolist() == pytest.approx([1.2, 1.8])
