@@ -163,7 +163,7 @@ class MsPoE(RemapPositions):
         qs = q[:, :, -self.observe:].float()
         group = q.shape[1] // n_kv
         t_q, t_k = qs.shape[2], k.shape[2]
-        qg = qs.view(q.shape[0], n_kv, group * t_q, -1)
+        qg = qs.reshape(q.shape[0], n_kv, group * t_q, -1)
         logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*rows, Tk)
         pos = torch.arange(t_k - t_q, t_k, device=q.device).repeat(group)
         causal = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
