@@ -74,6 +74,10 @@ def generate(
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=not templated)
+        trained = getattr(getattr(lm.config, "text_config", None) or lm.config, "max_position_embeddings", None)
+        if trained and ids["input_ids"].shape[1] > trained and not parse_spec(method).of_kind("position"):
+            console.print(f"[yellow]warning:[/yellow] {ids['input_ids'].shape[1]} prompt tokens is past the "
+                          f"{trained} this model was trained on; add a position method (e.g. selfextend+...)")
         with apply(lm, method, kernel=kernel) as handle:
             run = greedy(lm, ids, max_new_tokens, eos_ids(lm, tok), hold_last=handle.compresses, chunk=chunk)
     except LongreachError as err:

@@ -138,8 +138,9 @@ class String(RemapPositions):
 class MsPoE(RemapPositions):
     """Each KV head group reads positions divided by its own ratio in [min_ratio, max_ratio]; groups
     whose attention is most concentrated (most weights above 4x the row mean, as in the authors' code,
-    averaged over the prompt's last queries) get the smallest ratio. Ratios are per KV head, not per query head, so GQA keys are never copied
-    per query head. The first ``first_layer`` layers are left as they are (as in the paper)."""
+    averaged over the prompt's last queries) get the smallest ratio. Ratios are per KV head, not per
+    query head, so GQA keys are never copied per query head. The first ``first_layer`` layers are left
+    as they are (as in the paper)."""
 
     name: ClassVar[str] = "mspoe"
     summary: ClassVar[str] = "Ms-PoE: multi-scale position rescaling per head against lost-in-the-middle"
