@@ -385,3 +385,23 @@ def test_mspoe_gives_the_smallest_ratio_to_the_most_position_aware_head():
     k[:, 1] = torch.randn(t, dim) * 0.01  # KV head 1: nearly uniform
     ratios = method_class("mspoe")(min_ratio=1.2, max_ratio=1.8).ratios(q, k, 0.25)
     assert ratios.tolist() == pytest.approx([1.2, 1.8])
+
+
+def test_generate_command_chunks_the_prefill_and_warns_past_the_trained_length(tiny_lm_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from longreach.cli import app
+
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("the cat sat on the mat and looked at the door. " * 500)  # ~6k tokens, model trained to 4k
+    runner = CliRunner()
+    base = ["generate", "--model", str(tiny_lm_folder), "--input", str(prompt), "--max-new-tokens", "4"]
+    plain = runner.invoke(app, base)
+    assert plain.exit_code == 0 and "past the 4096" in plain.output
+    one = runner.invoke(app, [*base, "--method", "selfextend"])
+    chunked = runner.invoke(app, [*base, "--method", "selfextend:group=4", "--chunk", "1024"])
+    fixed = runner.invoke(app, [*base, "--method", "selfextend:group=4"])
+    assert one.exit_code == 0 and "past the" not in one.output
+    assert chunked.exit_code == 0 and fixed.exit_code == 0
+    text = lambda out: out.split("it/s]")[-1].split("\n")[0]  # noqa: E731  (after the weights progress bar)
+    assert text(chunked.output) == text(fixed.output)  # the same continuation, chunked or not
