@@ -37,13 +37,28 @@ def test_generate_refuses_a_bad_spec_before_loading(tmp_path, monkeypatch):
 
 
 def test_bench_attention_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "attention", "--lengths", "256", "--heads", "4,2,16", "--repeat", "1",
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = runner.invoke(app, ["bench", "attention", "--lengths", "256,512", "--heads", "4,2,16;8,2,32",
+                                 "--repeat", "1", "--phases", "prefill,decode", "--plot", str(png),
                                  "--methods", "quest:density=0.5,block=32;streaming:window=64", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())
-    assert [r["spec"] for r in rows] == ["quest:density=0.5,block=32", "streaming:window=64"]
-    assert all(r["speedup"] > 0 and 0 < r["density"] <= 1 for r in rows)
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["roofline"]["matmul_gflops"] > 0 and report["roofline"]["read_gb_per_s"] > 0
+    assert len(rows) == 2 * 2 * 2 * 2  # lengths x head shapes x phases x methods
+    assert {(r["phase"], r["heads"]) for r in rows} == {(p, h) for p in ("prefill", "decode")
+                                                        for h in ("4/2/16", "8/2/32")}
+    assert all(r["speedup"] > 0 and 0 < r["density"] <= 1 and r["roofline_fraction"] > 0 for r in rows)
+    decode = [r for r in rows if r["phase"] == "decode"]
+    assert all(r["kv_bytes"] <= r["dense_bytes"] for r in decode)
+    assert png.stat().st_size > 1000
+
+
+def test_bench_attention_refuses_bad_options():
+    bad_phase = runner.invoke(app, ["bench", "attention", "--phases", "both", "--lengths", "256"])
+    assert bad_phase.exit_code == 2 and "prefill and/or decode" in bad_phase.output
+    bad_spec = runner.invoke(app, ["bench", "attention", "--methods", "qeust", "--lengths", "256"])
+    assert bad_spec.exit_code == 2 and "did you mean" in bad_spec.output
 
 
 def test_bench_selection_reports_a_t_log_t_fit():

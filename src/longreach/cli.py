@@ -390,36 +390,55 @@ def corpus(action: str = typer.Argument("fetch", help="fetch: download and norma
 @bench_app.command("attention")
 def bench_attention(
     lengths: str = typer.Option("4k,8k,16k"),
-    density: float = typer.Option(0.1, min=0.001, max=1.0),
-    methods: str = typer.Option("", help="';'-separated specs (default: quest, moba, streaming at --density)"),
-    kernel: str = typer.Option("gather"),
-    heads: str = typer.Option("9,3,64", help="query heads, kv heads, head dim (SmolLM2: 9,3,64)"),
+    density: str = typer.Option("0.1", help="densities for the default methods, e.g. 0.05,0.1,0.25,0.5,1.0"),
+    methods: str = typer.Option("", help="';'-separated specs (default: quest, moba, streaming at each --density)"),
+    kernel: str = typer.Option("gather", help="kernels to time, e.g. gather or gather,flex"),
+    heads: str = typer.Option("9,3,64", help="q heads,kv heads,head dim; ';' for several (Llama-3-8B: 32,8,128)"),
+    phases: str = typer.Option("prefill", help="prefill, decode or prefill,decode"),
     repeat: int = typer.Option(2, min=1),
-    json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
+    json_out: Path = typer.Option(None, "--json", help="also write the rows (and the measured roofline) as JSON"),
+    plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedup vs T per method"),
 ) -> None:
-    """Attention operator: selection + kernel vs dense causal SDPA, one run, ratios."""
-    from .bench import attention
+    """Attention operator: selection + kernel vs dense causal SDPA, one run, ratios and fraction of roofline."""
+    from . import parse_spec
+    from .bench import attention, roofline
+    from .eval.runner import parse_lengths
 
-    specs = [s for s in methods.split(";") if s] or [
-        f"quest:density={density}", f"moba:density={density}", f"streaming:density={density}"]
-    hq, hkv, dim = (int(x) for x in heads.split(","))
     try:
-        from .eval.runner import parse_lengths
-
-        rows = attention.run(list(parse_lengths(lengths)), specs, kernel, hq, hkv, dim, repeat)
-    except LongreachError as err:
-        _fail(err)
-    table = Table(title=f"attention operator, {hq} q / {hkv} kv heads, d={dim} — {attention.hardware()}")
-    for col in ("T", "method", "density", "dense SDPA s", "select s", "attend s", "speedup vs dense",
-                "select share"):
+        densities = [float(x) for x in density.split(",") if x.strip()]
+        specs = [s for s in methods.split(";") if s] or [
+            f"{m}:density={d}" for d in densities for m in ("quest", "moba", "streaming")]
+        shapes = [tuple(int(x) for x in h.split(",")) for h in heads.split(";") if h.strip()]
+        wanted = tuple(p.strip() for p in phases.split(",") if p.strip())
+        if not wanted or set(wanted) - {"prefill", "decode"}:
+            raise LongreachError(f"--phases takes prefill and/or decode, got '{phases}'")
+        if any(len(sh) != 3 for sh in shapes):
+            raise LongreachError(f"--heads takes 'q,kv,dim' triples separated by ';', got '{heads}'")
+        for spec in specs:
+            parse_spec(spec)  # bad specs fail before anything is timed
+        peak = roofline.measure()
+        rows = [r for kern in kernel.split(",") for hq, hkv, dim in shapes
+                for r in attention.run(list(parse_lengths(lengths)), specs, kern.strip(), hq, hkv, dim, repeat, wanted)]
+    except (LongreachError, ValueError) as err:
+        _fail(err if isinstance(err, LongreachError) else LongreachError(str(err)))
+    table = Table(title=f"attention operator vs dense causal SDPA — {attention.hardware()}; "
+                        f"matmul peak {peak.flops / 1e9:.0f} GFLOP/s, read {peak.bytes_per_s / 1e9:.1f} GB/s")
+    for col in ("phase", "heads", "T", "method", "kernel", "density", "dense s", "select s", "attend s", "speedup",
+                "select share", "roofline", "dense roofline"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r.length), r.spec, f"{r.density:.3f}", f"{r.dense_s:.3f}", f"{r.select_s:.3f}",
-                      f"{r.attend_s:.3f}", f"{r.speedup:.2f}x", f"{r.select_s / (r.select_s + r.attend_s):.0%}")
+        table.add_row(r.phase, r.heads, str(r.length), r.spec, r.kernel, f"{r.density:.3f}", f"{r.dense_s:.4f}",
+                      f"{r.select_s:.4f}", f"{r.attend_s:.4f}", f"{r.speedup:.2f}x",
+                      f"{r.select_s / (r.select_s + r.attend_s):.0%}", f"{r.roofline(peak):.1%}",
+                      f"{r.dense_roofline(peak):.1%}")
     console.print(table)
+    console.print("roofline: attended FLOP/s / matmul peak (prefill), K/V bytes read per s / read bandwidth (decode)")
     if json_out:
-        json_out.write_text(json.dumps([{**r.__dict__, "speedup": r.speedup, "hardware": attention.hardware()}
-                                        for r in rows], indent=1))
+        json_out.write_text(json.dumps({"hardware": attention.hardware(), "roofline": peak.as_dict(), "rows": [
+            {**r.__dict__, "speedup": r.speedup, "roofline_fraction": r.roofline(peak),
+             "dense_roofline_fraction": r.dense_roofline(peak)} for r in rows]}, indent=1))
+    if plot_out and not attention.plot(rows, plot_out):
+        console.print("[yellow]no plot:[/yellow] pip install 'longreach[plots]' (matplotlib)")
 
 
 @bench_app.command("selection")

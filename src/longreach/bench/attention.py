@@ -7,12 +7,15 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import kernels, parse_spec
+from ..cache.summaries import BlockSummaries
 from ..methods import SelectContext
+from .roofline import Roofline
 
 
 @dataclass
@@ -24,10 +27,28 @@ class Row:
     select_s: float
     attend_s: float
     density: float
+    phase: str = "prefill"
+    heads: str = "9/3/64"  # query heads / kv heads / head dim
+    flops: float = 0.0  # attended query-key pairs x 4 x head dim (QK^T and PV)
+    kv_bytes: float = 0.0  # K and V bytes the selected keys occupy (what decode must read)
+    dense_flops: float = 0.0
+    dense_bytes: float = 0.0
 
     @property
     def speedup(self) -> float:
         return self.dense_s / (self.select_s + self.attend_s)
+
+    def roofline(self, peak: Roofline) -> float:
+        """Attention kernel rate on the attended keys over the machine's ceiling: FLOP/s vs the matmul peak
+        (prefill), bytes/s vs the read bandwidth (decode)."""
+        if self.phase == "decode":
+            return self.kv_bytes / self.attend_s / peak.bytes_per_s
+        return self.flops / self.attend_s / peak.flops
+
+    def dense_roofline(self, peak: Roofline) -> float:
+        if self.phase == "decode":
+            return self.dense_bytes / self.dense_s / peak.bytes_per_s
+        return self.dense_flops / self.dense_s / peak.flops
 
 
 def hardware() -> str:
@@ -46,24 +67,71 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """PyTorch's causal SDPA with GQA; the baseline every ratio is measured against."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    causal = q.shape[2] == k.shape[2]  # a decode query sees every key
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _context(method, k: torch.Tensor, phase: str) -> SelectContext:
+    """Decode selects with the block summaries the cache keeps incrementally (built here once, as prefill does)."""
+    stats = getattr(method, "block_stats", ())
+    if phase != "decode" or not stats:
+        return SelectContext()
+    summaries = BlockSummaries(getattr(method, "kblock", method.block), stats)
+    summaries.update(k, new_sequence=True)
+    return SelectContext(summaries=summaries)
 
 
 def run(lengths: list[int], specs: list[str], kernel: str = "gather", q_heads: int = 9, kv_heads: int = 3,
-        dim: int = 64, repeat: int = 2) -> list[Row]:
+        dim: int = 64, repeat: int = 2, phases: tuple[str, ...] = ("prefill",)) -> list[Row]:
     rows = []
+    heads = f"{q_heads}/{kv_heads}/{dim}"
     for length in lengths:
-        q = torch.randn(1, q_heads, length, dim)
         k = torch.randn(1, kv_heads, length, dim)
         v = torch.randn(1, kv_heads, length, dim)
-        dense_s = _best(lambda q=q, k=k, v=v: dense_sdpa(q, k, v), repeat)
-        for spec in specs:
-            method = parse_spec(spec).selector
-            sel = method.select(q, k, SelectContext())
-            select_s = _best(lambda m=method, q=q, k=k: m.select(q, k, SelectContext()), repeat)
-            attend_s = _best(lambda sel=sel, q=q, k=k, v=v: kernels.attend(q, k, v, sel, dim**-0.5, kernel), repeat)
-            rows.append(Row(length, spec, kernel, dense_s, select_s, attend_s, sel.density()))
+        for phase in phases:
+            q = torch.randn(1, q_heads, length if phase == "prefill" else 1, dim)
+            dense_s = _best(lambda q=q, k=k, v=v: dense_sdpa(q, k, v), repeat)
+            causal_pairs = q_heads * (length * (length + 1) / 2 if phase == "prefill" else length)
+            dense_flops, dense_bytes = 4 * dim * causal_pairs, 2 * kv_heads * length * dim * 4
+            for spec in specs:
+                method = parse_spec(spec).selector
+                ctx = _context(method, k, phase)
+                sel = method.select(q, k, ctx)
+                select_s = _best(lambda m=method, q=q, k=k, ctx=ctx: m.select(q, k, ctx), repeat)
+                attend_s = _best(lambda sel=sel, q=q, k=k, v=v: kernels.attend(q, k, v, sel, dim**-0.5, kernel),
+                                 repeat)
+                density = sel.density()
+                rows.append(Row(length, spec, kernel, dense_s, select_s, attend_s, density, phase, heads,
+                                dense_flops * density, dense_bytes * density, dense_flops, dense_bytes))
     return rows
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    """Speedup vs T per method (one panel per phase and head shape); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = list(dict.fromkeys((r.phase, r.heads) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (phase, heads) in zip(axes[0], panels, strict=True):
+        sub = [r for r in rows if (r.phase, r.heads) == (phase, heads)]
+        for spec in dict.fromkeys(r.spec for r in sub):
+            pts = sorted((r.length, r.speedup) for r in sub if r.spec == spec)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=spec)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel("speedup vs dense SDPA")
+        ax.set_title(f"{phase}, heads {heads}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 @dataclass
