@@ -78,3 +78,26 @@ def test_fit_recovers_t_log_t_and_quadratic_slopes():
     assert exact.max_rel_residual < 1e-9 and 1.0 < exact.slope < 1.15
     quad = fit_t_log_t(lengths, [1e-9 * t * t for t in lengths])
     assert quad.slope == pytest.approx(2.0) and quad.max_rel_residual > 0.5
+
+
+def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
+    out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    result = runner.invoke(app, ["bench", "e2e", "--model", str(tiny_lm_folder), "--lengths", "300,600",
+                                 "--methods", "dense;quest:density=0.5,block=32;snapkv:density=0.5",
+                                 "--new-tokens", "4", "--corpus", "synthetic", "--json", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp column skipped" in result.output  # a HF folder is not a GGUF
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["length"], r["method"]) for r in rows] == [
+        (n, m) for n in (300, 600) for m in ("dense", "quest:density=0.5,block=32", "snapkv:density=0.5")]
+    assert all(r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_tokens"] == 3 for r in rows)
+    by = {(r["length"], r["method"]): r for r in rows}
+    assert by[(600, "snapkv:density=0.5")]["kv_bytes"] < by[(600, "dense")]["kv_bytes"]
+    assert all(r["ttft_speedup"] > 0 for r in rows)
+    assert png.stat().st_size > 1000
+
+
+def test_bench_e2e_refuses_a_prompt_longer_than_the_text(tiny_lm_folder):
+    result = runner.invoke(app, ["bench", "e2e", "--model", str(tiny_lm_folder), "--lengths", "1024k",
+                                 "--corpus", "synthetic", "--no-peer"])
+    assert result.exit_code == 2 and "fewer than" in result.output

@@ -77,6 +77,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
     return model, tokenizer
 
 
+def gguf_path(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file behind a bundled name or a .gguf path (what peers like llama.cpp load); None for HF folders."""
+    key = str(name_or_path)
+    if key in BUNDLED:
+        return _bundled_gguf(BUNDLED[key])
+    path = Path(key).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     """Only the tokenizer (for building prompts without a model): seconds, cached like models."""
     from transformers import AutoTokenizer

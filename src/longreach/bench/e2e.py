@@ -1,0 +1,123 @@
+"""End-to-end benchmark: a real model on real text, dense vs methods (and llama.cpp), one run.
+
+For each prompt length and method: time to first token (the prefill forward that yields the first
+token's logits), decode tokens/s over a fixed number of new tokens (no early stop), peak RSS (the
+process high-water mark, reset per run) and the KV cache bytes after the run. Ratios are against
+dense in the same run. ``llama-cpp-python`` on the same GGUF, when installed, is a peer column;
+without it the run says so and goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import apply, cache_bytes
+from ..eval.measure import peak_rss_mb, reset_peak_rss
+from ..generation import greedy
+
+
+@dataclass
+class E2ERow:
+    length: int
+    method: str
+    ttft_s: float
+    decode_tok_s: float
+    decode_tokens: int
+    peak_rss_mb: float
+    kv_bytes: int | None
+
+    def vs(self, dense: E2ERow | None) -> tuple[float | None, float | None]:
+        """(TTFT speedup, decode speedup) against dense measured in the same run."""
+        if dense is None:
+            return None, None
+        return dense.ttft_s / self.ttft_s, self.decode_tok_s / dense.decode_tok_s
+
+
+def prompt_ids(tokenizer, text: str, length: int) -> dict:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] < length:
+        raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than the {length} asked for")
+    ids = ids[:, :length]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str], new_tokens: int = 32,
+              chunk: int | None = None) -> list[E2ERow]:
+    rows = []
+    for length in lengths:
+        ids = prompt_ids(tokenizer, text, length)
+        for spec in specs:
+            with apply(model, spec) as handle:
+                greedy(model, prompt_ids(tokenizer, text, 256), 2, set())  # warm-up apart (lazy init)
+                reset_peak_rss()
+                run = greedy(model, ids, new_tokens, set(), hold_last=handle.compresses, chunk=chunk)
+            decoded = len(run.tokens) - 1
+            rows.append(E2ERow(length, spec, run.prefill_s, decoded / run.decode_s if run.decode_s else 0.0,
+                               decoded, peak_rss_mb(), cache_bytes(run.cache)))
+    return rows
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_llama_cpp(gguf: Path, text: str, lengths: list[int], new_tokens: int = 32) -> list[E2ERow]:
+    """The same measurements through llama.cpp (its own tokenizer on the same text, same thread count)."""
+    from llama_cpp import Llama
+
+    rows = []
+    for length in lengths:
+        llm = Llama(model_path=str(gguf), n_ctx=length + new_tokens + 8, n_threads=os.cpu_count(), verbose=False)
+        tokens = llm.tokenize(text.encode(), add_bos=False)[:length]
+        reset_peak_rss()
+        start = time.perf_counter()
+        llm.eval(tokens)
+        ttft = time.perf_counter() - start
+        token = int(llm.sample(temp=0.0))
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = int(llm.sample(temp=0.0))
+        decode = time.perf_counter() - start
+        rows.append(E2ERow(length, "llama.cpp", ttft, (new_tokens - 1) / decode, new_tokens - 1, peak_rss_mb(), None))
+        with contextlib.suppress(Exception):
+            llm.close()
+    return rows
+
+
+def plot(rows: list[E2ERow], path: Path) -> bool:
+    """TTFT and decode speedup vs T per method (dense = 1); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    dense = {r.length: r for r in rows if r.method == "dense"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method in dict.fromkeys(r.method for r in rows if r.method != "dense"):
+        pts = sorted((r.length, *r.vs(dense.get(r.length))) for r in rows if r.method == method)
+        pts = [p for p in pts if p[1] is not None]
+        for ax, i in zip(axes, (1, 2), strict=True):
+            ax.plot([p[0] for p in pts], [p[i] for p in pts], marker="o", label=method)
+    for ax, what in zip(axes, ("time to first token", "decode tokens/s"), strict=True):
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(f"{what}: speedup vs dense")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
