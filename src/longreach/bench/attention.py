@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import kernels, parse_spec
 from ..cache.summaries import BlockSummaries
 from ..methods import SelectContext
+from ._plot import pyplot, speedup_axis
 from .roofline import Roofline
 
 
@@ -108,12 +109,8 @@ def run(lengths: list[int], specs: list[str], kernel: str = "gather", q_heads: i
 
 def plot(rows: list[Row], path: Path) -> bool:
     """Speedup vs T per method (one panel per phase and head shape); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     panels = list(dict.fromkeys((r.phase, r.heads) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -122,12 +119,9 @@ def plot(rows: list[Row], path: Path) -> bool:
         for spec in dict.fromkeys(r.spec for r in sub):
             pts = sorted((r.length, r.speedup) for r in sub if r.spec == spec)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=spec)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
+        speedup_axis(ax, "speedup vs dense SDPA")
         ax.set_xlabel("T (tokens)")
-        ax.set_ylabel("speedup vs dense SDPA")
         ax.set_title(f"{phase}, heads {heads}")
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

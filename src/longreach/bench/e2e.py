@@ -20,6 +20,7 @@ import torch
 from .. import apply, cache_bytes
 from ..eval.measure import peak_rss_mb, reset_peak_rss
 from ..generation import greedy
+from ._plot import pyplot, speedup_axis
 
 
 @dataclass
@@ -97,12 +98,8 @@ def run_llama_cpp(gguf: Path, text: str, lengths: list[int], new_tokens: int = 3
 
 def plot(rows: list[E2ERow], path: Path) -> bool:
     """TTFT and decode speedup vs T per method (dense = 1); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     dense = {r.length: r for r in rows if r.method == "dense"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -112,11 +109,8 @@ def plot(rows: list[E2ERow], path: Path) -> bool:
         for ax, i in zip(axes, (1, 2), strict=True):
             ax.plot([p[0] for p in pts], [p[i] for p in pts], marker="o", label=method)
     for ax, what in zip(axes, ("time to first token", "decode tokens/s"), strict=True):
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
+        speedup_axis(ax, f"{what}: speedup vs dense")
         ax.set_xlabel("prompt tokens")
-        ax.set_ylabel(f"{what}: speedup vs dense")
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
