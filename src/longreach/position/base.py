@@ -93,8 +93,7 @@ class RemapPositions(PositionMethod):
     """Re-rotates q/k inside longreach's attention function; the model itself is untouched."""
 
     def install(self, model: nn.Module) -> Callable[[], None]:
-        rope_info(model)  # a model without RoPE is refused here, before any forward
-        return lambda: None
+        return lambda: None  # nothing to change in the model: ``apply`` reads its RoPE (rope_info) instead
 
     def view(self, q: Tensor, k: Tensor, rope: RopeInfo, state: dict) -> PositionView:
         """q (B, Hq, Tq, D), k (B, Hkv, Tk, D), rotated by transformers at positions ``Tk - Tq + i`` / ``j``;
