@@ -405,3 +405,17 @@ def test_generate_command_chunks_the_prefill_and_warns_past_the_trained_length(t
     assert chunked.exit_code == 0 and fixed.exit_code == 0
     text = lambda out: out.split("it/s]")[-1].split("\n")[0]  # noqa: E731  (after the weights progress bar)
     assert text(chunked.output) == text(fixed.output)  # the same continuation, chunked or not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes the plain-math path
+@pytest.mark.parametrize("t_q", [40, 7, 1])
+def test_causal_attention_with_lse_is_bottom_right_causal(dtype, t_q):
+    from longreach.compat import attention_with_lse_math
+    from longreach.kernels.dense import causal_attention_with_lse, causal_keep
+
+    q, k, v = (torch.randn(1, 2, t, 16, dtype=dtype) for t in (t_q, 40, 40))
+    out, lse = causal_attention_with_lse(q, k, v, 0.25)
+    bias = torch.zeros(t_q, 40, dtype=dtype).masked_fill(~causal_keep(t_q, 40, q.device), float("-inf"))
+    want, want_lse = attention_with_lse_math(q, k, v, bias, 0.25)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)

@@ -8,13 +8,15 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of each row, so partial results can be merged.
 
     Inputs are 4-D ``(N, H, L, D)`` / ``(N, H, S, D)``; ``bias`` is an additive float mask broadcastable to
     ``(N, H, L, S)`` (0 keep, -inf drop). Rows whose keys are all dropped come back with ``out = 0`` and
     an arbitrary lse: callers mark such rows themselves (they know which rows are empty).
+    ``causal`` (square inputs, no bias): the fused kernel's own causal path, no L x S mask built.
 
     On CPU this uses torch's fused flash kernel (measured: an additive mask costs ~7% over no mask,
     while a boolean mask in public SDPA costs ~2.5x). Elsewhere, or if the op is missing, the plain math.
@@ -22,29 +24,12 @@ def attention_with_lse(
     if _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32:
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse
+    if causal:
+        upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        bias = torch.zeros(upper.shape, dtype=q.dtype, device=q.device).masked_fill_(upper, float("-inf"))
     return attention_with_lse_math(q, k, v, bias, scale)
-
-
-def causal_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention with lse, the L queries being the last L of S positions (bottom-right aligned).
-
-    Square inputs take the fused kernel's own causal path (no L x S mask is built: at 16k that mask
-    alone would be 1 GiB); otherwise an additive mask.
-    """
-    t_q, t_k = q.shape[2], k.shape[2]
-    if t_q == t_k and _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32:
-        out, lse = _CPU_FLASH(q, k, v, 0.0, True, scale=scale)
-        return out, lse
-    bias = None
-    if t_q > 1:
-        pos = torch.arange(t_k - t_q, t_k, device=q.device)
-        ok = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
-        bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
-    return attention_with_lse(q, k, v, bias, scale)
 
 
 def attention_with_lse_math(

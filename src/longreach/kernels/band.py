@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..compat import attention_with_lse, causal_attention_with_lse
+from ..compat import attention_with_lse
+from .dense import causal_attention_with_lse
 
 
 def band_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:

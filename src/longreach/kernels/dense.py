@@ -6,6 +6,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..compat import attention_with_lse
+
+
+def causal_keep(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """(Tq, Tk) bool: the Tq queries are the last Tq of Tk positions (bottom-right aligned causal)."""
+    pos = torch.arange(t_k - t_q, t_k, device=device)
+    return torch.arange(t_k, device=device)[None, :] <= pos[:, None]
+
+
+def causal_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal attention with lse, q (B, H, L, D) and k/v (B, H, S, D) with equal heads (bottom-right).
+
+    Square inputs take the fused kernel's own causal path (at 16k an L x S mask alone would be 1 GiB);
+    otherwise an additive mask.
+    """
+    t_q, t_k = q.shape[2], k.shape[2]
+    if t_q == t_k:
+        return attention_with_lse(q, k, v, None, scale, causal=True)
+    bias = None
+    if t_q > 1:
+        keep = causal_keep(t_q, t_k, q.device)
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+    return attention_with_lse(q, k, v, bias, scale)
+
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), queries are the last Tq keys -> (B, Tq, Hq, D).
@@ -22,8 +46,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         return out.view(batch, n_q, 1, dim).transpose(1, 2)
     mask = None
     if t_q != t_k:  # a chunk of queries after a prefix: bottom-right aligned causal mask (Tq x Tk)
-        pos = torch.arange(t_k - t_q, t_k, device=q.device)
-        mask = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
+        mask = causal_keep(t_q, t_k, q.device)
     outs = [
         F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         for i in range(group)

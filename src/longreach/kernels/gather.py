@@ -17,12 +17,12 @@ import math
 import torch
 from torch import Tensor
 
-from ..compat import attention_with_lse, causal_attention_with_lse
+from ..compat import attention_with_lse
 from ..errors import InputError
 from ..selection import Selection
 from ._heads import plan_heads
 from .band import band_attention_with_lse
-from .dense import causal_attention
+from .dense import causal_attention, causal_attention_with_lse
 from .far import FarKeys
 
 CHUNK_BYTES = 96 * 2**20  # working-set target per chunk of query blocks
