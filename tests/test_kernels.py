@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longreach import kernels
-from longreach.kernels import reference
+from longreach.kernels import gather, native, reference
 from longreach.selection import Selection
 
 TOL = 1e-5
@@ -54,10 +54,20 @@ def test_full_selection_equals_dense(shape, kernel):
     assert (out - sdpa_dense(q, k, v)).abs().max().item() <= TOL
 
 
+@pytest.fixture(params=["native", "torch"])
+def gather_path(request, monkeypatch):
+    """The gather kernel's two paths: the compiled fused kernel and the pure-PyTorch fallback."""
+    if request.param == "native":
+        assert native.load() is not None, "the compiled kernel must build here (g++ and torch headers)"
+    else:
+        monkeypatch.setattr(gather.native, "usable", lambda q: False)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("heads", ["one", "kv", "q"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_gather_matches_reference_on_random_selections(shape, heads, padded):
+def test_gather_matches_reference_on_random_selections(shape, heads, padded, gather_path):
     b, hq, hkv, tq, tk, d, bq, bk = shape
     q, k, v = qkv(b, hq, hkv, tq, tk, d)
     n_heads = {"one": 1, "kv": hkv, "q": hq}[heads]
@@ -72,6 +82,19 @@ def test_gather_matches_reference_on_random_selections(shape, heads, padded):
         assert (out - ref).abs().max().item() <= TOL, (sinks, window, n_blocks)
 
 
+@pytest.mark.parametrize("tq", [700, 1])
+def test_gather_tiles_long_key_sets_like_the_reference(tq, gather_path):
+    """Far key sets and near bands longer than the fused kernel's 512-key tile, prefill and decode."""
+    torch.manual_seed(1)
+    q, k, v = qkv(1, 4, 2, tq, 1500, 16)
+    for sinks, window, n_blocks in [(4, 600, 3), (0, 8, 40), (3, 1100, 30)]:
+        sel = random_selection(1, 2, tq, 1500, 32, 16, n_blocks, sinks, window)
+        ref = reference.attend(q, k, v, sel, 0.25)
+        out = kernels.attend(q, k, v, sel, 0.25, "gather")
+        assert (out - ref).abs().max().item() <= TOL, (sinks, window, n_blocks)
+
+
+@pytest.mark.usefixtures("gather_path")
 def test_masked_everything_gives_zero_rows_not_nan():
     q, k, v = qkv(1, 2, 2, 8, 8, 8)
     key_mask = torch.zeros(1, 8, dtype=torch.bool)

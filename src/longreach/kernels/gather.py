@@ -20,6 +20,7 @@ from torch import Tensor
 from ..compat import attention_with_lse
 from ..errors import InputError
 from ..selection import Selection
+from . import native
 from ._heads import plan_heads
 from .band import band_attention_with_lse
 from .dense import causal_attention, causal_attention_with_lse
@@ -70,9 +71,26 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
             batch, heads, n_qb, rows, dim)
 
     qb = blocks(q)
-    qb_far, k_far = (blocks(far.q), far.k) if far is not None else (qb, k)
-    b_idx = torch.arange(batch, device=q.device).view(batch, 1, 1, 1)
-    h_idx = plan.kv_head.view(1, heads, 1, 1)
+    if far is None and native.usable(q):
+        out, lse = _native_chunks(qb, k, v, sel, plan.kv_head, fold, scale)
+    else:
+        out, lse = _torch_chunks(qb, blocks(far.q) if far is not None else qb, k, v, sel, plan.kv_head, fold, scale,
+                                 far)
+    out = out.view(batch, heads, n_qb, bq, fold, dim).permute(0, 1, 4, 2, 3, 5)
+    out = out.reshape(batch, n_q, n_qb * bq, dim)[:, :, :t_q]
+    lse = lse.view(batch, heads, n_qb, bq, fold).permute(0, 1, 4, 2, 3).reshape(batch, n_q, n_qb * bq)[:, :, :t_q]
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, fold: int,
+                  scale: float, far: FarKeys | None) -> tuple[Tensor, Tensor]:
+    """Pure PyTorch: per chunk of query blocks, gathered near and far parts merged by log-sum-exp.
+    qb (B, Hs, nQB, rows, D) -> out like qb and lse (B, Hs, nQB, rows)."""
+    batch, heads, n_qb, rows, dim = qb.shape
+    bq = sel.block_q
+    take_k, take_v = _Rows(k, kv_head), _Rows(v, kv_head)
+    take_k_far = _Rows(far.k, kv_head) if far is not None else None
+    take_k_near, take_v_near = _Rows(k, kv_head), _Rows(v, kv_head)
     out = torch.empty_like(qb)
     lse = qb.new_empty(batch, heads, n_qb, rows)
     step = _blocks_per_chunk(sel, batch * heads, rows, dim)
@@ -83,38 +101,60 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
         qc = qb[:, :, b0:b1].reshape(batch * heads, nb, rows, dim)
         parts = []
 
-        near_pos = lay.near_pos.view(1, 1, nb, -1)
-        near_v = _flat(v[b_idx, h_idx, near_pos])  # (B*Hs, nb, Kn, D)
+        near_pos = lay.near_pos.view(1, 1, nb, -1).expand(batch, heads, -1, -1)
+        near_v = take_v_near(near_pos)  # (B*Hs, nb, Kn, D)
         n_near = near_pos.shape[-1]
         near_ok = lay.near_ok.expand(batch, heads, nb, bq, n_near)
         if far is None:
-            pieces = [(qc, k, near_ok)]
+            pieces = [(qc, take_k_near, near_ok)]
         else:  # split the band by distance: near rotation below far.distance, far rotation from it on
-            q_pos = sel.q_offset + torch.arange(b0 * bq, b1 * bq, device=q.device).view(nb, bq, 1)
+            q_pos = sel.q_offset + torch.arange(b0 * bq, b1 * bq, device=qb.device).view(nb, bq, 1)
             dist = q_pos - lay.near_pos[:, None]
             is_far = dist >= far.distance  # (nb, bq, Kn)
             qc_far = qb_far[:, :, b0:b1].reshape(batch * heads, nb, rows, dim)
-            pieces = [(qc, k, near_ok & ~is_far), (qc_far, k_far, near_ok & is_far)]
-        for qq, kk, ok in pieces:
+            pieces = [(qc, take_k_near, near_ok & ~is_far), (qc_far, take_k_far, near_ok & is_far)]
+        for qq, take, ok in pieces:
             ok = ok.unsqueeze(-2).expand(-1, -1, -1, -1, fold, -1).reshape(batch * heads, nb, rows, n_near)
-            o, lse_part = attention_with_lse(qq, _flat(kk[b_idx, h_idx, near_pos]), near_v, _bias(ok), scale)
+            o, lse_part = attention_with_lse(qq, take(near_pos), near_v, _bias(ok), scale)
             parts.append((o, lse_part, ok.any(-1)))
 
-        if lay.far_pos.shape[-1]:  # the fused op rejects empty key sets
+        far_pos, far_ok = _compact(lay.far_pos, lay.far_ok)
+        if far_pos.shape[-1]:  # the fused op rejects empty key sets
             qc_f = qb_far[:, :, b0:b1].reshape(batch * heads, nb, rows, dim)
-            far_bias = _bias(lay.far_ok).unsqueeze(-2)  # (B, Hs, nb, 1, Kf): one row serves every query
-            o, lse_part = attention_with_lse(qc_f, _flat(k_far[b_idx, h_idx, lay.far_pos]),
-                                             _flat(v[b_idx, h_idx, lay.far_pos]), far_bias.flatten(0, 1), scale)
-            parts.append((o, lse_part, lay.far_ok.any(-1).view(batch * heads, nb, 1).expand_as(lse_part)))
+            # one mask row serves every query of a block; none at all when every gathered key is visible
+            far_bias = None if bool(far_ok.all()) else _bias(far_ok).unsqueeze(-2).flatten(0, 1)
+            o, lse_part = attention_with_lse(qc_f, (take_k_far or take_k)(far_pos), take_v(far_pos), far_bias,
+                                             scale)
+            parts.append((o, lse_part, far_ok.any(-1).view(batch * heads, nb, 1).expand_as(lse_part)))
 
         merged, merged_lse = merge_parts(parts)
         out[:, :, b0:b1] = merged.view(batch, heads, nb, rows, dim)
         lse[:, :, b0:b1] = merged_lse.view(batch, heads, nb, rows)
+    return out, lse
 
-    out = out.view(batch, heads, n_qb, bq, fold, dim).permute(0, 1, 4, 2, 3, 5)
-    out = out.reshape(batch, n_q, n_qb * bq, dim)[:, :, :t_q]
-    lse = lse.view(batch, heads, n_qb, bq, fold).permute(0, 1, 4, 2, 3).reshape(batch, n_q, n_qb * bq)[:, :, :t_q]
-    return out.transpose(1, 2), lse.transpose(1, 2)
+
+def _native_chunks(qb: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, fold: int, scale: float
+                   ) -> tuple[Tensor, Tensor]:
+    """The compiled kernel per chunk of query blocks: the same layout, keys streamed in place."""
+    batch, heads, n_qb, rows, dim = qb.shape
+    n_kv = k.shape[1]
+    kv_of = (torch.arange(batch).view(batch, 1) * n_kv + kv_head.cpu().view(1, heads)).flatten()
+    kk, vv = k.reshape(batch * n_kv, -1, dim), v.reshape(batch * n_kv, -1, dim)
+    out = torch.empty_like(qb)
+    lse = qb.new_empty(batch, heads, n_qb, rows)
+    step = _blocks_per_chunk(sel, batch * heads, rows, dim)
+    module = native.load()
+    assert module is not None
+    for b0 in range(0, n_qb, step):
+        b1 = min(b0 + step, n_qb)
+        lay = sel.layout(b0, b1)
+        far_pos, far_ok = _compact(lay.far_pos, lay.far_ok)
+        o, l_ = module.attend(qb[:, :, b0:b1].reshape(batch * heads, b1 - b0, rows, dim), kk, vv, kv_of,
+                              far_pos.flatten(0, 1), far_ok.flatten(0, 1), lay.near_start,
+                              lay.near_ok.expand(batch, heads, -1, -1, -1).flatten(0, 1), fold, scale)
+        out[:, :, b0:b1] = o.view(batch, heads, b1 - b0, rows, dim)
+        lse[:, :, b0:b1] = l_.view(batch, heads, b1 - b0, rows)
+    return out, lse
 
 
 def two_piece_causal(q: Tensor, k: Tensor, v: Tensor, far: FarKeys, scale: float) -> Tensor:
@@ -149,9 +189,49 @@ def two_piece_causal(q: Tensor, k: Tensor, v: Tensor, far: FarKeys, scale: float
     return out
 
 
-def _flat(x: Tensor) -> Tensor:
-    """(B, Hs, nb, S, D) -> (B*Hs, nb, S, D): the 4-D layout fused attention accepts."""
-    return x.flatten(0, 1)
+class _Rows:
+    """Gathers key rows of one (B, Hkv, T, D) tensor for (B, Hs, nb, K) positions into a reused buffer.
+
+    A fresh tens-of-MiB tensor per chunk is page-faulted in on every call: measured 8x slower at 32k than
+    ``index_select`` into a buffer kept across chunks.
+    """
+
+    def __init__(self, x: Tensor, kv_head: Tensor) -> None:
+        batch, self.n_kv, self.t, self.dim = x.shape
+        self.flat = x.reshape(-1, self.dim)  # a view for the usual contiguous cache
+        self.head_base = (torch.arange(batch, device=x.device).view(batch, 1) * self.n_kv + kv_head.view(1, -1))
+        self.buf: Tensor | None = None
+
+    def __call__(self, pos: Tensor) -> Tensor:
+        batch, heads, nb, width = pos.shape
+        idx = (self.head_base.view(batch, heads, 1, 1) * self.t + pos).flatten()
+        if self.flat.requires_grad and torch.is_grad_enabled():  # out= has no autograd
+            return self.flat.index_select(0, idx).view(batch * heads, nb, width, self.dim)
+        need = idx.numel() * self.dim
+        if self.buf is None or self.buf.numel() < need:
+            self.buf = self.flat.new_empty(need)
+        out = self.buf[:need].view(idx.numel(), self.dim)
+        torch.index_select(self.flat, 0, idx, out=out)
+        return out.view(batch * heads, nb, width, self.dim)
+
+
+def _compact(pos: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    """Trim the far keys to the chunk's widest row of visible ones.
+
+    Budgets grow with the query position, so the fixed-width layout pads early blocks with invisible
+    slots (attending them anyway doubled the far work at 32k, moba 10%). Selectors put empty slots last,
+    so cutting at the last visible column is enough; rows with holes in the middle are sorted first.
+    """
+    if not ok.numel():
+        return pos, ok
+    cols = torch.arange(ok.shape[-1], device=ok.device)
+    width = int(torch.where(ok, cols, -1).amax()) + 1
+    visible = int(ok.sum())
+    if visible < 0.9 * width * ok[..., 0].numel():  # many holes: move the visible keys first
+        width = int(ok.sum(-1).max())
+        order = torch.argsort((~ok).to(torch.uint8), dim=-1, stable=True)[..., :width]
+        return pos.gather(-1, order), ok.gather(-1, order)
+    return pos[..., :width], ok[..., :width]
 
 
 def _bias(ok: Tensor) -> Tensor:

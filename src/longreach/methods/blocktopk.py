@@ -34,10 +34,13 @@ class BlockTopK(BudgetedMethod):
         return scores.amax(dim=2)
 
     def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
-        scores = self._block_scores(q, k.shape[1], self.key_stats(k, ctx, self.block_stats))  # (B, H, nQB, nKB)
+        scores = self._block_scores(q, k.shape[1], self.key_stats(k, ctx, self.block_stats), plan)  # (B, H, nQB, nKB)
         return self.top_blocks(scores, plan, ctx)
 
-    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor]) -> Tensor:
+    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], plan: BlockPlan) -> Tensor:
+        """Scores of every (query block, key block); only candidate key blocks are computed (a chunk of
+        query blocks scores the key blocks up to its last candidate: half the work of a causal prefill),
+        the rest are -inf."""
         batch, n_q = q.shape[:2]
         qb, q_valid = query_blocks(q, self.block)
         qg = by_group(qb, n_kv)  # (B, Hkv, G, nQB, bq, D)
@@ -48,7 +51,13 @@ class BlockTopK(BudgetedMethod):
         chunks = []
         for b0 in range(0, n_qb, step):
             b1 = min(b0 + step, n_qb)
-            chunks.append(self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1]))
+            cols = plan.candidate[b0:b1].any(0).nonzero()
+            width = int(cols.max()) + 1 if cols.numel() else 0
+            part = qg.new_full((*qg.shape[:3], b1 - b0, n_kb), float("-inf"))
+            if width:
+                part[..., :width] = self.score(qg[:, :, :, b0:b1], {s: t[:, :, :width] for s, t in stats.items()},
+                                               q_valid[b0:b1])
+            chunks.append(part)
         scores = torch.cat(chunks, dim=3)  # (B, Hkv, G, nQB, nKB)
         return self.combine_group(scores) if self.group == "kv" else scores.flatten(1, 2)
 
@@ -62,11 +71,16 @@ class Quest(BlockTopK):
     block_stats: ClassVar[tuple[str, ...]] = ("min", "max")
 
     def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor) -> Tensor:
-        # upper bound of q.k over a block: sum_c max(q_c * min_c, q_c * max_c)
-        kmin, kmax = stats["min"][:, :, None, None], stats["max"][:, :, None, None]  # (B, Hkv, 1, 1, nKB, D)
-        pos, neg = q.clamp(min=0), q.clamp(max=0)  # (B, Hkv, G, nb, bq, D)
-        bound = pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)  # (B, Hkv, G, nb, bq, nKB)
-        bound = bound.masked_fill(~q_valid[:, :, None], float("-inf"))
+        # upper bound of q.k over a block: sum_c max(q_c * min_c, q_c * max_c), i.e. [q+, q-] . [max, min]:
+        # one GEMM per KV head with inner size 2D (a broadcast matmul would copy the bounds per query block)
+        batch, n_kv, group, nb, bq, dim = q.shape
+        rows = q.reshape(batch * n_kv, group * nb * bq, dim)
+        rows = torch.cat([rows.clamp(min=0), rows.clamp(max=0)], dim=-1)
+        bounds = torch.cat([stats["max"], stats["min"]], dim=-1).reshape(batch * n_kv, -1, 2 * dim)
+        bound = rows @ bounds.transpose(-1, -2)  # (B*Hkv, rows, nKB)
+        bound = bound.view(batch, n_kv, group, nb, bq, -1)  # (B, Hkv, G, nb, bq, nKB)
+        if not bool(q_valid.all()):
+            bound = bound.masked_fill(~q_valid[:, :, None], float("-inf"))
         return bound.amax(dim=-2)
 
 
