@@ -58,7 +58,8 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
     n_kv = k.shape[1]
     plan = plan_heads(sel, n_q, n_kv)
     sel, fold = plan.sel, plan.fold
-    heads, bq, n_qb = sel.heads, sel.block_q, sel.query_blocks
+    heads, n_qb = sel.heads, sel.query_blocks
+    bq = t_q if n_qb == 1 else sel.block_q  # one short block (decode): no padded query rows to compute
     rows = bq * fold
 
     def blocks(x: Tensor) -> Tensor:
@@ -87,7 +88,7 @@ def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selecti
     """Pure PyTorch: per chunk of query blocks, gathered near and far parts merged by log-sum-exp.
     qb (B, Hs, nQB, rows, D) -> out like qb and lse (B, Hs, nQB, rows)."""
     batch, heads, n_qb, rows, dim = qb.shape
-    bq = sel.block_q
+    bq = rows // fold
     take_k, take_v = _Rows(k, kv_head), _Rows(v, kv_head)
     take_k_far = _Rows(far.k, kv_head) if far is not None else None
     take_k_near, take_v_near = _Rows(k, kv_head), _Rows(v, kv_head)
@@ -104,7 +105,7 @@ def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selecti
         near_pos = lay.near_pos.view(1, 1, nb, -1).expand(batch, heads, -1, -1)
         near_v = take_v_near(near_pos)  # (B*Hs, nb, Kn, D)
         n_near = near_pos.shape[-1]
-        near_ok = lay.near_ok.expand(batch, heads, nb, bq, n_near)
+        near_ok = lay.near_ok[..., :bq, :].expand(batch, heads, nb, bq, n_near)
         if far is None:
             pieces = [(qc, take_k_near, near_ok)]
         else:  # split the band by distance: near rotation below far.distance, far rotation from it on
@@ -151,7 +152,8 @@ def _native_chunks(qb: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Te
         far_pos, far_ok = _compact(lay.far_pos, lay.far_ok)
         o, l_ = module.attend(qb[:, :, b0:b1].reshape(batch * heads, b1 - b0, rows, dim), kk, vv, kv_of,
                               far_pos.flatten(0, 1), far_ok.flatten(0, 1), lay.near_start,
-                              lay.near_ok.expand(batch, heads, -1, -1, -1).flatten(0, 1), fold, scale)
+                              lay.near_ok[..., :rows // fold, :].expand(batch, heads, -1, -1, -1).flatten(0, 1),
+                              fold, scale)
         out[:, :, b0:b1] = o.view(batch, heads, b1 - b0, rows, dim)
         lse[:, :, b0:b1] = l_.view(batch, heads, b1 - b0, rows)
     return out, lse

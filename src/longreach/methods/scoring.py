@@ -11,8 +11,13 @@ SCORE_BYTES = 64 * 2**20  # bound on any (queries x keys) score chunk a selector
 
 
 def query_blocks(q: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """q (B, H, Tq, D) -> fp32 (B, H, nQB, block, D) zero-padded, and q_valid (nQB, block)."""
+    """q (B, H, Tq, D) -> fp32 (B, H, nQB, block, D) zero-padded, and q_valid (nQB, block).
+
+    Fewer queries than one block (decode) make one block of Tq rows: padding a single decode query to
+    the block size multiplied the scoring work by the block size.
+    """
     batch, heads, t_q, dim = q.shape
+    block = min(block, max(t_q, 1))
     n_qb = math.ceil(t_q / block)
     pad = n_qb * block - t_q
     qf = q.float()
