@@ -63,10 +63,12 @@ def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: 
 
     The cheap, exact estimate MInference and FlexPrefill start from: O(n * T) per head.
     """
-    n_q, t_q, t_k = q.shape[1], q.shape[2], k.shape[2]
+    batch, n_q, t_q, dim = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
     n = min(n_last, t_q)
-    ql = q[:, :, t_q - n :].float()
-    logits = ql @ expand_kv(k, n_q).float().transpose(-1, -2) * scale  # (B, Hq, n, Tk)
+    # the query heads sharing a KV head are one matmul against it (repeating K per head copied the cache)
+    ql = q[:, :, t_q - n :].float().reshape(batch, n_kv, (n_q // n_kv) * n, dim)
+    logits = (ql @ k.float().transpose(-1, -2) * scale).view(batch, n_q, n, t_k)  # (B, Hq, n, Tk)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     pos = (t_k - n) + torch.arange(n, device=q.device)
