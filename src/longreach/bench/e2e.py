@@ -54,7 +54,7 @@ def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str],
     for length in lengths:
         ids = prompt_ids(tokenizer, text, length)
         for spec in specs:
-            with apply(model, spec) as handle:
+            with apply(model, spec, track_density=False) as handle:  # density counting is not the method's cost
                 greedy(model, prompt_ids(tokenizer, text, 256), 2, set())  # warm-up apart (lazy init)
                 reset_peak_rss()
                 run = greedy(model, ids, new_tokens, set(), hold_last=handle.compresses, chunk=chunk)

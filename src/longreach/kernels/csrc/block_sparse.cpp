@@ -98,74 +98,99 @@ struct Softmax {
 
 }  // namespace
 
-// q (BH, nb, rows, D); k, v (BKV, T, D); kv_of (BH,) which K/V head each task reads;
-// far_pos/far_ok (BH, nb, Kf); near_start (nb,) first near position (may be negative);
-// near_ok (BH, nb, bq, Kn); rows = bq * fold (row r is query r / fold).
-// Returns out (BH, nb, rows, D) and lse (BH, nb, rows), -inf (with out 0) where a row saw no key.
-std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_of,
-                                  torch::Tensor far_pos, torch::Tensor far_ok, torch::Tensor near_start,
-                                  torch::Tensor near_ok, int64_t fold, double scale) {
+// Attention for a Selection, straight from its block indices (no layout tensors): task (h, b) is selection
+// head h (of BH = batch x selection heads) and query block b.
+// q (BH, nQB, rows, D) with rows = row_block * fold (row r is query b * block_q + r / fold; row_block is
+// block_q, or q_len when one block holds fewer queries); k, v (BKV, T, D); kv_of (BH,) which K/V head h
+// reads; indices (BH, nQB, K) chosen key blocks (-1 empty; duplicates counted once); key_mask (B, T) bool
+// or an empty tensor. Keys visible to query p (as Selection.mask_rows): j <= p and, for j within the
+// last `window` positions, always; further back only sinks and chosen blocks; key_mask drops padding.
+// Writes out (BH, nQB, rows, D) and lse (BH, nQB, rows): lse -inf (with out 0) where a row saw no key.
+void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_of, torch::Tensor indices,
+            torch::Tensor key_mask, int64_t heads, int64_t q_len, int64_t q_offset, int64_t block_q,
+            int64_t block_k, int64_t sinks, int64_t window, int64_t fold, double scale, torch::Tensor out,
+            torch::Tensor lse) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
               "block_sparse: float32 inputs only");
   q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
   kv_of = kv_of.to(torch::kInt64).contiguous();
-  far_pos = far_pos.to(torch::kInt64).contiguous(); far_ok = far_ok.to(torch::kBool).contiguous();
-  near_start = near_start.to(torch::kInt64).contiguous(); near_ok = near_ok.to(torch::kBool).contiguous();
-  const int64_t bh = q.size(0), nb = q.size(1), rows = q.size(2), d = q.size(3);
-  const int64_t t = k.size(1), kf = far_pos.size(2), bq = near_ok.size(2), kn = near_ok.size(3);
-  TORCH_CHECK(rows == bq * fold, "block_sparse: rows must be block_q * fold");
-  auto out = torch::empty_like(q);
-  auto lse = torch::empty({bh, nb, rows}, q.options());
+  indices = indices.to(torch::kInt64).contiguous();
+  const bool masked = key_mask.numel() > 0;
+  if (masked) key_mask = key_mask.to(torch::kBool).contiguous();
+  const int64_t bh = q.size(0), n_qb = q.size(1), rows = q.size(2), d = q.size(3);
+  const int64_t t = k.size(1), n_idx = indices.size(2), row_block = rows / fold;
+  TORCH_CHECK(rows == row_block * fold && indices.size(0) == bh && indices.size(1) == n_qb,
+              "block_sparse: q rows must be a multiple of fold and indices must be (BH, nQB, K)");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.sizes() == q.sizes(),
+              "block_sparse: out must be a contiguous tensor shaped like q");
+  const int64_t n_kb = (t + block_k - 1) / block_k;
+  const int64_t win = std::min(window, t), snk = std::min(sinks, t);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t* kvp = kv_of.data_ptr<int64_t>();
-  const int64_t* fpp = far_pos.data_ptr<int64_t>();
-  const bool* fop = far_ok.data_ptr<bool>();
-  const int64_t* nsp = near_start.data_ptr<int64_t>();
-  const bool* nop = near_ok.data_ptr<bool>();
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  const bool* kmp = masked ? key_mask.data_ptr<bool>() : nullptr;
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int ri = static_cast<int>(rows), di = static_cast<int>(d);
 
-  at::parallel_for(0, bh * nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, bh * n_qb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt((size_t)TILE * d), vt((size_t)TILE * d), s((size_t)rows * TILE);
-    bool col[TILE];
+    std::vector<uint8_t> chosen(n_kb);
+    std::vector<int64_t> far;
+    bool keep[TILE];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / nb, b = task % nb;
+      const int64_t h = task / n_qb, b = task % n_qb;
       const float* qb = qp + task * rows * d;
       const float* kh = kp + kvp[h] * t * d;
       const float* vh = vp + kvp[h] * t * d;
+      const bool* km = masked ? kmp + (h / heads) * t : nullptr;
+      const int64_t first = q_offset + b * block_q;
+      const int64_t n_valid = std::min(row_block, q_len - b * block_q);
+      const int64_t far_limit = first - win;  // far keys: j <= far_limit (behind every query's window)
+      // far keys: sinks, then each chosen block once; every query of the block sees all of them
+      std::fill(chosen.begin(), chosen.end(), 0);
+      far.clear();
+      for (int64_t j = 0; j < std::min(snk, far_limit + 1); ++j)
+        if (!km || km[j]) far.push_back(j);
+      const int64_t* idx = ip + task * n_idx;
+      for (int64_t e = 0; e < n_idx; ++e) {
+        const int64_t blk = idx[e];
+        if (blk < 0 || blk >= n_kb || chosen[blk]) continue;
+        chosen[blk] = 1;
+        const int64_t j1 = std::min({blk * block_k + block_k - 1, far_limit, t - 1});
+        for (int64_t j = std::max(blk * block_k, snk); j <= j1; ++j)
+          if (!km || km[j]) far.push_back(j);
+      }
       Softmax sm(ri, di);
-      // far keys: gathered into the tile, one visibility flag per key shared by every row
-      const int64_t* pos = fpp + task * kf;
-      const bool* ok = fop + task * kf;
-      for (int64_t t0 = 0; t0 < kf; t0 += TILE) {
-        const int n = static_cast<int>(std::min(TILE, kf - t0));
-        int visible = 0;
+      const int64_t n_far = static_cast<int64_t>(far.size());
+      for (int64_t t0 = 0; t0 < n_far; t0 += TILE) {
+        const int n = static_cast<int>(std::min(TILE, n_far - t0));
         for (int j = 0; j < n; ++j) {
-          col[j] = ok[t0 + j];
-          visible += ok[t0 + j];
-          std::memcpy(kt.data() + (size_t)j * d, kh + pos[t0 + j] * d, d * sizeof(float));
-          std::memcpy(vt.data() + (size_t)j * d, vh + pos[t0 + j] * d, d * sizeof(float));
+          std::memcpy(kt.data() + (size_t)j * d, kh + far[t0 + j] * d, d * sizeof(float));
+          std::memcpy(vt.data() + (size_t)j * d, vh + far[t0 + j] * d, d * sizeof(float));
         }
-        if (visible == 0) continue;
         scores(qb, kt.data(), s.data(), ri, n, di, sc);
-        const bool* keep = visible == n ? nullptr : col;
-        for (int r = 0; r < ri; ++r) sm.row(s.data() + (size_t)r * TILE, n, r, keep);
+        for (int r = 0; r < ri; ++r) sm.row(s.data() + (size_t)r * TILE, n, r, nullptr);
         accumulate(s.data(), vt.data(), sm.acc.data(), ri, n, di);
       }
-      // near band: contiguous keys read in place, visibility per query
-      const int64_t start = nsp[b];
-      const bool* nok = nop + task * bq * kn;
-      const int64_t lo = std::max<int64_t>(start, 0), hi = std::min<int64_t>(start + kn, t);  // [lo, hi)
+      // near band (far_limit, last query]: contiguous keys read in place, visibility per query
+      const int64_t lo = std::max<int64_t>(far_limit + 1, 0), hi = std::min(first + n_valid, t);  // [lo, hi)
       for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
         const int n = static_cast<int>(std::min(TILE, hi - t0));
-        const int64_t c0 = t0 - start;  // column of key t0 in near_ok
         scores(qb, kh + t0 * d, s.data(), ri, n, di, sc);
         bool any = false;
-        for (int r = 0; r < ri; ++r) any |= sm.row(s.data() + (size_t)r * TILE, n, r, nok + (r / fold) * kn + c0);
+        for (int r = 0; r < ri; ++r) {
+          const int64_t i = r / fold, p = first + i;
+          for (int j = 0; j < n; ++j) {
+            const int64_t key = t0 + j;
+            keep[j] = i < n_valid && key <= p && (key > p - win || key < snk || chosen[key / block_k]) &&
+                      (!km || km[key]);
+          }
+          any |= sm.row(s.data() + (size_t)r * TILE, n, r, keep);
+        }
         if (any) accumulate(s.data(), vh + t0 * d, sm.acc.data(), ri, n, di);
       }
       float* ob = op + task * rows * d;
@@ -177,9 +202,8 @@ std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tenso
       }
     }
   });
-  return {out, lse};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend", &attend, "fused block-sparse attention for one chunk of query blocks (float32, CPU)");
+  m.def("attend", &attend, "fused block-sparse attention for a Selection (float32, CPU)");
 }
