@@ -89,10 +89,12 @@ def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
     assert "llama.cpp column skipped" in result.output  # a HF folder is not a GGUF
     rows = json.loads(out.read_text())["rows"]
     assert [(r["length"], r["method"]) for r in rows] == [
-        (n, m) for n in (300, 600) for m in ("dense", "quest:density=0.5,block=32", "snapkv:density=0.5")]
+        (n, m) for n in (300, 600)
+        for m in ("transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5")]
     assert all(r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_tokens"] == 3 for r in rows)
     by = {(r["length"], r["method"]): r for r in rows}
     assert by[(600, "snapkv:density=0.5")]["kv_bytes"] < by[(600, "dense")]["kv_bytes"]
+    assert by[(600, "transformers")]["ttft_speedup"] == 1.0
     assert all(r["ttft_speedup"] > 0 for r in rows)
     assert png.stat().st_size > 1000
 

@@ -445,7 +445,8 @@ def bench_attention(
 def bench_e2e(
     model: str = typer.Option("smollm2-135m", help="bundled name (smollm2-135m, gemma3-270m), HF folder or .gguf"),
     lengths: str = typer.Option("2k,4k,8k,16k", help="prompt lengths in tokens"),
-    methods: str = typer.Option("dense;quest:density=0.1", help="';'-separated specs (ratios need dense)"),
+    methods: str = typer.Option("dense;quest:density=0.1",
+                                help="';'-separated specs (the transformers baseline always runs first)"),
     new_tokens: int = typer.Option(32, min=2, help="tokens decoded per run (no early stop)"),
     chunk: int = typer.Option(None, min=1, help="prefill chunk in tokens"),
     corpus: str = typer.Option("canterbury", help="text source: canterbury, austen, bible or synthetic"),
@@ -453,7 +454,7 @@ def bench_e2e(
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
     plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedups vs T"),
 ) -> None:
-    """A real model end to end: time to first token, decode tokens/s, peak RSS and KV bytes, vs dense."""
+    """A real model end to end: time to first token, decode tokens/s, peak RSS and KV bytes, vs transformers."""
     from . import load_model, parse_spec
     from .bench import attention, e2e
     from .eval.corpus import Corpus
@@ -477,13 +478,13 @@ def bench_e2e(
                 rows += e2e.run_llama_cpp(gguf, text, tokens, new_tokens)
     except (LongreachError, ValueError) as err:
         _fail(err if isinstance(err, LongreachError) else LongreachError(str(err)))
-    dense = {r.length: r for r in rows if r.method == "dense"}
+    base = e2e.baselines(rows)
     table = Table(title=f"end to end: {model}, {new_tokens} new tokens — {attention.hardware()}")
-    for col in ("T", "method", "TTFT s", "decode tok/s", "TTFT vs dense", "decode vs dense", "peak RSS MiB",
-                "KV MiB"):
+    for col in ("T", "method", "TTFT s", "decode tok/s", "TTFT vs transformers", "decode vs transformers",
+                "peak RSS MiB", "KV MiB"):
         table.add_column(col)
     for r in rows:
-        ttft_x, dec_x = r.vs(dense.get(r.length))
+        ttft_x, dec_x = r.vs(base.get(r.length))
         table.add_row(str(r.length), r.method, f"{r.ttft_s:.2f}", f"{r.decode_tok_s:.2f}",
                       f"{ttft_x:.2f}x" if ttft_x else "-", f"{dec_x:.2f}x" if dec_x else "-",
                       f"{r.peak_rss_mb:.0f}", f"{r.kv_bytes / 2**20:.1f}" if r.kv_bytes is not None else "-")
@@ -492,8 +493,8 @@ def bench_e2e(
         console.print(f"[yellow]note:[/yellow] {note}")
     if json_out:
         json_out.write_text(json.dumps({"hardware": attention.hardware(), "model": model, "rows": [
-            {**r.__dict__, "ttft_speedup": r.vs(dense.get(r.length))[0],
-             "decode_speedup": r.vs(dense.get(r.length))[1]} for r in rows]}, indent=1))
+            {**r.__dict__, "ttft_speedup": r.vs(base.get(r.length))[0],
+             "decode_speedup": r.vs(base.get(r.length))[1]} for r in rows]}, indent=1))
     if plot_out and not e2e.plot(rows, plot_out):
         console.print("[yellow]no plot:[/yellow] pip install 'longreach[plots]' (matplotlib)")
 

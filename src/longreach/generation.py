@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache.compressed import cache_bytes
+from .cache.growing import growing_cache
 from .errors import InputError
 
 
@@ -27,20 +28,24 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool = False,
-           chunk: int | None = None) -> Greedy:
+           chunk: int | None = None, cache: str = "growing") -> Greedy:
     """Prefill ``ids`` (batch of one), then one token at a time until EOS or ``max_new_tokens``.
 
     ``hold_last`` feeds the prompt's last token as a decode step after the prefill: with a press, the
     prefill's last query would otherwise still see every key, and the first answer token with it.
     ``chunk`` prefills that many tokens per forward, so activations stay O(chunk) instead of O(prompt).
+    ``cache``: ``growing`` appends decode tokens in place (``cache.growing``); ``dynamic`` is transformers'
+    default cache, which copies the whole cache every step (the baseline ``bench e2e`` compares with).
     """
     if chunk is not None and chunk < 1:
         raise InputError(f"chunk must be >= 1 token, got {chunk}")
+    if cache not in ("growing", "dynamic"):
+        raise InputError(f"cache must be 'growing' or 'dynamic', got {cache!r}")
     start = time.perf_counter()
     n = ids["input_ids"].shape[1]
     held = 1 if hold_last and n > 1 else 0
     step_size = chunk or n
-    past, out = None, None
+    past, out = (growing_cache(model.config) if cache == "growing" else None), None
     for lo in range(0, n - held, step_size):
         hi = min(lo + step_size, n - held)
         out = model(input_ids=ids["input_ids"][:, lo:hi], attention_mask=ids["attention_mask"][:, :hi],

@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import kernels
 from .cache.compressed import CompressedLayer
+from .cache.growing import GrowingLayer
 from .cache.press import Observation, Press, attention_received
 from .cache.summaries import BlockSummaries
 from .compat import can_set_attn_implementation
@@ -226,7 +227,7 @@ class LayerRuntime:
                     f"presses and head policies need a transformers DynamicCache, got {type(self.cache).__name__}")
             return None
         layer = layers[self.layer_idx]
-        if type(layer) not in (DynamicLayer, CompressedLayer):
+        if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer):
             raise UnsupportedModelError(
                 f"presses and head policies need a DynamicCache; layer {self.layer_idx} of this cache is a "
                 f"{type(layer).__name__} (static / quantized caches are not supported)")

@@ -1,10 +1,12 @@
-"""End-to-end benchmark: a real model on real text, dense vs methods (and llama.cpp), one run.
+"""End-to-end benchmark: a real model on real text, transformers vs longreach methods (and llama.cpp).
 
 For each prompt length and method: time to first token (the prefill forward that yields the first
 token's logits), decode tokens/s over a fixed number of new tokens (no early stop), peak RSS (the
-process high-water mark, reset per run) and the KV cache bytes after the run. Ratios are against
-dense in the same run. ``llama-cpp-python`` on the same GGUF, when installed, is a peer column;
-without it the run says so and goes on.
+process high-water mark, reset per run) and the KV cache bytes after the run. Every length first runs
+the ``transformers`` baseline — the model as transformers runs it (SDPA, its DynamicCache) — and
+ratios are against it in the same run; longreach's ``dense`` row shows what longreach's own runtime
+(the in-place growing cache) gives before any sparsity. ``llama-cpp-python`` on the same GGUF, when
+installed, is a peer column; without it the run says so and goes on.
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ class E2ERow:
     peak_rss_mb: float
     kv_bytes: int | None
 
-    def vs(self, dense: E2ERow | None) -> tuple[float | None, float | None]:
-        """(TTFT speedup, decode speedup) against dense measured in the same run."""
-        if dense is None:
+    def vs(self, base: E2ERow | None) -> tuple[float | None, float | None]:
+        """(TTFT speedup, decode speedup) against the baseline measured in the same run."""
+        if base is None:
             return None, None
-        return dense.ttft_s / self.ttft_s, self.decode_tok_s / dense.decode_tok_s
+        return base.ttft_s / self.ttft_s, self.decode_tok_s / base.decode_tok_s
+
+
+BASELINE = "transformers"
+
+
+def baselines(rows: list[E2ERow]) -> dict[int, E2ERow]:
+    return {r.length: r for r in rows if r.method == BASELINE}
 
 
 def prompt_ids(tokenizer, text: str, length: int) -> dict:
@@ -53,14 +62,16 @@ def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str],
     rows = []
     for length in lengths:
         ids = prompt_ids(tokenizer, text, length)
-        for spec in specs:
-            with apply(model, spec, track_density=False) as handle:  # density counting is not the method's cost
+        for spec in [None, *specs]:  # None: the transformers baseline (no longreach, its own cache)
+            with apply(model, spec, track_density=False) if spec else contextlib.nullcontext() as handle:
                 greedy(model, prompt_ids(tokenizer, text, 256), 2, set())  # warm-up apart (lazy init)
                 reset_peak_rss()
-                run = greedy(model, ids, new_tokens, set(), hold_last=handle.compresses, chunk=chunk)
+                run = greedy(model, ids, new_tokens, set(), hold_last=bool(handle and handle.compresses),
+                             chunk=chunk, cache="growing" if spec else "dynamic")
             decoded = len(run.tokens) - 1
-            rows.append(E2ERow(length, spec, run.prefill_s, decoded / run.decode_s if run.decode_s else 0.0,
-                               decoded, peak_rss_mb(), cache_bytes(run.cache)))
+            rows.append(E2ERow(length, spec or BASELINE, run.prefill_s,
+                               decoded / run.decode_s if run.decode_s else 0.0, decoded, peak_rss_mb(),
+                               cache_bytes(run.cache)))
     return rows
 
 
@@ -97,19 +108,19 @@ def run_llama_cpp(gguf: Path, text: str, lengths: list[int], new_tokens: int = 3
 
 
 def plot(rows: list[E2ERow], path: Path) -> bool:
-    """TTFT and decode speedup vs T per method (dense = 1); False without matplotlib."""
+    """TTFT and decode speedup vs T per method (transformers = 1); False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    dense = {r.length: r for r in rows if r.method == "dense"}
+    base = baselines(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for method in dict.fromkeys(r.method for r in rows if r.method != "dense"):
-        pts = sorted((r.length, *r.vs(dense.get(r.length))) for r in rows if r.method == method)
+    for method in dict.fromkeys(r.method for r in rows if r.method != BASELINE):
+        pts = sorted((r.length, *r.vs(base.get(r.length))) for r in rows if r.method == method)
         pts = [p for p in pts if p[1] is not None]
         for ax, i in zip(axes, (1, 2), strict=True):
             ax.plot([p[0] for p in pts], [p[i] for p in pts], marker="o", label=method)
     for ax, what in zip(axes, ("time to first token", "decode tokens/s"), strict=True):
-        speedup_axis(ax, f"{what}: speedup vs dense")
+        speedup_axis(ax, f"{what}: speedup vs transformers")
         ax.set_xlabel("prompt tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import LongreachError
+from .growing import GrowingLayer
 
 
 @dataclass
@@ -183,7 +184,7 @@ def cache_bytes(cache: object) -> int | None:
         return None
     total = 0
     for layer in layers:
-        if isinstance(layer, CompressedLayer):
+        if isinstance(layer, CompressedLayer | GrowingLayer):
             total += layer.nbytes
             continue
         for name in ("keys", "values"):

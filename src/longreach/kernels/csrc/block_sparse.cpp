@@ -112,13 +112,17 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
             torch::Tensor lse) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
               "block_sparse: float32 inputs only");
-  q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
+  q = q.contiguous();
+  // K/V may be views of a cache with spare room (cache.growing): any head stride, rows of D contiguous floats
+  if (k.stride(2) != 1 || k.stride(1) != k.size(2)) k = k.contiguous();
+  if (v.stride(2) != 1 || v.stride(1) != v.size(2)) v = v.contiguous();
   kv_of = kv_of.to(torch::kInt64).contiguous();
   indices = indices.to(torch::kInt64).contiguous();
   const bool masked = key_mask.numel() > 0;
   if (masked) key_mask = key_mask.to(torch::kBool).contiguous();
   const int64_t bh = q.size(0), n_qb = q.size(1), rows = q.size(2), d = q.size(3);
   const int64_t t = k.size(1), n_idx = indices.size(2), row_block = rows / fold;
+  const int64_t k_head = k.stride(0), v_head = v.stride(0);
   TORCH_CHECK(rows == row_block * fold && indices.size(0) == bh && indices.size(1) == n_qb,
               "block_sparse: q rows must be a multiple of fold and indices must be (BH, nQB, K)");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.sizes() == q.sizes(),
@@ -144,8 +148,8 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / n_qb, b = task % n_qb;
       const float* qb = qp + task * rows * d;
-      const float* kh = kp + kvp[h] * t * d;
-      const float* vh = vp + kvp[h] * t * d;
+      const float* kh = kp + kvp[h] * k_head;
+      const float* vh = vp + kvp[h] * v_head;
       const bool* km = masked ? kmp + (h / heads) * t : nullptr;
       const int64_t first = q_offset + b * block_q;
       const int64_t n_valid = std::min(row_block, q_len - b * block_q);

@@ -1,0 +1,76 @@
+"""The in-place growing KV cache stores exactly what transformers' DynamicLayer stores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+import longreach
+from longreach import kernels
+from longreach.cache import growing
+from longreach.cache.compressed import cache_bytes
+from longreach.generation import greedy
+from longreach.kernels import reference
+from longreach.selection import Selection
+
+
+def test_appends_equal_concatenation_across_growth_and_crop(monkeypatch):
+    monkeypatch.setattr(growing, "MIN_SPARE", 3)
+    layer, keys, values = growing.GrowingLayer(), [], []
+    for n in [10, 1, 1, 1, 1, 5, 1, 1]:  # the prompt, then steps that outgrow the spare room twice
+        k, v = torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = layer.update(k, v)
+        torch.testing.assert_close(got_k, torch.cat(keys, -2), rtol=0, atol=0)
+        torch.testing.assert_close(got_v, torch.cat(values, -2), rtol=0, atol=0)
+    assert layer.get_seq_length() == 21
+    assert layer.nbytes >= 2 * 21 * 2 * 4 * 4  # spare room is counted
+    layer.crop(-4)
+    k = torch.randn(1, 2, 1, 4)
+    got_k, _ = layer.update(k, torch.randn(1, 2, 1, 4))
+    torch.testing.assert_close(got_k, torch.cat([torch.cat(keys, -2)[..., :17, :], k], -2), rtol=0, atol=0)
+
+
+def test_prompt_is_stored_without_spare_room():
+    layer = growing.GrowingLayer()
+    k = torch.randn(1, 2, 50, 8)
+    layer.update(k, k.clone())
+    assert layer.keys.is_contiguous() and layer.nbytes == 2 * k.numel() * 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", ["dense", "quest:budget=24,block=8"])
+def test_greedy_with_growing_cache_equals_dynamic_cache(arch, spec, monkeypatch):
+    monkeypatch.setattr(growing, "MIN_SPARE", 2)  # grow several times within a short generation
+    model = tiny_model(arch)
+    ids = {"input_ids": torch.randint(0, 128, (1, 60)), "attention_mask": torch.ones(1, 60, dtype=torch.long)}
+    with longreach.apply(model, spec):
+        grown = greedy(model, ids, 12, set(), cache="growing")
+        plain = greedy(model, ids, 12, set(), cache="dynamic")
+    assert grown.tokens == plain.tokens
+    assert any(isinstance(layer, growing.GrowingLayer) for layer in grown.cache.layers)
+    for a, b in zip(grown.cache.layers, plain.cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+    assert cache_bytes(grown.cache) >= cache_bytes(plain.cache)
+
+
+def test_kernel_reads_strided_cache_views():
+    """Decode reads K/V as views of buffers with spare room: same result as contiguous copies."""
+    buf_k, buf_v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    k, v = buf_k[..., :257, :], buf_v[..., :257, :]
+    q = torch.randn(1, 4, 1, 16)
+    sel = Selection(torch.tensor([[[[0, 3, 7]], [[1, 2, -1]]]]), 1, 257, 16, 16, 4, 32)
+    out = kernels.attend(q, k, v, sel, 0.25, "gather")
+    ref = reference.attend(q, k.contiguous(), v.contiguous(), sel, 0.25)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_unknown_cache_kind_is_refused():
+    from longreach.errors import InputError
+
+    model = tiny_model("llama")
+    ids = {"input_ids": torch.randint(0, 128, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    with pytest.raises(InputError, match="growing"):
+        greedy(model, ids, 2, set(), cache="static")
