@@ -20,7 +20,10 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
-constexpr int64_t TILE = 512;
+#ifndef LR_TILE
+#define LR_TILE 512
+#endif
+constexpr int64_t TILE = LR_TILE;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // Masked scores are this finite floor rather than -inf: the build uses -ffast-math (finite math), and
 // fast_exp of anything this low is below 1e-37, nothing next to the row max's exp(0) = 1.
@@ -65,6 +68,11 @@ struct Softmax {
   int rows, d;
   std::vector<float> m, l, acc;
   Softmax(int rows_, int d_) : rows(rows_), d(d_), m(rows_, MASKED), l(rows_, 0.f), acc((size_t)rows_ * d_, 0.f) {}
+  void reset() {  // one per thread, reset per task (no allocation per task)
+    std::fill(m.begin(), m.end(), MASKED);
+    std::fill(l.begin(), l.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
+  }
 
   // Turn row r of the (already scaled) scores into probabilities against the new running max; keep[j]
   // says whether key j of the tile is visible to that row. Returns false when the row sees none of them.
@@ -144,7 +152,8 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
     std::vector<float> kt((size_t)TILE * d), vt((size_t)TILE * d), s((size_t)rows * TILE);
     std::vector<uint8_t> chosen(n_kb);
     std::vector<int64_t> far;
-    bool keep[TILE];
+    Softmax sm(ri, di);
+    bool keep[TILE], unpadded[TILE], behind[TILE];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / n_qb, b = task % n_qb;
       const float* qb = qp + task * rows * d;
@@ -168,7 +177,7 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
         for (int64_t j = std::max(blk * block_k, snk); j <= j1; ++j)
           if (!km || km[j]) far.push_back(j);
       }
-      Softmax sm(ri, di);
+      sm.reset();
       const int64_t n_far = static_cast<int64_t>(far.size());
       for (int64_t t0 = 0; t0 < n_far; t0 += TILE) {
         const int n = static_cast<int>(std::min(TILE, n_far - t0));
@@ -185,15 +194,28 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
       for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
         const int n = static_cast<int>(std::min(TILE, hi - t0));
         scores(qb, kh + t0 * d, s.data(), ri, n, di, sc);
+        // per key once: visible when in a query's window (unless padding), and further back when a sink
+        // or in a chosen block; per query: causal and which of the two applies (shared by its fold rows)
+        for (int j = 0; j < n; ++j) {
+          const int64_t key = t0 + j;
+          unpadded[j] = !km || km[key];
+          behind[j] = unpadded[j] && (key < snk || chosen[key / block_k]);
+        }
         bool any = false;
-        for (int r = 0; r < ri; ++r) {
-          const int64_t i = r / fold, p = first + i;
-          for (int j = 0; j < n; ++j) {
-            const int64_t key = t0 + j;
-            keep[j] = i < n_valid && key <= p && (key > p - win || key < snk || chosen[key / block_k]) &&
-                      (!km || km[key]);
+        for (int64_t i = 0; i < row_block; ++i) {
+          const int64_t p = first + i;
+          if (i < n_valid) {
+            for (int j = 0; j < n; ++j) {
+              const int64_t key = t0 + j;
+              keep[j] = key <= p && (key > p - win ? unpadded[j] : behind[j]);
+            }
+          } else {
+            std::fill(keep, keep + n, false);
           }
-          any |= sm.row(s.data() + (size_t)r * TILE, n, r, keep);
+          for (int64_t f = 0; f < fold; ++f) {
+            const int r = static_cast<int>(i * fold + f);
+            any |= sm.row(s.data() + (size_t)r * TILE, n, r, keep);
+          }
         }
         if (any) accumulate(s.data(), vh + t0 * d, sm.acc.data(), ri, n, di);
       }
