@@ -133,3 +133,27 @@ def test_flex_matches_reference(shape):
     assert (out - reference.attend(q, k, v, sel, d**-0.5)).abs().max().item() <= TOL
     dense = Selection.dense(b, tq, tk, block=bq)
     assert (kernels.attend(q, k, v, dense, d**-0.5, "flex") - sdpa_dense(q, k, v)).abs().max().item() <= TOL
+
+
+def test_native_kernel_falls_back_with_a_warning_when_it_cannot_build(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(**kwargs):
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(ext, "load", broken)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        assert native.load() is None
+    q, k, v = qkv(1, 4, 2, 40, 40, 8)
+    sel = random_selection(1, 2, 40, 40, 8, 8, 2, 2, 8)
+    assert not native.usable(q)
+    assert (kernels.attend(q, k, v, sel, 0.3, "gather") - reference.attend(q, k, v, sel, 0.3)).abs().max() <= TOL
+
+
+def test_native_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setenv("LONGREACH_NATIVE", "0")
+    assert native.load() is None

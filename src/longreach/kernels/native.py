@@ -4,7 +4,7 @@ extension API and cached; the pure-PyTorch path in ``gather`` is the fallback.
 Why compiled: at 32k the PyTorch path spends ~30% of its time outside the attention math (gathering
 K/V copies, masks, merging the far and near parts); the fused kernel streams the same keys with one
 online softmax. Set ``LONGREACH_NATIVE=0`` to force the fallback. The build needs a C++ compiler
-(no network); ``make install`` builds it, otherwise the first use does (about a minute).
+(no network); ``make install`` builds it, otherwise the first use does (about 30 s).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from ..models import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "block_sparse.cpp"
 _module: ModuleType | None = None
@@ -36,8 +38,7 @@ def load(verbose: bool = False) -> ModuleType | None:
         if os.environ.get("LONGREACH_NATIVE_PORTABLE") != "1":
             flags.append("-march=native")  # built where it runs: the cache is per machine
         # one build folder per torch version: an extension built against another torch would not load
-        where = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longreach" / "kernels"
-        where = where / torch.__version__.replace("+", "_")
+        where = cache_dir() / "kernels" / torch.__version__.replace("+", "_")
         where.mkdir(parents=True, exist_ok=True)
         _module = build(name="longreach_block_sparse", sources=[str(SOURCE)], extra_cflags=flags,
                         extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
