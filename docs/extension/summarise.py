@@ -14,15 +14,18 @@ for path in sys.argv[1:]:
         if key not in seen:
             seen.add(key)
             cells[(r["length"], r["method"], r.get("chunk"))].append(r)
-print("| length | method | prefill chunk | passkey | perplexity (texts) | passkey prefill s (mean) | peak RSS MiB |")
-print("|---|---|---|---|---|---|---|")
+print("| length | method | prefill chunk | passkey | perplexity (texts) | loss, last 2k tokens | passkey prefill s (mean) "
+      "| peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|")
 order = lambda c: (c[0][0], c[0][1] != "dense", c[0][1])  # noqa: E731
 for (length, method, chunk), rows in sorted(cells.items(), key=order):
     pk = [r["score"] for r in rows if r["task"] == "passkey"]
     ppl = [r["ppl"] for r in rows if r["metric"] == "ppl"]
     acc = f"{int(sum(pk))}/{len(pk)}" if pk else "–"
     per = f"{sum(ppl) / len(ppl):.2f} ({len(ppl)})" if ppl else "–"
+    tail = [r["loss_buckets"][-1][2] for r in rows if r["metric"] == "ppl" and r.get("loss_buckets")]
+    last = f"{sum(tail) / len(tail):.2f}" if tail else "–"
     timed = [r["prefill_s"] for r in rows if r["task"] == "passkey"]
     pre = f"{sum(timed) / len(timed):.0f}" if timed else "–"
     rss = sum(r["peak_rss_mb"] for r in rows) / len(rows)
-    print(f"| {length // 1024}k | `{method}` | {chunk or '–'} | {acc} | {per} | {pre} | {rss:.0f} |")
+    print(f"| {length // 1024}k | `{method}` | {chunk or '–'} | {acc} | {per} | {last} | {pre} | {rss:.0f} |")
