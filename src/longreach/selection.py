@@ -34,7 +34,6 @@ class Layout:
     near_pos: Tensor  # (nb, Kn) long, clamped into [0, kv_len)
     near_ok: Tensor  # (B, Hs, nb, bq, Kn) bool: visible to that query
     q_valid: Tensor  # (nb, bq) bool: False for padding rows past q_len
-    near_start: Tensor  # (nb,) long: position of near column 0 before clamping (may be negative)
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,7 +207,7 @@ class Selection:
             km = self.key_mask
             far_ok = far_ok & km.gather(1, far_pos.flatten(1)).view_as(far_pos)
             near_ok = near_ok & km[:, near_pos][:, None, :, None, :]
-        return Layout(far_pos, far_ok, near_pos, near_ok, q_valid, near_raw[:, 0])
+        return Layout(far_pos, far_ok, near_pos, near_ok, q_valid)
 
     def visible_counts(self, max_blocks_per_chunk: int = 256) -> Tensor:
         """(B, Hs, q_len) long: how many keys each query sees. O(T * budget) memory."""

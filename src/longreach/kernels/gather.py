@@ -1,4 +1,7 @@
-"""The CPU path: gather each query block's keys, attend, merge the far and near parts by log-sum-exp.
+"""The CPU path. Where the compiled kernel (``native``) is available it does everything: visibility
+straight from the Selection's block indices, keys streamed in tiles, one online softmax. Otherwise,
+and for two-piece position methods, this module's PyTorch path: gather each query block's keys,
+attend, merge the far and near parts by log-sum-exp.
 
 Per query block the Selection's ``layout`` gives two disjoint key sets:
 - *far*: sinks and chosen blocks wholly behind the window. Every query of the block sees the same
