@@ -1,4 +1,5 @@
-"""Passkey accuracy and perplexity per (length, method) from eval results.jsonl files (rows deduplicated)."""
+"""Passkey accuracy and perplexity per (length, method) from eval results.jsonl files (rows deduplicated;
+perplexity per text: texts differ too much in difficulty to average)."""
 import json
 import sys
 from collections import defaultdict
@@ -14,7 +15,7 @@ for path in sys.argv[1:]:
         if key not in seen:
             seen.add(key)
             cells[(r["length"], r["method"], r.get("chunk"))].append(r)
-print("| length | method | prefill chunk | passkey | perplexity (texts) | loss, last 2k tokens | passkey prefill s (mean) "
+print("| length | method | prefill chunk | passkey | perplexity, text 1 / 2 | loss over the last 2k tokens | passkey prefill s (mean) "
       "| peak RSS MiB |")
 print("|---|---|---|---|---|---|---|---|")
 order = lambda c: (c[0][0], c[0][1] != "dense", c[0][1])  # noqa: E731
@@ -22,9 +23,9 @@ for (length, method, chunk), rows in sorted(cells.items(), key=order):
     pk = [r["score"] for r in rows if r["task"] == "passkey"]
     ppl = [r["ppl"] for r in rows if r["metric"] == "ppl"]
     acc = f"{int(sum(pk))}/{len(pk)}" if pk else "–"
-    per = f"{sum(ppl) / len(ppl):.2f} ({len(ppl)})" if ppl else "–"
-    tail = [r["loss_buckets"][-1][2] for r in rows if r["metric"] == "ppl" and r.get("loss_buckets")]
-    last = f"{sum(tail) / len(tail):.2f}" if tail else "–"
+    texts = sorted((r for r in rows if r["metric"] == "ppl"), key=lambda r: r["seed"])  # per text, not averaged
+    per = " / ".join(f"{r['ppl']:.2f}" for r in texts) or "–"
+    last = " / ".join(f"{r['loss_buckets'][-1][2]:.2f}" for r in texts if r.get("loss_buckets")) or "–"
     timed = [r["prefill_s"] for r in rows if r["task"] == "passkey"]
     pre = f"{sum(timed) / len(timed):.0f}" if timed else "–"
     rss = sum(r["peak_rss_mb"] for r in rows) / len(rows)
