@@ -35,6 +35,7 @@ def test_appends_equal_concatenation_across_growth_and_crop(monkeypatch):
 
 def test_prompt_is_stored_without_spare_room():
     layer = growing.GrowingLayer()
+    assert layer.nbytes == 0  # nothing held before the first update
     k = torch.randn(1, 2, 50, 8)
     layer.update(k, k.clone())
     assert layer.keys.is_contiguous() and layer.nbytes == 2 * k.numel() * 4

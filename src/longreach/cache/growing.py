@@ -16,10 +16,13 @@ MIN_SPARE = 256
 
 
 class GrowingLayer(DynamicLayer):
+    _k: Tensor | None = None  # the buffers (spare room included); None until the first update
+    _v: Tensor | None = None
+    _len = 0
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._k: Tensor | None = None
-        self._v: Tensor | None = None
+        self._k = self._v = None
         self._len = 0
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
