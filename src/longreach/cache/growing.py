@@ -20,11 +20,6 @@ class GrowingLayer(DynamicLayer):
     _v: Tensor | None = None
     _len = 0
 
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._k = self._v = None
-        self._len = 0
-
     def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
                ) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:

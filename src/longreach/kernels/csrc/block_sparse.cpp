@@ -65,9 +65,9 @@ void accumulate(const float* p, const float* v, float* acc, int rows, int n, int
 }
 
 struct Softmax {
-  int rows, d;
+  int d;
   std::vector<float> m, l, acc;
-  Softmax(int rows_, int d_) : rows(rows_), d(d_), m(rows_, MASKED), l(rows_, 0.f), acc((size_t)rows_ * d_, 0.f) {}
+  Softmax(int rows_, int d_) : d(d_), m(rows_, MASKED), l(rows_, 0.f), acc((size_t)rows_ * d_, 0.f) {}
   void reset() {  // one per thread, reset per task (no allocation per task)
     std::fill(m.begin(), m.end(), MASKED);
     std::fill(l.begin(), l.end(), 0.f);
