@@ -196,7 +196,7 @@ def test_longrope_uses_long_factors_only_past_the_trained_length():
     method = method_class("longrope")(factor=4.0)
     long_factors = torch.tensor(method.long_factors({"rope_theta": 10000.0}, TRAINED, 16))
     with longreach.apply(model, "longrope:factor=4.0"):
-        rotary = model.model.rotary_emb
+        rotary = model.model.rotary_emb.inner  # held per sequence (test_length_dependent_ropes_...)
         model(torch.randint(0, 128, (1, 40)))
         torch.testing.assert_close(rotary.inv_freq, original)  # short factors: 1
         model(torch.randint(0, 128, (1, 150)))
@@ -204,6 +204,64 @@ def test_longrope_uses_long_factors_only_past_the_trained_length():
     factors = method.long_factors({"rope_theta": 10000.0}, 8192, 64)
     assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(4.0)
     assert factors == sorted(factors)
+
+
+def _decode_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Prefill ``prompt`` tokens, then the rest one decode step at a time: logits of every step."""
+    out = model(ids[:, :prompt], use_cache=True)
+    past, steps = out.past_key_values, [out.logits[:, -1]]
+    for i in range(prompt, ids.shape[1] - 1):
+        out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1)
+
+
+def _twin(model, spec: str, edit=lambda rope: rope):
+    """The model loaded by transformers with ``spec``'s rope parameters (``edit``-ed) in its config."""
+    method = longreach.parse_spec(spec).methods[0]
+    config = copy.deepcopy(model.config)
+    params = config.rope_parameters
+    if "full_attention" in params:  # Gemma 3: only the global layers change
+        params["full_attention"] = edit(method.rope_parameters(params["full_attention"], TRAINED, 16))
+    else:
+        config.rope_parameters = edit(method.rope_parameters(params, TRAINED, 16))
+    twin = type(model)(config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("spec", ["longrope:factor=4.0", "dynamic:factor=4.0"])
+def test_length_dependent_ropes_keep_the_prompts_frequencies_while_decoding(arch, spec):
+    """A prompt of exactly the trained length, decoded past it: transformers alone switches LongRoPE to
+    its long factors (dynamic NTK: a larger base) at the first decode step, so new queries meet keys
+    rotated otherwise; longreach keeps the prompt's frequencies for the whole sequence."""
+    model = tiny_model(arch, max_position_embeddings=TRAINED)
+    ids = torch.randint(0, 128, (1, TRAINED + 12))
+    if spec.startswith("longrope"):  # the prompt's choice is the short factors, held: long = short
+        held = _twin(model, spec, lambda rope: dict(rope, long_factor=rope["short_factor"]))
+    else:  # a base for TRAINED tokens is the model's own
+        held = model
+    expected = held(ids).logits[:, TRAINED - 1:-1]
+    switching = _decode_logits(_twin(model, spec), ids, TRAINED)  # transformers on its own
+    with longreach.apply(model, spec):
+        got = _decode_logits(model, ids, TRAINED)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (switching - expected).abs().max() > 1e-3  # the tiny model does show the switch
+
+
+@pytest.mark.parametrize("spec", ["longrope:factor=4.0", "dynamic:factor=4.0"])
+def test_length_dependent_ropes_pick_for_the_whole_chunked_prompt(spec):
+    from longreach.generation import greedy
+
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    ids = {"input_ids": torch.randint(0, 128, (1, 150)), "attention_mask": torch.ones(1, 150, dtype=torch.long)}
+    with longreach.apply(model, spec):
+        one = greedy(model, ids, 6, set())
+        chunked = greedy(model, ids, 6, set(), chunk=32)  # the first chunk alone is within the trained length
+    assert chunked.tokens == one.tokens
+    torch.testing.assert_close(chunked.cache.layers[0].keys, one.cache.layers[0].keys)
 
 
 def test_gemma3_rope_scaling_touches_only_global_layers():

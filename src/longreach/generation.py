@@ -10,6 +10,7 @@ import torch
 from .cache.compressed import cache_bytes
 from .cache.growing import growing_cache
 from .errors import InputError
+from .position.frozen import planned_length
 
 
 @dataclass
@@ -46,11 +47,12 @@ def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool
     held = 1 if hold_last and n > 1 else 0
     step_size = chunk or n
     past, out = (growing_cache(model.config) if cache == "growing" else None), None
-    for lo in range(0, n - held, step_size):
-        hi = min(lo + step_size, n - held)
-        out = model(input_ids=ids["input_ids"][:, lo:hi], attention_mask=ids["attention_mask"][:, :hi],
-                    past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+    with planned_length(n):  # a length-dependent RoPE picks its frequencies for the whole prompt
+        for lo in range(0, n - held, step_size):
+            hi = min(lo + step_size, n - held)
+            out = model(input_ids=ids["input_ids"][:, lo:hi], attention_mask=ids["attention_mask"][:, :hi],
+                        past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
     if held:
         out = model(input_ids=ids["input_ids"][:, -1:], attention_mask=ids["attention_mask"],
                     past_key_values=past, use_cache=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..cache.compressed import cache_bytes as kv_bytes
 from ..generation import eos_ids, greedy
+from ..position.frozen import planned_length
 from .tasks import Sample, Task
 
 LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
@@ -73,7 +74,8 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
     step = chunk or n
     past, losses = None, []
     for lo in range(0, n, step):
-        out = decoder(input_ids=ids[:, lo:lo + step], past_key_values=past, use_cache=True)
+        with planned_length(n):
+            out = decoder(input_ids=ids[:, lo:lo + step], past_key_values=past, use_cache=True)
         past = out.past_key_values
         hidden = out.last_hidden_state[0]
         targets = ids[0, lo + 1:lo + step + 1]

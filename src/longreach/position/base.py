@@ -3,7 +3,8 @@
 - ``RopeScaling``: transformers already implements the rescaled frequencies (linear, dynamic, yarn,
   longrope, llama3); the method only *configures* them, by swapping the model's rotary-embedding
   modules for ones built from a copy of the config with new ``rope_parameters``. ``remove()`` puts the
-  originals back; the model's own config is never modified.
+  originals back; the model's own config is never modified. Length-dependent types (longrope, dynamic)
+  keep one set of frequencies per sequence (``frozen``).
 - ``RemapPositions``: re-maps positions inside the attention function (post-RoPE re-rotation by a
   delta). It returns a ``PositionView`` per attention call: the queries/keys to use and, for two-piece
   methods (Self-Extend, STRING), the re-rotated pair used for keys at distance >= ``distance``.
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import SpecError
 from ..kernels import FarKeys
 from ..methods.base import Method
+from .frozen import LENGTH_DEPENDENT, PerSequenceFrequencies
 from .rotary import RopeInfo, rope_info, rotary_modules, text_config
 
 
@@ -70,6 +72,8 @@ class RopeScaling(PositionMethod):
         swapped = []
         for parent, attr, old in mods:
             new = type(old)(new_config).to(next(iter(old.buffers())).device)
+            if self.rope_type in LENGTH_DEPENDENT:
+                new = PerSequenceFrequencies(new)
             setattr(parent, attr, new)
             swapped.append((parent, attr, old))
 

@@ -1,0 +1,60 @@
+"""One set of RoPE frequencies per sequence, for the rope types whose frequencies follow the length.
+
+transformers' ``longrope`` picks short or long factors, and ``dynamic`` grows the base, from the largest
+position of the *current* forward. With a KV cache that breaks RoPE's premise (one rotation per
+position for queries and keys alike): an 8,192-token prompt is encoded with LongRoPE's short factors,
+and the first decode step (position 8,192) switches to the long ones, so the new query meets keys
+rotated with other frequencies (passkey 0/5 at exactly the trained length, measured). vLLM fixes the
+choice at start-up; Phi-3 in transformers discards the cache at the switch. Here the choice is made
+once, when a sequence starts (its first forward has position 0), for the sequence's planned length,
+and kept for its every later chunk and decode step.
+
+The planned length is the first forward's length unless a caller that prefills in chunks announces the
+whole prompt with ``planned_length(n)`` (``greedy`` and the perplexity task do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+from torch import Tensor, nn
+
+_PLANNED: ContextVar[int] = ContextVar("longreach_planned_length", default=0)
+
+LENGTH_DEPENDENT = ("longrope", "dynamic")  # transformers rope types that re-pick frequencies per forward
+
+
+@contextlib.contextmanager
+def planned_length(tokens: int) -> Iterator[None]:
+    """Sequences started inside pick their frequencies for at least ``tokens`` tokens."""
+    reset = _PLANNED.set(int(tokens))
+    try:
+        yield
+    finally:
+        _PLANNED.reset(reset)
+
+
+class PerSequenceFrequencies(nn.Module):
+    """Wraps a length-dependent transformers rotary module: frequencies chosen at a sequence's start."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self._chosen: set[object] = set()  # layer types (None: the model's only one) with frequencies fixed
+
+    def forward(self, x: Tensor, position_ids: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+        key = args[0] if args else kwargs.get("layer_type")
+        if key not in self._chosen or int(position_ids.min()) == 0:
+            length = max(_PLANNED.get(), int(position_ids.max()) + 1)
+            last = torch.full((1, 1), length - 1, dtype=position_ids.dtype, device=position_ids.device)
+            self.inner(x[:, :1], last, *args, **kwargs)  # transformers' own update picks for `length`
+            self._chosen.add(key)
+        decorated = type(self.inner).forward
+        if not hasattr(decorated, "__wrapped__"):  # a rotary module that never re-picks: nothing to hold
+            return self.inner(x, position_ids, *args, **kwargs)
+        with torch.no_grad():  # as transformers runs it (no_grad is one of the decorators unwrapped)
+            return inspect.unwrap(decorated)(self.inner, x, position_ids, *args, **kwargs)
