@@ -7,6 +7,7 @@ Kinds (capability flags, so runners never branch on classes):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -69,10 +70,25 @@ class BlockPlan:
     candidate: Tensor  # (nQB, nKB) bool: blocks worth choosing (past the sinks, behind the window)
     n_take: Tensor  # (nQB,) most blocks each query block may choose
     dense: bool  # the budget covers every causal key of every query block
+    _widths: dict = field(default_factory=dict, repr=False)
 
-    @property
+    # Plans are cached per (method, Tq, Tk) (every layer of a decode step asks for the same one), so what
+    # is derived from them is computed once too: these syncs and masks cost more than scoring at decode.
+    @functools.cached_property
     def k_max(self) -> int:
         return int(self.n_take.max().item()) if self.n_qb else 0
+
+    @functools.cached_property
+    def blocked(self) -> Tensor:
+        """~candidate: the blocks scoring must never pick."""
+        return ~self.candidate
+
+    def width(self, b0: int, b1: int) -> int:
+        """Key blocks up to the last candidate of query blocks [b0, b1) (0: none to score)."""
+        if (b0, b1) not in self._widths:
+            cols = self.candidate[b0:b1].any(0).nonzero()
+            self._widths[b0, b1] = int(cols.max()) + 1 if cols.numel() else 0
+        return self._widths[b0, b1]
 
 
 @dataclass(frozen=True)
@@ -134,10 +150,11 @@ class BudgetedMethod(SelectionMethod):
 
     def plan(self, q: Tensor, k: Tensor) -> BlockPlan:
         """Which key blocks each query block may choose and how many (budget minus sinks and window)."""
-        t_q, t_k = q.shape[2], k.shape[2]
+        return _cached_plan(self, q.shape[2], k.shape[2], q.device)
+
+    def make_plan(self, t_q: int, t_k: int, dev: torch.device) -> BlockPlan:
         bs, bk, window, sinks = self.block, self.kblock, self.local_window, self.sinks
         n_qb, n_kb = math.ceil(t_q / bs), math.ceil(t_k / bk)
-        dev = q.device
         first = (t_k - t_q) + torch.arange(n_qb, device=dev) * bs
         last = torch.clamp(first + bs - 1, max=t_k - 1)
         budget = self.token_budget(last + 1)
@@ -191,15 +208,24 @@ class BudgetedMethod(SelectionMethod):
         ``n_take`` (broadcastable to (B, H, nQB)) lowers the per-block count for adaptive methods; it never
         raises it past the budget. Blocks scored -inf are never chosen.
         """
-        limit = plan.n_take if n_take is None else torch.minimum(n_take, plan.n_take)
-        k_max = int(limit.max().item()) if limit.numel() else 0
-        scores = scores.masked_fill(~plan.candidate, float("-inf"))
+        if n_take is None:
+            limit, k_max = plan.n_take, plan.k_max
+        else:
+            limit = torch.minimum(n_take, plan.n_take)
+            k_max = int(limit.max().item()) if limit.numel() else 0
+        scores = scores.masked_fill(plan.blocked, float("-inf"))
         k_max = min(k_max, plan.n_kb)
         top_val, top_idx = scores.topk(k_max, dim=-1)
         rank = torch.arange(k_max, device=scores.device)
         keep = torch.isfinite(top_val) & (rank < limit.unsqueeze(-1))
         idx = torch.where(keep, top_idx, torch.full_like(top_idx, -1))
         return self.selection(idx, plan, ctx)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_plan(method: BudgetedMethod, t_q: int, t_k: int, dev: torch.device) -> BlockPlan:
+    """Plans depend only on the method's parameters and the shapes; consumers never modify them."""
+    return method.make_plan(t_q, t_k, dev)
 
 
 def check_int(method: Method, field: str, value: object, minimum: int) -> None:

@@ -51,14 +51,16 @@ class BlockTopK(BudgetedMethod):
         chunks = []
         for b0 in range(0, n_qb, step):
             b1 = min(b0 + step, n_qb)
-            cols = plan.candidate[b0:b1].any(0).nonzero()
-            width = int(cols.max()) + 1 if cols.numel() else 0
-            part = qg.new_full((*qg.shape[:3], b1 - b0, n_kb), float("-inf"))
-            if width:
-                part[..., :width] = self.score(qg[:, :, :, b0:b1], {s: t[:, :, :width] for s, t in stats.items()},
-                                               q_valid[b0:b1])
+            width = plan.width(b0, b1)
+            if width == n_kb:  # decode, or the last chunk of a prefill: nothing to pad
+                part = self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1])
+            else:
+                part = qg.new_full((*qg.shape[:3], b1 - b0, n_kb), float("-inf"))
+                if width:
+                    part[..., :width] = self.score(qg[:, :, :, b0:b1],
+                                                   {s: t[:, :, :width] for s, t in stats.items()}, q_valid[b0:b1])
             chunks.append(part)
-        scores = torch.cat(chunks, dim=3)  # (B, Hkv, G, nQB, nKB)
+        scores = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=3)  # (B, Hkv, G, nQB, nKB)
         return self.combine_group(scores) if self.group == "kv" else scores.flatten(1, 2)
 
 
