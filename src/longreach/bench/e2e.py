@@ -84,12 +84,21 @@ def llama_cpp_available() -> bool:
 
 
 def run_llama_cpp(gguf: Path, text: str, lengths: list[int], new_tokens: int = 32) -> list[E2ERow]:
-    """The same measurements through llama.cpp (its own tokenizer on the same text, same thread count)."""
-    from llama_cpp import Llama
-
+    """The same measurements through llama.cpp (its own tokenizer on the same text, same thread count),
+    with its flash attention off (llama-cpp-python's default) and on (the llama.cpp CLI's choice on CPU)."""
     rows = []
     for length in lengths:
-        llm = Llama(model_path=str(gguf), n_ctx=length + new_tokens + 8, n_threads=os.cpu_count(), verbose=False)
+        for flash in (False, True):
+            rows.append(_llama_cpp_row(gguf, text, length, new_tokens, flash))
+    return rows
+
+
+def _llama_cpp_row(gguf: Path, text: str, length: int, new_tokens: int, flash: bool) -> E2ERow:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=length + new_tokens + 8, n_threads=os.cpu_count(), flash_attn=flash,
+                verbose=False)
+    try:
         tokens = llm.tokenize(text.encode(), add_bos=False)[:length]
         reset_peak_rss()
         start = time.perf_counter()
@@ -101,10 +110,11 @@ def run_llama_cpp(gguf: Path, text: str, lengths: list[int], new_tokens: int = 3
             llm.eval([token])
             token = int(llm.sample(temp=0.0))
         decode = time.perf_counter() - start
-        rows.append(E2ERow(length, "llama.cpp", ttft, (new_tokens - 1) / decode, new_tokens - 1, peak_rss_mb(), None))
+        name = "llama.cpp (flash attn)" if flash else "llama.cpp"
+        return E2ERow(length, name, ttft, (new_tokens - 1) / decode, new_tokens - 1, peak_rss_mb(), None)
+    finally:
         with contextlib.suppress(Exception):
             llm.close()
-    return rows
 
 
 def plot(rows: list[E2ERow], path: Path) -> bool:
