@@ -73,18 +73,18 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
     decoder, n = model.get_decoder(), ids.shape[1]
     step = chunk or n
     past, losses = None, []
-    for lo in range(0, n, step):
-        with planned_length(n):
+    with planned_length(n):  # a length-dependent RoPE picks its frequencies for the whole text
+        for lo in range(0, n, step):
             out = decoder(input_ids=ids[:, lo:lo + step], past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        hidden = out.last_hidden_state[0]
-        targets = ids[0, lo + 1:lo + step + 1]
-        hidden = hidden[: len(targets)]  # the last token has nothing to predict
-        for h0 in range(0, hidden.shape[0], LOGIT_CHUNK):
-            logits = head(hidden[h0:h0 + LOGIT_CHUNK]).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            losses.append(F.cross_entropy(logits, targets[h0:h0 + LOGIT_CHUNK], reduction="none"))
+            past = out.past_key_values
+            hidden = out.last_hidden_state[0]
+            targets = ids[0, lo + 1:lo + step + 1]
+            hidden = hidden[: len(targets)]  # the last token has nothing to predict
+            for h0 in range(0, hidden.shape[0], LOGIT_CHUNK):
+                logits = head(hidden[h0:h0 + LOGIT_CHUNK]).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                losses.append(F.cross_entropy(logits, targets[h0:h0 + LOGIT_CHUNK], reduction="none"))
     elapsed = time.perf_counter() - start
     nll = torch.cat(losses)  # nll[i] is the loss of predicting token i + 1
     edges = [round(i * len(nll) / buckets) for i in range(buckets + 1)]

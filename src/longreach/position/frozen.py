@@ -45,6 +45,8 @@ class PerSequenceFrequencies(nn.Module):
         super().__init__()
         self.inner = inner
         self._chosen: set[object] = set()  # layer types (None: the model's only one) with frequencies fixed
+        decorated = type(inner).forward  # transformers' per-call update is a decorator: the plain forward
+        self._plain = inspect.unwrap(decorated) if hasattr(decorated, "__wrapped__") else None
 
     def forward(self, x: Tensor, position_ids: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
         key = args[0] if args else kwargs.get("layer_type")
@@ -53,8 +55,7 @@ class PerSequenceFrequencies(nn.Module):
             last = torch.full((1, 1), length - 1, dtype=position_ids.dtype, device=position_ids.device)
             self.inner(x[:, :1], last, *args, **kwargs)  # transformers' own update picks for `length`
             self._chosen.add(key)
-        decorated = type(self.inner).forward
-        if not hasattr(decorated, "__wrapped__"):  # a rotary module that never re-picks: nothing to hold
+        if self._plain is None:  # a rotary module that never re-picks: nothing to hold
             return self.inner(x, position_ids, *args, **kwargs)
         with torch.no_grad():  # as transformers runs it (no_grad is one of the decorators unwrapped)
-            return inspect.unwrap(decorated)(self.inner, x, position_ids, *args, **kwargs)
+            return self._plain(self.inner, x, position_ids, *args, **kwargs)
