@@ -1,4 +1,5 @@
-"""Head profiles (scores, JSON round trip, bad profiles) and the head policies duo / lserve / razor / ablate."""
+"""Head profiles (scores, JSON round trip, bad profiles) and the head policies duo / lserve / razor / headkv /
+ablate."""
 
 from __future__ import annotations
 
@@ -180,6 +181,107 @@ def test_compensation_token_is_the_running_mean_of_dropped_keys():
     assert lead == 3 and k.shape[2] == 2 + 1 + 5
 
 
+def record_prefill(model, ids):
+    """Dense prefill through longreach: per layer the post-RoPE queries and keys (what headkv votes with)."""
+    seen = {}
+    with torch.no_grad(), longreach.apply(model, "dense") as h:
+        h.observer = lambda i, q, k, *rest: seen.setdefault(i, (q, k))
+        model(ids, use_cache=True)
+    return seen
+
+
+def voted_positions(q, k, heads, capacity, sinks, window, pool):
+    """Brute-force SnapKV for the given KV heads: expand K per query head, softmax of the last ``window``
+    queries, summed, averaged over each group, pooled; top ``capacity`` with sinks + window forced in."""
+    group = q.shape[1] // k.shape[1]
+    n = k.shape[2]
+    kx = k.repeat_interleave(group, dim=1)
+    logits = q[:, :, -window:] @ kx.transpose(-1, -2) / q.shape[-1] ** 0.5
+    own = n - window + torch.arange(window)
+    probs = logits.masked_fill(torch.arange(n)[None, :] > own[:, None], float("-inf")).softmax(-1)
+    votes = probs.sum(2).view(q.shape[0], k.shape[1], group, n).mean(2)[:, heads]
+    votes = torch.nn.functional.avg_pool1d(votes, pool, stride=1, padding=pool // 2, count_include_pad=False)
+    pos = torch.arange(n)
+    votes = votes.masked_fill((pos < sinks) | (pos >= n - window), float("inf"))
+    return votes.topk(capacity, dim=-1).indices.sort(-1).values
+
+
+def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_others(profile_path):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 120))
+    nxt = torch.randint(1, 128, (1, 1))
+    spec = f"headkv:profile={profile_path},ratio=0.5,density=0.75,sinks=4,window=8,pool=3"
+    policy = longreach.parse_spec(spec).of_kind("press")[0]
+    seen = record_prefill(model, ids)
+    with torch.no_grad(), longreach.apply(model, spec):
+        cache = model(ids, use_cache=True).past_key_values
+        kept = {}
+        for i, layer in enumerate(cache.layers):
+            q, k = seen[i]
+            split = policy.head_split(i, 2)
+            if split is None:
+                assert not isinstance(layer, CompressedLayer) or layer.short is None
+                kept[i] = torch.arange(120)[None, None].expand(1, 2, -1)
+                continue
+            assert policy.short_capacity(120) == 60  # (0.75 - 0.5) / (1 - 0.5) of the tokens
+            assert torch.equal(layer.keys, k[:, split.long]), "whole heads keep every key"
+            want = voted_positions(q, k, split.short, 60, 4, 8, 3)
+            assert torch.equal(layer.short.keys, k[:, split.short].gather(2, want[..., None].expand(-1, -1, -1, 16)))
+            rows = torch.full((1, 2, 120), -1)
+            rows[:, split.long] = torch.arange(120)
+            rows[:, split.short, :60] = want
+            kept[i] = rows
+        assert cache_bytes(cache) == 0.75 * 2 * 2 * 2 * 120 * 16 * 4  # layers x K,V x kv heads x tokens x dim x fp32
+        ours = model(nxt, past_key_values=cache, use_cache=True).logits
+        assert [layer.short.keys.shape[2] for layer in cache.layers if layer.short is not None] == [61] * len(
+            [s for s in (policy.head_split(i, 2) for i in range(2)) if s is not None]), "decoding appends"
+
+    @dataclass(frozen=True)
+    class Kept(longreach.SelectionMethod):
+        name = "kept"
+
+        def select(self, q, k, ctx):
+            if q.shape[2] > 1:
+                return Selection.dense(q.shape[0], q.shape[2], k.shape[2])
+            idx = kept[ctx.layer_idx].sort(-1, descending=True).values[:, :, None]  # -1 (none) last
+            return Selection(idx, 1, k.shape[2], 1, 1, sinks=0, window=1)  # window 1: the new token itself
+
+    with torch.no_grad(), longreach.apply(model, Kept()):
+        ref = model(nxt, past_key_values=model(ids, use_cache=True).past_key_values).logits
+    assert (ours - ref).abs().max() < 1e-4, "decode after headkv = dense restricted to the kept keys"
+
+
+def test_headkv_chunked_prefill_holds_the_budget_after_every_chunk(profile_path):
+    model = tiny_model("qwen2")
+    ids = torch.randint(1, 128, (1, 150))
+    spec = f"headkv:profile={profile_path},ratio=0.5,density=0.75,window=8"
+    policy = longreach.parse_spec(spec).of_kind("press")[0]
+    first_layer_keys = record_prefill(model, ids)[0][1]  # layer 0's keys do not depend on attention
+    with torch.no_grad(), longreach.apply(model, spec):
+        cache = model(ids[:, :100], use_cache=True).past_key_values
+        lengths = [layer.short.keys.shape[2] for layer in cache.layers if layer.short is not None]
+        cache = model(ids[:, 100:], past_key_values=cache, use_cache=True).past_key_values
+    assert lengths and set(lengths) == {policy.short_capacity(100)} == {50}
+    assert cache.get_seq_length() == 150
+    for i, layer in enumerate(cache.layers):
+        if layer.short is None:
+            continue
+        assert layer.keys.shape[2] == 150 and layer.short.keys.shape[2] == policy.short_capacity(150) == 75
+        if i == 0:
+            full = first_layer_keys[:, layer.short.heads]
+            same = (layer.short.keys[:, :, :, None] == full[:, :, None]).all(-1)
+            assert bool(same.any(-1).all())
+            pos = same.float().argmax(-1)
+            assert bool((pos.diff(dim=-1) > 0).all()), "kept keys stay in order"
+            assert bool((pos[..., :4] == torch.arange(4)).all()), "sinks are kept"
+            assert bool((pos[..., -8:] == torch.arange(142, 150)).all()), "the last window is kept"
+
+
+def test_headkv_refuses_a_budget_the_whole_heads_already_spend(profile_path):
+    with pytest.raises(longreach.SpecError, match="lower ratio or raise density"):
+        longreach.parse_spec(f"headkv:profile={profile_path},ratio=0.5,density=0.25")
+
+
 def test_lserve_selects_blocks_for_retrieval_heads(profile_path):
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 256))
@@ -212,6 +314,24 @@ def test_ablate_zeroes_exactly_the_chosen_heads(profile_path):
         (i // 4, i % 4) for i in top2)
     with pytest.raises(longreach.SpecError, match="by must be"):
         longreach.parse_spec(f"ablate:profile={profile_path},by=worst")
+
+
+def test_random_ablation_draws_only_non_retrieval_heads(tmp_path):
+    prof = random_profile(layers=4, heads=4, seed=3)
+    scores = prof.tensor("retrieval")
+    path = prof.save(tmp_path / "p.json")
+    below = {(i // 4, i % 4) for i in range(16) if scores.flatten()[i] < 0.5}
+    for seed in range(20):
+        spec = longreach.parse_spec(f"ablate:profile={path},top=0.25,by=random,exclude=0.5,seed={seed}").selector
+        picked = {(layer, head) for layer, hs in spec.zeroed.items() for head in hs}
+        assert len(picked) == 4 and picked <= below
+    anywhere = set()
+    for seed in range(20):
+        spec = longreach.parse_spec(f"ablate:profile={path},top=0.25,by=random,exclude=0,seed={seed}").selector
+        anywhere |= {(layer, head) for layer, hs in spec.zeroed.items() for head in hs}
+    assert anywhere - below, "exclude=0 draws from every head"
+    with pytest.raises(longreach.SpecError, match="heads score below exclude"):
+        longreach.parse_spec(f"ablate:profile={path},top=1.0,by=random,exclude=0.5")
 
 
 def test_act_damps_only_detected_hidden_sinks_in_calibrated_heads(profile_path):
@@ -249,14 +369,14 @@ def test_every_policy_generates_on_every_family(arch, tmp_path):
         dense = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                return_dict_in_generate=True)
         for spec in ["duo:ratio=0.5,window=16", "lserve:ratio=0.5,window=16,block=16", "razor:ratio=0.5,window=16",
-                     "act:heads=0.5", "ablate:top=0.25", "duo:ratio=1.0"]:
+                     "headkv:ratio=0.5,density=0.75,window=8", "act:heads=0.5", "ablate:top=0.25", "duo:ratio=1.0"]:
             name, _, rest = spec.partition(":")
             with longreach.apply(model, f"{name}:profile={path},{rest}"):
                 out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                      return_dict_in_generate=True)
             assert out.sequences.shape == (1, 106)
             assert out.past_key_values.get_seq_length() == 105
-            if name in ("duo", "lserve", "razor") and "1.0" not in rest:
+            if name in ("duo", "lserve", "razor", "headkv") and "1.0" not in rest:
                 assert cache_bytes(out.past_key_values) < cache_bytes(dense.past_key_values), spec
         with longreach.apply(model, f"duo:profile={path},ratio=1.0"):
             full = model.generate(ids, max_new_tokens=6, do_sample=False)

@@ -379,6 +379,8 @@ def test_plan_shrinks_with_chunks_and_presses_and_refuses_what_does_not_fit():
     assert pressed.kv_cache == dense.kv_cache // 4
     unchunked_press = plan_memory(model, longreach.parse_spec("snapkv:density=0.25"), 20_000)
     assert unchunked_press.kv_cache == dense.kv_cache  # the whole cache exists before the press runs
+    assert unchunked_press.kv_kept == dense.kv_cache // 4 and dense.kv_kept is None
+    assert ("KV cache after the press", f"{dense.kv_cache / 4 / 2**30:.2f} GiB") in unchunked_press.rows()
     assert any("--chunk" in n for n in unchunked_press.notes)
     assert any("past the trained" in n for n in dense.notes)
     assert not plan_memory(model, longreach.parse_spec("dense"), 20_000, available=1000).fits

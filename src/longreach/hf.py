@@ -189,8 +189,8 @@ class LayerRuntime:
             self.press_step(self.handle.press, q, k, scale)
         elif self.handle.split is not None and sliding_window is None and t_q > 1:
             split = self.handle.split.head_split(self.layer_idx, k.shape[1])
-            if split is not None:  # razor: the prefill was dense; now the short heads give up their keys
-                self.shrink_short_heads(k, v, split)
+            if split is not None:  # razor, headkv: the prefill was dense; now the short heads give up keys
+                self.shrink_short_heads(q, k, v, split, scale)
         return out
 
     def remap_positions(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, new_sequence: bool
@@ -262,6 +262,8 @@ class LayerRuntime:
                 ctx = SelectContext(self.layer_idx, None, None, self.state, scale)
                 long_select = getattr(self.handle.split, "long_select", None)
                 sel = long_select(qq, kk, ctx) if long_select else Selection.dense(batch, t_q, kk.shape[2])
+            elif split.keeper is not None:  # headkv: every key the short heads still hold
+                sel = Selection.dense(batch, t_q, kk.shape[2], device=q.device)
             else:
                 sel = Selection.local(batch, t_q, kk.shape[2], sinks=sinks, window=split.window, device=q.device)
             out[:, :, qh] = kernels.attend(qq, kk, vv, sel, scale, self.handle.kernel)
@@ -271,13 +273,14 @@ class LayerRuntime:
         if self.handle.observer is not None:
             self.handle.observer(self.layer_idx, q, k, v, scale, None, None)
         if isinstance(layer, CompressedLayer) and layer.short is not None:
-            layer.short.trim(split.sinks, split.window, split.compensate)
+            self.reduce_short(layer, q, split, scale)
         elif layer is not None:
-            self.shrink_short_heads(k, v, split)
+            self.shrink_short_heads(q, k, v, split, scale)
         return out
 
-    def shrink_short_heads(self, k: Tensor, v: Tensor, split: HeadSplit) -> None:
-        """Turn this layer's cache into long heads (every key) + short heads (sinks + window [+ compensation])."""
+    def shrink_short_heads(self, q: Tensor, k: Tensor, v: Tensor, split: HeadSplit, scale: float) -> None:
+        """Turn this layer's cache into long heads (every key) + short heads (sinks + window [+ compensation],
+        or headkv's voted keys)."""
         found = self._shrinkable_layer()
         if found is None:
             return
@@ -285,11 +288,28 @@ class LayerRuntime:
         compressed = CompressedLayer.from_layer(layer, self.handle)
         long, short = split.long.to(k.device), split.short.to(k.device)
         compressed.split_heads(long, short, k[:, short], v[:, short])
-        assert compressed.short is not None
-        compressed.short.trim(split.sinks, split.window, split.compensate)
+        self.reduce_short(compressed, q, split, scale)
         layers[self.layer_idx] = compressed
         if self.summaries is not None:
             self.summaries.reset()
+
+    @staticmethod
+    def reduce_short(layer: CompressedLayer, q: Tensor, split: HeadSplit, scale: float) -> None:
+        """Shrink the short heads after a forward: to sinks + window (razor, every step), or to the keys the
+        forward's last queries vote for (headkv, after forwards of several tokens; decoding only appends)."""
+        part = layer.short
+        assert part is not None
+        if split.keeper is None:
+            part.trim(split.sinks, split.window, split.compensate)
+            return
+        if q.shape[2] == 1:
+            return
+        group = q.shape[1] // (len(split.long) + len(split.short))
+        heads = part.heads.to(q.device)
+        qh = (heads[:, None] * group + torch.arange(group, device=q.device)).flatten()
+        keep = split.keeper.short_keep(q[:, qh], part.keys, scale, layer.seen)
+        if keep is not None:
+            part.keep(keep)
 
     def press_step(self, press: Press, q: Tensor, k: Tensor, scale: float) -> None:
         """After attention: track what the press scores with, and compress the layer when it is due."""

@@ -34,6 +34,7 @@ class MemoryPlan:
     available: int | None
     notes: tuple[str, ...]
     runtime: int = 0  # this process's resident memory before the run (interpreter, torch, tokenizer)
+    kv_kept: int | None = None  # the cache once a press has run, when it differs from the peak (``kv_cache``)
 
     @property
     def total(self) -> int:
@@ -48,7 +49,9 @@ class MemoryPlan:
         return [("prompt tokens", str(self.length)), ("prefill chunk", str(self.chunk)),
                 ("runtime (resident now)", f"{self.runtime / GiB:.2f} GiB"),
                 ("weights", f"{self.weights / GiB:.2f} GiB"),
-                ("KV cache after prompt", f"{self.kv_cache / GiB:.2f} GiB"),
+                *([("KV cache at its peak (prefill)", f"{self.kv_cache / GiB:.2f} GiB"),
+                   ("KV cache after the press", f"{self.kv_kept / GiB:.2f} GiB")] if self.kv_kept is not None else
+                  [("KV cache after prompt", f"{self.kv_cache / GiB:.2f} GiB")]),
                 ("peak activations (one forward)", f"{self.activations / GiB:.2f} GiB"),
                 ("expected peak", f"{self.total / GiB:.2f} GiB"), ("available now", avail)]
 
@@ -139,4 +142,5 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     if position is not None and hasattr(position, "shift_for") and trained:
         notes.append(f"string shifts relative positions >= {position.shift_for(length, trained)}")
     avail = available if available is not None else available_bytes()
-    return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes), runtime)
+    return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes), runtime,
+                      kv if kv != kv_peak else None)

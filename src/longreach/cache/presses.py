@@ -41,12 +41,18 @@ class WindowVotePress(Press):
         return self.recent
 
     def scores(self, obs: Observation) -> Tensor:
-        votes = window_probs(obs).sum(dim=3).mean(dim=2)  # (B, Hkv, n)
-        if self.pool > 1:
-            b, h, n = votes.shape
-            votes = F.avg_pool1d(votes.view(b * h, 1, n), self.pool, stride=1, padding=self.pool // 2,
-                                 count_include_pad=False)[..., :n].view(b, h, n)
-        return votes
+        return window_votes(obs, self.pool)
+
+
+def window_votes(obs: Observation, pool: int) -> Tensor:
+    """(B, Hkv, n): attention the observed queries pay each key (summed over them, averaged over the group),
+    average-pooled over ``pool`` neighbouring keys so a chosen token keeps its neighbours (SnapKV)."""
+    votes = window_probs(obs).sum(dim=3).mean(dim=2)
+    if pool > 1:
+        b, h, n = votes.shape
+        votes = F.avg_pool1d(votes.view(b * h, 1, n), pool, stride=1, padding=pool // 2,
+                             count_include_pad=False)[..., :n].view(b, h, n)
+    return votes
 
 
 @register

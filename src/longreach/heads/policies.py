@@ -7,7 +7,7 @@
 - ``razor`` (RazorAttention, arXiv:2407.15891): a press: the prefill is dense; afterwards the
   non-retrieval heads keep sinks + window + one compensation token (the mean of the keys and values they
   dropped), and keep merging what falls out of the window into it while decoding.
-- ``ablate``: dense attention with the top (or random) heads' outputs zeroed: measures what they carry.
+- ``ablate``: dense attention with the top (or random non-retrieval) heads' outputs zeroed: what they carry.
 
 Retrieval heads are ranked per KV head (a KV head scores as its best query head) by the profile's
 retrieval score, ties broken towards less local heads; ``ratio`` is the fraction of KV heads kept whole.
@@ -25,6 +25,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..cache.press import Observation, top_keep
+from ..cache.presses import window_votes
 from ..configurable import param
 from ..errors import SpecError
 from ..methods.base import BudgetedMethod, Method, SelectContext, SelectionMethod, check_int
@@ -42,6 +44,9 @@ class HeadSplit:
     sinks: int
     window: int
     compensate: bool = False
+    # headkv: the short heads keep the keys the prompt's last queries vote for (re-chosen after each prompt
+    # chunk, then growing while decoding) instead of sinks + window
+    keeper: HeadKV | None = None
 
 
 @cache
@@ -127,8 +132,9 @@ class HeadPolicy(Profiled):
         if key not in self._splits:
             long = self._long[layer_idx].to(torch.long)
             short = torch.tensor([h for h in range(n_kv) if h not in set(long.tolist())], dtype=torch.long)
+            keeper = self if isinstance(self, HeadKV) else None
             self._splits[key] = None if len(short) == 0 else HeadSplit(long, short, self.sinks, self.window,
-                                                                        self.compensate)
+                                                                        self.compensate, keeper)
         return self._splits[key]
 
 
@@ -229,6 +235,65 @@ class Razor(HeadPolicy):
 
 @register
 @dataclass(frozen=True)
+class HeadKV(HeadPolicy):
+    """Head-level budgets: the top retrieval heads keep every key, and the other KV heads share what is left
+    of the ``density`` budget, each keeping the keys the prompt's last ``window`` queries vote for (SnapKV
+    votes, pooled) plus sinks and that window. Razor's short heads keep only sinks + window, so a number the
+    answer must copy survives only in the retrieval heads; here the other heads keep it too if the question
+    points at it.
+
+    Simplification of HeadKV's per-head budgets (proportional to each head's score): two tiers, whole or
+    voted, so each tier is one real tensor per layer and the bytes are really freed.
+    """
+
+    name: ClassVar[str] = "headkv"
+    kind: ClassVar[str] = "press"
+    summary: ClassVar[str] = "retrieval heads keep every key; the others share the rest of the budget by SnapKV " \
+                             "votes (head-level budgets, HeadKV / Task-KV)"
+    paper: ClassVar[str] = "Not All Heads Matter: A Head-Level KV Cache Compression Method with Integrated " \
+                           "Retrieval and Reasoning (arXiv:2410.19258)"
+
+    density: float = param(0.25, "fraction of the tokens seen kept over all KV heads, the whole heads included")
+    ratio: float = param(0.1, "fraction of KV heads kept whole (the top retrieval heads); below density")
+    window: int = param(32, "recent tokens every head keeps; their queries vote for the other keys")
+    pool: int = param(7, "width of the average pooling over neighbouring keys' votes (1: none)")
+    split_prefill: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self, "pool", self.pool, minimum=1)
+        if not (isinstance(self.density, float | int) and 0 < self.density <= 1):
+            raise SpecError(f"headkv: density must be in (0, 1], got {self.density!r}")
+        if self.whole_share >= self.density and self.whole_share < 1:
+            raise SpecError(f"headkv: ratio={self.ratio} keeps {self.whole_share:.3f} of the KV heads whole, which "
+                            f"already spends density={self.density}; lower ratio or raise density")
+
+    @cached_property
+    def whole_share(self) -> float:
+        """Fraction of the model's KV heads kept whole (``ratio`` rounded to whole heads)."""
+        long = self._long
+        kv_heads = load_profile(self.profile).kv_scores("retrieval").numel()
+        return sum(len(x) for x in long) / kv_heads
+
+    def short_capacity(self, seen: int) -> int:
+        """Keys each voted head keeps so that all heads together hold ``density`` of the ``seen`` tokens."""
+        share = (self.density - self.whole_share) / (1 - self.whole_share)
+        return max(math.floor(share * seen), self.sinks + self.window, 1)
+
+    def short_keep(self, q: Tensor, k: Tensor, scale: float, seen: int) -> Tensor | None:
+        """Positions (B, h, capacity) the short heads keep, ascending; None when all fit. ``q`` holds the
+        short heads' query heads (grouped per KV head, as ``k``); its last queries are the voters."""
+        n = k.shape[2]
+        capacity = self.short_capacity(seen)
+        if capacity >= n:
+            return None
+        w = min(self.window, q.shape[2])
+        obs = Observation(0, 0, seen, q[:, :, -w:], k, k, scale)
+        return top_keep(window_votes(obs, self.pool).float(), capacity, self.sinks, self.window)
+
+
+@register
+@dataclass(frozen=True)
 class Ablate(Profiled, SelectionMethod):
     name: ClassVar[str] = "ablate"
     summary: ClassVar[str] = "dense attention with chosen heads' outputs zeroed (what do retrieval heads carry?)"
@@ -236,6 +301,8 @@ class Ablate(Profiled, SelectionMethod):
     top: float = param(0.05, "fraction of query heads to zero")
     by: str = param("retrieval", "which heads: retrieval (the top scorers) or random")
     seed: int = param(0, "seed for by=random")
+    exclude: float = param(0.1, "by=random draws only heads whose retrieval score is below this (the Retrieval "
+                                "Head paper's non-retrieval heads); 0 draws from every head")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,6 +310,9 @@ class Ablate(Profiled, SelectionMethod):
             raise SpecError(f"ablate: by must be 'retrieval' or 'random', got {self.by!r}")
         if not (isinstance(self.top, float | int) and 0 <= self.top <= 1):
             raise SpecError(f"ablate: top must be in [0, 1], got {self.top!r}")
+        if not (isinstance(self.exclude, float | int) and 0 <= self.exclude <= 1):
+            raise SpecError(f"ablate: exclude must be in [0, 1], got {self.exclude!r}")
+        self.zeroed  # noqa: B018  (too few heads to draw from fails now)
 
     @cached_property
     def zeroed(self) -> dict[int, list[int]]:
@@ -251,7 +321,12 @@ class Ablate(Profiled, SelectionMethod):
         if self.by == "retrieval":
             return top_heads(prof, "retrieval", self.top)
         n = round(self.top * prof.layers * prof.heads)
-        return by_layer(random.Random(self.seed).sample(range(prof.layers * prof.heads), n), prof.heads)
+        scores = prof.tensor("retrieval").flatten()
+        pool = [i for i in range(len(scores)) if self.exclude == 0 or scores[i] < self.exclude]
+        if len(pool) < n:
+            raise SpecError(f"ablate: only {len(pool)} heads score below exclude={self.exclude}, {n} asked; "
+                            "raise exclude (0 draws from every head) or lower top")
+        return by_layer(random.Random(self.seed).sample(pool, n), prof.heads)
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
         return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
