@@ -61,9 +61,9 @@ def load_profile(path: str) -> HeadProfile:
 
 def long_heads(profile: HeadProfile, ratio: float) -> list[Tensor]:
     """Per layer, the KV heads ranked retrieval-first whose count is ``ratio`` of all KV heads (model-wide)."""
-    retrieval = profile.kv_scores("retrieval")
-    locality = profile.kv_scores("locality")
-    rank = retrieval - 1e-6 * locality  # retrieval first; among equals, the less local heads
+    rank = profile.kv_scores("retrieval")
+    if "locality" in profile.scores:
+        rank = rank - 1e-6 * profile.kv_scores("locality")  # among equal retrieval scores, the less local heads
     n_keep = round(ratio * rank.numel())
     order = rank.flatten().argsort(descending=True)[:n_keep]
     chosen = torch.zeros(rank.numel(), dtype=torch.bool)
