@@ -128,6 +128,11 @@ class Handle:
         return f"<longreach.Handle {self.spec} kernel={self.kernel} {state}>"
 
 
+def query_heads(kv_heads: Tensor, group: int, device: torch.device) -> Tensor:
+    """The query heads that read the given KV heads (GQA: ``group`` consecutive query heads per KV head)."""
+    return (kv_heads.to(device)[:, None] * group + torch.arange(group, device=device)).flatten()
+
+
 class LayerRuntime:
     """Per attention module: the method to run and the block summaries kept beside the HF cache."""
 
@@ -256,7 +261,7 @@ class LayerRuntime:
         for heads, (kk, vv), sinks in parts:
             if not len(heads):
                 continue
-            qh = (heads.to(q.device)[:, None] * group + torch.arange(group, device=q.device)).flatten()
+            qh = query_heads(heads, group, q.device)
             qq = q[:, qh]
             if sinks is None:
                 ctx = SelectContext(self.layer_idx, None, None, self.state, scale)
@@ -304,9 +309,7 @@ class LayerRuntime:
             return
         if q.shape[2] == 1:
             return
-        group = q.shape[1] // (len(split.long) + len(split.short))
-        heads = part.heads.to(q.device)
-        qh = (heads[:, None] * group + torch.arange(group, device=q.device)).flatten()
+        qh = query_heads(part.heads, q.shape[1] // (len(split.long) + len(split.short)), q.device)
         keep = split.keeper.short_keep(q[:, qh], part.keys, scale, layer.seen)
         if keep is not None:
             part.keep(keep)

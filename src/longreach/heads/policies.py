@@ -132,10 +132,14 @@ class HeadPolicy(Profiled):
         if key not in self._splits:
             long = self._long[layer_idx].to(torch.long)
             short = torch.tensor([h for h in range(n_kv) if h not in set(long.tolist())], dtype=torch.long)
-            keeper = self if isinstance(self, HeadKV) else None
             self._splits[key] = None if len(short) == 0 else HeadSplit(long, short, self.sinks, self.window,
-                                                                        self.compensate, keeper)
+                                                                        self.compensate, self.keeper)
         return self._splits[key]
+
+    @property
+    def keeper(self) -> HeadKV | None:
+        """What chooses the short heads' keys; None: they keep sinks + window."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,10 @@ class HeadKV(HeadPolicy):
     window: int = param(32, "recent tokens every head keeps; their queries vote for the other keys")
     pool: int = param(7, "width of the average pooling over neighbouring keys' votes (1: none)")
     split_prefill: ClassVar[bool] = False
+
+    @property
+    def keeper(self) -> HeadKV:
+        return self
 
     def __post_init__(self) -> None:
         super().__post_init__()
