@@ -277,6 +277,25 @@ def test_headkv_chunked_prefill_holds_the_budget_after_every_chunk(profile_path)
             assert bool((pos[..., -8:] == torch.arange(142, 150)).all()), "the last window is kept"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_headkv_at_full_budget_is_dense(arch, tmp_path):
+    model = tiny_model(arch)
+    cfg = model.config
+    path = random_profile(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads).save(
+        tmp_path / "p.json")
+    ids = torch.randint(1, 128, (1, 90))
+    with torch.no_grad():
+        with longreach.apply(model, "dense"):
+            dense = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+        with longreach.apply(model, f"headkv:profile={path},ratio=0.5,density=1.0,window=8"):
+            full = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    assert torch.equal(full.sequences, dense.sequences)
+    for a, b in zip(full.logits, dense.logits, strict=True):
+        assert (a - b).abs().max() < 1e-4
+
+
 def test_headkv_refuses_a_budget_the_whole_heads_already_spend(profile_path):
     with pytest.raises(longreach.SpecError, match="lower ratio or raise density"):
         longreach.parse_spec(f"headkv:profile={profile_path},ratio=0.5,density=0.25")
