@@ -35,6 +35,14 @@ def random_profile(layers=2, heads=4, kv=2, seed=0) -> HeadProfile:
                                                for s in SCORES})
 
 
+def model_and_profile(arch: str, tmp_path):
+    """A tiny model of ``arch`` and a random head profile of its shape, saved under ``tmp_path``."""
+    model = tiny_model(arch)
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads)
+    return model, str(random_profile(*shape).save(tmp_path / "p.json"))
+
+
 @pytest.fixture
 def profile_path(tmp_path):
     return str(random_profile().save(tmp_path / "p.json"))
@@ -279,10 +287,7 @@ def test_headkv_chunked_prefill_holds_the_budget_after_every_chunk(profile_path)
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_headkv_at_full_budget_is_dense(arch, tmp_path):
-    model = tiny_model(arch)
-    cfg = model.config
-    path = random_profile(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads).save(
-        tmp_path / "p.json")
+    model, path = model_and_profile(arch, tmp_path)
     ids = torch.randint(1, 128, (1, 90))
     with torch.no_grad():
         with longreach.apply(model, "dense"):
@@ -379,10 +384,7 @@ def test_act_damps_only_detected_hidden_sinks_in_calibrated_heads(profile_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_every_policy_generates_on_every_family(arch, tmp_path):
-    model = tiny_model(arch)
-    cfg = model.config
-    path = random_profile(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads).save(
-        tmp_path / "p.json")
+    model, path = model_and_profile(arch, tmp_path)
     ids = torch.randint(1, 128, (1, 100))
     with torch.no_grad():
         dense = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
