@@ -54,6 +54,22 @@ def test_full_selection_equals_dense(shape, kernel):
     assert (out - sdpa_dense(q, k, v)).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape", [(1, 9, 3, 33, 200), (2, 4, 4, 64, 65), (1, 6, 2, 2, 50), (1, 4, 1, 50, 51)])
+def test_chunk_after_prefix_equals_dense(shape, fused, monkeypatch):
+    """A prefill chunk after cached keys: the split (prefix unmasked + causal square, merged by lse) and
+    SDPA's masked call both equal dense causal attention, GQA included."""
+    from longreach.kernels import dense
+
+    if not fused:
+        monkeypatch.setattr(dense, "fused_lse_available", lambda q: False)
+    b, hq, hkv, tq, tk = shape
+    q, k, v = qkv(b, hq, hkv, tq, tk, 16)
+    assert dense.fused_lse_available(q) == fused
+    out = dense.causal_attention(q, k, v, 0.25)
+    assert (out - sdpa_dense(q * 0.25 / 16**-0.5, k, v)).abs().max().item() <= TOL
+
+
 @pytest.fixture(params=["native", "torch"])
 def gather_path(request, monkeypatch):
     """The gather kernel's two paths: the compiled fused kernel and the pure-PyTorch fallback."""

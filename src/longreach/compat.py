@@ -7,6 +7,11 @@ import torch
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def fused_lse_available(q: torch.Tensor) -> bool:
+    """Whether :func:`attention_with_lse` runs torch's fused CPU kernel for ``q`` (else it builds L x S scores)."""
+    return _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32
+
+
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
     causal: bool = False,
@@ -21,7 +26,7 @@ def attention_with_lse(
     On CPU this uses torch's fused flash kernel (measured: an additive mask costs ~7% over no mask,
     while a boolean mask in public SDPA costs ~2.5x). Elsewhere, or if the op is missing, the plain math.
     """
-    if _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+    if fused_lse_available(q):
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         out, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..compat import attention_with_lse
+from ..compat import attention_with_lse, fused_lse_available
 
 
 def causal_keep(t_q: int, t_k: int, device: torch.device) -> Tensor:
@@ -48,9 +48,32 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if t_q == t_k:  # a whole prefill: SDPA's own GQA path (measured 9% faster at 32k than a call per group)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
         return out.transpose(1, 2)
-    mask = causal_keep(t_q, t_k, q.device)  # a chunk of queries after a prefix: bottom-right aligned causal
+    if fused_lse_available(q):  # a chunk of queries after a prefix: the prefix unmasked + a causal square
+        return chunk_after_prefix(q, k, v, scale)
+    mask = causal_keep(t_q, t_k, q.device)  # elsewhere SDPA's boolean mask (memory-efficient on GPUs)
     outs = [
         F.scaled_dot_product_attention(qg[:, :, i], k, v, attn_mask=mask, scale=scale)
         for i in range(group)
     ]
     return torch.stack(outs, dim=2).view(batch, n_q, t_q, dim).transpose(1, 2)
+
+
+def chunk_after_prefix(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention of the last Tq of Tk positions as two fused calls merged by log-sum-exp.
+
+    Every query sees the whole prefix, so that part needs no mask and folds the GQA group into the query
+    rows; the last Tq keys are a square causal block. On CPU a boolean mask in SDPA costs 1.4x per score
+    (measured at 16k, chunk 4096): this split is what makes ``--chunk`` prefill as cheap as one shot.
+    """
+    batch, n_q, t_q, dim = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
+    group, off = n_q // n_kv, t_k - t_q
+    rows = q.reshape(batch, n_kv, group * t_q, dim)  # head h*group+i reads KV head h
+    o_pre, l_pre = attention_with_lse(rows, k[:, :, :off], v[:, :, :off], None, scale)
+    o_pre, l_pre = o_pre.reshape(batch, n_q, t_q, dim), l_pre.reshape(batch, n_q, t_q)
+    k_sq, v_sq = (x[:, :, off:].repeat_interleave(group, 1) for x in (k, v))  # Tq keys: cheap to repeat
+    o_sq, l_sq = attention_with_lse(q, k_sq, v_sq, None, scale, causal=True)
+    top = torch.maximum(l_pre, l_sq)  # both finite: every row sees the prefix and itself
+    w_pre, w_sq = torch.exp(l_pre - top), torch.exp(l_sq - top)
+    out = (o_pre * w_pre.unsqueeze(-1) + o_sq * w_sq.unsqueeze(-1)) / (w_pre + w_sq).unsqueeze(-1)
+    return out.transpose(1, 2)
