@@ -289,13 +289,13 @@ def test_headkv_chunked_prefill_holds_the_budget_after_every_chunk(profile_path)
 def test_headkv_at_full_budget_is_dense(arch, tmp_path):
     model, path = model_and_profile(arch, tmp_path)
     ids = torch.randint(1, 128, (1, 90))
-    with torch.no_grad():
-        with longreach.apply(model, "dense"):
-            dense = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
-        with longreach.apply(model, f"headkv:profile={path},ratio=0.5,density=1.0,window=8"):
-            full = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+
+    def run(spec):
+        with torch.no_grad(), longreach.apply(model, spec):
+            return model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
                                   return_dict_in_generate=True)
+
+    dense, full = run("dense"), run(f"headkv:profile={path},ratio=0.5,density=1.0,window=8")
     assert torch.equal(full.sequences, dense.sequences)
     for a, b in zip(full.logits, dense.logits, strict=True):
         assert (a - b).abs().max() < 1e-4

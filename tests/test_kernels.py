@@ -66,8 +66,8 @@ def test_chunk_after_prefix_equals_dense(shape, fused, monkeypatch):
     b, hq, hkv, tq, tk = shape
     q, k, v = qkv(b, hq, hkv, tq, tk, 16)
     assert dense.fused_lse_available(q) == fused
-    out = dense.causal_attention(q, k, v, 0.25)
-    assert (out - sdpa_dense(q * 0.25 / 16**-0.5, k, v)).abs().max().item() <= TOL
+    out = dense.causal_attention(q, k, v, 16**-0.5)  # sdpa_dense's default scale
+    assert (out - sdpa_dense(q, k, v)).abs().max().item() <= TOL
 
 
 @pytest.fixture(params=["native", "torch"])
