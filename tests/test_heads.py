@@ -14,6 +14,7 @@ from conftest import tiny_model
 import longreach
 from longreach import InputError
 from longreach.cache.compressed import CompressedLayer, Part, cache_bytes
+from longreach.compat import cache_kwargs, output_cache
 from longreach.heads import SCORES, HeadProfile, profile_heads
 from longreach.heads.profile import Probe, ProfileAccumulator, build_probe
 from longreach.heads.show import heatmaps, summary
@@ -123,12 +124,12 @@ def test_duo_split_attention_equals_its_selection_and_frees_streaming_heads(prof
     with torch.no_grad():
         with longreach.apply(model, spec):
             out = model(ids, use_cache=True)
-            cache = out.past_key_values
-            steps = [model(nxt[:, i:i + 1], past_key_values=cache).logits for i in range(3)]
+            cache = output_cache(out)
+            steps = [model(nxt[:, i:i + 1], **cache_kwargs(model, cache)).logits for i in range(3)]
         with longreach.apply(model, selection_of(duo)):
             ref = model(ids, use_cache=True)
-            ref_steps = [model(nxt[:, i:i + 1], past_key_values=ref.past_key_values).logits for i in range(3)]
-        full = cache_bytes(ref.past_key_values)
+            ref_steps = [model(nxt[:, i:i + 1], **cache_kwargs(model, output_cache(ref))).logits for i in range(3)]
+        full = cache_bytes(output_cache(ref))
     assert (out.logits - ref.logits).abs().max() < 1e-4
     for a, b in zip(steps, ref_steps, strict=True):
         assert (a - b).abs().max() < 1e-4
@@ -159,12 +160,12 @@ def test_razor_keeps_retrieval_heads_whole_and_compensates_the_rest(profile_path
     model = tiny_model("qwen2")
     ids = torch.randint(1, 128, (1, 120))
     with torch.no_grad():
-        dense_bytes = cache_bytes(model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                                                 return_dict_in_generate=True).past_key_values)
+        dense_bytes = cache_bytes(output_cache(model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                                 return_dict_in_generate=True)))
     with torch.no_grad(), longreach.apply(model, f"razor:profile={profile_path},ratio=0.5,window=16") as h:
         out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                              return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     for layer in cache.layers:
         if isinstance(layer, CompressedLayer) and layer.short is not None:
             assert layer.keys.shape[2] == 124 and layer.short.keys.shape[2] == 4 + 16
@@ -222,7 +223,7 @@ def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_othe
     policy = longreach.parse_spec(spec).of_kind("press")[0]
     seen = record_prefill(model, ids)
     with torch.no_grad(), longreach.apply(model, spec):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
         kept = {}
         for i, layer in enumerate(cache.layers):
             q, k = seen[i]
@@ -240,7 +241,7 @@ def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_othe
             rows[:, split.short, :60] = want
             kept[i] = rows
         assert cache_bytes(cache) == 0.75 * 2 * 2 * 2 * 120 * 16 * 4  # layers x K,V x kv heads x tokens x dim x fp32
-        ours = model(nxt, past_key_values=cache, use_cache=True).logits
+        ours = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
         assert [layer.short.keys.shape[2] for layer in cache.layers if layer.short is not None] == [61] * len(
             [s for s in (policy.head_split(i, 2) for i in range(2)) if s is not None]), "decoding appends"
 
@@ -255,7 +256,7 @@ def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_othe
             return Selection(idx, 1, k.shape[2], 1, 1, sinks=0, window=1)  # window 1: the new token itself
 
     with torch.no_grad(), longreach.apply(model, Kept()):
-        ref = model(nxt, past_key_values=model(ids, use_cache=True).past_key_values).logits
+        ref = model(nxt, **cache_kwargs(model, output_cache(model(ids, use_cache=True)))).logits
     assert (ours - ref).abs().max() < 1e-4, "decode after headkv = dense restricted to the kept keys"
 
 
@@ -266,9 +267,9 @@ def test_headkv_chunked_prefill_holds_the_budget_after_every_chunk(profile_path)
     policy = longreach.parse_spec(spec).of_kind("press")[0]
     first_layer_keys = record_prefill(model, ids)[0][1]  # layer 0's keys do not depend on attention
     with torch.no_grad(), longreach.apply(model, spec):
-        cache = model(ids[:, :100], use_cache=True).past_key_values
+        cache = output_cache(model(ids[:, :100], use_cache=True))
         lengths = [layer.short.keys.shape[2] for layer in cache.layers if layer.short is not None]
-        cache = model(ids[:, 100:], past_key_values=cache, use_cache=True).past_key_values
+        cache = output_cache(model(ids[:, 100:], **cache_kwargs(model, cache), use_cache=True))
     assert lengths and set(lengths) == {policy.short_capacity(100)} == {50}
     assert cache.get_seq_length() == 150
     for i, layer in enumerate(cache.layers):
@@ -396,9 +397,9 @@ def test_every_policy_generates_on_every_family(arch, tmp_path):
                 out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                      return_dict_in_generate=True)
             assert out.sequences.shape == (1, 106)
-            assert out.past_key_values.get_seq_length() == 105
+            assert output_cache(out).get_seq_length() == 105
             if name in ("duo", "lserve", "razor", "headkv") and "1.0" not in rest:
-                assert cache_bytes(out.past_key_values) < cache_bytes(dense.past_key_values), spec
+                assert cache_bytes(output_cache(out)) < cache_bytes(output_cache(dense)), spec
         with longreach.apply(model, f"duo:profile={path},ratio=1.0"):
             full = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(full, dense.sequences), "duo with every head a retrieval head is dense"

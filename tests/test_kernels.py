@@ -173,3 +173,16 @@ def test_native_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setenv("LONGREACH_NATIVE", "0")
     assert native.load() is None
+
+
+@pytest.mark.parametrize("heads", ["kv", "q"])
+def test_gather_takes_queries_in_transformers_layout(heads, gather_path):
+    """transformers hands q as a (B, T, H, D) buffer transposed to (B, H, T, D): not contiguous. The kernel's
+    folded view of it stays permuted when each KV group is one head (group=q), and must still be attended."""
+    b, hq, hkv, tq, tk, d, bq, bk = 1, 4, 2, 160, 160, 16, 16, 16
+    q, k, v = qkv(b, hq, hkv, tq, tk, d)
+    q_hf = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q_hf.is_contiguous()
+    sel = random_selection(b, {"kv": hkv, "q": hq}[heads], tq, tk, bq, bk, 3, 4, 16)
+    out = kernels.attend(q_hf, k, v, sel, d**-0.5, "gather")
+    assert (out - reference.attend(q, k, v, sel, d**-0.5)).abs().max().item() <= TOL

@@ -10,6 +10,7 @@ from conftest import ARCHS, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import longreach
+from longreach.compat import cache_kwargs, output_cache
 from longreach.errors import InputError, SpecError
 from longreach.kernels import FarKeys, gather, reference
 from longreach.methods.base import SelectContext
@@ -209,10 +210,10 @@ def test_longrope_uses_long_factors_only_past_the_trained_length():
 def _decode_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Prefill ``prompt`` tokens, then the rest one decode step at a time: logits of every step."""
     out = model(ids[:, :prompt], use_cache=True)
-    past, steps = out.past_key_values, [out.logits[:, -1]]
+    past, steps = output_cache(out), [out.logits[:, -1]]
     for i in range(prompt, ids.shape[1] - 1):
-        out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(ids[:, i:i + 1], **cache_kwargs(model, past), use_cache=True)
+        past = output_cache(out)
         steps.append(out.logits[:, -1])
     return torch.stack(steps, 1)
 
@@ -285,10 +286,10 @@ def test_decode_with_cache_matches_one_forward(spec):
     with longreach.apply(model, spec):
         full = model(ids).logits[:, -3:]
         out = model(ids[:, :-3], use_cache=True)
-        past, steps = out.past_key_values, []
+        past, steps = output_cache(out), []
         for i in range(3, 0, -1):
-            out = model(ids[:, -i:][:, :1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
+            past = output_cache(out)
             steps.append(out.logits[:, -1])
     if spec == "mspoe":  # head ratios are ranked on the prompt, which differs by three tokens here
         assert all(torch.isfinite(s).all() for s in steps)
@@ -364,7 +365,7 @@ def test_plan_kv_estimate_equals_the_measured_cache():
         model = tiny_model(arch, max_position_embeddings=TRAINED)
         out = model(torch.randint(0, 128, (1, 100)), use_cache=True)
         plan = plan_memory(model, longreach.parse_spec("dense"), 100, available=2**40)
-        assert plan.kv_cache == longreach.cache_bytes(out.past_key_values)  # sliding layers at their window
+        assert plan.kv_cache == longreach.cache_bytes(output_cache(out))  # sliding layers at their window
         assert plan.fits
 
 

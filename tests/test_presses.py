@@ -15,6 +15,7 @@ import longreach
 from longreach import LongreachError, SpecError
 from longreach.cache.compressed import CompressedLayer, cache_bytes
 from longreach.cache.press import Observation, attention_received, top_keep, window_probs
+from longreach.compat import cache_kwargs, output_cache
 from longreach.methods.base import SelectionMethod
 from longreach.methods.scoring import expand_kv
 from longreach.selection import Selection
@@ -27,7 +28,7 @@ T = 120
 def full_layers(model, ids) -> list[torch.Tensor]:
     """Keys of every layer after a dense prefill through longreach (the same arithmetic a press prefill does)."""
     with torch.no_grad(), longreach.apply(model, "dense"):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     return [layer.keys for layer in cache.layers]
 
 
@@ -50,7 +51,7 @@ def test_press_keeps_exactly_the_budget_with_sinks_window_and_order(arch, spec):
     full = full_layers(model, ids)
     press = press_of(spec)
     with torch.no_grad(), longreach.apply(model, spec):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     assert cache.get_seq_length() == T, "the logical length (next token's position) must not shrink"
     n_layers = len(cache.layers)
     for i, layer in enumerate(cache.layers):
@@ -90,19 +91,19 @@ def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, sp
     nxt = torch.randint(1, 128, (1, 1))
     full = full_layers(model, ids)
     with torch.no_grad(), longreach.apply(model, spec):
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
         kept = {i: kept_positions(layer.keys, full[i]) for i, layer in enumerate(cache.layers) if not layer.is_sliding}
         bytes_after = cache_bytes(cache)
-        ours = model(nxt, past_key_values=cache, use_cache=True).logits
+        ours = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
     KeepOnly.kept = kept
     with torch.no_grad(), longreach.apply(model, KeepOnly()):
-        ref_cache = model(ids, use_cache=True).past_key_values
+        ref_cache = output_cache(model(ids, use_cache=True))
         bytes_full = cache_bytes(ref_cache)
         if arch == "gemma3":  # the sliding layers are not restricted: give the reference their window
             for i, layer in enumerate(ref_cache.layers):
                 if layer.is_sliding:
                     KeepOnly.kept[i] = torch.arange(T)[None, None].expand(1, layer.keys.shape[1], -1)
-        ref = model(nxt, past_key_values=ref_cache, use_cache=True).logits
+        ref = model(nxt, **cache_kwargs(model, ref_cache), use_cache=True).logits
     assert (ours - ref).abs().max().item() < 1e-4
     assert bytes_after < bytes_full
 
@@ -115,7 +116,7 @@ def test_presses_that_evict_while_decoding_hold_the_cache_at_budget(spec):
     with torch.no_grad(), longreach.apply(model, spec):
         out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                              return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     every = press_of(spec).interval
     lengths = {layer.keys.shape[2] for layer in cache.layers}
     # the last token is cached but not yet evicted; with every=4, up to 3 more wait for the next compression
@@ -128,9 +129,9 @@ def test_density_budget_follows_the_tokens_seen_and_bytes_really_drop():
     model = tiny_model("qwen2")
     ids = torch.randint(1, 128, (1, 200))
     with torch.no_grad():
-        dense_bytes = cache_bytes(model(ids, use_cache=True).past_key_values)
+        dense_bytes = cache_bytes(output_cache(model(ids, use_cache=True)))
         with longreach.apply(model, "snapkv:density=0.25"):
-            cache = model(ids, use_cache=True).past_key_values
+            cache = output_cache(model(ids, use_cache=True))
     assert {layer.keys.shape[2] for layer in cache.layers} == {50}
     assert cache_bytes(cache) * 4 == dense_bytes
 
@@ -197,9 +198,9 @@ def test_compressed_cache_refuses_use_after_the_handle_is_removed():
     ids = torch.randint(1, 128, (1, 80))
     with torch.no_grad():
         with longreach.apply(model, "snapkv:budget=40,window=8"):
-            cache = model(ids, use_cache=True).past_key_values
+            cache = output_cache(model(ids, use_cache=True))
         with pytest.raises(LongreachError, match="handle is removed"):
-            model(ids[:, :1], past_key_values=cache)
+            model(ids[:, :1], **cache_kwargs(model, cache))
 
 
 def test_press_stacks_after_a_select_method():
@@ -207,7 +208,7 @@ def test_press_stacks_after_a_select_method():
     ids = torch.randint(1, 128, (1, 160))
     with torch.no_grad(), longreach.apply(model, "quest:budget=64,block=16+snapkv:budget=60,window=8") as h:
         out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    assert {layer.keys.shape[2] for layer in out.past_key_values.layers} == {65}
+    assert {layer.keys.shape[2] for layer in output_cache(out).layers} == {65}
     assert h.density("prefill") < 1.0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -68,3 +71,37 @@ def can_set_attn_implementation(model: torch.nn.Module) -> bool:
         return bool(probe())
     except Exception:
         return False
+
+
+# transformers 5.24 renamed the cache argument and output field from ``past_key_values`` to ``cache`` (the old
+# name is deprecated, to be removed in 5.40). Both names are read and written here, nowhere else.
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_from_kwargs(kwargs: dict) -> object | None:
+    """The cache an attention module (or model) was called with, under whichever name this version uses."""
+    for name in CACHE_NAMES:
+        found = kwargs.get(name)
+        if found is not None:
+            return found
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_argument(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters  # the deprecation decorator keeps the wrapped signature
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: object | None) -> dict:
+    """``{name: cache}`` for ``model(...)``, under the name this model's forward declares."""
+    return {_cache_argument(type(model)): cache}
+
+
+def output_cache(out: object) -> object | None:
+    """The cache a model output carries (``out.cache`` from 5.24 on, ``out.past_key_values`` before)."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    for name in ("cache", "past_key_values"):
+        if name in fields:
+            return getattr(out, name)
+    return None

@@ -9,6 +9,7 @@ import torch
 
 from .cache.compressed import cache_bytes
 from .cache.growing import growing_cache
+from .compat import cache_kwargs, output_cache
 from .errors import InputError
 from .position.frozen import planned_length
 
@@ -51,19 +52,19 @@ def greedy(model, ids: dict, max_new_tokens: int, eos: set[int], hold_last: bool
         for lo in range(0, n - held, step_size):
             hi = min(lo + step_size, n - held)
             out = model(input_ids=ids["input_ids"][:, lo:hi], attention_mask=ids["attention_mask"][:, :hi],
-                        past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+                        use_cache=True, logits_to_keep=1, **cache_kwargs(model, past))
+            past = output_cache(out)
     if held:
         out = model(input_ids=ids["input_ids"][:, -1:], attention_mask=ids["attention_mask"],
-                    past_key_values=past, use_cache=True)
+                    use_cache=True, **cache_kwargs(model, past))
     prefill = time.perf_counter() - start
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     prompt_bytes = cache_bytes(past)
     new, mask = [int(token)], ids["attention_mask"]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] not in eos:
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
-        step = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-        past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        step = model(input_ids=token, attention_mask=mask, use_cache=True, **cache_kwargs(model, past))
+        past, token = output_cache(step), step.logits[:, -1:].argmax(-1)
         new.append(int(token))
     return Greedy(new, prefill, time.perf_counter() - start, past, prompt_bytes)

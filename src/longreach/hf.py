@@ -21,8 +21,9 @@ from .cache.compressed import CompressedLayer
 from .cache.growing import GrowingLayer
 from .cache.press import Observation, Press, attention_received
 from .cache.summaries import BlockSummaries
-from .compat import can_set_attn_implementation
+from .compat import cache_from_kwargs, can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
+from .features import unsupported_features
 from .heads.policies import HeadSplit
 from .methods.base import SelectContext
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
@@ -148,7 +149,7 @@ class LayerRuntime:
         self.position_state: dict = {}  # the position method's per-layer scratch (group size, head ratios)
 
     def remember_cache(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        self.cache = cache_from_kwargs(kwargs)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, sliding_window: int | None
@@ -222,15 +223,19 @@ class LayerRuntime:
             return None
         return policy.head_split(self.layer_idx, k.shape[1])
 
-    def _shrinkable_layer(self) -> tuple[list, DynamicLayer] | None:
-        """This forward's cache layers and this layer's entry; None without a cache (use_cache=False: nothing
-        kept, nothing to free). Caches a press cannot shrink are refused."""
+    def _shrinkable_layer(self) -> tuple[list, DynamicLayer]:
+        """This forward's cache layers and this layer's entry. A forward without a cache is refused (the press
+        would silently do nothing), and so are caches a press cannot shrink."""
+        if self.cache is None:
+            owner = self.handle.press or self.handle.split
+            raise LongreachError(
+                f"{owner.name} compresses the KV cache, but this forward has no cache (use_cache=False, or a "
+                "transformers version that passes the cache under a name longreach does not know); call the "
+                "model with use_cache=True, or apply a select method instead of a press")
         layers = getattr(self.cache, "layers", None)
         if layers is None:
-            if self.cache is not None:
-                raise UnsupportedModelError(
-                    f"presses and head policies need a transformers DynamicCache, got {type(self.cache).__name__}")
-            return None
+            raise UnsupportedModelError(
+                f"presses and head policies need a transformers DynamicCache, got {type(self.cache).__name__}")
         layer = layers[self.layer_idx]
         if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer):
             raise UnsupportedModelError(
@@ -286,10 +291,7 @@ class LayerRuntime:
     def shrink_short_heads(self, q: Tensor, k: Tensor, v: Tensor, split: HeadSplit, scale: float) -> None:
         """Turn this layer's cache into long heads (every key) + short heads (sinks + window [+ compensation],
         or headkv's voted keys)."""
-        found = self._shrinkable_layer()
-        if found is None:
-            return
-        layers, layer = found
+        layers, layer = self._shrinkable_layer()
         compressed = CompressedLayer.from_layer(layer, self.handle)
         long, short = split.long.to(k.device), split.short.to(k.device)
         compressed.split_heads(long, short, k[:, short], v[:, short])
@@ -316,10 +318,7 @@ class LayerRuntime:
 
     def press_step(self, press: Press, q: Tensor, k: Tensor, scale: float) -> None:
         """After attention: track what the press scores with, and compress the layer when it is due."""
-        found = self._shrinkable_layer()
-        if found is None:
-            return
-        layers, layer = found
+        layers, layer = self._shrinkable_layer()
         st, t_q = self.press_state, q.shape[2]
         queries = st.get("queries")
         st["queries"] = (q if queries is None or t_q > 1 else torch.cat([queries, q], dim=2))[:, :, -press.observe:]
@@ -463,6 +462,13 @@ def apply(
     if not getattr(config, "is_causal", True) or any(getattr(m, "is_causal", True) is False for m in modules):
         raise UnsupportedModelError(
             f"{name} has non-causal (bidirectional) attention; longreach methods assume causal decoding"
+        )
+    missing = unsupported_features(model, modules)
+    if missing:
+        raise UnsupportedModelError(
+            f"{name} uses attention that longreach kernels do not implement yet: {'; '.join(missing)}. Running it "
+            "through longreach would compute a different attention, so it is refused; use the model's own "
+            "attention (no longreach method) for this family"
         )
     if any(m in _RUNTIMES for m in modules):
         raise LongreachError(f"a longreach method is already applied to this {name}; call handle.remove() first")

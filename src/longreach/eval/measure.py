@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.compressed import cache_bytes as kv_bytes
+from ..compat import cache_kwargs, output_cache
 from ..generation import eos_ids, greedy
 from ..position.frozen import planned_length
 from .tasks import Sample, Task
@@ -75,8 +76,8 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
     past, losses = None, []
     with planned_length(n):  # a length-dependent RoPE picks its frequencies for the whole text
         for lo in range(0, n, step):
-            out = decoder(input_ids=ids[:, lo:lo + step], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = decoder(input_ids=ids[:, lo:lo + step], use_cache=True, **cache_kwargs(decoder, past))
+            past = output_cache(out)
             hidden = out.last_hidden_state[0]
             targets = ids[0, lo + 1:lo + step + 1]
             hidden = hidden[: len(targets)]  # the last token has nothing to predict

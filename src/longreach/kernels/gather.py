@@ -144,7 +144,8 @@ def _native(qb: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, f
     batch, heads, n_qb, rows, dim = qb.shape
     n_kv = k.shape[1]
     kv_of = (torch.arange(batch).view(batch, 1) * n_kv + kv_head.cpu().view(1, heads)).flatten()
-    out = torch.empty_like(qb)
+    qb = qb.contiguous()  # a folded view can be dense but permuted; the kernel reads rows in place
+    out = qb.new_empty(qb.shape)  # not empty_like: that keeps a permuted input's strides
     lse = qb.new_empty(batch, heads, n_qb, rows)
     key_mask = sel.key_mask if sel.key_mask is not None else torch.empty(0, dtype=torch.bool)
     module = native.load()

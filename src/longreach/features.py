@@ -1,0 +1,29 @@
+"""Attention features a model uses that longreach's kernels do not compute yet, found before any forward.
+
+``apply()`` refuses such a model up front (never at the first forward, never with a raw torch error): a
+kernel that ignored a softcap or a learned sink would silently compute a different attention.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def unsupported_features(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    """One reason per attention feature of ``model`` that the kernels lack (empty: all supported)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    found = []
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap is not None or any(getattr(m, "attn_logit_softcapping", None) is not None for m in modules):
+        found.append(f"attention logit softcapping (cap={cap}: scores pass through cap * tanh(s / cap) before the "
+                     "softmax)")
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in modules):
+        found.append("learned attention-sink logits (one extra logit per head joins each softmax)")
+    for m in modules:
+        v_dim, qk_dim = getattr(m, "v_head_dim", None), getattr(m, "qk_head_dim", None)
+        if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
+            found.append(f"a value head dim ({v_dim}) different from the query/key head dim ({qk_dim}), as in "
+                         "multi-head latent attention")
+            break
+    return found
