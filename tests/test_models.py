@@ -35,6 +35,7 @@ def test_not_a_gguf_file(tmp_path, monkeypatch):
         longreach.load_model(bad)
 
 
+@pytest.mark.model  # cuts the bundled SmolLM2 file
 def test_truncated_gguf_is_reported_before_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path / "cache"))
     path = models_mod._bundled_gguf(models_mod.BUNDLED["smollm2-135m"])

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LongreachError
+from .provenance import provenance
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -212,7 +213,8 @@ def diagnose(
                         f"{s['dense_s'] / max(s['select_s'] + s['attend_s'], 1e-9):.2f}x")
     console.print(summary)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnose.json").write_text(json.dumps({"tokens": diag.tokens, "model": model, "methods": diag.methods,
+    (out / "diagnose.json").write_text(json.dumps({"tokens": diag.tokens, "model": model, "provenance": provenance(),
+                                                   "methods": diag.methods,
                                                    "summary": {m: diag.summary(m) for m in diag.methods},
                                                    "layers": [r.__dict__ for r in diag.layers]}, indent=1))
     recall_heatmaps(diag, out / "recall.png")
@@ -434,7 +436,8 @@ def bench_attention(
     console.print(table)
     console.print("roofline: attended FLOP/s / matmul peak (prefill), K/V bytes read per s / read bandwidth (decode)")
     if json_out:
-        json_out.write_text(json.dumps({"hardware": attention.hardware(), "roofline": peak.as_dict(), "rows": [
+        json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
+                                        "roofline": peak.as_dict(), "rows": [
             {**r.__dict__, "speedup": r.speedup, "roofline_fraction": r.roofline(peak),
              "dense_roofline_fraction": r.dense_roofline(peak)} for r in rows]}, indent=1))
     if plot_out and not attention.plot(rows, plot_out):
@@ -492,7 +495,8 @@ def bench_e2e(
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")
     if json_out:
-        json_out.write_text(json.dumps({"hardware": attention.hardware(), "model": model, "rows": [
+        json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
+                                        "model": model, "rows": [
             {**r.__dict__, "ttft_speedup": r.vs(base.get(r.length))[0],
              "decode_speedup": r.vs(base.get(r.length))[1]} for r in rows]}, indent=1))
     if plot_out and not e2e.plot(rows, plot_out):

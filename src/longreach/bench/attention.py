@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from .. import kernels, parse_spec
 from ..cache.summaries import BlockSummaries
 from ..methods import SelectContext
+from ..provenance import describe, provenance
 from ._plot import pyplot, speedup_axis
 from .roofline import Roofline
 
@@ -53,7 +52,8 @@ class Row:
 
 
 def hardware() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    """CPU, ISA, threads, versions and commit: every table title and JSON names its machine."""
+    return describe(provenance())
 
 
 def _best(fn: Callable[[], object], repeat: int) -> float:

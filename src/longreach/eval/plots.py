@@ -86,7 +86,8 @@ def _pareto(plt, rows, methods):
     ax.set_xlabel("attention density (prefill)")
     ax.set_ylabel("mean score (all generation tasks)")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    if ax.get_legend_handles_labels()[0]:  # rows without a density draw nothing to label
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     return fig
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LongreachError
+from ..provenance import describe, machine_key
 from .results import BadLine, read_rows
 
 BASELINE = "dense"
@@ -101,10 +102,32 @@ def fmt_score(cell: Cell) -> str:
     return f"{mean:.0%}"
 
 
+MIXED = "†"  # marks a ratio whose rows came from more than one machine, commit or thread count
+
+
 def speed_ratio(cells: dict, cell: Cell) -> str:
+    """Dense prefill time over this cell's, flagged when the two sides' rows were not all measured alike."""
     base = cells.get((cell.task, BASELINE, cell.length))
     t, t0 = cell.avg("prefill_s"), base.avg("prefill_s") if base else None
-    return f"{t0 / t:.2f}x" if t and t0 else "–"
+    if not (t and t0):
+        return "–"
+    mixed = len({machine_key(r) for r in cell.rows + base.rows}) > 1
+    return f"{t0 / t:.2f}x{MIXED if mixed else ''}"
+
+
+def provenance_lines(rows: list[dict]) -> list[str]:
+    """Where the rows were measured: one line per distinct machine / code state, with its row count."""
+    counts: dict[tuple, list] = {}
+    for r in rows:
+        entry = counts.setdefault(machine_key(r), [r, 0])
+        entry[1] += 1
+    lines = []
+    for first, n in counts.values():
+        prov = first.get("provenance")
+        where = describe(prov) if isinstance(prov, dict) else (
+            f"host {first.get('host')}, longreach {first.get('version')} (no provenance recorded: older row)")
+        lines.append(f"- {n} rows: {where}")
+    return lines
 
 
 def markdown(rows: list[dict]) -> str:
@@ -112,7 +135,11 @@ def markdown(rows: list[dict]) -> str:
     methods = ordered_methods(rows)
     models = sorted({r["model"] for r in rows})
     out = [f"Model: {', '.join(models)} · {len(rows)} samples · score = mean (95% CI) · "
-           "speed = dense prefill time / method prefill time, same sweep"]
+           "speed = dense prefill time / method prefill time, same sweep", "", "Measured on:",
+           *provenance_lines(rows)]
+    if len({machine_key(r) for r in rows}) > 1:
+        out += ["", f"{MIXED} this speed ratio divides times measured on different machines, commits or thread "
+                "counts: compare it with care"]
     for task in dict.fromkeys(r["task"] for r in rows):
         metric = next(c.metric for c in cells.values() if c.task == task)
         what = {"accuracy": "accuracy", "recall": "recall", "ppl": "perplexity (lower is better)"}[metric]

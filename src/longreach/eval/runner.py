@@ -165,6 +165,7 @@ def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corp
               on_sample: Callable[[Cell], None] | None = None) -> Iterator[dict]:
     """Run the given cells, yielding finished rows (methods applied one at a time)."""
     from .. import __version__, apply
+    from ..provenance import provenance
 
     bank = SampleBank(tokenizer, corpus, plan.chat)
     model_id = plan.model
@@ -184,7 +185,7 @@ def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corp
                         "chat": plan.chat_for(cell.task), "chat_applied": sample.chat, "corpus": corpus.name,
                         "gold": list(sample.gold), **measured,
                         "kernel": plan.kernel, "chunk": plan.chunk, "prompt_sha": prompt_sha(sample),
-                        "version": __version__,
+                        "version": __version__, "provenance": provenance(),
                         "host": platform.node(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                         **{k: v for k, v in sample.meta.items() if k != "ids"},
                     }
