@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -12,12 +13,41 @@ from longreach.cli import app
 runner = CliRunner()
 
 
+def _table_rows(output: str) -> list[list[str]]:
+    """The body cells of the rich tables in ``output``; a row wrapped over several lines is joined back."""
+    rows: list[list[str]] = []
+    for line in output.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells[0] or not rows:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells, strict=True)]
+    return rows
+
+
 def test_methods_lists_every_method_with_defaults():
+    """One row per registered method, in name order, with its kind, summary and every dataclass field
+    (name=default, in declaration order)."""
+    import dataclasses
+
+    from longreach.methods import method_class, method_names
+
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0
-    for name in ("dense", "streaming", "quest", "moba"):
-        assert name in result.output
-    assert "block=64" in result.output
+    rows = _table_rows(result.output)
+    names = [r[0] for r in rows]
+    assert names == method_names() == sorted(names)
+    assert {"dense", "streaming", "quest", "moba", "snapkv", "selfextend", "string", "mspoe", "gali", "linear",
+            "dynamic", "yarn", "llama3", "longrope"} <= set(names)  # the documented families are all there
+    for name, kind, summary, params in rows:
+        cls = method_class(name)
+        assert kind == cls.kind and summary == " ".join(cls.summary.split())
+        fields = dataclasses.fields(cls)
+        assert params == (", ".join(f"{f.name}={f.default}" for f in fields) or "-"), name
+    quest = dict(pair.split("=") for pair in rows[names.index("quest")][3].split(", "))
+    assert quest["block"] == "64" and quest["sinks"] == "4" and quest["density"] == "None"
 
 
 def test_generate_refuses_a_bad_spec_before_loading(tmp_path, monkeypatch):
@@ -36,6 +66,32 @@ def test_generate_refuses_a_bad_spec_before_loading(tmp_path, monkeypatch):
     assert "did you mean 'quest'" in result.output
 
 
+def _streaming_density(length: int, phase: str, sinks: int, window: int) -> float:
+    """StreamingLLM's share of the causal pairs: query p sees its last ``window`` keys plus the first ``sinks``."""
+    queries = range(length) if phase == "prefill" else [length - 1]
+    seen = sum(min(p + 1, window) + min(sinks, max(0, p + 1 - window)) for p in queries)
+    return seen / sum(p + 1 for p in queries)
+
+
+def _quest_density_bounds(length: int, phase: str, density: float, block: int, sinks: int) -> tuple[float, float]:
+    """The share of causal pairs a block top-k method with ``density=`` may read, from its documented budget:
+    a query block may read ``floor(density x causal keys of its last query)`` keys, sinks and the local window
+    (one block) included and always read, the rest as whole key blocks chosen behind the window. Fewest: every
+    chosen block also covers the sinks and as much of a query's window as it can; most: the whole budget."""
+    queries = range(length) if phase == "prefill" else [length - 1]
+    low = high = 0
+    for p in queries:
+        last = min(p // block * block + block - 1, length - 1) if phase == "prefill" else p
+        budget = math.floor(density * (last + 1))
+        behind = sum(1 for start in range(0, length, block) if start <= last - block and start + block > sinks)
+        take = max(0, min((budget - sinks - block) // block, behind))
+        shared = sinks + block - 1 - p % block  # keys a chosen block may share with the sinks and p's window
+        low += min(p + 1, min(p + 1, block + sinks) + max(0, take * block - shared))
+        high += min(p + 1, max(budget, sinks + block))
+    causal = sum(p + 1 for p in queries)
+    return low / causal, high / causal
+
+
 def test_bench_attention_smoke(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     result = runner.invoke(app, ["bench", "attention", "--lengths", "256,512", "--heads", "4,2,16;8,2,32",
@@ -43,15 +99,40 @@ def test_bench_attention_smoke(tmp_path):
                                  "--methods", "quest:density=0.5,block=32;streaming:window=64", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    rows = report["rows"]
-    assert report["roofline"]["matmul_gflops"] > 0 and report["roofline"]["read_gb_per_s"] > 0
-    assert len(rows) == 2 * 2 * 2 * 2  # lengths x head shapes x phases x methods
-    assert {(r["phase"], r["heads"]) for r in rows} == {(p, h) for p in ("prefill", "decode")
-                                                        for h in ("4/2/16", "8/2/32")}
-    assert all(r["speedup"] > 0 and 0 < r["density"] <= 1 and r["roofline_fraction"] > 0 for r in rows)
-    decode = [r for r in rows if r["phase"] == "decode"]
-    assert all(r["kv_bytes"] <= r["dense_bytes"] for r in decode)
-    assert png.stat().st_size > 1000
+    rows, peak = report["rows"], report["roofline"]
+    assert [(r["heads"], r["length"], r["phase"], r["spec"]) for r in rows] == [
+        (h, t, p, m) for h in ("4/2/16", "8/2/32") for t in (256, 512) for p in ("prefill", "decode")
+        for m in ("quest:density=0.5,block=32", "streaming:window=64")]
+    assert all(r["kernel"] == "gather" for r in rows)
+    for r in rows:
+        q_heads, kv_heads, dim = (int(x) for x in r["heads"].split("/"))
+        t, density = r["length"], r["density"]
+        if r["spec"].startswith("streaming"):  # a fixed pattern: its density is known exactly
+            assert density == pytest.approx(_streaming_density(t, r["phase"], 4, 64), abs=1e-12)
+        else:  # quest: within what its budget allows, and near the requested 0.5
+            low, high = _quest_density_bounds(t, r["phase"], 0.5, 32, 4)
+            assert low <= density <= high and abs(density - 0.5) < 0.15
+            if r["phase"] == "decode":
+                assert density <= 0.5
+        # the documented arithmetic: ratios, attended FLOPs / bytes, and the fraction of the measured roofline
+        assert r["speedup"] == pytest.approx(r["dense_s"] / (r["select_s"] + r["attend_s"]), rel=1e-9)
+        pairs = q_heads * (t * (t + 1) / 2 if r["phase"] == "prefill" else t)
+        assert r["dense_flops"] == 4 * dim * pairs and r["dense_bytes"] == 2 * kv_heads * t * dim * 4
+        assert r["flops"] == pytest.approx(r["dense_flops"] * density, rel=1e-9)
+        assert r["kv_bytes"] == pytest.approx(r["dense_bytes"] * density, rel=1e-9)
+        if r["phase"] == "decode":
+            rate, ceiling = r["kv_bytes"] / r["attend_s"], peak["read_gb_per_s"] * 1e9
+            dense_rate = r["dense_bytes"] / r["dense_s"]
+        else:
+            rate, ceiling = r["flops"] / r["attend_s"], peak["matmul_gflops"] * 1e9
+            dense_rate = r["dense_flops"] / r["dense_s"]
+        assert r["roofline_fraction"] == pytest.approx(rate / ceiling, rel=1e-6)
+        assert r["dense_roofline_fraction"] == pytest.approx(dense_rate / ceiling, rel=1e-6)
+    # the printed table shows the same rows, in the same order, with the same densities and speedups
+    printed = _table_rows(result.output)
+    assert [(c[0], c[1], c[2], c[5], c[9]) for c in printed] == [
+        (r["phase"], r["heads"], str(r["length"]), f"{r['density']:.3f}", f"{r['speedup']:.2f}x") for r in rows]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
 def test_bench_attention_refuses_bad_options():
@@ -91,12 +172,28 @@ def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
     assert [(r["length"], r["method"]) for r in rows] == [
         (n, m) for n in (300, 600)
         for m in ("transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5")]
-    assert all(r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_tokens"] == 3 for r in rows)
+    assert all(r["decode_tokens"] == 3 for r in rows)  # 4 new tokens: the prefill's, then 3 decode steps
+    config = json.loads((tiny_lm_folder / "config.json").read_text())
+    per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]  # K and V, float32
+                 * config["hidden_size"] // config["num_attention_heads"] * 4)
     by = {(r["length"], r["method"]): r for r in rows}
-    assert by[(600, "snapkv:density=0.5")]["kv_bytes"] < by[(600, "dense")]["kv_bytes"]
-    assert by[(600, "transformers")]["ttft_speedup"] == 1.0
-    assert all(r["ttft_speedup"] > 0 for r in rows)
-    assert png.stat().st_size > 1000
+    for n in (300, 600):
+        base = by[(n, "transformers")]
+        assert base["kv_bytes"] == (n + 3) * per_token  # transformers' cache: prompt + decoded, exactly
+        # longreach's growing cache: the prompt exactly, then room for max(256, n / 8) more at the first step
+        assert by[(n, "dense")]["kv_bytes"] == (n + 1 + max(256, (n + 1) // 8)) * per_token
+        assert by[(n, "quest:density=0.5,block=32")]["kv_bytes"] == by[(n, "dense")]["kv_bytes"]  # drops none
+        assert by[(n, "snapkv:density=0.5")]["kv_bytes"] == (n // 2 + 3) * per_token  # half the prompt kept
+        for r in (by[(n, m)] for m in ("transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5")):
+            assert math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 and r["ttft_s"] > 0
+            assert r["ttft_speedup"] == pytest.approx(base["ttft_s"] / r["ttft_s"], rel=1e-9)
+            assert r["decode_speedup"] == pytest.approx(r["decode_tok_s"] / base["decode_tok_s"], rel=1e-9)
+    # the printed table: the same rows, speedups and KV MiB
+    printed = _table_rows(result.output)
+    assert [(c[0], c[1], c[4], c[5], c[7]) for c in printed] == [
+        (str(r["length"]), r["method"], f"{r['ttft_speedup']:.2f}x", f"{r['decode_speedup']:.2f}x",
+         f"{r['kv_bytes'] / 2**20:.1f}") for r in rows]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
 def test_bench_e2e_refuses_a_prompt_longer_than_the_text(tiny_lm_folder):

@@ -177,15 +177,22 @@ def test_report_table_and_html(tmp_path):
     assert (tmp_path / "plots").is_dir() and any((tmp_path / "plots").glob("*.png"))
 
 
-@pytest.mark.model
-def test_demo_is_a_small_eval_with_a_report(tmp_path, tiny_lm_folder):
-    """The demo path end to end (real Canterbury prose; a tiny model keeps it fast)."""
-    result = cli.invoke(app, ["demo", "--model", str(tiny_lm_folder), "--lengths", "300", "--samples", "2",
-                              "--out", str(tmp_path), "--quiet"])
+def test_demo_is_dense_beside_a_fast_prefill_and_a_press(tmp_path, tiny_lm_folder):
+    """The demo path end to end (real Canterbury prose; a tiny model keeps it fast): its summary says what each
+    method cost, from the rows it wrote."""
+    from longreach.eval.showcase import DEMO_METHODS, summarise
+
+    result = cli.invoke(app, ["demo", "--model", str(tiny_lm_folder), "--lengths", "300", "--out", str(tmp_path),
+                              "--quiet"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    for task in ("### passkey", "### niah"):
-        assert task in result.output
-    for method in ("| dense | 300 | 2 |", "| quest:density=0.25 | 300 | 2 |", "| streaming:density=0.25 | 300 | 2 |"):
-        assert method in result.output
     rows, bad = read_rows(tmp_path / "results.jsonl")
-    assert not bad and len(rows) == 12 and {r["corpus"] for r in rows} == {"canterbury"}
+    assert not bad and len(rows) == 6 and {r["corpus"] for r in rows} == {"canterbury"}
+    lines = {line.method: line for line in summarise(rows)}
+    assert list(lines) == list(DEMO_METHODS)
+    dense, fast, press = (lines[m] for m in DEMO_METHODS)
+    assert (dense.role, fast.role, press.role) == ("baseline", "sparse prefill: faster", "KV press: smaller cache")
+    assert dense.n == fast.n == press.n == 2 and dense.speed == pytest.approx(1.0)
+    assert fast.cache_ratio == pytest.approx(1.0)  # sparse prefill keeps every key
+    assert 3.5 < press.cache_ratio < 4.5  # density=0.25 of the prompt's keys, in real bytes
+    for line in lines.values():
+        assert f"{line.correct}/2" in result.output and line.method in result.output

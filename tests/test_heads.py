@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import tiny_model
+from oracles import snapkv_keep
 
 import longreach
 from longreach import InputError
@@ -199,22 +200,6 @@ def record_prefill(model, ids):
     return seen
 
 
-def voted_positions(q, k, heads, capacity, sinks, window, pool):
-    """Brute-force SnapKV for the given KV heads: expand K per query head, softmax of the last ``window``
-    queries, summed, averaged over each group, pooled; top ``capacity`` with sinks + window forced in."""
-    group = q.shape[1] // k.shape[1]
-    n = k.shape[2]
-    kx = k.repeat_interleave(group, dim=1)
-    logits = q[:, :, -window:] @ kx.transpose(-1, -2) / q.shape[-1] ** 0.5
-    own = n - window + torch.arange(window)
-    probs = logits.masked_fill(torch.arange(n)[None, :] > own[:, None], float("-inf")).softmax(-1)
-    votes = probs.sum(2).view(q.shape[0], k.shape[1], group, n).mean(2)[:, heads]
-    votes = torch.nn.functional.avg_pool1d(votes, pool, stride=1, padding=pool // 2, count_include_pad=False)
-    pos = torch.arange(n)
-    votes = votes.masked_fill((pos < sinks) | (pos >= n - window), float("inf"))
-    return votes.topk(capacity, dim=-1).indices.sort(-1).values
-
-
 def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_others(profile_path):
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 120))
@@ -234,7 +219,9 @@ def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_othe
                 continue
             assert policy.short_capacity(120) == 60  # (0.75 - 0.5) / (1 - 0.5) of the tokens
             assert torch.equal(layer.keys, k[:, split.long]), "whole heads keep every key"
-            want = voted_positions(q, k, split.short, 60, 4, 8, 3)
+            group = q.shape[1] // k.shape[1]
+            voters = q[:, (split.short[:, None] * group + torch.arange(group)).flatten(), -8:]  # their last 8 queries
+            want = snapkv_keep(voters, k[:, split.short], 16 ** -0.5, 60, sinks=4, pool=3)
             assert torch.equal(layer.short.keys, k[:, split.short].gather(2, want[..., None].expand(-1, -1, -1, 16)))
             rows = torch.full((1, 2, 120), -1)
             rows[:, split.long] = torch.arange(120)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 
 import pytest
 import torch
@@ -174,35 +176,137 @@ def test_string_refuses_inputs_it_cannot_keep_in_range():
         method.shift_for(2 * TRAINED, TRAINED)
 
 
-@pytest.mark.parametrize("spec", ["linear:factor=2.0", "dynamic:factor=2.0", "yarn:factor=2.0",
-                                  "llama3:factor=2.0"])
-def test_rope_types_match_transformers_own_config(spec):
-    """Configuring the rope type through longreach = loading the model with that rope type in its config."""
-    model = tiny_model("llama", max_position_embeddings=TRAINED)
-    method = longreach.parse_spec(spec).methods[0]
+# The published frequency rules, written out here (never through longreach): what a model trained to
+# ``trained`` tokens reads at ``length`` tokens, for a head of ``dim`` rotated dimensions with base ``theta``.
+def _default_inv_freq(theta: float, dim: int = 16) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def _longrope_start_factors(factor: float, theta: float, trained: int = TRAINED, dim: int = 16) -> list[float]:
+    """LongRoPE's search starting point as longreach documents it (NTK-by-parts over full turns within the
+    trained length): a pair turning >= 32 times is kept (1), <= once is divided by ``factor``, linear between."""
+    out = []
+    for f in _default_inv_freq(theta, dim).tolist():
+        turns = trained * f / (2 * math.pi)
+        keep = min(max((turns - 1.0) / (32.0 - 1.0), 0.0), 1.0)
+        out.append(keep * 1.0 + (1 - keep) * factor)
+    return out
+
+
+def _published_frequencies(kind: str, factor: float, theta: float, length: int, trained: int = TRAINED,
+                           dim: int = 16) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, cos/sin scale) of each rope type's paper / reference code."""
+    base = _default_inv_freq(theta, dim)
+    if kind == "linear":  # Position Interpolation (arXiv:2306.15595): every position divided by the factor
+        return base / factor, 1.0
+    if kind == "dynamic":  # dynamic NTK (emozilla): the base grows with the current length past the trained one
+        grown = theta * (factor * length / trained - (factor - 1)) ** (dim / (dim - 2)) if length > trained else theta
+        return _default_inv_freq(grown, dim), 1.0
+    if kind == "yarn":  # YaRN (arXiv:2309.00071) reference code: ramp over dimensions, beta_fast 32 / beta_slow 1
+        def dim_of(turns: float) -> float:  # the dimension that turns `turns` times over the trained length
+            return dim * math.log(trained / (turns * 2 * math.pi)) / (2 * math.log(theta))
+        low, high = max(math.floor(dim_of(32.0)), 0), min(math.ceil(dim_of(1.0)), dim - 1)
+        interpolated = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        return base * (1 - interpolated) + base / factor * interpolated, 0.1 * math.log(factor) + 1
+    if kind == "llama3":  # Llama 3.1 apply_scaling (arXiv:2407.21783): low_freq_factor 1, high_freq_factor 4
+        out = []
+        for f in base.tolist():
+            wavelength = 2 * math.pi / f
+            if wavelength < trained / 4.0:
+                out.append(f)
+            elif wavelength > trained / 1.0:
+                out.append(f / factor)
+            else:
+                smooth = (trained / wavelength - 1.0) / (4.0 - 1.0)
+                out.append((1 - smooth) * f / factor + smooth * f)
+        return torch.tensor(out, dtype=torch.float64), 1.0
+    if kind == "longrope":  # LongRoPE (arXiv:2402.13753): long factors past the trained length, Phi-3's scale
+        factors = _longrope_start_factors(factor, theta, trained, dim) if length > trained else [1.0] * (dim // 2)
+        return base / torch.tensor(factors, dtype=torch.float64), math.sqrt(1 + math.log(factor) / math.log(trained))
+    raise ValueError(kind)
+
+
+def _written_rope_parameters(kind: str, factor: float, theta: float, trained: int = TRAINED) -> dict:
+    """The ``rope_parameters`` a checkpoint of that rope type carries, written out by hand."""
+    params = {"rope_type": kind, "rope_theta": theta, "factor": factor}
+    if kind == "yarn":
+        params.update(original_max_position_embeddings=trained, beta_fast=32.0, beta_slow=1.0)
+    elif kind == "llama3":
+        params.update(original_max_position_embeddings=trained, low_freq_factor=1.0, high_freq_factor=4.0)
+    elif kind == "longrope":
+        params.update(original_max_position_embeddings=trained, short_factor=[1.0] * 8,
+                      long_factor=_longrope_start_factors(factor, theta, trained))
+    return params
+
+
+def _model_with_rope(model, params: dict, trained: int = TRAINED):
+    """``model``'s weights in a model transformers builds with ``params`` as its (global layers') rope parameters."""
     config = copy.deepcopy(model.config)
-    config.rope_parameters = method.rope_parameters(dict(config.rope_parameters), TRAINED, 16)
+    if "full_attention" in config.rope_parameters:  # Gemma 3: only the global layers change
+        config.rope_parameters["full_attention"] = params
+    else:
+        config.rope_parameters = params
+    if params["rope_type"] == "longrope":  # as Phi-3 checkpoints carry it: max positions = factor x original
+        config.max_position_embeddings = math.ceil(params["factor"] * trained)
     twin = type(model)(config).eval()
     twin.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 128, (1, 150))
-    with longreach.apply(model, spec):
+    return twin
+
+
+def _tables(inv_freq: torch.Tensor, length: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq
+    angle = torch.cat([angle, angle], -1)
+    return angle.cos() * scale, angle.sin() * scale
+
+
+# trained 64: YaRN's ramp spans dims 0-3 and beta_fast is clamped away; trained 1024: both betas bite (dims 1-5),
+# Llama 3.1 keeps / smooths / divides, LongRoPE keeps / ramps / divides; Gemma 3: global layers' base 1e6 only
+@pytest.mark.parametrize("arch,trained", [("llama", 64), ("llama", 1024), ("gemma3", 64)])
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3", "longrope"])
+def test_rope_types_equal_the_published_frequency_rules(kind, arch, trained):
+    """The rotary tables of a forward past the trained length are the paper formulas written above, and the
+    logits are those of the model transformers builds from the rope parameters written out by hand."""
+    model = tiny_model(arch, max_position_embeddings=trained)
+    params = model.config.rope_parameters
+    theta = params.get("full_attention", params)["rope_theta"]
+    length = trained + 86
+    ids = torch.randint(0, 128, (1, length))
+    tables: dict = {}  # layer type -> the (cos, sin) the rotary module returned
+
+    def record(module, args, out):
+        tables.setdefault(args[2] if len(args) > 2 else "full_attention", []).append(out)
+
+    with longreach.apply(model, f"{kind}:factor=2.0"):
+        hook = model.model.rotary_emb.register_forward_hook(record)
         got = model(ids).logits
+        hook.remove()
+    assert all(len(calls) == 1 for calls in tables.values())
+    (cos, sin), = tables.pop("full_attention")
+    inv_freq, scale = _published_frequencies(kind, 2.0, theta, length, trained)
+    want_cos, want_sin = _tables(inv_freq, length, scale)
+    torch.testing.assert_close(cos[0].double(), want_cos, atol=5e-4, rtol=0)
+    torch.testing.assert_close(sin[0].double(), want_sin, atol=5e-4, rtol=0)
+    for layer_type, [(cos, sin)] in tables.items():  # Gemma 3's sliding layers keep their own RoPE
+        theirs = params[layer_type]["rope_theta"]
+        want_cos, want_sin = _tables(_default_inv_freq(theirs), length, 1.0)
+        torch.testing.assert_close(cos[0].double(), want_cos, atol=5e-4, rtol=0)
+        torch.testing.assert_close(sin[0].double(), want_sin, atol=5e-4, rtol=0)
+    twin = _model_with_rope(model, _written_rope_parameters(kind, 2.0, theta, trained), trained)
     torch.testing.assert_close(got, twin(ids).logits, atol=1e-4, rtol=1e-4)
-    assert model.config.rope_parameters["rope_type"] == "default"  # the model's own config is untouched
+    assert params.get("full_attention", params)["rope_type"] == "default"  # the model's own config is untouched
 
 
 def test_longrope_uses_long_factors_only_past_the_trained_length():
     model = tiny_model("llama", max_position_embeddings=TRAINED)
     original = model.model.rotary_emb.inv_freq.clone()
-    method = method_class("longrope")(factor=4.0)
-    long_factors = torch.tensor(method.long_factors({"rope_theta": 10000.0}, TRAINED, 16))
+    long_factors = torch.tensor(_longrope_start_factors(4.0, 10000.0), dtype=original.dtype)
     with longreach.apply(model, "longrope:factor=4.0"):
         rotary = model.model.rotary_emb.inner  # held per sequence (test_length_dependent_ropes_...)
         model(torch.randint(0, 128, (1, 40)))
         torch.testing.assert_close(rotary.inv_freq, original)  # short factors: 1
         model(torch.randint(0, 128, (1, 150)))
         torch.testing.assert_close(rotary.inv_freq, original / long_factors)
-    factors = method.long_factors({"rope_theta": 10000.0}, 8192, 64)
+    factors = method_class("longrope")(factor=4.0).long_factors({"rope_theta": 10000.0}, 8192, 64)
     assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(4.0)
     assert factors == sorted(factors)
 
@@ -219,17 +323,11 @@ def _decode_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
 
 
 def _twin(model, spec: str, edit=lambda rope: rope):
-    """The model loaded by transformers with ``spec``'s rope parameters (``edit``-ed) in its config."""
-    method = longreach.parse_spec(spec).methods[0]
-    config = copy.deepcopy(model.config)
-    params = config.rope_parameters
-    if "full_attention" in params:  # Gemma 3: only the global layers change
-        params["full_attention"] = edit(method.rope_parameters(params["full_attention"], TRAINED, 16))
-    else:
-        config.rope_parameters = edit(method.rope_parameters(params, TRAINED, 16))
-    twin = type(model)(config).eval()
-    twin.load_state_dict(model.state_dict())
-    return twin
+    """The model transformers builds with ``spec``'s rope parameters written out by hand (``edit``-ed)."""
+    kind, factor = spec.split(":factor=")
+    params = model.config.rope_parameters
+    theta = params.get("full_attention", params)["rope_theta"]  # Gemma 3: the global layers' base
+    return _model_with_rope(model, edit(_written_rope_parameters(kind, float(factor), theta)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -277,7 +375,7 @@ def test_gemma3_rope_scaling_touches_only_global_layers():
     assert model.model.rotary_emb is rotary
 
 
-@pytest.mark.parametrize("spec", ["selfextend:group=3,window=16", "string:shift=40,local=8", "mspoe",
+@pytest.mark.parametrize("spec", ["selfextend:group=3,window=16", "string:shift=40,local=8",
                                   "yarn:factor=4.0"])
 def test_decode_with_cache_matches_one_forward(spec):
     """Re-mapping recomputed per step from the cache's keys: prefill + decode = the same tokens in one pass."""
@@ -291,10 +389,133 @@ def test_decode_with_cache_matches_one_forward(spec):
             out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
             past = output_cache(out)
             steps.append(out.logits[:, -1])
-    if spec == "mspoe":  # head ratios are ranked on the prompt, which differs by three tokens here
-        assert all(torch.isfinite(s).all() for s in steps)
-        return
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def _mspoe_ratios(q: torch.Tensor, k: torch.Tensor, scale: float, low: float, high: float, observe: int
+                  ) -> torch.Tensor:
+    """Ms-PoE's head order (arXiv:2403.04797; the authors' code counts weights above 4x the row mean), per KV
+    head over its query heads and the last ``observe`` queries of ``q``/``k`` (one prompt, rotated at its
+    true positions): the share of a query's causal keys weighted above 4x uniform. Most outliers (the most
+    position-aware head) -> ``low``; ratios evenly spaced up to ``high``."""
+    n_kv, t = k.shape[1], k.shape[2]
+    group = q.shape[1] // n_kv
+    score = []
+    for h in range(n_kv):
+        shares = []
+        for head in range(h * group, (h + 1) * group):
+            for p in range(max(0, t - observe), t):
+                w = torch.softmax((k[0, h, : p + 1].double() @ q[0, head, p].double()) * scale, 0)
+                shares.append(float((w > 4.0 / (p + 1)).sum()) / (p + 1))
+        score.append(sum(shares) / len(shares))
+    order = sorted(range(n_kv), key=lambda h: -score[h])
+    gaps = [score[a] - score[b] for a, b in itertools.pairwise(order)]
+    assert low == high or min(gaps, default=1.0) > 1e-3, score  # a near-tie would make the order arbitrary
+    ratios = torch.empty(n_kv, dtype=torch.float64)
+    for rank, h in enumerate(order):
+        ratios[h] = low + (high - low) * rank / max(n_kv - 1, 1)
+    return ratios
+
+
+def _mspoe_oracle_logits(model, ids: torch.Tensor, first_layer: int, low: float, high: float, observe: int,
+                         ranked_on: int) -> torch.Tensor:
+    """Logits with every attention recomputed from the un-rotated projections: layers from ``first_layer`` on
+    rotate head h's queries and keys at positions ``p / ratio_h``, the ratios ranked on the first ``ranked_on``
+    tokens; earlier layers use plain RoPE. RoPE from the model's ``inv_freq``, through transformers' own
+    ``apply_rotary_pos_emb`` (``_rotate``), never through longreach."""
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    layers = [layer.self_attn for layer in model.model.layers]
+
+    def oracle(attn):
+        def forward(hidden_states, *args, **kwargs):
+            b, t, _ = hidden_states.shape
+            q0 = attn.q_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
+            k0 = attn.k_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
+            group = q0.shape[1] // k0.shape[1]
+            pos = torch.arange(t)
+            ratios = torch.ones(k0.shape[1], dtype=torch.float64)
+            if attn.layer_idx >= first_layer:
+                ranked = pos[:ranked_on]
+                ratios = _mspoe_ratios(_rotate(q0[:, :, :ranked_on], inv_freq, ranked),
+                                       _rotate(k0[:, :, :ranked_on], inv_freq, ranked), attn.scaling, low, high,
+                                       observe)
+            q = _rotate(q0, inv_freq, pos[None] / ratios.repeat_interleave(group)[:, None])
+            k = _rotate(k0, inv_freq, pos[None] / ratios[:, None]).repeat_interleave(group, 1)
+            scores = (q @ k.transpose(-1, -2)) * attn.scaling
+            scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+            out = scores.softmax(-1) @ v.repeat_interleave(group, 1)
+            return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+        return forward
+
+    try:
+        for attn in layers:
+            attn.forward = oracle(attn)
+        return model(ids).logits
+    finally:
+        for attn in layers:
+            del attn.forward
+
+
+def test_mspoe_prefill_and_decode_equal_rope_at_per_head_scaled_positions():
+    """Ms-PoE through the model: one forward, and a prefill + decode steps (ratios ranked on the prompt and
+    kept), equal attention recomputed with head h's q/k rotated at ``p / ratio_h`` in every layer from
+    ``first_layer`` on."""
+    model = tiny_model("llama", max_position_embeddings=TRAINED, num_hidden_layers=3)
+    with torch.no_grad():  # random init attends almost uniformly (no outliers, heads tie): sharpen q and k,
+        for i, layer in enumerate(model.model.layers):  # one KV head more than the other, which one by layer
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.view(2, 16, -1)[i % 2].mul_(4.0)
+    ids = torch.randint(0, 128, (1, 120))
+    dense = model(ids).logits
+    # the oracle itself: with every ratio 1 it is the model as transformers runs it
+    torch.testing.assert_close(_mspoe_oracle_logits(model, ids, 0, 1.0, 1.0, 64, 120), dense, atol=1e-4, rtol=1e-4)
+    with longreach.apply(model, "mspoe:first_layer=1,min_ratio=1.2,max_ratio=1.8,observe=64"):
+        full = model(ids).logits
+        out = model(ids[:, :-3], use_cache=True)
+        past, steps = output_cache(out), []
+        for i in range(3, 0, -1):
+            out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
+            past = output_cache(out)
+            steps.append(out.logits[:, -1])
+    assert (full - dense).abs().max() > 1e-2  # the re-mapping does change the layers it touches
+    torch.testing.assert_close(full, _mspoe_oracle_logits(model, ids, 1, 1.2, 1.8, 64, 120), atol=1e-4, rtol=1e-4)
+    decoded = _mspoe_oracle_logits(model, ids, 1, 1.2, 1.8, 64, 117)[:, -3:]  # ranked on the 117-token prompt
+    torch.testing.assert_close(torch.stack(steps, 1), decoded, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t_q", [100, 5, 1])
+@pytest.mark.parametrize("kernel", ["reference", "gather"])
+def test_mspoe_equals_rope_recomputed_at_per_head_scaled_positions(t_q, kernel):
+    """Attention level, ratios known in advance: KV heads 1 / 2 / 3 have keys spiking on a near-static RoPE pair
+    every 10 / 40 / 20 tokens (head 0: none), so ~10% / 2.5% / 5% / 0 of a query's keys are outliers; most
+    outliers first the order is 1, 3, 2, 0, and ratios 1.2, 1.4, 1.6, 1.8 in that order give heads 0-3
+    1.8, 1.2, 1.6, 1.4. The prompt ranks the heads; later queries (decode) reuse that state."""
+    dim, t_k, scale = 16, 100, 0.25
+    rope = longreach.position.RopeInfo(1.0 / (10000 ** (torch.arange(0, dim, 2).double() / dim)), trained=40)
+    q0, k0, v = torch.randn(1, 8, t_k, dim) * 0.5, torch.randn(1, 4, t_k, dim) * 0.5, torch.randn(1, 4, t_k, dim)
+    for h, every in ((1, 10), (2, 40), (3, 20)):  # pair (7, 15) turns 0.03 rad over 100 tokens
+        q0[:, 2 * h: 2 * h + 2, :, 7] += 8.0
+        k0[:, h, ::every, 7] += 3.0
+    pos = torch.arange(t_k)
+    q, k = _rotate(q0, rope.inv_freq, pos), _rotate(k0, rope.inv_freq, pos)
+    method = method_class("mspoe")(min_ratio=1.2, max_ratio=1.8, first_layer=2, observe=32)
+    state = {"layer_idx": 2, "scale": scale}
+    ratios = torch.tensor([1.8, 1.2, 1.6, 1.4], dtype=torch.float64)
+    method.view(q, k, rope, state)  # the prompt
+    torch.testing.assert_close(state["ratios"], ratios)
+    view = method.view(q[:, :, -t_q:], k, rope, state)
+    got = longreach.attend(view.q, view.k, v, Selection.dense(1, t_q, t_k), scale, kernel)
+    pq = pos[-t_q:]
+    qr = _rotate(q0[:, :, -t_q:], rope.inv_freq, pq[None] / ratios.repeat_interleave(2)[:, None])
+    kr = _rotate(k0, rope.inv_freq, pos[None] / ratios[:, None]).repeat_interleave(2, 1)
+    scores = ((qr @ kr.transpose(-1, -2)) * scale).masked_fill(pos[None, :] > pq[:, None], float("-inf"))
+    want = (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = reference.attend(q[:, :, -t_q:], k, v, Selection.dense(1, t_q, t_k), scale)
+    assert (plain - want).abs().max() > 1e-3  # the scaled positions matter at this size
+    below = method.view(q, k, rope, {"layer_idx": 1, "scale": scale})  # layers below first_layer: untouched
+    assert below.q is q and below.k is k and below.far is None
 
 
 def test_chunked_prefill_equals_one_prefill():
@@ -348,9 +569,29 @@ def test_bad_combinations_and_inputs_are_refused():
     mask[1, :5] = 0
     with longreach.apply(model, "selfextend:window=16"), pytest.raises(InputError, match="one sequence"):
         model(ids, attention_mask=mask)
-    # yarn with a press is fine: positions are rotated by transformers before any key is dropped
+
+
+def test_rope_scaling_with_a_press_keeps_keys_rotated_at_their_own_positions():
+    """yarn + a press is allowed: transformers rotates every key (with yarn's frequencies) before the press drops
+    any, so the kept keys are exactly the yarn-only cache's keys at their original positions."""
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    ids = torch.randint(0, 128, (1, 100))
+    plain = output_cache(model(ids, use_cache=True))
+    with longreach.apply(model, "yarn:factor=2.0"):
+        rotated = output_cache(model(ids, use_cache=True))
     with longreach.apply(model, "yarn:factor=2.0+snapkv:density=0.5"):
-        model(torch.randint(0, 128, (1, 100)), use_cache=True)
+        pressed = output_cache(model(ids, use_cache=True))
+    for layer in range(2):
+        kept, full, unscaled = (c.layers[layer].keys[0].detach() for c in (pressed, rotated, plain))  # (Hkv, T, D)
+        assert kept.shape == (2, 50, 16)  # density 0.5 of 100 keys per head
+        for head in range(2):
+            dist = (kept[head][:, None] - full[head][None]).norm(dim=-1)  # each kept key is one of yarn's, in order
+            at = dist.argmin(-1)
+            assert float(dist.min(-1).values.max()) < 1e-5
+            assert bool((at.diff() > 0).all())
+            # and not RoPE's plain rotation: yarn moved every key past position 0
+            moved = at[at > 0]
+            assert bool(((kept[head][at > 0] - unscaled[head][moved]).norm(dim=-1) > 1e-4).all())
 
 
 def test_rope_info_reads_the_global_frequencies():

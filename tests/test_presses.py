@@ -10,6 +10,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import ARCHS, tiny_model
+from oracles import snapkv_keep
 
 import longreach
 from longreach import LongreachError, SpecError
@@ -90,11 +91,22 @@ def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, sp
     ids = torch.randint(1, 128, (1, T))
     nxt = torch.randint(1, 128, (1, 1))
     full = full_layers(model, ids)
-    with torch.no_grad(), longreach.apply(model, spec):
+    seen = {}
+    with torch.no_grad(), longreach.apply(model, spec) as handle:
+        handle.observer = lambda i, q, k, v, scale, sliding, *rest: sliding or seen.setdefault(i, (q, k, scale))
         cache = output_cache(model(ids, use_cache=True))
+        handle.observer = None
         kept = {i: kept_positions(layer.keys, full[i]) for i, layer in enumerate(cache.layers) if not layer.is_sliding}
         bytes_after = cache_bytes(cache)
         ours = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
+    if spec.split(":")[0] in ("snapkv", "pyramidkv"):  # the reference keeps what the SnapKV oracle says, not the cache
+        press = press_of(spec)
+        assert set(seen) == set(kept)
+        for i, (q, k, scale) in seen.items():
+            want = snapkv_keep(q[:, :, -press.recent:], k, scale, press.capacity(i, len(cache.layers), T),
+                               sinks=press.sinks, pool=press.pool)
+            assert torch.equal(kept[i], want), f"layer {i} keeps other keys than the window votes for"
+            kept[i] = want
     KeepOnly.kept = kept
     with torch.no_grad(), longreach.apply(model, KeepOnly()):
         ref_cache = output_cache(model(ids, use_cache=True))

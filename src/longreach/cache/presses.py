@@ -46,7 +46,12 @@ class WindowVotePress(Press):
 
 def window_votes(obs: Observation, pool: int) -> Tensor:
     """(B, Hkv, n): attention the observed queries pay each key (summed over them, averaged over the group),
-    average-pooled over ``pool`` neighbouring keys so a chosen token keeps its neighbours (SnapKV)."""
+    average-pooled over ``pool`` neighbouring keys so a chosen token keeps its neighbours (SnapKV).
+
+    Two deliberate departures from SnapKV's reference code, both measured with (docs/kv-presses.md): the pooling
+    runs over every key, so the last ``pool // 2`` prefix keys also average in the observation window's own
+    votes (the reference pools ``votes[..., :-window]``), and edge padding is not counted in the average
+    (the reference's default counts it; it matters only when ``sinks < pool // 2``)."""
     votes = window_probs(obs).sum(dim=3).mean(dim=2)
     if pool > 1:
         b, h, n = votes.shape
