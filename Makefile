@@ -28,11 +28,13 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(MAKE) --no-print-directory VENV=$(VENV) assets
 	touch $@
 
-# Real prose for the eval tasks (the Canterbury texts in brotli 1.1.0's sdist, fetched once into the cache)
-# and the fused block-sparse CPU kernel (C++, torch's extension API), compiled once for this machine.
+# Real prose for the eval tasks (the Canterbury texts in brotli 1.1.0's sdist, fetched once into the cache),
+# the fused block-sparse CPU kernel (C++, torch's extension API) compiled once for this machine, and SmolLM2
+# converted once from its GGUF (so the demo and the model tests start from the cache).
 assets:
 	$(VENV)/bin/longreach corpus fetch
 	$(PY) -c 'from longreach.kernels import native; native.report()'
+	$(PY) -c 'import longreach; longreach.load_model("smollm2-135m")'
 
 install: $(VENV)/.installed
 

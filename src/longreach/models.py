@@ -6,11 +6,15 @@ GGUF files are de-quantised by transformers once (20-110 s) and cached as safete
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,13 +72,29 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
                 "or a .gguf file (model hubs are not contacted)"
             )
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the model in {folder}: {err}") from err
     model.to(device).eval()
     model.longreach_id = key  # records which model a result came from
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off while we load or save:
+    a model loads in about a second once converted, and a bar per load buries what the user ran."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def gguf_path(name_or_path: str | os.PathLike) -> Path | None:
@@ -186,18 +206,24 @@ def _converted(gguf_path: Path) -> Path:
     check_gguf(gguf_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    print(f"converting {gguf_path.name} into a float model in {folder.parent} (once)", file=sys.stderr, flush=True)
+    captured = io.StringIO()
+    try:  # transformers' GGUF reader draws its own progress bars: kept, and shown only if conversion fails
+        with quiet_loading(), contextlib.redirect_stderr(captured):
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as err:
-        raise ModelLoadError(f"transformers could not convert {gguf_path}: {err}") from err
+        raise ModelLoadError(f"transformers could not convert {gguf_path}: {err}\n{captured.getvalue()[-2000:]}"
+                             ) from err
     # the weights are de-quantised now: save them as a plain float model
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        with quiet_loading():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf_path))
 
