@@ -196,3 +196,14 @@ def test_demo_is_dense_beside_a_fast_prefill_and_a_press(tmp_path, tiny_lm_folde
     assert 3.5 < press.cache_ratio < 4.5  # density=0.25 of the prompt's keys, in real bytes
     for line in lines.values():
         assert f"{line.correct}/2" in result.output and line.method in result.output
+
+
+def test_first_seed_gives_a_disjoint_set_of_prompts():
+    tune = make_plan("smollm2-135m", "passkey", "dense", "256", samples=3, corpus="synthetic")
+    report = make_plan("smollm2-135m", "passkey", "dense", "256", samples=3, corpus="synthetic", first_seed=100)
+    task = tune.tasks[0]
+    assert [s for _, s in tune.points(task)] == [0, 1, 2]
+    assert [s for _, s in report.points(task)] == [100, 101, 102]
+    assert [d for d, _ in report.points(task)] == [d for d, _ in tune.points(task)]  # same depths, other prompts
+    with pytest.raises(InputError, match="first-seed"):
+        make_plan("smollm2-135m", "passkey", "dense", "256", first_seed=-1)

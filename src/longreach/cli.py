@@ -240,6 +240,7 @@ def eval_cmd(
     methods: str = typer.Option("dense,quest:density=0.1",
                                 help="method specs; speed is reported against dense when it is in the sweep"),
     samples: int = typer.Option(5, help="samples per task x length (depths cycle over --depths)"),
+    first_seed: int = typer.Option(0, help="seeds run from here: keep tuning and reporting prompts disjoint"),
     depths: str = typer.Option(None, help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)"),
     out: Path = typer.Option(..., help="folder for results.jsonl and the report (re-run to resume)"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the model's chat template, if it has one"),
@@ -253,19 +254,20 @@ def eval_cmd(
 ) -> None:
     """Sweep methods x tasks x lengths; one JSON line per sample in OUT/results.jsonl (resumable)."""
     _run_eval(model, tasks, lengths, methods, samples, depths, out, chat, kernel, corpus, executor, workers,
-              report, quiet, chunk)
+              report, quiet, chunk, first_seed)
 
 
 def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, depths: str | None, out: Path,
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", executor: str = "local",
-              workers: int = 2, report: bool = True, quiet: bool = False, chunk: int | None = None) -> None:
+              workers: int = 2, report: bool = True, quiet: bool = False, chunk: int | None = None,
+              first_seed: int = 0) -> None:
     import sys
 
     from .eval import runner
 
     try:
         plan = runner.make_plan(model, tasks, methods, lengths, depths=depths, samples=samples, chat=chat,
-                                kernel=kernel, corpus=corpus, chunk=chunk)
+                                kernel=kernel, corpus=corpus, chunk=chunk, first_seed=first_seed)
         if executor not in ("local", "ray"):
             raise LongreachError(f"unknown executor '{executor}': use local or ray")
         if executor == "ray":

@@ -49,13 +49,15 @@ class Plan:
     kernel: str = "auto"
     corpus: str = "canterbury"
     chunk: int | None = None  # prefill tokens per forward (None: the whole prompt at once)
+    first_seed: int = 0  # seeds are first_seed .. first_seed + samples - 1 (disjoint sets for tuning / reporting)
 
     def cells(self) -> list[Cell]:
         return [Cell(m, t, n) for m in self.methods for t in self.tasks for n in self.lengths]
 
     def points(self, task: Task) -> list[tuple[float | None, int]]:
         """(depth, seed) of every sample of a task at one length."""
-        return [(self.depths[i % len(self.depths)] if task.uses_depth else None, i) for i in range(self.samples)]
+        return [(self.depths[i % len(self.depths)] if task.uses_depth else None, self.first_seed + i)
+                for i in range(self.samples)]
 
     def chat_for(self, task: Task) -> bool:
         """The chat flag as requested (a row's ``chat_applied`` says whether the tokenizer had a template)."""
@@ -95,7 +97,8 @@ def parse_depths(text: str) -> tuple[float, ...]:
 
 
 def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
-              chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None) -> Plan:
+              chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None,
+              first_seed: int = 0) -> Plan:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
     from ..configurable import split_items
     from ..kernels import kernel_names
@@ -113,8 +116,10 @@ def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str
         raise InputError(f"unknown corpus '{corpus}': use canterbury (default), austen, bible or synthetic")
     if chunk is not None and chunk < 1:
         raise InputError(f"--chunk must be >= 1 token, got {chunk}")
+    if first_seed < 0:
+        raise InputError(f"--first-seed must be >= 0, got {first_seed}")
     return Plan(model, tuple(parse_tasks(tasks)), tuple(method_specs), parse_lengths(lengths),
-                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus, chunk)
+                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus, chunk, first_seed)
 
 
 def pending(plan: Plan, out: Path) -> tuple[dict[Cell, list[tuple[float | None, int]]], list, int]:
@@ -215,6 +220,6 @@ def write_plan(plan: Plan, out: Path, argv: list[str] | None) -> None:
              "command": shlex.join(argv) if argv else None, "tasks": [t.spec() for t in plan.tasks],
              "methods": list(plan.methods), "lengths": list(plan.lengths), "samples": plan.samples,
              "depths": list(plan.depths), "chat": plan.chat, "kernel": plan.kernel, "corpus": plan.corpus,
-             "chunk": plan.chunk}
+             "chunk": plan.chunk, "first_seed": plan.first_seed}
     with open(out / "runs.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")
