@@ -10,7 +10,7 @@ import longreach
 from longreach import kernels
 from longreach.cache import growing
 from longreach.cache.compressed import cache_bytes
-from longreach.generation import greedy
+from longreach.generation import generate
 from longreach.kernels import reference
 from longreach.selection import Selection
 
@@ -43,13 +43,13 @@ def test_prompt_is_stored_without_spare_room():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", ["dense", "quest:budget=24,block=8"])
-def test_greedy_with_growing_cache_equals_dynamic_cache(arch, spec, monkeypatch):
+def test_generate_with_growing_cache_equals_dynamic_cache(arch, spec, monkeypatch):
     monkeypatch.setattr(growing, "MIN_SPARE", 2)  # grow several times within a short generation
     model = tiny_model(arch)
     ids = {"input_ids": torch.randint(0, 128, (1, 60)), "attention_mask": torch.ones(1, 60, dtype=torch.long)}
     with longreach.apply(model, spec):
-        grown = greedy(model, ids, 12, set(), cache="growing")
-        plain = greedy(model, ids, 12, set(), cache="dynamic")
+        grown = generate(model, ids, 12, set(), cache="growing")
+        plain = generate(model, ids, 12, set(), cache="dynamic")
     assert grown.tokens == plain.tokens
     assert any(isinstance(layer, growing.GrowingLayer) for layer in grown.cache.layers)
     for a, b in zip(grown.cache.layers, plain.cache.layers, strict=True):
@@ -74,4 +74,4 @@ def test_unknown_cache_kind_is_refused():
     model = tiny_model("llama")
     ids = {"input_ids": torch.randint(0, 128, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     with pytest.raises(InputError, match="growing"):
-        greedy(model, ids, 2, set(), cache="static")
+        generate(model, ids, 2, set(), cache="static")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from longreach.cli import app
@@ -183,7 +189,10 @@ def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
         # longreach's growing cache: the prompt exactly, then room for max(256, n / 8) more at the first step
         assert by[(n, "dense")]["kv_bytes"] == (n + 1 + max(256, (n + 1) // 8)) * per_token
         assert by[(n, "quest:density=0.5,block=32")]["kv_bytes"] == by[(n, "dense")]["kv_bytes"]  # drops none
-        assert by[(n, "snapkv:density=0.5")]["kv_bytes"] == (n // 2 + 3) * per_token  # half the prompt kept
+        # the press keeps half of the prompt before its held-back last token, stores that token in the one slot
+        # it left, then grows by max(16, n / 8) at the first decode step (3 decoded tokens fit)
+        kept = (n - 1) // 2 + 1
+        assert by[(n, "snapkv:density=0.5")]["kv_bytes"] == (kept + 1 + max(16, (kept + 1) // 8)) * per_token
         for r in (by[(n, m)] for m in ("transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5")):
             assert math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 and r["ttft_s"] > 0
             assert r["ttft_speedup"] == pytest.approx(base["ttft_s"] / r["ttft_s"], rel=1e-9)
@@ -200,3 +209,43 @@ def test_bench_e2e_refuses_a_prompt_longer_than_the_text(tiny_lm_folder):
     result = runner.invoke(app, ["bench", "e2e", "--model", str(tiny_lm_folder), "--lengths", "1024k",
                                  "--corpus", "synthetic", "--no-peer"])
     assert result.exit_code == 2 and "fewer than" in result.output
+
+
+# every command, as a user types it; the test below checks this list against what the app registers
+COMMANDS = [("methods",), ("generate",), ("plan",), ("diagnose",), ("eval",), ("report",), ("demo",), ("corpus",),
+            ("bench", "attention"), ("bench", "e2e"), ("bench", "selection"), ("heads", "profile"), ("heads", "show")]
+
+
+def _help(module: str, *command: str) -> tuple[int, str]:
+    """``python -m MODULE COMMAND --help`` in a fresh interpreter: exit code and output without colour codes."""
+    done = subprocess.run([sys.executable, "-m", module, *command, "--help"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+    return done.returncode, re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
+
+
+def _leaf_commands(group: typer.core.TyperGroup, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for name, cmd in group.commands.items():
+        out |= _leaf_commands(cmd, (*prefix, name)) if isinstance(cmd, typer.core.TyperGroup) else {(*prefix, name)}
+    return out
+
+
+@pytest.mark.slow
+def test_python_m_longreach_helps_for_every_command():
+    """A fresh ``python -m longreach`` sees every command: unlike CliRunner on an imported app, it only finds
+    what was registered before the app ran (the old single module ran it before the heads commands existed)."""
+    assert _leaf_commands(typer.main.get_command(app)) == set(COMMANDS)
+    commands = [(), ("bench",), ("heads",), *COMMANDS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda c: _help("longreach", *c), commands))
+    for command, (code, output) in zip(commands, results, strict=True):
+        assert code == 0, (command, output)
+        assert " ".join(("Usage: python -m longreach", *command)) + " [OPTIONS]" in output, (command, output)
+
+
+@pytest.mark.slow
+def test_python_m_longreach_cli_lists_the_heads_commands():
+    code, output = _help("longreach.cli", "heads")
+    assert code == 0, output
+    assert "Usage: python -m longreach.cli heads [OPTIONS]" in output
+    assert re.search(r"^│ profile ", output, re.M) and re.search(r"^│ show ", output, re.M), output

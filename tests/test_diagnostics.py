@@ -112,3 +112,30 @@ def test_sampled_mass_recall_uses_evenly_spaced_queries_including_the_last():
     full, sampled = mass_recall(q, k, sel, 0.5), mass_recall(q, k, sel, 0.5, max_queries=400)
     assert torch.allclose(full, sampled)
     assert (mass_recall(q, k, sel, 0.5, max_queries=100) - full).abs().max() < 0.1
+
+
+def test_best_of_keeps_the_fastest_run_and_the_last_result(monkeypatch):
+    """The one timer of diagnostics and benchmarks: a warm-up run is not timed, the minimum is kept."""
+    from longreach import diagnostics
+
+    ticks = iter([0.0, 5.0, 10.0, 12.0, 20.0, 23.0])  # runs of 5 s, 2 s, 3 s
+    monkeypatch.setattr(diagnostics.time, "perf_counter", lambda: next(ticks))
+    calls = []
+    out, seconds = diagnostics.best_of(lambda: calls.append(1) or len(calls), repeat=3, warm_up=True)
+    assert (out, seconds, len(calls)) == (4, 2.0, 4)
+    with pytest.raises(ValueError, match="repeat"):
+        diagnostics.best_of(lambda: None, repeat=0)
+
+
+def test_heatmaps_without_matplotlib_say_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from longreach.diagnostics import Diagnosis, recall_heatmaps
+    from longreach.plotting import PlotsUnavailable, pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert pyplot() is None
+    with pytest.raises(PlotsUnavailable, match=r"pip install 'longreach\[plots\]'"):
+        recall_heatmaps(Diagnosis(8, ["dense"]), tmp_path / "recall.png")
+    with pytest.raises(ImportError):  # still what callers caught before
+        recall_heatmaps(Diagnosis(8, ["dense"]), tmp_path / "recall.png")

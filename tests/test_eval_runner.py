@@ -207,3 +207,16 @@ def test_first_seed_gives_a_disjoint_set_of_prompts():
     assert [d for d, _ in report.points(task)] == [d for d, _ in tune.points(task)]  # same depths, other prompts
     with pytest.raises(InputError, match="first-seed"):
         make_plan("smollm2-135m", "passkey", "dense", "256", first_seed=-1)
+
+
+def test_one_proc_reader_serves_available_resident_and_peak_memory(tmp_path):
+    from longreach.plan import available_bytes, peak_resident_bytes, proc_kib, reset_peak_resident, resident_bytes
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")
+    assert proc_kib(str(status), "VmHWM") == 2048 and proc_kib(str(status), "VmRSS") == 1024
+    assert proc_kib(str(status), "VmSwap") is None and proc_kib(str(tmp_path / "absent"), "VmRSS") is None
+    reset_peak_resident()
+    now = resident_bytes()  # read first: the high-water mark can only be >= it afterwards (0 off Linux)
+    assert peak_resident_bytes() >= now >= 0 and peak_resident_bytes() > 0
+    assert available_bytes() is None or available_bytes() > 0

@@ -201,12 +201,14 @@ def record_prefill(model, ids):
 
 
 def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_others(profile_path):
+    """The prompt but its held-back last token splits the heads: whole heads keep every key, the others what the
+    SnapKV oracle's votes keep; the last token then attends that cache as the first decode step would."""
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 120))
     nxt = torch.randint(1, 128, (1, 1))
     spec = f"headkv:profile={profile_path},ratio=0.5,density=0.75,sinks=4,window=8,pool=3"
     policy = longreach.parse_spec(spec).of_kind("press")[0]
-    seen = record_prefill(model, ids)
+    seen = record_prefill(model, ids[:, :119])
     with torch.no_grad(), longreach.apply(model, spec):
         cache = output_cache(model(ids, use_cache=True))
         kept = {}
@@ -215,18 +217,20 @@ def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_othe
             split = policy.head_split(i, 2)
             if split is None:
                 assert not isinstance(layer, CompressedLayer) or layer.short is None
-                kept[i] = torch.arange(120)[None, None].expand(1, 2, -1)
+                kept[i] = torch.arange(119)[None, None].expand(1, 2, -1)
                 continue
-            assert policy.short_capacity(120) == 60  # (0.75 - 0.5) / (1 - 0.5) of the tokens
-            assert torch.equal(layer.keys, k[:, split.long]), "whole heads keep every key"
+            assert policy.short_capacity(119) == 59  # (0.75 - 0.5) / (1 - 0.5) of the tokens
+            assert torch.equal(layer.keys[:, :, :-1], k[:, split.long]), "whole heads keep every key"
             group = q.shape[1] // k.shape[1]
             voters = q[:, (split.short[:, None] * group + torch.arange(group)).flatten(), -8:]  # their last 8 queries
-            want = snapkv_keep(voters, k[:, split.short], 16 ** -0.5, 60, sinks=4, pool=3)
-            assert torch.equal(layer.short.keys, k[:, split.short].gather(2, want[..., None].expand(-1, -1, -1, 16)))
-            rows = torch.full((1, 2, 120), -1)
-            rows[:, split.long] = torch.arange(120)
-            rows[:, split.short, :60] = want
+            want = snapkv_keep(voters, k[:, split.short], 16 ** -0.5, 59, sinks=4, pool=3)
+            short = layer.short.keys[:, :, :-1]
+            assert torch.equal(short, k[:, split.short].gather(2, want[..., None].expand(-1, -1, -1, 16)))
+            rows = torch.full((1, 2, 119), -1)
+            rows[:, split.long] = torch.arange(119)
+            rows[:, split.short, :59] = want
             kept[i] = rows
+        # whole heads 120 tokens + voted heads 59 + the held-back token: 0.75 of 2 heads x 120 tokens
         assert cache_bytes(cache) == 0.75 * 2 * 2 * 2 * 120 * 16 * 4  # layers x K,V x kv heads x tokens x dim x fp32
         ours = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
         assert [layer.short.keys.shape[2] for layer in cache.layers if layer.short is not None] == [61] * len(
@@ -243,7 +247,10 @@ def test_headkv_keeps_whole_heads_and_what_the_last_queries_vote_for_in_the_othe
             return Selection(idx, 1, k.shape[2], 1, 1, sinks=0, window=1)  # window 1: the new token itself
 
     with torch.no_grad(), longreach.apply(model, Kept()):
-        ref = model(nxt, **cache_kwargs(model, output_cache(model(ids, use_cache=True)))).logits
+        ref_cache = output_cache(model(ids[:, :119], use_cache=True))
+        ref_cache = output_cache(model(ids[:, 119:], **cache_kwargs(model, ref_cache), use_cache=True))
+        kept = {i: torch.cat([rows, torch.full_like(rows[..., :1], 119)], -1) for i, rows in kept.items()}
+        ref = model(nxt, **cache_kwargs(model, ref_cache)).logits
     assert (ours - ref).abs().max() < 1e-4, "decode after headkv = dense restricted to the kept keys"
 
 

@@ -302,7 +302,7 @@ def replay_press(spec: str, rule, prompt: int = 48, steps: int = 6):
         cache = output_cache(model(ids[:, :prompt], use_cache=True))
         for t in range(prompt, prompt + steps):
             cache = output_cache(model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True))
-    assert checks == [0, 1] * steps
+    assert checks == [0, 1] * (steps + 1)  # the prompt's last token is held back: it attends as a decode step
     for i, layer in enumerate(cache.layers):
         for h, pos in enumerate(state[i]["pos"]):
             assert torch.equal(layer.keys[0, h], state[i]["keys"][h, pos])

@@ -40,6 +40,12 @@ def kept_positions(stored: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return same.float().argmax(-1)
 
 
+def held_back(press) -> bool:
+    """Whether the prompt's last token is still in the cache after a press (it attends as the first decode step:
+    a press that evicts at every decode step evicts again then)."""
+    return press.interval != 1
+
+
 def press_of(spec: str):
     return longreach.parse_spec(spec).of_kind("press")[0]
 
@@ -47,74 +53,84 @@ def press_of(spec: str):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", PRESSES)
 def test_press_keeps_exactly_the_budget_with_sinks_window_and_order(arch, spec):
+    """The prompt but its last token is pressed to the budget; the last token then attends the pressed cache as
+    the first decode step would, and is kept (unless the press evicts at every decode step)."""
     model = tiny_model(arch)
     ids = torch.randint(1, 128, (1, T))
-    full = full_layers(model, ids)
+    full = full_layers(model, ids[:, : T - 1])
     press = press_of(spec)
     with torch.no_grad(), longreach.apply(model, spec):
         cache = output_cache(model(ids, use_cache=True))
     assert cache.get_seq_length() == T, "the logical length (next token's position) must not shrink"
-    n_layers = len(cache.layers)
+    n_layers, held = len(cache.layers), held_back(press)
     for i, layer in enumerate(cache.layers):
         if layer.is_sliding:  # Gemma 3's local layers keep their own window
             assert not isinstance(layer, CompressedLayer)
             continue
-        pos = kept_positions(layer.keys, full[i])
-        assert layer.keys.shape[2] == press.capacity(i, n_layers, T)
+        pressed = layer.keys[:, :, :-1]  # the held-back token's key comes from compressed attention below it
+        assert layer.keys.shape[2] == press.capacity(i, n_layers, T - 1 if held else T) + held
+        pos = torch.cat([kept_positions(pressed, full[i]), torch.full_like(pressed[..., :1, 0], T - 1).long()], -1)
         assert bool((pos.diff(dim=-1) > 0).all()), "kept keys must stay in order"
         assert bool((pos[..., : press.sinks] == torch.arange(press.sinks)).all()), "sinks must be kept"
         recent = press.recent if spec.split(":")[0] != "h2o" else (40 - press.sinks) // 2
+        span = recent + held  # the pressed prompt's window, then the held-back token
         if recent:
-            assert bool((pos[..., -recent:] == torch.arange(T - recent, T)).all()), "the window must be kept"
+            assert bool((pos[..., -span:] == torch.arange(T - span, T)).all()), "the window must be kept"
 
 
 class KeepOnly(SelectionMethod):
-    """Reference for one decode step: the new query sees exactly the given positions (+ itself), per KV head."""
+    """Reference for a decode step: the new query sees exactly the given positions (+ itself), per KV head; layers
+    without an entry, and forwards of several tokens, attend densely."""
 
     name: ClassVar[str] = "keeponly"
     kept: ClassVar[dict[int, torch.Tensor]] = {}
 
     def select(self, q, k, ctx):
-        if q.shape[2] > 1:
+        if q.shape[2] > 1 or ctx.layer_idx not in self.kept:
             return Selection.dense(q.shape[0], q.shape[2], k.shape[2])
         idx = self.kept[ctx.layer_idx][:, :, None, :]
         return Selection(idx, 1, k.shape[2], 1, 1, sinks=0, window=1)
 
 
 KeepOnly = dataclass(frozen=True)(KeepOnly)
+NO_DECODE_EVICTION = [s if "h2o" not in s and "tova" not in s and "streamingkv" not in s else s + ",every=0"
+                      for s in PRESSES]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("spec", PRESSES)
+@pytest.mark.parametrize("spec", NO_DECODE_EVICTION)
 def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, spec):
+    """A pressed prompt, then a decode step, equals a dense prefill of all but the prompt's last token, then that
+    token and the next each attending exactly the kept keys (+ the held-back token, + itself)."""
     model = tiny_model(arch)
     ids = torch.randint(1, 128, (1, T))
     nxt = torch.randint(1, 128, (1, 1))
-    full = full_layers(model, ids)
+    full = full_layers(model, ids[:, : T - 1])
     seen = {}
     with torch.no_grad(), longreach.apply(model, spec) as handle:
         handle.observer = lambda i, q, k, v, scale, sliding, *rest: sliding or seen.setdefault(i, (q, k, scale))
         cache = output_cache(model(ids, use_cache=True))
         handle.observer = None
-        kept = {i: kept_positions(layer.keys, full[i]) for i, layer in enumerate(cache.layers) if not layer.is_sliding}
+        kept = {i: kept_positions(layer.keys[:, :, :-1], full[i]) for i, layer in enumerate(cache.layers)
+                if not layer.is_sliding}
         bytes_after = cache_bytes(cache)
         ours = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
     if spec.split(":")[0] in ("snapkv", "pyramidkv"):  # the reference keeps what the SnapKV oracle says, not the cache
         press = press_of(spec)
         assert set(seen) == set(kept)
         for i, (q, k, scale) in seen.items():
-            want = snapkv_keep(q[:, :, -press.recent:], k, scale, press.capacity(i, len(cache.layers), T),
+            assert q.shape[2] == T - 1, "the press sees the prompt without its held-back last token"
+            want = snapkv_keep(q[:, :, -press.recent:], k, scale, press.capacity(i, len(cache.layers), T - 1),
                                sinks=press.sinks, pool=press.pool)
             assert torch.equal(kept[i], want), f"layer {i} keeps other keys than the window votes for"
             kept[i] = want
-    KeepOnly.kept = kept
     with torch.no_grad(), longreach.apply(model, KeepOnly()):
-        ref_cache = output_cache(model(ids, use_cache=True))
+        KeepOnly.kept = {}
+        ref_cache = output_cache(model(ids[:, : T - 1], use_cache=True))
+        KeepOnly.kept = kept
+        ref_cache = output_cache(model(ids[:, T - 1:], **cache_kwargs(model, ref_cache), use_cache=True))
         bytes_full = cache_bytes(ref_cache)
-        if arch == "gemma3":  # the sliding layers are not restricted: give the reference their window
-            for i, layer in enumerate(ref_cache.layers):
-                if layer.is_sliding:
-                    KeepOnly.kept[i] = torch.arange(T)[None, None].expand(1, layer.keys.shape[1], -1)
+        KeepOnly.kept = {i: torch.cat([pos, torch.full_like(pos[..., :1], T - 1)], -1) for i, pos in kept.items()}
         ref = model(nxt, **cache_kwargs(model, ref_cache), use_cache=True).logits
     assert (ours - ref).abs().max().item() < 1e-4
     assert bytes_after < bytes_full
@@ -220,17 +236,18 @@ def test_press_stacks_after_a_select_method():
     ids = torch.randint(1, 128, (1, 160))
     with torch.no_grad(), longreach.apply(model, "quest:budget=64,block=16+snapkv:budget=60,window=8") as h:
         out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    assert {layer.keys.shape[2] for layer in output_cache(out).layers} == {65}
+    # 60 pressed prompt keys, the held-back last prompt token, 5 generated tokens (the 6th is not cached yet)
+    assert {layer.keys.shape[2] for layer in output_cache(out).layers} == {66}
     assert h.density("prefill") < 1.0
 
 
-def test_greedy_holds_the_last_prompt_token_back_so_every_answer_token_reads_the_compressed_cache():
-    from longreach.generation import greedy
+def test_the_runtime_holds_the_last_prompt_token_back_so_every_answer_token_reads_the_compressed_cache():
+    from longreach.generation import generate
 
     model = tiny_model("llama")
     ids = {"input_ids": torch.randint(1, 128, (1, T)), "attention_mask": torch.ones(1, T, dtype=torch.long)}
-    with torch.no_grad(), longreach.apply(model, "snapkv:budget=40,window=8") as h:
-        run = greedy(model, ids, 4, eos=set(), hold_last=h.compresses)
+    with torch.no_grad(), longreach.apply(model, "snapkv:budget=40,window=8"):
+        run = generate(model, ids, 4, eos=set())
     per_token = 2 * 2 * 16 * 4 * 2  # K and V x KV heads x head_dim x fp32 bytes x layers
     assert run.prompt_kv_bytes == (40 + 1) * per_token  # the budget, then the held-back last prompt token
     assert len(run.tokens) == 4 and run.cache.get_seq_length() == T + 3

@@ -5,10 +5,12 @@
     with longreach.apply(model, "quest:density=0.1") as handle:
         out = model.generate(**tok(text, return_tensors="pt"), max_new_tokens=32)
         print(handle.density())
+    # or, timed per phase: longreach.generate(model, tok(text, return_tensors="pt"), max_new_tokens=32)
 """
 
 from .cache.compressed import cache_bytes
 from .errors import InputError, LongreachError, ModelLoadError, SpecError, UnsupportedModelError
+from .generation import Generation, generate
 from .hf import Handle, apply
 from .kernels import attend, kernel_names
 from .methods import Method, SelectContext, SelectionMethod, method_class, method_names, register
@@ -19,6 +21,7 @@ from .spec import Spec, parse_spec
 __version__ = "0.1.0"
 
 __all__ = [
+    "Generation",
     "Handle",
     "InputError",
     "LongreachError",
@@ -34,6 +37,7 @@ __all__ = [
     "apply",
     "attend",
     "cache_bytes",
+    "generate",
     "kernel_names",
     "load_model",
     "method_class",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,6 @@ BUNDLED = {
         "Gemma-3-270M (Q4_K_M GGUF, sliding-window + global layers)",
     ),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LONGREACH_CACHE", Path.home() / ".cache" / "longreach"))
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -10,6 +10,7 @@ and refuses runs that would not fit in the memory available now.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .position import RemapPositions
 from .position.rotary import text_config
 from .spec import Spec
 
+MiB = 2**20
 GiB = 2**30
 
 
@@ -56,26 +58,47 @@ class MemoryPlan:
                 ("expected peak", f"{self.total / GiB:.2f} GiB"), ("available now", avail)]
 
 
-def available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+def proc_kib(path: str, field: str) -> int | None:
+    """The ``field:`` value (KiB) of a Linux /proc key-value file; None where there is no such file or line.
+
+    The one reader of /proc memory figures: the plan's available and resident memory and the eval's and
+    benchmarks' peak RSS all come from here.
+    """
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         return None
     return None
 
 
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    return None if kib is None else kib * 1024
+
+
 def resident_bytes() -> int:
     """VmRSS of this process (Linux; 0 elsewhere): what is already paid before the run."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
+    kib = proc_kib("/proc/self/status", "VmRSS")
+    return 0 if kib is None else kib * 1024
+
+
+def reset_peak_resident() -> None:
+    """Linux lets a process reset its high-water mark, so a peak is per measurement (else: per process)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_resident_bytes() -> int:
+    """VmHWM of this process since :func:`reset_peak_resident`; elsewhere getrusage's lifetime maximum."""
+    kib = proc_kib("/proc/self/status", "VmHWM")
+    if kib is None:
+        import resource  # Unix only, and only needed off Linux
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib * 1024
 
 
 def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = None,

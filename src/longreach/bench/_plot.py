@@ -1,18 +1,6 @@
-"""matplotlib is the ``plots`` extra: benchmarks draw their PNG only when it is installed."""
+"""The benchmarks' shared figure style (matplotlib itself is loaded by :mod:`longreach.plotting`)."""
 
 from __future__ import annotations
-
-
-def pyplot():
-    """``matplotlib.pyplot`` on the file-only Agg backend, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def speedup_axis(ax, ylabel: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +10,11 @@ import torch.nn.functional as F
 
 from .. import kernels, parse_spec
 from ..cache.summaries import BlockSummaries
+from ..diagnostics import best_of
 from ..methods import SelectContext
+from ..plotting import pyplot
 from ..provenance import describe, provenance
-from ._plot import pyplot, speedup_axis
+from ._plot import speedup_axis
 from .roofline import Roofline
 
 
@@ -56,16 +56,6 @@ def hardware() -> str:
     return describe(provenance())
 
 
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up apart
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """PyTorch's causal SDPA with GQA; the baseline every ratio is measured against."""
     causal = q.shape[2] == k.shape[2]  # a decode query sees every key
@@ -91,16 +81,16 @@ def run(lengths: list[int], specs: list[str], kernel: str = "gather", q_heads: i
         v = torch.randn(1, kv_heads, length, dim)
         for phase in phases:
             q = torch.randn(1, q_heads, length if phase == "prefill" else 1, dim)
-            dense_s = _best(lambda q=q, k=k, v=v: dense_sdpa(q, k, v), repeat)
+            _, dense_s = best_of(lambda q=q, k=k, v=v: dense_sdpa(q, k, v), repeat, warm_up=True)
             causal_pairs = q_heads * (length * (length + 1) / 2 if phase == "prefill" else length)
             dense_flops, dense_bytes = 4 * dim * causal_pairs, 2 * kv_heads * length * dim * 4
             for spec in specs:
                 method = parse_spec(spec).selector
                 ctx = _context(method, k, phase)
                 sel = method.select(q, k, ctx)
-                select_s = _best(lambda m=method, q=q, k=k, ctx=ctx: m.select(q, k, ctx), repeat)
-                attend_s = _best(lambda sel=sel, q=q, k=k, v=v: kernels.attend(q, k, v, sel, dim**-0.5, kernel),
-                                 repeat)
+                _, select_s = best_of(lambda m=method, q=q, k=k, ctx=ctx: m.select(q, k, ctx), repeat, warm_up=True)
+                _, attend_s = best_of(lambda sel=sel, q=q, k=k, v=v: kernels.attend(q, k, v, sel, dim**-0.5, kernel),
+                                      repeat, warm_up=True)
                 density = sel.density()
                 rows.append(Row(length, spec, kernel, dense_s, select_s, attend_s, density, phase, heads,
                                 dense_flops * density, dense_bytes * density, dense_flops, dense_bytes))
@@ -157,5 +147,5 @@ def selection_scaling(spec: str, lengths: list[int], q_heads: int = 9, kv_heads:
     for length in lengths:
         q = torch.randn(1, q_heads, length, dim)
         k = torch.randn(1, kv_heads, length, dim)
-        seconds.append(_best(lambda q=q, k=k: method.select(q, k, SelectContext()), repeat))
+        seconds.append(best_of(lambda q=q, k=k: method.select(q, k, SelectContext()), repeat, warm_up=True)[1])
     return fit_t_log_t(lengths, seconds)

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from .. import apply, cache_bytes
-from ..eval.measure import peak_rss_mb, reset_peak_rss
-from ..generation import greedy
-from ._plot import pyplot, speedup_axis
+from ..generation import generate
+from ..plan import MiB, peak_resident_bytes, reset_peak_resident
+from ..plotting import pyplot
+from ._plot import speedup_axis
 
 
 @dataclass
@@ -63,14 +64,13 @@ def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str],
     for length in lengths:
         ids = prompt_ids(tokenizer, text, length)
         for spec in [None, *specs]:  # None: the transformers baseline (no longreach, its own cache)
-            with apply(model, spec, track_density=False) if spec else contextlib.nullcontext() as handle:
-                greedy(model, prompt_ids(tokenizer, text, 256), 2, set())  # warm-up apart (lazy init)
-                reset_peak_rss()
-                run = greedy(model, ids, new_tokens, set(), hold_last=bool(handle and handle.compresses),
-                             chunk=chunk, cache="growing" if spec else "dynamic")
+            with apply(model, spec, track_density=False) if spec else contextlib.nullcontext():
+                generate(model, prompt_ids(tokenizer, text, 256), 2)  # warm-up apart (lazy init)
+                reset_peak_resident()
+                run = generate(model, ids, new_tokens, chunk=chunk, cache="growing" if spec else "dynamic")
             decoded = len(run.tokens) - 1
             rows.append(E2ERow(length, spec or BASELINE, run.prefill_s,
-                               decoded / run.decode_s if run.decode_s else 0.0, decoded, peak_rss_mb(),
+                               decoded / run.decode_s if run.decode_s else 0.0, decoded, peak_resident_bytes() / MiB,
                                cache_bytes(run.cache)))
     return rows
 
@@ -100,7 +100,7 @@ def _llama_cpp_row(gguf: Path, text: str, length: int, new_tokens: int, flash: b
                 verbose=False)
     try:
         tokens = llm.tokenize(text.encode(), add_bos=False)[:length]
-        reset_peak_rss()
+        reset_peak_resident()
         start = time.perf_counter()
         llm.eval(tokens)
         ttft = time.perf_counter() - start
@@ -111,7 +111,7 @@ def _llama_cpp_row(gguf: Path, text: str, length: int, new_tokens: int, flash: b
             token = int(llm.sample(temp=0.0))
         decode = time.perf_counter() - start
         name = "llama.cpp (flash attn)" if flash else "llama.cpp"
-        return E2ERow(length, name, ttft, (new_tokens - 1) / decode, new_tokens - 1, peak_rss_mb(), None)
+        return E2ERow(length, name, ttft, (new_tokens - 1) / decode, new_tokens - 1, peak_resident_bytes() / MiB, None)
     finally:
         with contextlib.suppress(Exception):
             llm.close()

@@ -8,10 +8,11 @@ first (FLOP/s on the keys actually attended), decode with the second (K/V bytes 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
+
+from ..diagnostics import best_of
 
 
 @dataclass(frozen=True)
@@ -23,24 +24,14 @@ class Roofline:
         return {"matmul_gflops": self.flops / 1e9, "read_gb_per_s": self.bytes_per_s / 1e9}
 
 
-def _best(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def matmul_peak(n: int = 2048, repeat: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best(lambda: a @ b, repeat)
+    return 2 * n**3 / best_of(lambda: a @ b, repeat, warm_up=True)[1]
 
 
 def memory_bandwidth(mib: int = 512, repeat: int = 3) -> float:
     x = torch.ones(mib * 2**20 // 4)
-    return x.numel() * 4 / _best(lambda: x.sum(), repeat)
+    return x.numel() * 4 / best_of(lambda: x.sum(), repeat, warm_up=True)[1]
 
 
 def measure(repeat: int = 3) -> Roofline:

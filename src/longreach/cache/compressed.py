@@ -84,18 +84,37 @@ class Part:
         return keys, values, lo + 1
 
 
-class CompressedLayer(DynamicLayer):
-    """Drop-in for ``DynamicLayer`` after a press: ``keys``/``values`` hold the kept keys of every head
-    (uniform), or of the long heads only when ``short`` holds the rest."""
+class CompressedLayer(GrowingLayer):
+    """Drop-in for ``DynamicLayer`` after a press: the growing buffers hold the kept keys of every head
+    (uniform), or of the long heads only when ``short`` holds the rest. Decode appends in place, like
+    ``GrowingLayer``: a compressed cache is not copied per token either."""
+
+    min_spare = 16  # a press keeps few keys: room in proportion to them, not a dense prompt's 256 tokens
 
     def __init__(self, keys: Tensor, values: Tensor, seen: int, owner: object) -> None:
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        self._store(keys, values)
         self.seen = seen  # tokens this layer has been given: the next token's position
         self.long_heads: Tensor | None = None
         self.short: Part | None = None
         self._owner = weakref.ref(owner)
+
+    def _store(self, keys: Tensor, values: Tensor) -> None:
+        """Replace the stored keys, with room for one more token (the prompt's held-back last token) and no
+        other spare: a press just freed memory."""
+        n = keys.shape[-2]
+        self._k = keys.new_empty(*keys.shape[:-2], n + 1, keys.shape[-1])
+        self._v = values.new_empty(*values.shape[:-2], n + 1, values.shape[-1])
+        self._k[..., :n, :], self._v[..., :n, :] = keys, values
+        self._len = n
+        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self.seen -= n
+        if self.short is not None:
+            self.short.keys, self.short.values = self.short.keys[:, :, :-n], self.short.values[:, :, :-n]
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, owner: object) -> CompressedLayer:
@@ -114,21 +133,18 @@ class CompressedLayer(DynamicLayer):
             )
         self.seen += key_states.shape[-2]
         if self.short is None:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            return self.keys, self.values
+            return super().update(key_states, value_states)
         assert self.long_heads is not None
-        self.keys = torch.cat([self.keys, key_states[:, self.long_heads]], dim=-2)
-        self.values = torch.cat([self.values, value_states[:, self.long_heads]], dim=-2)
+        super().update(key_states[:, self.long_heads], value_states[:, self.long_heads])
         self.short.append(key_states, value_states)
-        return key_states, value_states  # longreach's attention reads the parts (see hf.LayerRuntime)
+        return key_states, value_states  # longreach's attention reads the parts (see runtime.split)
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the mask must match the keys update() returns; offsets keep query positions causal
-        stored = 0 if self.short is not None else self.keys.shape[-2]
+        stored = 0 if self.short is not None else self._len
         return stored + query_length, self.seen - stored
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -163,18 +179,19 @@ class CompressedLayer(DynamicLayer):
         """Uniform layer: keep positions ``idx`` (B, Hkv, n) per head (ascending, so order is kept)."""
         part = self.parts()[0]
         part.keep(idx)
-        self.keys, self.values = part.keys, part.values
+        self._store(part.keys, part.values)
 
     def split_heads(self, long_heads: Tensor, short_heads: Tensor, short_keys: Tensor, short_values: Tensor
                     ) -> None:
         """Hold every key of ``long_heads`` and only (short_keys, short_values) for ``short_heads``."""
         self.long_heads = long_heads
-        self.keys, self.values = self.keys[:, long_heads].contiguous(), self.values[:, long_heads].contiguous()
+        self._store(self.keys[:, long_heads], self.values[:, long_heads])
         self.short = Part(short_heads, short_keys, short_values)
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts())
+        short = self.short.nbytes if self.short is not None else 0
+        return super().nbytes + short
 
 
 def cache_bytes(cache: object) -> int | None:
@@ -184,7 +201,7 @@ def cache_bytes(cache: object) -> int | None:
         return None
     total = 0
     for layer in layers:
-        if isinstance(layer, CompressedLayer | GrowingLayer):
+        if isinstance(layer, GrowingLayer):  # compressed layers too: stored parts, spare room included
             total += layer.nbytes
             continue
         for name in ("keys", "values"):
@@ -192,3 +209,19 @@ def cache_bytes(cache: object) -> int | None:
             if isinstance(t, Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def shrinkable_layer(layers: list | None, layer_idx: int, who: str) -> DynamicLayer:
+    """This layer's cache entry, if a press or head policy can shrink it; refuses a forward without a cache
+    (the policy would silently keep everything) and caches it cannot shrink (static, quantized, offloaded)."""
+    if layers is None:
+        raise LongreachError(
+            f"{who} compresses the KV cache, but this forward has no cache (use_cache=False, or a transformers "
+            "version that passes the cache under a name longreach does not know); call the model with "
+            "use_cache=True, or apply a select method instead of a press")
+    layer = layers[layer_idx]
+    if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer):
+        raise LongreachError(
+            f"{who} needs a DynamicCache; layer {layer_idx} of this cache is a {type(layer).__name__} (static / "
+            "quantized caches are not supported)")
+    return layer

@@ -16,6 +16,7 @@ MIN_SPARE = 256
 
 
 class GrowingLayer(DynamicLayer):
+    min_spare: int = MIN_SPARE  # room added when full: max(min_spare, n / 8) tokens
     _k: Tensor | None = None  # the buffers (spare room included); None until the first update
     _v: Tensor | None = None
     _len = 0
@@ -38,10 +39,17 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, buf: Tensor, need: int) -> Tensor:
-        cap = need + max(MIN_SPARE, need // 8)
+        cap = need + max(self.min_spare, need // 8)
         new = buf.new_empty(*buf.shape[:-2], cap, buf.shape[-1])
         new[..., : self._len, :] = buf[..., : self._len, :]
         return new
+
+    def truncate(self, n: int) -> None:
+        """Give back the last ``n`` stored tokens (the buffers keep their room): the runtime holds the prompt's
+        last token back from a multi-token forward after transformers has already stored it."""
+        self._len -= n
+        assert self._k is not None and self._v is not None and self._len >= 0
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
 
     @property
     def nbytes(self) -> int:
@@ -94,3 +102,24 @@ def growing_cache(config: object) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def grow_in_place(cache: object, layer_idx: int) -> None:
+    """Make layer ``layer_idx`` of a transformers ``DynamicCache`` a ``GrowingLayer`` before its first update
+    (``apply`` does this for every forward, so ``model.generate()`` decodes without copying the cache).
+    Layers already holding keys, sliding-window layers and other cache types are left as they are."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return
+    if len(layers) <= layer_idx and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        layers.extend(GrowingLayer() for _ in range(layer_idx + 1 - len(layers)))  # a cache built without config
+    if layer_idx < len(layers) and type(layers[layer_idx]) is DynamicLayer and not layers[layer_idx].is_initialized:
+        layers[layer_idx] = GrowingLayer()
+
+
+def truncate_layer(layer: DynamicLayer, n: int) -> None:
+    """Give back a layer's last ``n`` stored tokens (transformers' own layer: a shorter view)."""
+    if isinstance(layer, GrowingLayer):
+        layer.truncate(n)
+    else:
+        layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]

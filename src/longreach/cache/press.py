@@ -21,6 +21,8 @@ from ..configurable import param
 from ..errors import SpecError
 from ..methods.base import Method, check_int
 from ..methods.scoring import by_group, chunk_rows
+from ..stages import CachePolicy, LayerCall
+from .compressed import CompressedLayer, shrinkable_layer
 
 
 @dataclass
@@ -91,6 +93,9 @@ class Press(Method):
         """(B, Hkv, n): higher = keep."""
         raise NotImplementedError
 
+    def cache_policy(self, owner: object) -> CachePolicy:
+        return PressPolicy(self, owner)
+
     def keep_indices(self, obs: Observation, capacity: int) -> Tensor | None:
         """Stored positions to keep per head (B, Hkv, capacity), ascending; None when all fit."""
         n = obs.keys.shape[2]
@@ -137,3 +142,51 @@ def attention_received(q: Tensor, k: Tensor, scale: float) -> Tensor:
         logits = logits.masked_fill(cols[None, :] > own[:, None], float("-inf"))
         total += logits.softmax(dim=-1).sum(dim=(2, 3))
     return total
+
+
+class PressPolicy:
+    """A press as the runtime's cache policy: after each forward, track what the press scores with and shrink
+    the layer's cache to its capacity when due (after every forward of several tokens, and every ``every``
+    decode steps)."""
+
+    def __init__(self, press: Press, owner: object) -> None:
+        self.press = press
+        self.name = press.name
+        self.owner = owner  # the handle: a compressed layer refuses updates once it is removed
+
+    def attend(self, call: LayerCall) -> Tensor | None:
+        return None  # every head keeps the same number of keys: the runtime's selector + kernel path
+
+    def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float:
+        return min(self.press.capacity(layer_idx, n_layers, seen), seen)
+
+    def after_forward(self, call: LayerCall) -> bool:
+        press, st, t_q = self.press, call.state, call.t_q
+        layers = call.cache_layers
+        layer = shrinkable_layer(layers, call.layer_idx, press.name)
+        queries = st.get("queries")
+        q = call.q
+        st["queries"] = (q if queries is None or t_q > 1 else torch.cat([queries, q], dim=2))[:, :, -press.observe:]
+        if press.wants_history:
+            history = st.get("history")
+            got = attention_received(q, call.k, call.scale)
+            if history is not None:
+                got[:, :, : history.shape[2]] += history
+            st["history"] = got
+        st["steps"] = st.get("steps", 0) + (t_q == 1)
+        if not (t_q > 1 or (press.interval > 0 and st["steps"] % press.interval == 0)):
+            return False
+        seen = layer.get_seq_length()
+        capacity = press.capacity(call.layer_idx, call.n_layers, seen)
+        obs = Observation(call.layer_idx, call.n_layers, seen, st["queries"], layer.keys, layer.values, call.scale,
+                          st.get("history"))
+        keep = press.keep_indices(obs, capacity)
+        if keep is None:
+            return False
+        compressed = CompressedLayer.from_layer(layer, self.owner)
+        compressed.keep(keep)
+        assert layers is not None
+        layers[call.layer_idx] = compressed
+        if "history" in st:
+            st["history"] = st["history"].gather(2, keep)
+        return True

@@ -8,8 +8,8 @@
 from .corpus import Corpus
 from .measure import run_sample
 from .report import build_report
-from .runner import Plan, make_plan, pending, run_local
+from .runner import Sweep, make_plan, pending, run_local
 from .tasks import TASKS, Sample, Task, parse_task, parse_tasks
 
-__all__ = ["TASKS", "Corpus", "Plan", "Sample", "Task", "build_report", "make_plan", "parse_task", "parse_tasks",
+__all__ = ["TASKS", "Corpus", "Sample", "Sweep", "Task", "build_report", "make_plan", "parse_task", "parse_tasks",
            "pending", "run_local", "run_sample"]

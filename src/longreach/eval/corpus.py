@@ -13,7 +13,6 @@ Unit tests use :meth:`Corpus.synthetic`, generated English-like text that needs 
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import subprocess
@@ -23,8 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LongreachError
-from ..models import cache_dir
+from ..paths import cache_dir
+from .prose import CorpusError, normalise, write_atomic
 
 BROTLI_SDIST = "brotli==1.1.0"
 LICENCE = {
@@ -40,23 +39,6 @@ CANTERBURY = {
     "lcet10": ("lcet10.txt", r"^\s*Acknowledgements\s*$", r"^\*End of The Project Gutenberg"),
     "paradise-lost": ("plrabn12.txt", r"^\s*Book I\s*$", None),
 }
-
-
-class CorpusError(LongreachError):
-    """The prose corpus could not be fetched or read."""
-
-
-def normalise(text: str, start: str | None = None, end: str | None = None) -> str:
-    """LF line ends, no trailing blanks, the part between the ``start`` and ``end`` markers, <=1 blank line."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-    if start:
-        first = next((i for i, line in enumerate(lines) if re.match(start, line)), 0)
-        lines = lines[first:]
-    if end:
-        last = next((i for i, line in enumerate(lines) if re.match(end, line)), len(lines))
-        lines = lines[:last]
-    text = "\n".join(" ".join(line.split()) for line in lines)  # no indentation, single spaces
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
 def canterbury_dir() -> Path:
@@ -85,15 +67,9 @@ def fetch_canterbury(quiet: bool = True) -> Path:
                 if file not in members:
                     raise CorpusError(f"{sdists[0].name} has no tests/testdata/{file}; is it brotli 1.1.0?")
                 raw = tar.extractfile(members[file]).read().decode("latin-1")
-                _write_atomic(target / f"{name}.txt", normalise(raw, start, end))
+                write_atomic(target / f"{name}.txt", normalise(raw, start, end))
     (target / ".complete").write_text(BROTLI_SDIST)
     return target
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

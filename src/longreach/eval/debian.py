@@ -22,8 +22,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from ..models import cache_dir
-from .corpus import CorpusError, _write_atomic, normalise
+from ..paths import cache_dir
+from .prose import CorpusError, normalise, write_atomic
 
 PACKAGES = {"austen": "r-cran-janeaustenr", "bible": "sword-text-web"}
 AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
@@ -39,7 +39,7 @@ def load_debian(name: str) -> dict[str, str]:
             root = _download(PACKAGES[name], Path(tmp))
             docs = _austen(root) if name == "austen" else _bible(root)
             for doc, text in docs.items():
-                _write_atomic(folder / f"{doc}.txt", text)
+                write_atomic(folder / f"{doc}.txt", text)
         (folder / ".complete").write_text(PACKAGES[name])
     return {p.stem: p.read_text() for p in sorted(folder.glob("*.txt"))}
 

@@ -7,49 +7,32 @@ forward pass, with the vocabulary projection chunked so 8k-token logits never si
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import math
-import resource
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..cache.compressed import cache_bytes as kv_bytes
 from ..compat import cache_kwargs, output_cache
-from ..generation import eos_ids, greedy
+from ..generation import eos_ids
+from ..generation import generate as generate_ids
+from ..plan import MiB, peak_resident_bytes, reset_peak_resident
 from ..position.frozen import planned_length
 from .tasks import Sample, Task
 
 LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
 
 
-def reset_peak_rss() -> None:
-    """Linux lets a process reset its high-water mark, so the peak is per sample (else: per process)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def prompt_sha(sample: Sample) -> str:
     return hashlib.sha256(sample.prompt.encode()).hexdigest()[:12]
 
 
-def generate(model, tokenizer, sample: Sample, hold_last: bool = False, chunk: int | None = None) -> dict:
+def generate(model, tokenizer, sample: Sample, chunk: int | None = None) -> dict:
     ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat).to(model.device)
-    run = greedy(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer), hold_last, chunk)
+    run = generate_ids(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer), chunk)
     return {
         "prediction": tokenizer.decode(run.tokens, skip_special_tokens=True).strip(),
         "tokens": ids["input_ids"].shape[1],
@@ -116,14 +99,14 @@ def warm_up(model, tokens: int = 256) -> None:
 def run_sample(model, tokenizer, task: Task, sample: Sample, handle, chunk: int | None = None) -> dict:
     """One measured row (without the run's identity fields, which the runner adds)."""
     handle.reset_stats()
-    reset_peak_rss()
+    reset_peak_resident()
     if task.metric == "ppl":
         row = perplexity(model, sample, task.buckets, chunk)
         row["score"] = row["ppl"]
     else:
-        row = generate(model, tokenizer, sample, hold_last=handle.compresses, chunk=chunk)
+        row = generate(model, tokenizer, sample, chunk=chunk)
         row["score"] = task.score(row["prediction"], sample.gold)
     row["density"] = handle.density("prefill")
     row["density_decode"] = handle.density("decode")
-    row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    row["peak_rss_mb"] = round(peak_resident_bytes() / MiB, 1)
     return row

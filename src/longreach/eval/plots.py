@@ -8,14 +8,12 @@ import base64
 import io
 from collections import defaultdict
 
+from ..plotting import pyplot
+
 
 def figures(rows: list[dict], methods: list[str]) -> list[tuple[str, str]]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     out = []
     tasks = list(dict.fromkeys(r["task"] for r in rows))

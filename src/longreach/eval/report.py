@@ -56,7 +56,10 @@ def mean_ci(values: list[float], binary: bool) -> tuple[float, float, float]:
 
 
 @dataclass
-class Cell:
+class ScoreCell:
+    """The rows of one task x method x length, read back to be scored together (the runner's ``Cell`` is the
+    unit of work that produced them)."""
+
     task: str
     metric: str
     method: str
@@ -77,12 +80,12 @@ class Cell:
         return mean_ci(scores, binary)
 
 
-def group(rows: list[dict]) -> dict[tuple[str, str, int], Cell]:
-    cells: dict[tuple[str, str, int], Cell] = {}
+def group(rows: list[dict]) -> dict[tuple[str, str, int], ScoreCell]:
+    cells: dict[tuple[str, str, int], ScoreCell] = {}
     for r in rows:
         key = (r["task"], r["method"], r["length"])
         if key not in cells:
-            cells[key] = Cell(r["task"], r.get("metric", "accuracy"), r["method"], r["length"], [])
+            cells[key] = ScoreCell(r["task"], r.get("metric", "accuracy"), r["method"], r["length"], [])
         cells[key].rows.append(r)
     return cells
 
@@ -93,7 +96,7 @@ def ordered_methods(rows: list[dict]) -> list[str]:
     return sorted(seen, key=lambda m: (m != BASELINE, seen.index(m)))
 
 
-def fmt_score(cell: Cell) -> str:
+def fmt_score(cell: ScoreCell) -> str:
     mean, lo, hi = cell.score
     if cell.metric == "ppl":
         return f"{mean:.2f} ± {(hi - lo) / 2:.2f}" if math.isfinite(hi) else f"{mean:.2f}"
@@ -105,7 +108,7 @@ def fmt_score(cell: Cell) -> str:
 MIXED = "†"  # marks a ratio whose rows came from more than one machine, commit or thread count
 
 
-def speed_ratio(cells: dict, cell: Cell) -> str:
+def speed_ratio(cells: dict, cell: ScoreCell) -> str:
     """Dense prefill time over this cell's, flagged when the two sides' rows were not all measured alike."""
     base = cells.get((cell.task, BASELINE, cell.length))
     t, t0 = cell.avg("prefill_s"), base.avg("prefill_s") if base else None

@@ -38,7 +38,12 @@ class Cell:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Sweep:
+    """What one eval asks for: methods x tasks x lengths, and how every sample is built and run.
+
+    Not called a plan: in longreach "plan" is the memory plan (``longreach plan``).
+    """
+
     model: str
     tasks: tuple[Task, ...]
     methods: tuple[str, ...]  # canonical spec strings
@@ -98,7 +103,7 @@ def parse_depths(text: str) -> tuple[float, ...]:
 
 def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None,
-              first_seed: int = 0) -> Plan:
+              first_seed: int = 0) -> Sweep:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
     from ..configurable import split_items
     from ..kernels import kernel_names
@@ -118,23 +123,23 @@ def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str
         raise InputError(f"--chunk must be >= 1 token, got {chunk}")
     if first_seed < 0:
         raise InputError(f"--first-seed must be >= 0, got {first_seed}")
-    return Plan(model, tuple(parse_tasks(tasks)), tuple(method_specs), parse_lengths(lengths),
+    return Sweep(model, tuple(parse_tasks(tasks)), tuple(method_specs), parse_lengths(lengths),
                 parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus, chunk, first_seed)
 
 
-def pending(plan: Plan, out: Path) -> tuple[dict[Cell, list[tuple[float | None, int]]], list, int]:
+def pending(sweep: Sweep, out: Path) -> tuple[dict[Cell, list[tuple[float | None, int]]], list, int]:
     """Work left per cell, the unreadable lines of ``results.jsonl``, and how many samples are done."""
     rows, bad = read_rows(out / "results.jsonl")
-    others = sorted({r["model"] for r in rows} - {plan.model})
+    others = sorted({r["model"] for r in rows} - {sweep.model})
     if others:
         raise InputError(f"{out} holds results of another model ({', '.join(others)}); "
                          "use a separate --out folder per model")
     done = {row_key(r) for r in rows}
     todo: dict[Cell, list[tuple[float | None, int]]] = {}
     finished = 0
-    for cell in plan.cells():
-        left = [p for p in plan.points(cell.task) if plan.key(cell, *p) not in done]
-        finished += plan.samples - len(left)
+    for cell in sweep.cells():
+        left = [p for p in sweep.points(cell.task) if sweep.key(cell, *p) not in done]
+        finished += sweep.samples - len(left)
         if left:
             todo[cell] = left
     return todo, bad, finished
@@ -154,42 +159,42 @@ class SampleBank:
         return self._cache[key]
 
 
-def preflight(plan: Plan, todo: dict[Cell, list], tokenizer, corpus: Corpus) -> None:
+def preflight(sweep: Sweep, todo: dict[Cell, list], tokenizer, corpus: Corpus) -> None:
     """Build one pending prompt per task x length before the model loads: impossible lengths fail now."""
     seen = set()
     for cell, points in todo.items():
         if (cell.task.spec(), cell.length) not in seen:
             seen.add((cell.task.spec(), cell.length))
             try:
-                cell.task.build(tokenizer, corpus, cell.length, points[0][0], points[0][1], plan.chat)
+                cell.task.build(tokenizer, corpus, cell.length, points[0][0], points[0][1], sweep.chat)
             except (InputError, ValueError) as err:
                 raise InputError(f"task {cell.task.spec()} at length {cell.length}: {err}") from None
 
 
-def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
+def run_cells(sweep: Sweep, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
               on_sample: Callable[[Cell], None] | None = None) -> Iterator[dict]:
     """Run the given cells, yielding finished rows (methods applied one at a time)."""
     from .. import __version__, apply
     from ..provenance import provenance
 
-    bank = SampleBank(tokenizer, corpus, plan.chat)
-    model_id = plan.model
-    for method in plan.methods:
+    bank = SampleBank(tokenizer, corpus, sweep.chat)
+    model_id = sweep.model
+    for method in sweep.methods:
         cells = [c for c in todo if c.method == method]
         if not cells:
             continue
-        with apply(model, method, kernel=plan.kernel) as handle:
+        with apply(model, method, kernel=sweep.kernel) as handle:
             warm_up(model)
             for cell in cells:
                 for depth, seed in todo[cell]:
                     sample = bank.get(cell.task, cell.length, depth, seed)
-                    measured = run_sample(model, tokenizer, cell.task, sample, handle, plan.chunk)
+                    measured = run_sample(model, tokenizer, cell.task, sample, handle, sweep.chunk)
                     row = {
                         "model": model_id, "method": method, "task": cell.task.spec(), "family": cell.task.name,
                         "metric": cell.task.metric, "length": cell.length, "depth": depth, "seed": seed,
-                        "chat": plan.chat_for(cell.task), "chat_applied": sample.chat, "corpus": corpus.name,
+                        "chat": sweep.chat_for(cell.task), "chat_applied": sample.chat, "corpus": corpus.name,
                         "gold": list(sample.gold), **measured,
-                        "kernel": plan.kernel, "chunk": plan.chunk, "prompt_sha": prompt_sha(sample),
+                        "kernel": sweep.kernel, "chunk": sweep.chunk, "prompt_sha": prompt_sha(sample),
                         "version": __version__, "provenance": provenance(),
                         "host": platform.node(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                         **{k: v for k, v in sample.meta.items() if k != "ids"},
@@ -199,27 +204,27 @@ def run_cells(plan: Plan, todo: dict[Cell, list], model, tokenizer, corpus: Corp
                         on_sample(cell)
 
 
-def run_local(plan: Plan, out: Path, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
+def run_local(sweep: Sweep, out: Path, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
               progress=None) -> int:
     """Append every row of ``todo`` to ``out/results.jsonl``; returns how many were written."""
     written = 0
     with ResultsWriter(out / "results.jsonl") as writer:
-        for row in run_cells(plan, todo, model, tokenizer, corpus, on_sample=progress):
+        for row in run_cells(sweep, todo, model, tokenizer, corpus, on_sample=progress):
             writer.append(row)
             written += 1
     return written
 
 
-def write_plan(plan: Plan, out: Path, argv: list[str] | None) -> None:
+def write_plan(sweep: Sweep, out: Path, argv: list[str] | None) -> None:
     """Record how the folder was produced (appended per invocation: resumes are visible)."""
     import json
     import shlex
 
     out.mkdir(parents=True, exist_ok=True)
-    entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "model": plan.model,
-             "command": shlex.join(argv) if argv else None, "tasks": [t.spec() for t in plan.tasks],
-             "methods": list(plan.methods), "lengths": list(plan.lengths), "samples": plan.samples,
-             "depths": list(plan.depths), "chat": plan.chat, "kernel": plan.kernel, "corpus": plan.corpus,
-             "chunk": plan.chunk, "first_seed": plan.first_seed}
+    entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "model": sweep.model,
+             "command": shlex.join(argv) if argv else None, "tasks": [t.spec() for t in sweep.tasks],
+             "methods": list(sweep.methods), "lengths": list(sweep.lengths), "samples": sweep.samples,
+             "depths": list(sweep.depths), "chat": sweep.chat, "kernel": sweep.kernel, "corpus": sweep.corpus,
+             "chunk": sweep.chunk, "first_seed": sweep.first_seed}
     with open(out / "runs.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")

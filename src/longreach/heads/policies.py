@@ -33,6 +33,7 @@ from ..methods.base import BudgetedMethod, Method, SelectContext, SelectionMetho
 from ..methods.registry import method_class, register
 from ..selection import Selection
 from .profile import HeadProfile
+from .split import SplitPolicy
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class HeadPolicy(Profiled):
     window: int = param(256, "recent tokens the other heads keep")
 
     compensate: ClassVar[bool] = False
+    split_prefill: ClassVar[bool] = False  # True: split from the first forward (duo, lserve); else after prefill
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,15 +143,19 @@ class HeadPolicy(Profiled):
         """What chooses the short heads' keys; None: they keep sinks + window."""
         return None
 
+    def long_select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        """What the long heads attend: every key (lserve selects blocks instead)."""
+        return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
+
+    def cache_policy(self, owner: object) -> SplitPolicy:
+        return SplitPolicy(self, owner)
+
 
 @dataclass(frozen=True)
 class StreamingHeads(HeadPolicy, SelectionMethod):
     """Streaming heads see sinks + window in every phase; ``long_select`` picks keys for the others."""
 
     split_prefill: ClassVar[bool] = True
-
-    def long_select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, device=q.device)
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
         """The whole layer as one Selection (what diagnostics and density accounting read): block granularity
@@ -304,6 +310,7 @@ class HeadKV(HeadPolicy):
 @dataclass(frozen=True)
 class Ablate(Profiled, SelectionMethod):
     name: ClassVar[str] = "ablate"
+    rewrites_output: ClassVar[bool] = True
     summary: ClassVar[str] = "dense attention with chosen heads' outputs zeroed (what do retrieval heads carry?)"
 
     top: float = param(0.05, "fraction of query heads to zero")
@@ -360,6 +367,7 @@ class ACT(Profiled, SelectionMethod):
     """
 
     name: ClassVar[str] = "act"
+    rewrites_output: ClassVar[bool] = True
     summary: ClassVar[str] = "damp attention to hidden sinks in the heads that have them (ACT, training-free)"
     paper: ClassVar[str] = "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models " \
                            "without Training through Attention Calibration (arXiv:2406.15765)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import require_pyplot
 from .profile import SCORES, HeadProfile
 
 
@@ -27,11 +28,7 @@ def summary(profile: HeadProfile, top: int = 10) -> list[str]:
 
 def heatmaps(profile: HeadProfile, out: str | Path) -> list[Path]:
     """One PNG per score (layers down, query heads across), written to ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = require_pyplot("heatmaps of a head profile")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

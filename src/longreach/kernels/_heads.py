@@ -12,7 +12,7 @@ from ..selection import Selection
 
 
 @dataclass(frozen=True)
-class HeadPlan:
+class HeadMap:
     """How query heads line up with the selection's heads.
 
     ``fold`` query heads share one selection head (GQA with a per-KV-head selection): they are folded
@@ -25,7 +25,8 @@ class HeadPlan:
     kv_head: Tensor  # (Hs,) long
 
 
-def plan_heads(sel: Selection, n_q_heads: int, n_kv_heads: int) -> HeadPlan:
+def map_heads(sel: Selection, n_q_heads: int, n_kv_heads: int) -> HeadMap:
+    """The HeadMap of ``sel`` for this attention's head counts; a one-head selection is shared by every KV head."""
     if n_q_heads % n_kv_heads:
         raise InputError(f"query heads ({n_q_heads}) must be a multiple of key/value heads ({n_kv_heads})")
     group = n_q_heads // n_kv_heads
@@ -35,9 +36,9 @@ def plan_heads(sel: Selection, n_q_heads: int, n_kv_heads: int) -> HeadPlan:
         sel = replace(sel, indices=sel.indices.expand(-1, n_kv_heads, -1, -1))
         heads = n_kv_heads
     if heads == n_kv_heads:
-        return HeadPlan(sel, group, torch.arange(n_kv_heads, device=dev))
+        return HeadMap(sel, group, torch.arange(n_kv_heads, device=dev))
     if heads == n_q_heads:
-        return HeadPlan(sel, 1, torch.arange(n_q_heads, device=dev) // group)
+        return HeadMap(sel, 1, torch.arange(n_q_heads, device=dev) // group)
     raise InputError(
         f"Selection has {heads} heads; expected 1, the key/value heads ({n_kv_heads}) or the query heads ({n_q_heads})"
     )

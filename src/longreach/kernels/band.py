@@ -17,12 +17,11 @@ from torch import Tensor
 
 from ..compat import attention_with_lse
 from .dense import causal_attention_with_lse
+from .lse import merge_parts
 
 
 def band_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D), same T -> out (B, T, Hq, D) and lse (B, T, Hq)."""
-    from .gather import merge_parts
-
     batch, n_q, t, dim = q.shape
     n_kv = k.shape[1]
     group = n_q // n_kv

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..compat import attention_with_lse, fused_lse_available
+from .lse import merge_parts
 
 
 def causal_keep(t_q: int, t_k: int, device: torch.device) -> Tensor:
@@ -65,8 +66,6 @@ def chunk_after_prefix(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     rows; the last Tq keys are a square causal block. On CPU a boolean mask in SDPA costs 1.4x per score
     (measured at 16k, chunk 4096): the split brings ``--chunk`` prefill close to one shot's cost.
     """
-    from .gather import merge_parts  # gather imports this module
-
     batch, n_q, t_q, dim = q.shape
     n_kv, t_k = k.shape[1], k.shape[2]
     group, off = n_q // n_kv, t_k - t_q

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..compat import flex_attention_available
 from ..selection import Selection
 from . import gather
-from ._heads import plan_heads
+from ._heads import map_heads
 from .dense import causal_attention
 
 
@@ -59,10 +59,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Ten
         return causal_attention(q, k, v, scale).to(out_dtype)
     batch, n_q, t_q, _ = q.shape
     n_kv = k.shape[1]
-    plan = plan_heads(sel, n_q, n_kv)
-    sel = plan.sel
-    table = block_table(sel).repeat_interleave(plan.fold, dim=1)  # (B, Hq, nQB, nKB)
-    chosen = sel._membership(0, sel.query_blocks).repeat_interleave(plan.fold, dim=1)
+    mapping = map_heads(sel, n_q, n_kv)
+    sel = mapping.sel
+    table = block_table(sel).repeat_interleave(mapping.fold, dim=1)  # (B, Hq, nQB, nKB)
+    chosen = sel._membership(0, sel.query_blocks).repeat_interleave(mapping.fold, dim=1)
     key_mask = sel.key_mask if sel.key_mask is not None else torch.ones(
         batch, sel.kv_len, dtype=torch.bool, device=q.device
     )

@@ -24,10 +24,11 @@ from ..compat import attention_with_lse
 from ..errors import InputError
 from ..selection import Selection
 from . import native
-from ._heads import plan_heads
+from ._heads import map_heads
 from .band import band_attention_with_lse
 from .dense import causal_attention, causal_attention_with_lse
 from .far import FarKeys
+from .lse import merge_parts
 
 CHUNK_BYTES = 96 * 2**20  # working-set target per chunk of query blocks
 
@@ -59,8 +60,8 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
     """The blocked path: (B, Tq, Hq, D) output and (B, Tq, Hq) log-sum-exp (-inf for rows with no key)."""
     batch, n_q, t_q, dim = q.shape
     n_kv = k.shape[1]
-    plan = plan_heads(sel, n_q, n_kv)
-    sel, fold = plan.sel, plan.fold
+    mapping = map_heads(sel, n_q, n_kv)
+    sel, fold = mapping.sel, mapping.fold
     heads, n_qb = sel.heads, sel.query_blocks
     bq = t_q if n_qb == 1 else sel.block_q  # one short block (decode): no padded query rows to compute
     rows = bq * fold
@@ -76,9 +77,9 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
 
     qb = blocks(q)
     if far is None and native.usable(q):
-        out, lse = _native(qb, k, v, sel, plan.kv_head, fold, scale)
+        out, lse = _native(qb, k, v, sel, mapping.kv_head, fold, scale)
     else:
-        out, lse = _torch_chunks(qb, blocks(far.q) if far is not None else qb, k, v, sel, plan.kv_head, fold, scale,
+        out, lse = _torch_chunks(qb, blocks(far.q) if far is not None else qb, k, v, sel, mapping.kv_head, fold, scale,
                                  far)
     # one copy into the (B, Tq, Hq, D) layout callers hand on (rows are (query, folded head) per block)
     out = out.view(batch, heads, n_qb, bq, fold, dim).permute(0, 2, 3, 1, 4, 5)
@@ -238,27 +239,6 @@ def _compact(pos: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
 def _bias(ok: Tensor) -> Tensor:
     zero = torch.zeros((), dtype=torch.float32, device=ok.device)
     return torch.where(ok, zero, torch.tensor(float("-inf"), device=ok.device))
-
-
-def merge_parts(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Exact softmax over the union of disjoint key sets from each part's (output, lse, row-has-keys).
-
-    Returns the merged output and its lse (-inf, with output 0, for rows that saw no key at all).
-    """
-    neg = torch.tensor(float("-inf"), device=parts[0][1].device)
-    lses = [torch.where(any_, lse_, neg) for _, lse_, any_ in parts]
-    top = lses[0]
-    for lse_ in lses[1:]:
-        top = torch.maximum(top, lse_)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows with no key at all -> output 0
-    weights = [torch.exp(lse_ - top) for lse_ in lses]
-    total = weights[0]
-    for w in weights[1:]:
-        total = total + w
-    safe = total.clamp_min(torch.finfo(parts[0][0].dtype).tiny)
-    out = sum(o * (w / safe).unsqueeze(-1) for (o, _, _), w in zip(parts, weights, strict=True))
-    lse = torch.where(total > 0, top + torch.log(safe), neg)
-    return out, lse  # type: ignore[return-value]
 
 
 def _blocks_per_chunk(sel: Selection, bh: int, rows: int, dim: int) -> int:

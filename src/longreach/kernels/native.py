@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ..models import cache_dir
+from ..paths import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "block_sparse.cpp"
 _module: ModuleType | None = None

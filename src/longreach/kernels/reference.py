@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from ._heads import plan_heads
+from ._heads import map_heads
 from .far import FarKeys
 
 
@@ -16,9 +16,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
     With ``far``, the score of a key at distance >= far.distance is far.q . far.k instead."""
     _batch, n_q, _, _ = q.shape
     n_kv = k.shape[1]
-    plan = plan_heads(sel, n_q, n_kv)
-    mask = plan.sel.to_mask()  # (B, Hs, Tq, Tk)
-    mask = mask.repeat_interleave(plan.fold, dim=1)  # (B, Hq, Tq, Tk); head h*fold+i reads selection head h
+    mapping = map_heads(sel, n_q, n_kv)
+    mask = mapping.sel.to_mask()  # (B, Hs, Tq, Tk)
+    mask = mask.repeat_interleave(mapping.fold, dim=1)  # (B, Hq, Tq, Tk); head h*fold+i reads selection head h
     group = n_q // n_kv
     kr = k.double().repeat_interleave(group, dim=1)
     vr = v.double().repeat_interleave(group, dim=1)

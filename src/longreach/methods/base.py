@@ -19,6 +19,7 @@ from ..cache.summaries import block_stats
 from ..configurable import Configurable, param
 from ..errors import SpecError
 from ..selection import Selection
+from ..stages import CachePolicy
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class Method(Configurable):
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse, at ``apply`` time, a model this method cannot act on (before any forward)."""
+
+    def cache_policy(self, owner: object) -> CachePolicy | None:
+        """What this method does to the KV cache (presses, head policies); None: it keeps every key."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,16 @@ class SelectionMethod(Method):
     kind: ClassVar[str] = "select"
     # Statistics of each key block the method scores with; the cache keeps them incrementally for decode.
     block_stats: ClassVar[tuple[str, ...]] = ()
+    # An output hook: the method reworks some heads' attention output after the kernel (ablate, act).
+    rewrites_output: ClassVar[bool] = False
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
         """q (B, Hq, Tq, D), k (B, Hkv, Tk, D) with queries at the last Tq key positions."""
         raise NotImplementedError
+
+    def postprocess(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: SelectContext) -> Tensor:
+        """The output hook (``rewrites_output``): out (B, Tq, Hq, D) -> the same shape."""
+        return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,150 @@
+"""Benchmarks: the attention operator, a real model end to end, and selection scaling (ratios from one run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from longreach import LongreachError
+from longreach.provenance import provenance
+
+from .common import checked_specs, console, floats, head_shapes, items, token_lengths, user_errors
+
+bench_app = typer.Typer(help="Benchmarks (ratios measured in one run).", no_args_is_help=True)
+
+NO_PLOT = "[yellow]no plot:[/yellow] pip install 'longreach[plots]' (matplotlib)"
+
+
+@bench_app.command("attention")
+def bench_attention(
+    lengths: str = typer.Option("4k,8k,16k"),
+    density: str = typer.Option("0.1", help="densities for the default methods, e.g. 0.05,0.1,0.25,0.5,1.0"),
+    methods: str = typer.Option("", help="';'-separated specs (default: quest, moba, streaming at each --density)"),
+    kernel: str = typer.Option("gather", help="kernels to time, e.g. gather or gather,flex"),
+    heads: str = typer.Option("9,3,64", help="q heads,kv heads,head dim; ';' for several (Llama-3-8B: 32,8,128)"),
+    phases: str = typer.Option("prefill", help="prefill, decode or prefill,decode"),
+    repeat: int = typer.Option(2, min=1),
+    json_out: Path = typer.Option(None, "--json", help="also write the rows (and the measured roofline) as JSON"),
+    plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedup vs T per method"),
+) -> None:
+    """Attention operator: selection + kernel vs dense causal SDPA, one run, ratios and fraction of roofline."""
+    from longreach.bench import attention, roofline
+
+    with user_errors(ValueError):
+        specs = items(methods, ";") or [
+            f"{m}:density={d}" for d in floats(density, "density") for m in ("quest", "moba", "streaming")]
+        shapes = head_shapes(heads)
+        wanted = tuple(items(phases))
+        if not wanted or set(wanted) - {"prefill", "decode"}:
+            raise LongreachError(f"--phases takes prefill and/or decode, got '{phases}'")
+        checked_specs(specs)  # bad specs fail before anything is timed; rows keep the specs as written
+        peak = roofline.measure()
+        rows = [r for kern in items(kernel) for hq, hkv, dim in shapes
+                for r in attention.run(token_lengths(lengths), specs, kern, hq, hkv, dim, repeat, wanted)]
+    table = Table(title=f"attention operator vs dense causal SDPA — {attention.hardware()}; "
+                        f"matmul peak {peak.flops / 1e9:.0f} GFLOP/s, read {peak.bytes_per_s / 1e9:.1f} GB/s")
+    for col in ("phase", "heads", "T", "method", "kernel", "density", "dense s", "select s", "attend s", "speedup",
+                "select share", "roofline", "dense roofline"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.phase, r.heads, str(r.length), r.spec, r.kernel, f"{r.density:.3f}", f"{r.dense_s:.4f}",
+                      f"{r.select_s:.4f}", f"{r.attend_s:.4f}", f"{r.speedup:.2f}x",
+                      f"{r.select_s / (r.select_s + r.attend_s):.0%}", f"{r.roofline(peak):.1%}",
+                      f"{r.dense_roofline(peak):.1%}")
+    console.print(table)
+    console.print("roofline: attended FLOP/s / matmul peak (prefill), K/V bytes read per s / read bandwidth (decode)")
+    if json_out:
+        json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
+                                        "roofline": peak.as_dict(), "rows": [
+            {**r.__dict__, "speedup": r.speedup, "roofline_fraction": r.roofline(peak),
+             "dense_roofline_fraction": r.dense_roofline(peak)} for r in rows]}, indent=1))
+    if plot_out and not attention.plot(rows, plot_out):
+        console.print(NO_PLOT)
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    model: str = typer.Option("smollm2-135m", help="bundled name (smollm2-135m, gemma3-270m), HF folder or .gguf"),
+    lengths: str = typer.Option("2k,4k,8k,16k", help="prompt lengths in tokens"),
+    methods: str = typer.Option("dense;quest:density=0.1",
+                                help="';'-separated specs (the transformers baseline always runs first)"),
+    new_tokens: int = typer.Option(32, min=2, help="tokens decoded per run (no early stop)"),
+    chunk: int = typer.Option(None, min=1, help="prefill chunk in tokens"),
+    corpus: str = typer.Option("canterbury", help="text source: canterbury, austen, bible or synthetic"),
+    peer: bool = typer.Option(True, "--peer/--no-peer", help="add llama.cpp on the same GGUF when installed"),
+    json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
+    plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedups vs T"),
+) -> None:
+    """A real model end to end: time to first token, decode tokens/s, peak RSS and KV bytes, vs transformers."""
+    from longreach import load_model
+    from longreach.bench import attention, e2e
+    from longreach.eval import Corpus
+    from longreach.models import gguf_path
+
+    with user_errors(ValueError):
+        specs = checked_specs(items(methods, ";"))
+        tokens = token_lengths(lengths)
+        lm, tok = load_model(model)
+        text = "\n\n".join(Corpus.load(corpus).documents.values())
+        rows = e2e.run_model(lm, tok, text, tokens, specs, new_tokens, chunk)
+        note = None
+        if peer:
+            gguf = gguf_path(model)
+            if gguf is None:
+                note = "llama.cpp column skipped: the model is not a GGUF"
+            elif not e2e.llama_cpp_available():
+                note = "llama.cpp column skipped: pip install llama-cpp-python to add it"
+            else:
+                rows += e2e.run_llama_cpp(gguf, text, tokens, new_tokens)
+    base = e2e.baselines(rows)
+    table = Table(title=f"end to end: {model}, {new_tokens} new tokens — {attention.hardware()}")
+    for col in ("T", "method", "TTFT s", "decode tok/s", "TTFT vs transformers", "decode vs transformers",
+                "peak RSS MiB", "KV MiB"):
+        table.add_column(col)
+    for r in rows:
+        ttft_x, dec_x = r.vs(base.get(r.length))
+        table.add_row(str(r.length), r.method, f"{r.ttft_s:.2f}", f"{r.decode_tok_s:.2f}",
+                      f"{ttft_x:.2f}x" if ttft_x else "-", f"{dec_x:.2f}x" if dec_x else "-",
+                      f"{r.peak_rss_mb:.0f}", f"{r.kv_bytes / 2**20:.1f}" if r.kv_bytes is not None else "-")
+    console.print(table)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if json_out:
+        json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
+                                        "model": model, "rows": [
+            {**r.__dict__, "ttft_speedup": r.vs(base.get(r.length))[0],
+             "decode_speedup": r.vs(base.get(r.length))[1]} for r in rows]}, indent=1))
+    if plot_out and not e2e.plot(rows, plot_out):
+        console.print(NO_PLOT)
+
+
+@bench_app.command("selection")
+def bench_selection(
+    method: str = typer.Option("hip:budget=2048", help="method spec (a fixed budget shows the scaling best)"),
+    lengths: str = typer.Option("4k,8k,16k,32k,64k"),
+    heads: str = typer.Option("9,3,64", help="query heads, kv heads, head dim (SmolLM2: 9,3,64)"),
+    repeat: int = typer.Option(2, min=1),
+) -> None:
+    """Selection time alone vs length, with a c * T log2 T fit and the log-log slope (one run)."""
+    from longreach.bench import attention
+
+    with user_errors():
+        shapes = head_shapes(heads)
+        if len(shapes) > 1:
+            raise LongreachError(f"--heads takes one 'q,kv,dim' triple here, got '{heads}'")
+        hq, hkv, dim = shapes[0]
+        fit = attention.selection_scaling(method, token_lengths(lengths), hq, hkv, dim, repeat)
+    table = Table(title=f"{method} selection (prefill), {hq} q / {hkv} kv heads, d={dim} — {attention.hardware()}")
+    for col in ("T", "select s", "x previous", "c*T*log2(T) fit s"):
+        table.add_column(col)
+    prev = None
+    for t, s in zip(fit.lengths, fit.seconds, strict=True):
+        table.add_row(str(t), f"{s:.3f}", f"{s / prev:.2f}x" if prev else "-", f"{fit.c * t * math.log2(t):.3f}")
+        prev = s
+    console.print(table)
+    console.print(f"log-log slope {fit.slope:.2f} (1 = linear, 2 = quadratic); T log T fit: worst relative "
+                  f"residual {fit.max_rel_residual:.0%}")

@@ -1,0 +1,145 @@
+"""One attention module's runtime: the stages of ``longreach.stages`` in their fixed order, per call.
+
+    position map -> selector -> kernel -> cache policy -> output hooks
+
+The model's own sliding-window layers (Gemma 3's local layers) keep exactly their window: no method,
+policy or hook acts on them. A cache policy (a press or head policy) also holds the prompt's last token
+back: the rows before it are attended and the cache shrunk, then the last row attends the shrunk cache,
+exactly as if it were the first decode step. So the first answer token reads the compressed cache on every
+path, ``model.generate()`` included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from ..cache.growing import grow_in_place, truncate_layer
+from ..cache.summaries import BlockSummaries
+from ..compat import cache_from_kwargs
+from ..errors import InputError
+from ..methods.base import SelectContext
+from ..selection import Selection
+from ..stages import CachePolicy, LayerCall
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..hf import Handle
+
+
+class LayerRuntime:
+    def __init__(self, handle: Handle, module: nn.Module, layer_idx: int) -> None:
+        self.handle = handle
+        self.layer_idx = layer_idx
+        selector = handle.spec.selector
+        stats = selector.block_stats
+        self.summaries = BlockSummaries(selector.kblock, stats) if stats else None
+        self.select_state: dict = {}  # the selector's per-layer scratch for the current sequence
+        self.policy_state: dict = {}  # the cache policy's (recent queries, accumulated attention, steps)
+        self.position_state: dict = {}  # the position method's (group size, head ratios)
+        self.cache: object | None = None  # the forward's transformers cache (set by the pre-hook)
+
+    def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of the attention module: note the forward's cache and make its layer grow in place (a
+        transformers ``DynamicLayer`` re-concatenates the whole cache at every decode step)."""
+        self.cache = cache_from_kwargs(kwargs)
+        grow_in_place(self.cache, self.layer_idx)
+
+    # -- the entry point -----------------------------------------------------------------------
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                sliding_window: int | None) -> Tensor:
+        batch, _, t_q, _ = q.shape
+        key_mask = self.handle.masks.get(mask, batch, t_q, k.shape[2], sliding_window)
+        policy = self.handle.policy if sliding_window is None else None
+        if policy is not None and key_mask is not None:
+            raise InputError(f"{policy.name} compresses unpadded sequences: run one sequence per batch (or batch "
+                             "prompts of equal length without padding)")
+        if policy is not None and t_q > 1 and self.cache is not None:
+            return self.hold_last(q, k, v, scale, policy)
+        return self.run(q, k, v, key_mask, scale, sliding_window)
+
+    def hold_last(self, q: Tensor, k: Tensor, v: Tensor, scale: float, policy: CachePolicy) -> Tensor:
+        """Attend all rows but the last, let the policy shrink the cache, then attend the last row as a decode
+        step over the shrunk cache (transformers stored every key of this forward already: give one back)."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:
+            return self.run(q, k, v, None, scale, None)
+        truncate_layer(layers[self.layer_idx], 1)
+        head = self.run(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], None, scale, None)
+        keys, values = layers[self.layer_idx].update(k[:, :, -1:], v[:, :, -1:])
+        tail = self.run(q[:, :, -1:], keys, values, None, scale, None)
+        return torch.cat([head, tail], dim=1)
+
+    # -- the stages ----------------------------------------------------------------------------
+    def run(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, scale: float,
+            sliding_window: int | None) -> Tensor:
+        handle, t_q = self.handle, q.shape[2]
+        controlled = sliding_window is None  # the layers the method acts on
+        new_sequence = k.shape[2] == t_q
+        if new_sequence and controlled:
+            self.select_state.clear()
+            self.policy_state.clear()
+        phase = "decode" if t_q == 1 else "prefill"
+        policy = handle.policy if controlled else None
+        call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, key_mask, new_sequence,
+                         self.cache, self.policy_state,
+                         (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
+                         if handle.track_density else None)
+        # 1. position map
+        far = None
+        if controlled and handle.remap is not None:
+            q, k, far = self.remap_positions(q, k, key_mask, scale, new_sequence)
+        # 2-3. selector and kernel (a head policy attends its split parts itself)
+        ctx = SelectContext(self.layer_idx, key_mask, None, self.select_state, scale)
+        out = policy.attend(call) if policy is not None else None
+        if out is None:
+            sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
+            if handle.track_density and controlled:
+                handle.stats.add(phase, sel)
+            out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far)
+        # 4. cache policy
+        if policy is not None and policy.after_forward(call) and self.summaries is not None:
+            self.summaries.reset()  # stored keys changed under the block summaries
+        # 5. output hooks
+        selector = handle.spec.selector
+        if controlled and selector.rewrites_output:
+            out = selector.postprocess(out, q, k, v, ctx)
+        if handle.observer is not None:
+            handle.observer(self.layer_idx, q, k, v, scale, sliding_window, key_mask)
+        return out
+
+    def select(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, sliding_window: int | None,
+               new_sequence: bool, far: object | None) -> Selection:
+        """The selector stage: the model's own window on sliding layers, the method's choice elsewhere."""
+        batch, t_q, t_k = q.shape[0], q.shape[2], k.shape[2]
+        if sliding_window is not None:
+            return Selection.local(batch, t_q, t_k, sinks=0, window=sliding_window, key_mask=key_mask,
+                                   device=q.device)
+        summaries = self.summaries if far is None else None  # far keys move when the group grows
+        if summaries is not None:
+            summaries.update(k, new_sequence=new_sequence)
+        ctx = SelectContext(self.layer_idx, key_mask, summaries, self.select_state, scale)
+        # with a two-piece position method, blocks are chosen on the far (re-mapped) positions
+        sel = self.handle.spec.selector.select(far.q if far else q, far.k if far else k, ctx)
+        if far is not None and not sel.full and sel.window < far.distance:
+            sel = replace(sel, window=far.distance)  # the near piece is always attended whole
+        return sel
+
+    def remap_positions(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, new_sequence: bool
+                        ) -> tuple[Tensor, Tensor, object]:
+        """The position stage: re-rotated q/k and, for two-piece methods, the far pair."""
+        remap = self.handle.remap
+        assert remap is not None and self.handle.rope is not None
+        if key_mask is not None:
+            raise InputError(f"{remap.name} re-maps token positions by index: run one sequence per batch (or "
+                             "prompts of equal length without padding)")
+        if new_sequence:
+            self.position_state.clear()
+            self.position_state.update(layer_idx=self.layer_idx, scale=scale)
+        view = remap.view(q, k, self.handle.rope, self.position_state)
+        return view.q, view.k, view.far

@@ -1,0 +1,37 @@
+"""One generation path: ``model.generate()`` under ``apply`` gets what ``longreach.generate()`` gets — the same
+tokens, the cache grown in place, and after a press the same (compressed) cache bytes. That the first answer
+token reads the compressed cache (the runtime holds the prompt's last token back) is checked against a dense
+reference restricted to the kept keys in tests/test_presses.py and tests/test_heads.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_heads import random_profile
+
+import longreach
+from longreach.cache.growing import GrowingLayer
+from longreach.compat import output_cache
+
+SPECS = ["dense", "quest:density=0.3,block=16", "snapkv:density=0.3", "h2o:density=0.3",
+         "razor:profile={profile},ratio=0.5,window=16", "duo:profile={profile},ratio=0.5,window=16"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_model_generate_under_apply_equals_longreach_generate(spec, arch, tmp_path):
+    model = tiny_model(arch)
+    cfg = model.config
+    spec = spec.format(profile=random_profile(cfg.num_hidden_layers, cfg.num_attention_heads,
+                                              cfg.num_key_value_heads).save(tmp_path / "p.json"))
+    ids = {"input_ids": torch.randint(1, 128, (1, 150)), "attention_mask": torch.ones(1, 150, dtype=torch.long)}
+    with torch.no_grad(), longreach.apply(model, spec):
+        ours = longreach.generate(model, ids, 8)
+        theirs = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                return_dict_in_generate=True)
+    assert theirs.sequences[0, 150:].tolist() == ours.tokens
+    cache = output_cache(theirs)
+    assert longreach.cache_bytes(cache) == longreach.cache_bytes(ours.cache)
+    full_layers = [layer for layer in cache.layers if not layer.is_sliding]
+    assert all(isinstance(layer, GrowingLayer) for layer in full_layers), "decode appends in place"
