@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import longreach
 from longreach.cli import app
 from longreach.eval import build_report
-from longreach.provenance import isa, provenance
+from longreach.provenance import code_state, isa, provenance
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,11 @@ def test_isa_names_the_widest_extension(flags, expected):
 
 
 def test_the_dirty_flag_follows_the_library_code(tmp_path):
-    prov = provenance()
+    """Read uncached, next to git's own answer (provenance() is read once per process, and a session may edit)."""
+    commit, dirty = code_state()
     changed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
                               "src", "pyproject.toml", "requirements"], capture_output=True, text=True)
-    assert prov["dirty"] == bool(changed.stdout.strip())
+    assert dirty == bool(changed.stdout.strip()) and commit == provenance()["commit"]
 
 
 def test_bench_json_records_its_provenance(tmp_path):

@@ -1,0 +1,198 @@
+"""The README's four headline results, computed from the committed rows (standard library only).
+
+    python3 docs/headline.py            # from the repository root (paths are relative to this file)
+    python3 docs/headline.py --check    # also verify the interval code against hand-checked cases
+
+Accuracy cells: k/n with a Wilson 95% score interval, and where dense ran on the same prompts (paired by
+task, length, depth, seed *and* the prompt's hash) the paired difference method - dense with Newcombe's
+(1998) method 10 interval: Wilson intervals for both marginals combined by square-and-add with the phi
+correlation of the 2x2 table of paired outcomes (numerator ad - bc shrunk by n/2 towards 0 when
+positive, as in Newcombe's paper; phi = 0 when a margin is empty). Speed cells: ratios read from the
+benchmark JSON, measured in one run (no interval exists for them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from statistics import NormalDist
+
+DOCS = Path(__file__).resolve().parent
+Z = NormalDist().inv_cdf(0.975)  # 1.95996...
+
+
+def wilson(k: int, n: int, z: float = Z) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def newcombe_paired(a: int, b: int, c: int, d: int, z: float = Z) -> tuple[float, float, float]:
+    """Difference p1 - p2 of paired proportions and its 95% interval (Newcombe 1998, method 10).
+
+    a = both right, b = only the first right, c = only the second right, d = both wrong."""
+    n = a + b + c + d
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson(a + b, n, z)
+    l2, u2 = wilson(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    num = a * d - b * c
+    if margins == 0:
+        phi = 0.0
+    elif num > n / 2:
+        phi = (num - n / 2) / math.sqrt(margins)
+    elif num >= 0:
+        phi = 0.0
+    else:
+        phi = num / math.sqrt(margins)
+    diff = p1 - p2
+    lo = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = diff + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    return diff, max(-1.0, lo), min(1.0, hi)
+
+
+def rows(*paths: str) -> list[dict]:
+    out, seen = [], set()
+    for path in paths:
+        for line in (DOCS / path).read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            key = (path, r["method"], r["task"], r["length"], r["depth"], r["seed"])
+            if key not in seen:  # a resumed run never duplicates, but be safe
+                seen.add(key)
+                out.append(r)
+    return out
+
+
+def paired(method: str, base: str, *paths: str, keep=lambda r: True) -> dict:
+    """Pair each row of `method` with the row of `base` on the same prompt in the same folder."""
+    table = {}
+    for path in paths:
+        for r in rows(path):
+            if keep(r) and r["method"] in (method, base):
+                key = (path, r["task"], r["length"], r["depth"], r["seed"])
+                table.setdefault(key, {})[r["method"]] = r
+    a = b = c = d = 0
+    density = []
+    for key, pair in sorted(table.items()):
+        if method not in pair or base not in pair:
+            continue
+        m, o = pair[method], pair[base]
+        if m.get("prompt_sha") != o.get("prompt_sha"):
+            raise SystemExit(f"{key}: {method} and {base} saw different prompts")
+        x, y = m["score"] >= 1.0, o["score"] >= 1.0
+        a, b, c, d = a + (x and y), b + (x and not y), c + (y and not x), d + (not x and not y)
+        density.append(m["density"])
+    n = a + b + c + d
+    return {"n": n, "k": a + b, "k_base": a + c, "table": (a, b, c, d), "density": sum(density) / n}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def points(x: float) -> str:
+    return "0" if round(100 * x) == 0 else f"{100 * x:+.0f}"
+
+
+def accuracy(label: str, method: str, *paths: str, keep=lambda r: True) -> None:
+    p = paired(method, "dense", *paths, keep=keep)
+    n, k, kb = p["n"], p["k"], p["k_base"]
+    lo, hi = wilson(k, n)
+    blo, bhi = wilson(kb, n)
+    diff, dlo, dhi = newcombe_paired(*p["table"])
+    density = f"; prefill density {p['density']:.3f}" if p["density"] < 1 else ""
+    print(
+        f"| {label} | `{method}` | {k}/{n} ({pct(k / n)}; {pct(lo)}–{pct(hi)}) "
+        f"| {kb}/{n} ({pct(kb / n)}; {pct(blo)}–{pct(bhi)}) "
+        f"| {points(diff)} points [{points(dlo)}, {points(dhi)}] "
+        f"| {'/'.join(map(str, p['table']))}{density} |"
+    )
+
+
+def speed() -> None:
+    att = json.loads((DOCS / "benchmarks/attention-smollm2.json").read_text())
+    att8 = json.loads((DOCS / "benchmarks/attention-llama3-8b.json").read_text())
+    e2e = json.loads((DOCS / "benchmarks/e2e-smollm2.json").read_text())
+    print(f"\nSpeed (ratios from one run each; hardware as recorded: {att['hardware']})\n")
+    print("| benchmark | T | method | ratio |")
+    print("|---|---|---|---|")
+    for name, data in (("attention, SmolLM2 heads 9/3/64", att), ("attention, Llama-3-8B heads 32/8/128", att8)):
+        for r in data["rows"]:
+            if r["phase"] == "prefill" and r["length"] in (16384, 32768) and r["spec"].endswith("density=0.1"):
+                print(f"| {name}, vs causal SDPA | {r['length'] // 1024}k | `{r['spec']}` | {r['speedup']:.2f}x |")
+    for r in e2e["rows"]:
+        if r["length"] in (8192, 16384) and r["method"] not in ("transformers",) and "llama" not in r["method"]:
+            print(
+                f"| end to end, SmolLM2-135M, time to first token vs transformers | {r['length'] // 1024}k "
+                f"| `{r['method']}` | {r['ttft_speedup']:.2f}x |"
+            )
+
+
+def check() -> None:
+    """Hand-checked cases: Wilson 0/10 and 10/10, a zero difference of identical columns, and the
+    square-and-add bounds with phi = 0 recomputed by hand."""
+    lo, hi = wilson(0, 10)
+    assert abs(lo) < 1e-12 and abs(hi - 0.2775) < 1e-4, (lo, hi)
+    lo, hi = wilson(10, 10)
+    assert abs(lo - 0.7225) < 1e-4 and abs(hi - 1) < 1e-12, (lo, hi)
+    diff, lo, hi = newcombe_paired(20, 0, 0, 0)  # all right in both: +-(1 - Wilson lower of 20/20)
+    assert diff == 0 and abs(hi - (1 - wilson(20, 20)[0])) < 1e-12 and abs(lo + hi) < 1e-12
+    # b = 1, c = 0, a = 0, d = 1 (n = 2): ad - bc = 0 -> phi = 0, plain square-and-add
+    l1, u1 = wilson(1, 2)
+    _, u2 = wilson(0, 2)
+    diff, lo, hi = newcombe_paired(0, 1, 0, 1)
+    assert abs(lo - (0.5 - math.hypot(0.5 - l1, u2))) < 1e-12 and abs(hi - (0.5 + math.hypot(0.0, u1 - 0.5))) < 1e-12
+    # the interval for method - dense is the mirror image of dense - method
+    d1, lo1, hi1 = newcombe_paired(11, 3, 1, 5)
+    d2, lo2, hi2 = newcombe_paired(11, 1, 3, 5)
+    assert abs(d1 + d2) < 1e-12 and abs(lo1 + hi2) < 1e-12 and abs(hi1 + lo2) < 1e-12
+    print("checks passed")
+
+
+def main() -> None:
+    if "--check" in sys.argv:
+        check()
+    print(
+        "| result | method | method right (Wilson 95% CI) | dense on the same prompts | paired difference, "
+        "method - dense (95% CI, Newcombe 10) | pairs: both / only method / only dense / neither |"
+    )
+    print("|---|---|---|---|---|---|")
+    accuracy(
+        "KV press, 25% cache, 4k + 8k",
+        "snapkv:density=0.25,pool=31",
+        "kv-presses/4k-wide-pool/results.jsonl",
+        "kv-presses/8k/results.jsonl",
+    )
+    accuracy(
+        "KV press, 25% cache: the 20 prompts not used to choose pool=31",
+        "snapkv:density=0.25,pool=31",
+        "kv-presses/4k-wide-pool/results.jsonl",
+        "kv-presses/8k/results.jsonl",
+        keep=lambda r: r["length"] == 8192 or r["seed"] >= 5,
+    )
+    accuracy("context extension, 16k + 32k", "selfextend", "extension/16k/results.jsonl", "extension/32k/results.jsonl")
+    accuracy(
+        "best sparse prefill, 8k, 10% budget",
+        "flexprefill:density=0.1",
+        "sparse-8k/results.jsonl",
+        "sparse-8k/more/results.jsonl",
+    )
+    accuracy(
+        "runner-up sparse prefill, 8k, 10% budget",
+        "vslash:density=0.1",
+        "sparse-8k/results.jsonl",
+        "sparse-8k/more/results.jsonl",
+    )
+    speed()
+
+
+if __name__ == "__main__":
+    main()
