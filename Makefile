@@ -43,6 +43,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Runs without the bundled model packages: tests that need them are marked `model`.
@@ -77,6 +78,7 @@ lock:
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: install
 	$(VENV)/bin/longreach bench attention --lengths 4k,8k,16k --density 0.1

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longreach import kernels, parse_spec
-from longreach.cache.summaries import BlockSummaries, block_stats
 from longreach.kernels import reference
 from longreach.methods import SelectContext
+from longreach.methods.summaries import BlockSummaries, block_stats
 from longreach.selection import Selection
 
 SELECTORS = ["quest", "moba", "hip", "twilight", "flexprefill", "vslash", "squeezed", "loki", "hyper", "longheads",

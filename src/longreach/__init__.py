@@ -8,6 +8,7 @@
     # or, timed per phase: longreach.generate(model, tok(text, return_tensors="pt"), max_new_tokens=32)
 """
 
+from . import builtin  # noqa: F401  (registers every method that ships with longreach)
 from .cache.compressed import cache_bytes
 from .errors import InputError, LongreachError, ModelLoadError, SpecError, UnsupportedModelError
 from .generation import Generation, generate
@@ -17,8 +18,7 @@ from .methods import Method, SelectContext, SelectionMethod, method_class, metho
 from .models import load_model
 from .selection import Selection
 from .spec import Spec, parse_spec
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Generation",

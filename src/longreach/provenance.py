@@ -76,7 +76,7 @@ def isa(flags: set[str]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _static() -> dict:
-    from . import __version__
+    from .version import __version__
 
     try:
         from importlib.metadata import version

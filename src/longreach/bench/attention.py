@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels, parse_spec
-from ..cache.summaries import BlockSummaries
 from ..diagnostics import best_of
 from ..methods import SelectContext
+from ..methods.summaries import BlockSummaries
 from ..plotting import pyplot
 from ..provenance import describe, provenance
 from ._plot import speedup_axis

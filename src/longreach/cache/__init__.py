@@ -1,5 +1,2 @@
-"""KV-side state kept beside the Hugging Face cache (block summaries now; presses later)."""
-
-from .summaries import BlockSummaries, block_stats
-
-__all__ = ["BlockSummaries", "block_stats"]
+"""KV-side state kept in and beside the Hugging Face cache: cache layers that grow in place or hold only some
+keys, presses (what to keep), and byte accounting."""

@@ -198,8 +198,8 @@ def profile_heads(model: nn.Module, tokenizer, prose: Callable[[int], str], voca
 
     ``prose(seed)`` gives haystack text (a different passage per probe); ``vocab`` the words secrets are drawn from.
     """
-    from .. import __version__
     from ..hf import apply
+    from ..version import __version__
 
     cfg = getattr(model.config, "text_config", None) or model.config
     heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

@@ -15,11 +15,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..cache.summaries import block_stats
 from ..configurable import Configurable, param
 from ..errors import SpecError
 from ..selection import Selection
 from ..stages import CachePolicy
+from .summaries import block_stats
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class SelectContext:
 
     layer_idx: int = 0
     key_mask: Tensor | None = None  # (B, Tk) bool; False = padding
-    summaries: object | None = None  # cache.summaries.BlockSummaries of this layer, if the method asked
+    summaries: object | None = None  # methods.summaries.BlockSummaries of this layer, if the method asked
     # Per-layer scratch a method may keep between calls of one sequence (clusters, a recycled key set);
     # the runtime clears it when a new sequence starts.
     state: dict = field(default_factory=dict)

@@ -1,4 +1,7 @@
-"""Names -> method classes (never instances: methods are immutable values built per spec)."""
+"""Names -> method classes (never instances: methods are immutable values built per spec).
+
+A family registers its classes when imported; ``longreach.builtin`` imports every family that ships with
+longreach (the package imports it), so the registry never imports the families back."""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def method_class(name: str) -> type[Method]:
-    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -26,26 +28,4 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_names() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    from ..cache import presses  # noqa: F401
-    from ..heads import policies  # noqa: F401
-    from ..position import remap, rescale  # noqa: F401
-    from . import (  # noqa: F401  (registers on import)
-        anchor,
-        blocktopk,
-        dense,
-        flexprefill,
-        hip,
-        hyper,
-        loki,
-        longheads,
-        recycled,
-        squeezed,
-        streaming,
-        twilight,
-        vslash,
-    )

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from .. import kernels
 from ..cache.growing import grow_in_place, truncate_layer
-from ..cache.summaries import BlockSummaries
 from ..compat import cache_from_kwargs
 from ..errors import InputError
 from ..methods.base import SelectContext
+from ..methods.summaries import BlockSummaries
 from ..selection import Selection
 from ..stages import CachePolicy, LayerCall
 
