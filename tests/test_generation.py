@@ -35,3 +35,17 @@ def test_model_generate_under_apply_equals_longreach_generate(spec, arch, tmp_pa
     assert longreach.cache_bytes(cache) == longreach.cache_bytes(ours.cache)
     full_layers = [layer for layer in cache.layers if not layer.is_sliding]
     assert all(isinstance(layer, GrowingLayer) for layer in full_layers), "decode appends in place"
+
+
+def test_bench_times_model_generate_on_the_same_path():
+    """The bench row for model.generate() counts the decoded tokens from its streamer and holds the cache bytes
+    longreach.generate() holds (a row that timed another path would differ here)."""
+    from longreach.bench.e2e import HF_PATH, _hf_generate_row
+
+    model = tiny_model("llama")
+    ids = {"input_ids": torch.randint(1, 128, (1, 150)), "attention_mask": torch.ones(1, 150, dtype=torch.long)}
+    with torch.no_grad(), longreach.apply(model, "snapkv:density=0.3"):
+        row = _hf_generate_row(model, ids, 150, "snapkv:density=0.3", 6)
+        ours = longreach.generate(model, ids, 6)
+    assert row.method == "snapkv:density=0.3" + HF_PATH and row.decode_tokens == 5
+    assert row.kv_bytes == longreach.cache_bytes(ours.cache) and row.ttft_s > 0 and row.decode_tok_s > 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import apply, cache_bytes
+from ..compat import output_cache
 from ..generation import generate
 from ..plan import MiB, peak_resident_bytes, reset_peak_resident
 from ..plotting import pyplot
@@ -58,8 +59,13 @@ def prompt_ids(tokenizer, text: str, length: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+HF_PATH = " · model.generate()"  # suffix of rows measured through transformers' own generate() under apply
+
+
 def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str], new_tokens: int = 32,
-              chunk: int | None = None) -> list[E2ERow]:
+              chunk: int | None = None, hf_generate: bool = False) -> list[E2ERow]:
+    """Rows per length: the transformers baseline, then each spec through ``longreach.generate`` and, with
+    ``hf_generate``, through ``model.generate()`` under ``apply`` too (the README's path: it must cost the same)."""
     rows = []
     for length in lengths:
         ids = prompt_ids(tokenizer, text, length)
@@ -68,11 +74,39 @@ def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str],
                 generate(model, prompt_ids(tokenizer, text, 256), 2)  # warm-up apart (lazy init)
                 reset_peak_resident()
                 run = generate(model, ids, new_tokens, chunk=chunk, cache="growing" if spec else "dynamic")
-            decoded = len(run.tokens) - 1
-            rows.append(E2ERow(length, spec or BASELINE, run.prefill_s,
-                               decoded / run.decode_s if run.decode_s else 0.0, decoded, peak_resident_bytes() / MiB,
-                               cache_bytes(run.cache)))
+                decoded = len(run.tokens) - 1
+                rows.append(E2ERow(length, spec or BASELINE, run.prefill_s,
+                                   decoded / run.decode_s if run.decode_s else 0.0, decoded,
+                                   peak_resident_bytes() / MiB, cache_bytes(run.cache)))
+                if spec and hf_generate:
+                    rows.append(_hf_generate_row(model, ids, length, spec, new_tokens))
     return rows
+
+
+class _TokenClock:
+    """A ``generate()`` streamer that only timestamps: its first ``put`` is the prompt, then one per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_generate_row(model, ids: dict, length: int, spec: str, new_tokens: int) -> E2ERow:
+    clock = _TokenClock()
+    reset_peak_resident()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock, return_dict_in_generate=True)
+    first, last = clock.times[1], clock.times[-1]
+    decoded = len(clock.times) - 2
+    return E2ERow(length, spec + HF_PATH, first - start, decoded / (last - first) if last > first else 0.0, decoded,
+                  peak_resident_bytes() / MiB, cache_bytes(output_cache(out)))
 
 
 def llama_cpp_available() -> bool:

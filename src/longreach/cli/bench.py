@@ -76,6 +76,8 @@ def bench_e2e(
     chunk: int = typer.Option(None, min=1, help="prefill chunk in tokens"),
     corpus: str = typer.Option("canterbury", help="text source: canterbury, austen, bible or synthetic"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="add llama.cpp on the same GGUF when installed"),
+    hf_generate: bool = typer.Option(False, "--hf-generate", help="also time each spec through model.generate() "
+                                     "under apply (the README's path; it should cost what longreach.generate does)"),
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
     plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedups vs T"),
 ) -> None:
@@ -90,7 +92,7 @@ def bench_e2e(
         tokens = token_lengths(lengths)
         lm, tok = load_model(model)
         text = "\n\n".join(Corpus.load(corpus).documents.values())
-        rows = e2e.run_model(lm, tok, text, tokens, specs, new_tokens, chunk)
+        rows = e2e.run_model(lm, tok, text, tokens, specs, new_tokens, chunk, hf_generate)
         note = None
         if peer:
             gguf = gguf_path(model)
