@@ -6,9 +6,11 @@ same cache bytes (tests/test_generation.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .cache.compressed import cache_bytes
 from .cache.growing import growing_cache
@@ -24,6 +26,24 @@ class Generation:
     decode_s: float
     cache: object  # the transformers cache after the last step
     prompt_kv_bytes: int | None = None  # bytes the cache held right after the prompt (after any press)
+
+
+def prefill_chunks(module, input_ids: Tensor, chunk: int | None, cache: object | None = None,
+                   attention_mask: Tensor | None = None, **forward: object
+                   ) -> Iterator[tuple[int, int, object, object]]:
+    """Feed ``input_ids`` (1, n) through ``module`` (a model or its decoder) ``chunk`` tokens per forward, with
+    the cache; yields ``(lo, hi, output, cache)`` per chunk. Activations stay O(chunk), and a length-dependent RoPE
+    picks its frequencies once for the whole text (``planned_length``)."""
+    n = input_ids.shape[1]
+    step = chunk or n
+    with planned_length(n):
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            mask = {} if attention_mask is None else {"attention_mask": attention_mask[:, :hi]}
+            out = module(input_ids=input_ids[:, lo:hi], use_cache=True, **mask, **forward,
+                         **cache_kwargs(module, cache))
+            cache = output_cache(out)
+            yield lo, hi, out, cache
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -48,14 +68,9 @@ def generate(model, ids: dict, max_new_tokens: int, eos: set[int] | None = None,
         raise InputError(f"cache must be 'growing' or 'dynamic', got {cache!r}")
     eos = eos or set()
     start = time.perf_counter()
-    n = ids["input_ids"].shape[1]
-    past, out = (growing_cache(model.config) if cache == "growing" else None), None
-    with planned_length(n):  # a length-dependent RoPE picks its frequencies for the whole prompt
-        for lo in range(0, n, chunk or n):
-            hi = min(lo + (chunk or n), n)
-            out = model(input_ids=ids["input_ids"][:, lo:hi], attention_mask=ids["attention_mask"][:, :hi],
-                        use_cache=True, logits_to_keep=1, **cache_kwargs(model, past))
-            past = output_cache(out)
+    past = growing_cache(model.config) if cache == "growing" else None
+    *_, (_, _, out, past) = prefill_chunks(model, ids["input_ids"], chunk, past, ids["attention_mask"],
+                                           logits_to_keep=1)
     prefill = time.perf_counter() - start
     token = out.logits[:, -1:].argmax(-1)
     prompt_bytes = cache_bytes(past)

@@ -15,12 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..cache.compressed import cache_bytes as kv_bytes
-from ..compat import cache_kwargs, output_cache
-from ..generation import eos_ids
+from .. import cache_bytes
+from ..generation import eos_ids, prefill_chunks
 from ..generation import generate as generate_ids
 from ..plan import MiB, peak_resident_bytes, reset_peak_resident
-from ..position.frozen import planned_length
 from .tasks import Sample, Task
 
 LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
@@ -39,7 +37,7 @@ def generate(model, tokenizer, sample: Sample, chunk: int | None = None) -> dict
         "prefill_s": run.prefill_s,
         "decode_s": run.decode_s,
         "decode_tokens": len(run.tokens) - 1,
-        "kv_bytes": kv_bytes(run.cache),
+        "kv_bytes": cache_bytes(run.cache),
         "kv_bytes_prompt": run.prompt_kv_bytes,
     }
 
@@ -54,21 +52,15 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
     ids = torch.tensor([sample.meta["ids"]], device=model.device)
     start = time.perf_counter()
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
-    decoder, n = model.get_decoder(), ids.shape[1]
-    step = chunk or n
-    past, losses = None, []
-    with planned_length(n):  # a length-dependent RoPE picks its frequencies for the whole text
-        for lo in range(0, n, step):
-            out = decoder(input_ids=ids[:, lo:lo + step], use_cache=True, **cache_kwargs(decoder, past))
-            past = output_cache(out)
-            hidden = out.last_hidden_state[0]
-            targets = ids[0, lo + 1:lo + step + 1]
-            hidden = hidden[: len(targets)]  # the last token has nothing to predict
-            for h0 in range(0, hidden.shape[0], LOGIT_CHUNK):
-                logits = head(hidden[h0:h0 + LOGIT_CHUNK]).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                losses.append(F.cross_entropy(logits, targets[h0:h0 + LOGIT_CHUNK], reduction="none"))
+    losses, cache = [], None
+    for lo, hi, out, cache in prefill_chunks(model.get_decoder(), ids, chunk):  # noqa: B007 (cache: read below)
+        targets = ids[0, lo + 1:hi + 1]
+        hidden = out.last_hidden_state[0][: len(targets)]  # the last token has nothing to predict
+        for h0 in range(0, hidden.shape[0], LOGIT_CHUNK):
+            logits = head(hidden[h0:h0 + LOGIT_CHUNK]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            losses.append(F.cross_entropy(logits, targets[h0:h0 + LOGIT_CHUNK], reduction="none"))
     elapsed = time.perf_counter() - start
     nll = torch.cat(losses)  # nll[i] is the loss of predicting token i + 1
     edges = [round(i * len(nll) / buckets) for i in range(buckets + 1)]
@@ -80,7 +72,7 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
         "prefill_s": elapsed,
         "decode_s": 0.0,
         "decode_tokens": 0,
-        "kv_bytes": kv_bytes(past),
+        "kv_bytes": cache_bytes(cache),
         "loss": mean,
         "loss_buckets": table,
         "ppl": math.exp(mean),

@@ -106,7 +106,7 @@ def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str
               first_seed: int = 0) -> Sweep:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
     from ..configurable import split_items
-    from ..kernels import kernel_names
+    from .. import kernel_names
 
     method_specs = [str(parse_spec(s)) for s in split_items(methods)]
     if not method_specs:
