@@ -24,7 +24,7 @@ from . import kernels
 from .errors import InputError
 from .hf import apply
 from .methods.base import SelectContext
-from .methods.scoring import expand_kv
+from .methods.scoring import causal_probs
 from .plotting import require_pyplot
 from .selection import Selection
 from .spec import parse_spec
@@ -101,17 +101,10 @@ def mass_recall(q: Tensor, k: Tensor, sel: Selection | Sequence[Selection], scal
     total = torch.zeros(len(sels), n_q, dtype=torch.float64)
     sparse = [i for i, s in enumerate(sels) if not s.full]
     if sparse:
-        kf = expand_kv(k, n_q).float()
         rows = max(1, ROW_BYTES // (4 * batch * n_q * t_k))
-        j = torch.arange(t_k)
         for c0 in range(0, len(picked), rows):
             qi = picked[c0 : c0 + rows]
-            logits = q[:, :, qi].float() @ kf.transpose(-1, -2) * scale  # (B, Hq, r, Tk)
-            pos = (t_k - t_q) + qi
-            allowed = j[None, :] <= pos[:, None]
-            if key_mask is not None:
-                allowed = allowed & key_mask[:, None, None, :]
-            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+            probs = causal_probs(q, k, scale, qi.to(q.device), key_mask).flatten(1, 2)  # (B, Hq, r, Tk)
             for i in sparse:
                 kept = _per_query_head(sels[i].mask_rows(qi), n_q)  # (B, Hq, r, Tk)
                 total[i] += (probs * kept).sum(-1).sum(dim=(0, 2)).double()

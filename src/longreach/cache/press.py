@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from ..configurable import param
-from ..errors import SpecError
-from ..methods.base import Method, check_int
-from ..methods.scoring import by_group, chunk_rows
+from ..methods.base import Method, check_budget, check_int
+from ..methods.scoring import causal_probs, chunk_rows
 from ..stages import CachePolicy, LayerCall
 from .compressed import CompressedLayer, shrinkable_layer
 
@@ -57,23 +56,12 @@ class Press(Method):
     wants_history: ClassVar[bool] = False  # accumulate every query's attention (H2O)
 
     def __post_init__(self) -> None:
-        if self.budget is not None and self.density is not None:
-            raise SpecError(f"{self.name}: give budget= or density=, not both")
-        if self.budget is None and self.density is None:
-            raise SpecError(f"{self.name}: give budget= (keys per head) or density= (fraction kept), "
-                            f"e.g. {self.name}:density=0.25")
-        if self.budget is not None:
-            check_int(self, "budget", self.budget, minimum=1)
-        if self.density is not None and not (isinstance(self.density, float | int) and 0 < self.density <= 1):
-            raise SpecError(f"{self.name}: density must be in (0, 1], got {self.density!r}")
         check_int(self, "sinks", self.sinks, minimum=0)
         if self.window is not None:
             check_int(self, "window", self.window, minimum=0)
         if self.every is not None:
             check_int(self, "every", self.every, minimum=0)
-        if self.budget is not None and self.budget < self.sinks + self.recent:
-            raise SpecError(f"{self.name}: budget={self.budget} is smaller than the always-kept sinks + window "
-                            f"({self.sinks} + {self.recent}); raise budget or lower sinks/window")
+        check_budget(self, self.budget, self.density, self.sinks, self.recent, required=True)
 
     @property
     def recent(self) -> int:
@@ -116,13 +104,7 @@ def top_keep(scores: Tensor, capacity: int, sinks: int, recent: int) -> Tensor:
 
 def window_probs(obs: Observation) -> Tensor:
     """Causal softmax of the observed queries over the stored keys, grouped: (B, Hkv, G, w, n), fp32."""
-    q, k = obs.queries, obs.keys
-    n_kv, w, n = k.shape[1], q.shape[2], k.shape[2]
-    grouped = by_group(q, n_kv).float()  # (B, Hkv, G, w, D)
-    logits = torch.einsum("bhgwd,bhnd->bhgwn", grouped, k.float()) * obs.scale
-    own = (n - w) + torch.arange(w, device=k.device)
-    future = torch.arange(n, device=k.device)[None, :] > own[:, None]
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return causal_probs(obs.queries, obs.keys, obs.scale)
 
 
 def attention_received(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -130,17 +112,10 @@ def attention_received(q: Tensor, k: Tensor, scale: float) -> Tensor:
     queries and the query heads of its group: (B, Hkv, n), fp32. O(t_q * n) per head, in row chunks."""
     batch, n_q, t_q, _ = q.shape
     n_kv, n = k.shape[1], k.shape[2]
-    grouped = by_group(q, n_kv)
     total = torch.zeros(batch, n_kv, n, dtype=torch.float32, device=q.device)
     rows = chunk_rows(4 * n * n_q * batch)
-    kf = k.float()
-    cols = torch.arange(n, device=q.device)
     for lo in range(0, t_q, rows):
-        hi = min(lo + rows, t_q)
-        logits = torch.einsum("bhgwd,bhnd->bhgwn", grouped[:, :, :, lo:hi].float(), kf) * scale
-        own = (n - t_q) + torch.arange(lo, hi, device=q.device)
-        logits = logits.masked_fill(cols[None, :] > own[:, None], float("-inf"))
-        total += logits.softmax(dim=-1).sum(dim=(2, 3))
+        total += causal_probs(q, k, scale, torch.arange(lo, min(lo + rows, t_q), device=q.device)).sum(dim=(2, 3))
     return total
 
 

@@ -105,8 +105,8 @@ def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None,
               first_seed: int = 0) -> Sweep:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
-    from ..configurable import split_items
     from .. import kernel_names
+    from ..configurable import split_items
 
     method_specs = [str(parse_spec(s)) for s in split_items(methods)]
     if not method_specs:

@@ -29,8 +29,9 @@ from ..cache.press import Observation, top_keep
 from ..cache.presses import window_votes
 from ..configurable import param
 from ..errors import SpecError
-from ..methods.base import BudgetedMethod, Method, SelectContext, SelectionMethod, check_int
+from ..methods.base import BudgetedMethod, Method, SelectContext, SelectionMethod, check_fraction, check_int
 from ..methods.registry import method_class, register
+from ..methods.scoring import causal_probs
 from ..selection import Selection
 from .profile import HeadProfile
 from .split import SplitPolicy
@@ -276,8 +277,7 @@ class HeadKV(HeadPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self, "pool", self.pool, minimum=1)
-        if not (isinstance(self.density, float | int) and 0 < self.density <= 1):
-            raise SpecError(f"headkv: density must be in (0, 1], got {self.density!r}")
+        check_fraction(self, "density", self.density)
         if self.whole_share >= self.density and self.whole_share < 1:
             raise SpecError(f"headkv: ratio={self.ratio} keeps {self.whole_share:.3f} of the KV heads whole, which "
                             f"already spends density={self.density}; lower ratio or raise density")
@@ -410,8 +410,8 @@ class ACT(Profiled, SelectionMethod):
         scale = ctx.softmax_scale(q)
         n_obs = min(self.observe, t_q)
         obs_hidden = hidden[:, t_q - n_obs:]
-        logits = (qc[:, :, t_q - n_obs:] @ kc.transpose(-1, -2) * scale).masked_fill(obs_hidden[:, None], -torch.inf)
-        share = logits.softmax(-1).mean(-2)  # (B, h, Tk): mean attention each key draws
+        rows = torch.arange(t_q - n_obs, t_q, device=q.device)
+        share = causal_probs(qc, kc, scale, rows, ctx.key_mask)[:, :, 0].mean(-2)  # (B, h, Tk): mean attention drawn
         visible = (~obs_hidden).sum(-1).float().mean(-1).reshape(-1, 1, 1)
         sink = (share > self.alpha / visible) & (cols >= self.sinks)
         bias = sink.float() * math.log(self.damp)  # scaling a softmax weight = adding its log to the logit

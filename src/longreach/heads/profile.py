@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..methods.scoring import by_group
+from ..methods.scoring import causal_probs
 
 SCORES = ("retrieval", "sink", "hidden_sink", "locality", "entropy")
 FORMAT = "longreach.HeadProfile/1"
@@ -157,13 +157,11 @@ class ProfileAccumulator:
         t = k.shape[2]
         rows = sorted(set(range(max(0, probe.answer[0] - 128), t)))
         rows_t = torch.tensor(rows, device=q.device)
-        qs = by_group(q[:1, :, rows_t], k.shape[1]).float()  # (1, Hkv, G, R, D)
-        logits = torch.einsum("bhgrd,bhnd->bhgrn", qs, k[:1].float()) * scale
+        probs = causal_probs(q[:1], k[:1], scale, rows_t, window=sliding)[0].flatten(0, 1)  # (Hq, R, T)
         cols = torch.arange(t, device=q.device)
         hidden = cols[None, :] > rows_t[:, None]
         if sliding is not None:
             hidden |= cols[None, :] <= rows_t[:, None] - sliding
-        probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)[0].flatten(0, 1)  # (Hq, R, T)
         visible = (~hidden).sum(-1).clamp(min=2).double()
         # retrieval: the query before each answer token is copying the matching needle token
         qa = torch.tensor([rows.index(p - 1) for p in probe.answer], device=q.device)

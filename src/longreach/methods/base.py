@@ -133,17 +133,7 @@ class BudgetedMethod(SelectionMethod):
             check_int(self, "window", self.window, minimum=1)
         if self.key_block is not None:
             check_int(self, "key_block", self.key_block, minimum=1)
-        if self.budget is not None and self.density is not None:
-            raise SpecError(f"{self.name}: give budget= or density=, not both")
-        if self.budget is not None:
-            check_int(self, "budget", self.budget, minimum=1)
-            if self.budget < self.sinks + self.local_window:
-                raise SpecError(
-                    f"{self.name}: budget={self.budget} is smaller than the always-kept sinks + window "
-                    f"({self.sinks} + {self.local_window}); raise budget or lower sinks/window"
-                )
-        if self.density is not None and not (isinstance(self.density, float | int) and 0 < self.density <= 1):
-            raise SpecError(f"{self.name}: density must be in (0, 1], got {self.density!r}")
+        check_budget(self, self.budget, self.density, self.sinks, self.local_window)
         if self.group not in ("kv", "q"):
             raise SpecError(f"{self.name}: group must be 'kv' or 'q', got {self.group!r}")
 
@@ -245,3 +235,25 @@ def _cached_plan(method: BudgetedMethod, t_q: int, t_k: int, dev: torch.device) 
 def check_int(method: Method, field: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SpecError(f"{method.name}: {field} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_fraction(method: Method, field: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, float | int) or not 0 < value <= 1):
+        raise SpecError(f"{method.name}: {field} must be in (0, 1], got {value!r}")
+
+
+def check_budget(method: Method, budget: int | None, density: float | None, sinks: int, window: int,
+                 required: bool = False) -> None:
+    """The budget vocabulary selectors and presses share: ``budget`` keys or a ``density`` of them, not both
+    (``required``: one of them); a budget holds at least the always-kept sinks + window."""
+    if budget is not None and density is not None:
+        raise SpecError(f"{method.name}: give budget= or density=, not both")
+    if required and budget is None and density is None:
+        raise SpecError(f"{method.name}: give budget= (keys per head) or density= (fraction kept), "
+                        f"e.g. {method.name}:density=0.25")
+    if budget is not None:
+        check_int(method, "budget", budget, minimum=1)
+        if budget < sinks + window:
+            raise SpecError(f"{method.name}: budget={budget} is smaller than the always-kept sinks + window "
+                            f"({sinks} + {window}); raise budget or lower sinks/window")
+    check_fraction(method, "density", density)

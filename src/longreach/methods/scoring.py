@@ -58,22 +58,39 @@ def expand_kv(k: Tensor, n_q: int) -> Tensor:
     return k[:, :, None].expand(batch, n_kv, n_q // n_kv, length, dim).reshape(batch, n_q, length, dim)
 
 
+def causal_probs(q: Tensor, k: Tensor, scale: float, rows: Tensor | None = None, key_mask: Tensor | None = None,
+                 window: int | None = None) -> Tensor:
+    """Exact causal softmax of queries over keys, the query heads of each KV head grouped: (B, Hkv, G, R, Tk), fp32.
+
+    The one place the methods, presses, head policies, position methods and diagnostics compute real attention
+    probabilities. ``rows`` picks queries (indices into q's Tq; default all); query i sits at key position
+    Tk - Tq + i. ``key_mask`` (B, Tk) drops padding keys; ``window`` keeps only each query's last ``window``
+    keys (a sliding layer). A row that sees no key comes back as zeros. K is never repeated per query head:
+    the group's queries are one matmul against their KV head.
+    """
+    batch, n_q, t_q, dim = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
+    rows = torch.arange(t_q, device=q.device) if rows is None else rows
+    grouped = q[:, :, rows].float().reshape(batch, n_kv, (n_q // n_kv) * len(rows), dim)
+    logits = (grouped @ k.float().transpose(-1, -2) * scale).view(batch, n_kv, n_q // n_kv, len(rows), t_k)
+    pos = (t_k - t_q) + rows
+    cols = torch.arange(t_k, device=q.device)
+    hidden = cols[None, :] > pos[:, None]  # (R, Tk)
+    if window is not None:
+        hidden = hidden | (cols[None, :] <= pos[:, None] - window)
+    if key_mask is not None:
+        hidden = hidden | ~key_mask[:, None, None, None, :]
+    return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+
+
 def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: Tensor | None = None) -> Tensor:
     """Exact causal softmax of the last ``n_last`` queries over all keys: (B, Hq, n, Tk), fp32.
 
     The cheap, exact estimate MInference and FlexPrefill start from: O(n * T) per head.
     """
-    batch, n_q, t_q, dim = q.shape
-    n_kv, t_k = k.shape[1], k.shape[2]
-    n = min(n_last, t_q)
-    # the query heads sharing a KV head are one matmul against it (repeating K per head copied the cache)
-    ql = q[:, :, t_q - n :].float().reshape(batch, n_kv, (n_q // n_kv) * n, dim)
-    logits = (ql @ k.float().transpose(-1, -2) * scale).view(batch, n_q, n, t_k)  # (B, Hq, n, Tk)
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    pos = (t_k - n) + torch.arange(n, device=q.device)
-    future = torch.arange(t_k, device=q.device)[None, :] > pos[:, None]
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    t_q = q.shape[2]
+    rows = torch.arange(t_q - min(n_last, t_q), t_q, device=q.device)
+    return causal_probs(q, k, scale, rows, key_mask).flatten(1, 2)
 
 
 def block_sums(x: Tensor, block: int) -> Tensor:

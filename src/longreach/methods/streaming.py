@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import SelectContext, SelectionMethod, check_int, param
+from .base import SelectContext, SelectionMethod, check_fraction, check_int, param
 from .registry import register
 
 
@@ -37,8 +37,7 @@ class Streaming(SelectionMethod):
             check_int(self, "window", self.window, minimum=1)
         if self.budget is not None:
             check_int(self, "budget", self.budget, minimum=self.sinks + 1)
-        if self.density is not None and not (isinstance(self.density, float | int) and 0 < self.density <= 1):
-            raise SpecError(f"streaming: density must be in (0, 1], got {self.density!r}")
+        check_fraction(self, "density", self.density)
 
     def window_for(self, kv_len: int) -> int:
         if self.window is not None:

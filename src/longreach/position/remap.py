@@ -19,6 +19,7 @@ from ..errors import InputError, SpecError
 from ..kernels import FarKeys
 from ..methods.base import check_int
 from ..methods.registry import register
+from ..methods.scoring import causal_probs
 from .base import PositionView, RemapPositions
 from .rotary import RopeInfo, rerotate, rope_info
 
@@ -161,14 +162,12 @@ class MsPoE(RemapPositions):
     def ratios(self, q: Tensor, k: Tensor, scale: float) -> Tensor:
         """(Hkv,) ratio per KV head: outlier-rich heads (position-aware) get the smallest."""
         n_kv = k.shape[1]
-        qs = q[:, :, -self.observe:].float()
         group = q.shape[1] // n_kv
-        t_q, t_k = qs.shape[2], k.shape[2]
-        qg = qs.reshape(q.shape[0], n_kv, group * t_q, -1)
-        logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*rows, Tk)
-        pos = torch.arange(t_k - t_q, t_k, device=q.device).repeat(group)
+        t_k = k.shape[2]
+        rows = torch.arange(max(q.shape[2] - self.observe, 0), q.shape[2], device=q.device)
+        probs = causal_probs(q, k, scale, rows).flatten(2, 3)  # (B, Hkv, G*rows, Tk)
+        pos = ((t_k - q.shape[2]) + rows).repeat(group)
         causal = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
-        probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
         uniform = 1.0 / (pos + 1).float()[:, None]
         outliers = ((probs > 4 * uniform) & causal).float().sum(-1) / (pos + 1).float()  # (B, Hkv, rows)
         score = outliers.mean(dim=(0, 2))

@@ -24,14 +24,9 @@ def _params(method: RopeScaling, old: dict, **extra: object) -> dict:
             "factor": float(method.factor), **extra}  # type: ignore[attr-defined]
 
 
-@register
 @dataclass(frozen=True)
-class Linear(RopeScaling):
-    name: ClassVar[str] = "linear"
-    rope_type: ClassVar[str] = "linear"
-    summary: ClassVar[str] = "position interpolation: every position divided by factor (PI)"
-    paper: ClassVar[str] = "Extending Context Window of Large Language Models via Positional Interpolation " \
-                           "(arXiv:2306.15595)"
+class FactorScaling(RopeScaling):
+    """A rope type that takes its factor alone (linear, dynamic)."""
 
     factor: float = param(2.0, "target length / trained length")
 
@@ -41,17 +36,22 @@ class Linear(RopeScaling):
 
 @register
 @dataclass(frozen=True)
-class Dynamic(RopeScaling):
+class Linear(FactorScaling):
+    name: ClassVar[str] = "linear"
+    rope_type: ClassVar[str] = "linear"
+    summary: ClassVar[str] = "position interpolation: every position divided by factor (PI)"
+    paper: ClassVar[str] = "Extending Context Window of Large Language Models via Positional Interpolation " \
+                           "(arXiv:2306.15595)"
+
+
+@register
+@dataclass(frozen=True)
+class Dynamic(FactorScaling):
     name: ClassVar[str] = "dynamic"
     rope_type: ClassVar[str] = "dynamic"
     summary: ClassVar[str] = "dynamic NTK: the RoPE base grows with the current length past the trained one"
     paper: ClassVar[str] = "Dynamically Scaled RoPE further increases performance of long context LLaMA " \
                            "(r/LocalLLaMA, 2023); used by Code Llama / Qwen"
-
-    factor: float = param(2.0, "NTK scaling factor")
-
-    def rope_parameters(self, old: dict, trained: int, head_dim: int) -> dict:
-        return _params(self, old)
 
 
 @register
