@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import longreach
 from longreach.cli import app
 from longreach.errors import InputError, SpecError
-from longreach.eval import Corpus, build_report, make_plan, pending, run_local
+from longreach.eval import Corpus, build_report, make_sweep, pending, run_local
 from longreach.eval.report import mean_ci, wilson
 from longreach.eval.results import ResultsWriter, read_rows, row_key
 from longreach.eval.runner import run_cells
@@ -26,8 +26,8 @@ def tiny(tiny_lm_folder):
     return longreach.load_model(tiny_lm_folder)
 
 
-def plan_for(folder, **overrides):
-    return make_plan(str(folder), **{**SWEEP, **overrides})
+def sweep_for(folder, **overrides):
+    return make_sweep(str(folder), **{**SWEEP, **overrides})
 
 
 def drop_volatile(row):
@@ -36,25 +36,25 @@ def drop_volatile(row):
 
 def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path, tiny, tiny_lm_folder):
     model, tok = tiny
-    plan = plan_for(tiny_lm_folder)
+    sweep = sweep_for(tiny_lm_folder)
     corpus = Corpus.synthetic()
     whole = tmp_path / "whole"
-    todo, bad, done = pending(plan, whole)
+    todo, bad, done = pending(sweep, whole)
     assert (bad, done) == ([], 0) and sum(map(len, todo.values())) == 2 * 4 * 2 * 2
-    assert run_local(plan, whole, todo, model, tok, corpus) == 32
+    assert run_local(sweep, whole, todo, model, tok, corpus) == 32
 
     killed = tmp_path / "killed"
     killed.mkdir()
     with ResultsWriter(killed / "results.jsonl") as writer:  # the first 11 rows land, then the process dies...
-        for i, row in enumerate(run_cells(plan, todo, model, tok, corpus)):
+        for i, row in enumerate(run_cells(sweep, todo, model, tok, corpus)):
             writer.append(row)
             if i == 10:
                 break
     with open(killed / "results.jsonl", "a") as fh:  # ...halfway through writing the 12th
         fh.write(json.dumps(row)[:57])
-    todo2, bad2, done2 = pending(plan, killed)
+    todo2, bad2, done2 = pending(sweep, killed)
     assert done2 == 11 and len(bad2) == 1 and "truncated" in bad2[0].reason and bad2[0].line == 12
-    run_local(plan, killed, todo2, model, tok, corpus)
+    run_local(sweep, killed, todo2, model, tok, corpus)
 
     rows_a, _ = read_rows(whole / "results.jsonl")
     rows_b, bad_b = read_rows(killed / "results.jsonl")
@@ -62,14 +62,14 @@ def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path, ti
     assert len(rows_b) == len({row_key(r) for r in rows_b}) == 32  # nothing lost, nothing duplicated
     by_key = {row_key(r): drop_volatile(r) for r in rows_a}
     assert {row_key(r): drop_volatile(r) for r in rows_b} == by_key
-    assert pending(plan, killed)[0] == {}  # a third run has nothing left to do
+    assert pending(sweep, killed)[0] == {}  # a third run has nothing left to do
 
 
 def test_rows_record_what_users_need(tmp_path, tiny, tiny_lm_folder):
     model, tok = tiny
-    plan = plan_for(tiny_lm_folder, lengths="256", samples=1)
-    todo, _, _ = pending(plan, tmp_path)
-    run_local(plan, tmp_path, todo, model, tok, Corpus.synthetic())
+    sweep = sweep_for(tiny_lm_folder, lengths="256", samples=1)
+    todo, _, _ = pending(sweep, tmp_path)
+    run_local(sweep, tmp_path, todo, model, tok, Corpus.synthetic())
     rows, _ = read_rows(tmp_path / "results.jsonl")
     needed = {"task", "length", "depth", "method", "seed", "prediction", "gold", "score", "prefill_s", "decode_s",
               "density", "kv_bytes", "peak_rss_mb", "version", "model", "tokens", "chat", "prompt_sha"}
@@ -84,9 +84,9 @@ def test_rows_record_what_users_need(tmp_path, tiny, tiny_lm_folder):
 
 def test_full_window_perplexity_equals_dense(tmp_path, tiny, tiny_lm_folder):
     model, tok = tiny
-    plan = make_plan(str(tiny_lm_folder), "ppl", "dense,streaming:window=4096", "256", samples=1, corpus="synthetic")
-    todo, _, _ = pending(plan, tmp_path)
-    run_local(plan, tmp_path, todo, model, tok, Corpus.synthetic())
+    sweep = make_sweep(str(tiny_lm_folder), "ppl", "dense,streaming:window=4096", "256", samples=1, corpus="synthetic")
+    todo, _, _ = pending(sweep, tmp_path)
+    run_local(sweep, tmp_path, todo, model, tok, Corpus.synthetic())
     rows = {r["method"]: r for r in read_rows(tmp_path / "results.jsonl")[0]}
     assert rows["dense"]["loss"] == pytest.approx(rows["streaming:window=4096"]["loss"], abs=1e-5)
 
@@ -143,11 +143,11 @@ def test_an_out_folder_of_another_model_is_refused(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(
         {"model": "other", "method": "dense", "task": "passkey", "length": 256, "depth": 0.0, "seed": 0,
          "chat": True, "corpus": "synthetic", "score": 1.0}) + "\n")
-    plan = make_plan("smollm2-135m", "passkey", "dense", "256", corpus="synthetic")
+    sweep = make_sweep("smollm2-135m", "passkey", "dense", "256", corpus="synthetic")
     with pytest.raises(InputError, match="another model"):
-        pending(plan, tmp_path)
+        pending(sweep, tmp_path)
     with pytest.raises(SpecError):
-        make_plan("smollm2-135m", "passkey", "dense+streaming+quest", "256")
+        make_sweep("smollm2-135m", "passkey", "dense+streaming+quest", "256")
 
 
 def test_confidence_intervals():
@@ -199,14 +199,14 @@ def test_demo_is_dense_beside_a_fast_prefill_and_a_press(tmp_path, tiny_lm_folde
 
 
 def test_first_seed_gives_a_disjoint_set_of_prompts():
-    tune = make_plan("smollm2-135m", "passkey", "dense", "256", samples=3, corpus="synthetic")
-    report = make_plan("smollm2-135m", "passkey", "dense", "256", samples=3, corpus="synthetic", first_seed=100)
+    tune = make_sweep("smollm2-135m", "passkey", "dense", "256", samples=3, corpus="synthetic")
+    report = make_sweep("smollm2-135m", "passkey", "dense", "256", samples=3, corpus="synthetic", first_seed=100)
     task = tune.tasks[0]
     assert [s for _, s in tune.points(task)] == [0, 1, 2]
     assert [s for _, s in report.points(task)] == [100, 101, 102]
     assert [d for d, _ in report.points(task)] == [d for d, _ in tune.points(task)]  # same depths, other prompts
     with pytest.raises(InputError, match="first-seed"):
-        make_plan("smollm2-135m", "passkey", "dense", "256", first_seed=-1)
+        make_sweep("smollm2-135m", "passkey", "dense", "256", first_seed=-1)
 
 
 def test_one_proc_reader_serves_available_resident_and_peak_memory(tmp_path):

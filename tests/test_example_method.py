@@ -66,8 +66,8 @@ def test_example_at_full_budget_equals_dense_on_a_model(knorm):
 def test_example_choose_at_a_budget_covering_everything_picks_every_causal_block(knorm):
     method = knorm(budget=64, block=8)
     q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
-    plan = method.make_plan(40, 40, q.device)
-    sel = method.choose(q, k, plan, SelectContext())  # select() would short-circuit to dense
+    quota = method.make_quota(40, 40, q.device)
+    sel = method.choose(q, k, quota, SelectContext())  # select() would short-circuit to dense
     causal = torch.ones(40, 40, dtype=torch.bool).tril()
     assert torch.equal(sel.to_mask()[0, 0], causal)
 

@@ -161,10 +161,10 @@ def test_loki_at_full_rank_chooses_the_exact_top_blocks():
     q, k, _ = _inputs(1, 4, 4, 128, 256, d=8)
     method = parse_spec("loki:budget=84,block=16,sinks=4,window=16,rank=8,group=q").selector
     sel = method.select(q, k, SelectContext())
-    plan = method.plan(q, k)
+    quota = method.quota(q, k)
     got = sel.indices.sort(-1).values
-    late = plan.n_take == plan.n_take.max()  # query blocks with a full quota of candidates
-    want = _oracle_blocks(q, k, 16, int(plan.n_take.max()), plan.candidate)
+    late = quota.n_take == quota.n_take.max()  # query blocks with a full quota of candidates
+    want = _oracle_blocks(q, k, 16, int(quota.n_take.max()), quota.candidate)
     assert torch.equal(got[:, :, late], want[:, :, late])
 
 
@@ -177,9 +177,9 @@ def test_hip_matches_exhaustive_search_when_each_block_has_one_informative_key()
     q = torch.randn(1, 1, 1, 8)
     method = parse_spec("hip:budget=84,block=16,key_block=16,sinks=4,window=16").selector
     sel = method.select(q, k, SelectContext())
-    plan = method.plan(q, k)
-    scores = (q @ block_keys.transpose(-1, -2)).squeeze(2).masked_fill(~plan.candidate, float("-inf"))
-    exhaustive = scores.topk(int(plan.n_take[0]), dim=-1).indices.sort(-1).values
+    quota = method.quota(q, k)
+    scores = (q @ block_keys.transpose(-1, -2)).squeeze(2).masked_fill(~quota.candidate, float("-inf"))
+    exhaustive = scores.topk(int(quota.n_take[0]), dim=-1).indices.sort(-1).values
     # the tree keeps the best half at each split, so it finds the top blocks unless a winner shares a
     # range with a stronger one; accept at least 3 of 4 in common and the single best always present
     got = set(sel.indices.flatten().tolist())

@@ -76,9 +76,9 @@ def test_every_budgeted_method_is_covered_by_a_full_budget_test():
 def test_choose_with_a_full_budget_keeps_every_causal_key(name, t_q, t_k, group):
     method = method_class(name)(budget=t_k, block=16, sinks=4, window=16, group=group, **ADAPTIVE.get(name, {}))
     q, k, v = qkv(t_q, t_k)
-    plan = method.make_plan(t_q, t_k, q.device)
-    assert plan.dense, "select() would return Selection.dense here without scoring: choose() is what runs below"
-    sel = method.choose(q, k, plan, SelectContext(scale=SCALE))
+    quota = method.make_quota(t_q, t_k, q.device)
+    assert quota.dense, "select() would return Selection.dense here without scoring: choose() is what runs below"
+    sel = method.choose(q, k, quota, SelectContext(scale=SCALE))
     assert not sel.full and sel.indices.shape[-1] > 0, "the blocks come from the method's scoring"
     heads = 2 if group == "kv" else 4
     mask = sel.to_mask()
@@ -95,7 +95,7 @@ def test_adaptive_methods_keep_a_causal_subset_below_their_threshold_even_at_a_f
     t = 200
     method = method_class(name)(budget=t, block=16, sinks=4, window=16, **params)
     q, k, _ = qkv(t, t)
-    sel = method.choose(q, k, method.make_plan(t, t, q.device), SelectContext(scale=SCALE))
+    sel = method.choose(q, k, method.make_quota(t, t, q.device), SelectContext(scale=SCALE))
     mask, causal = sel.to_mask(), causal_mask(t, t)
     j, p = torch.arange(t)[None, :], torch.arange(t)[:, None]
     always = causal & ((j < 4) | (j > p - 16))
@@ -123,7 +123,7 @@ def test_twilight_at_p_1_keeps_every_block_a_full_budget_proposes(base, t_q, t_k
             block_stats = real.block_stats
 
             def select(self, q, k, ctx):
-                return real.choose(q, k, real.make_plan(q.shape[2], k.shape[2], q.device), ctx)
+                return real.choose(q, k, real.make_quota(q.shape[2], k.shape[2], q.device), ctx)
 
         tw.__dict__["base_method"] = Proposer()  # the cached_property's slot
         return tw.select(q, k, ctx)
@@ -140,12 +140,12 @@ def test_twilight_at_p_1_keeps_every_block_a_full_budget_proposes(base, t_q, t_k
 @pytest.mark.parametrize("group", ["kv", "q"])
 def test_recycled_reuses_every_block_of_a_full_budget(monkeypatch, t_k, group):
     """Recycled has no choose(): prefill and each refresh step attend densely (by design) while it ranks blocks by
-    the exact attention mass; the steps between reuse those blocks. The plan is marked not-dense so the ranking runs
-    at a full budget; the reused blocks must then be every causal key."""
+    the exact attention mass; the steps between reuse those blocks. The block quota is marked not-dense so the ranking
+    runs at a full budget; the reused blocks must then be every causal key."""
     cls = method_class("recycled")
     method = cls(budget=t_k + 1, block=16, sinks=4, window=16, group=group, every=4)
-    monkeypatch.setattr(cls, "plan", lambda self, q, k: dataclasses.replace(
-        self.make_plan(q.shape[2], k.shape[2], q.device), dense=False))
+    monkeypatch.setattr(cls, "quota", lambda self, q, k: dataclasses.replace(
+        self.make_quota(q.shape[2], k.shape[2], q.device), dense=False))
     ctx = SelectContext(scale=SCALE)
     q, k, v = qkv(1, t_k)
     assert method.select(*qkv(t_k, t_k)[:2], ctx).full, "prefill is dense"
@@ -170,7 +170,7 @@ def chosen_sets(sel) -> list[list[list[set[int]]]]:
 def run_block_topk(name: str, t_q: int, t_k: int, group: str, budget: int = 64, block: int = 8):
     method = method_class(name)(budget=budget, block=block, sinks=4, window=8, group=group)
     q, k, _ = qkv(t_q, t_k)
-    assert not method.make_plan(t_q, t_k, q.device).dense, "a partial budget: blocks are chosen"
+    assert not method.make_quota(t_q, t_k, q.device).dense, "a partial budget: blocks are chosen"
     return method.select(q, k, SelectContext(scale=SCALE)), q, k
 
 

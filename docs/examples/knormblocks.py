@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longreach import Selection, register
-from longreach.methods.base import BlockPlan, BudgetedMethod, SelectContext
+from longreach.methods.base import BlockQuota, BudgetedMethod, SelectContext
 
 
 @register
@@ -25,10 +25,10 @@ class KNormBlocks(BudgetedMethod):
     summary: ClassVar[str] = "key blocks with the smallest mean key norm (query-agnostic)"
     paper: ClassVar[str] = "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (arXiv:2406.11430)"
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
-        norms = F.pad(k.float().norm(dim=-1), (0, plan.n_kb * self.kblock - k.shape[2]), value=float("nan"))
-        block_norm = norms.unflatten(-1, (plan.n_kb, self.kblock)).nanmean(-1)  # (B, Hkv, nKB)
-        scores = (-block_norm)[:, :, None].expand(-1, -1, plan.n_qb, -1)  # every query block ranks alike
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
+        norms = F.pad(k.float().norm(dim=-1), (0, quota.n_kb * self.block_k - k.shape[2]), value=float("nan"))
+        block_norm = norms.unflatten(-1, (quota.n_kb, self.block_k)).nanmean(-1)  # (B, Hkv, nKB)
+        scores = (-block_norm)[:, :, None].expand(-1, -1, quota.n_qb, -1)  # every query block ranks alike
         if self.group == "q":  # each query head reads its KV head's ranking
             scores = scores.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        return self.top_blocks(scores, plan, ctx)
+        return self.top_blocks(scores, quota, ctx)

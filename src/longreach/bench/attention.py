@@ -67,7 +67,7 @@ def _context(method, k: torch.Tensor, phase: str) -> SelectContext:
     stats = getattr(method, "block_stats", ())
     if phase != "decode" or not stats:
         return SelectContext()
-    summaries = BlockSummaries(getattr(method, "kblock", method.block), stats)
+    summaries = BlockSummaries(getattr(method, "block_k", method.block), stats)
     summaries.update(k, new_sequence=True)
     return SelectContext(summaries=summaries)
 

@@ -44,13 +44,13 @@ def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, 
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", executor: str = "local",
               workers: int = 2, report: bool = True, quiet: bool = False, chunk: int | None = None,
               first_seed: int = 0) -> None:
-    """The sweep behind eval and demo: plan, skip what OUT already holds, run the rest, then report."""
-    from longreach.eval import Corpus, make_plan, pending, run_local
-    from longreach.eval.runner import preflight, write_plan
+    """The sweep behind eval and demo: parse it, skip what OUT already holds, run the rest, then report."""
+    from longreach.eval import Corpus, make_sweep, pending, run_local
+    from longreach.eval.runner import preflight, record_sweep
     from longreach.models import load_tokenizer
 
     with user_errors():
-        plan = make_plan(model, tasks, methods, lengths, depths=depths, samples=samples, chat=chat,
+        sweep = make_sweep(model, tasks, methods, lengths, depths=depths, samples=samples, chat=chat,
                          kernel=kernel, corpus=corpus, chunk=chunk, first_seed=first_seed)
         if executor not in ("local", "ray"):
             raise LongreachError(f"unknown executor '{executor}': use local or ray")
@@ -58,21 +58,21 @@ def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, 
             from longreach.eval.distributed import check_ray
 
             check_ray()
-        todo, bad, finished = pending(plan, out)
+        todo, bad, finished = pending(sweep, out)
     for line in bad:
         console.print(f"[yellow]warning:[/yellow] {out / 'results.jsonl'} {line} — its sample will be run again")
     total = sum(len(v) for v in todo.values())
     if not quiet:
-        console.print(f"{len(plan.cells())} cells, {finished} samples done, {total} to run → {out / 'results.jsonl'}")
+        console.print(f"{len(sweep.cells())} cells, {finished} samples done, {total} to run → {out / 'results.jsonl'}")
     if total:
         with user_errors():
-            prose = Corpus.load(plan.corpus)
-            preflight(plan, todo, load_tokenizer(model), prose)
-            write_plan(plan, out, sys.argv)
+            prose = Corpus.load(sweep.corpus)
+            preflight(sweep, todo, load_tokenizer(model), prose)
+            record_sweep(sweep, out, sys.argv)
             if executor == "ray":
                 from longreach.eval.distributed import run_ray
 
-                run_ray(plan, out, todo, workers=workers, quiet=quiet, console=console)
+                run_ray(sweep, out, todo, workers=workers, quiet=quiet, console=console)
             else:
                 from longreach import load_model
 
@@ -80,7 +80,7 @@ def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, 
                     console.print(f"loading {model}")
                 lm, tok = load_model(model)
                 with _SweepProgress(todo, quiet) as progress:
-                    run_local(plan, out, todo, lm, tok, prose, progress=progress.advance)
+                    run_local(sweep, out, todo, lm, tok, prose, progress=progress.advance)
     if report:
         _report(out, quiet)
 

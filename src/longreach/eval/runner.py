@@ -1,7 +1,7 @@
 """The sweep: methods x tasks x lengths x samples, one JSON line per sample, resumable.
 
 Everything a user can get wrong (task, method, length and depth specs, an output folder that
-holds another model's results) is checked by :func:`make_plan` / :func:`pending` before a model
+holds another model's results) is checked by :func:`make_sweep` / :func:`pending` before a model
 is loaded. The model is loaded once; each method is applied and removed around its cells, and
 prompts are built once per (task, length, sample) and shared by every method.
 """
@@ -101,7 +101,7 @@ def parse_depths(text: str) -> tuple[float, ...]:
     return out
 
 
-def make_plan(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
+def make_sweep(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None,
               first_seed: int = 0) -> Sweep:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
@@ -215,7 +215,7 @@ def run_local(sweep: Sweep, out: Path, todo: dict[Cell, list], model, tokenizer,
     return written
 
 
-def write_plan(sweep: Sweep, out: Path, argv: list[str] | None) -> None:
+def record_sweep(sweep: Sweep, out: Path, argv: list[str] | None) -> None:
     """Record how the folder was produced (appended per invocation: resumes are visible)."""
     import json
     import shlex

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import by_group, chunk_rows, mean_queries, reduce_heads
 
@@ -41,28 +41,28 @@ class Anchor(BudgetedMethod):
         if not isinstance(self.theta, float | int) or self.theta < 0:
             raise SpecError(f"anchor: theta must be a number >= 0, got {self.theta!r}")
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         batch, n_q = q.shape[:2]
         n_kv, t_k = k.shape[1], k.shape[2]
-        bk, dev = self.kblock, q.device
+        bk, dev = self.block_k, q.device
         qm = by_group(mean_queries(q, self.block), n_kv) * ctx.softmax_scale(q)  # (B, Hkv, G, nQB, D)
         kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Tk, D)
         j = torch.arange(t_k, device=dev)
-        pad = plan.n_kb * bk - t_k
+        pad = quota.n_kb * bk - t_k
         step = chunk_rows(4 * batch * n_q * t_k * 2)
         parts = []
-        for b0 in range(0, plan.n_qb, step):
-            b1 = min(b0 + step, plan.n_qb)
+        for b0 in range(0, quota.n_qb, step):
+            b1 = min(b0 + step, quota.n_qb)
             s = qm[:, :, :, b0:b1] @ kf.transpose(-1, -2)  # (B, Hkv, G, nb, Tk)
-            first, last = plan.first[b0:b1, None], plan.last[b0:b1, None]
+            first, last = quota.first[b0:b1, None], quota.last[b0:b1, None]
             always = ((j < self.sinks) | (j > first - self.local_window)) & (j <= last)  # (nb, Tk)
             if ctx.key_mask is not None:
                 s = s.masked_fill(~ctx.key_mask[:, None, None, None, :], float("-inf"))
             anchor = s.masked_fill(~always, float("-inf")).amax(-1, keepdim=True)
             gap = (s - anchor).masked_fill(j > last, float("-inf"))
             gap = torch.nn.functional.pad(gap, (0, pad), value=float("-inf"))
-            parts.append(gap.view(*gap.shape[:-1], plan.n_kb, bk).amax(-1))  # (B, Hkv, G, nb, nKB)
-        gap = torch.cat(parts, dim=3).reshape(batch, n_q, plan.n_qb, plan.n_kb)
+            parts.append(gap.view(*gap.shape[:-1], quota.n_kb, bk).amax(-1))  # (B, Hkv, G, nb, nKB)
+        gap = torch.cat(parts, dim=3).reshape(batch, n_q, quota.n_qb, quota.n_kb)
         gap = reduce_heads(gap, n_kv, self.group, "max")
-        close = (gap >= -self.theta) & plan.candidate
-        return self.top_blocks(gap, plan, ctx, n_take=close.sum(-1))
+        close = (gap >= -self.theta) & quota.candidate
+        return self.top_blocks(gap, quota, ctx, n_take=close.sum(-1))

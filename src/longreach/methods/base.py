@@ -72,7 +72,7 @@ class SelectionMethod(Method):
 
 
 @dataclass(frozen=True, eq=False)
-class BlockPlan:
+class BlockQuota:
     """Block geometry and budget of one select call; shared by every block-scoring method."""
 
     t_q: int
@@ -142,7 +142,8 @@ class BudgetedMethod(SelectionMethod):
         return self.window if self.window is not None else self.block
 
     @property
-    def kblock(self) -> int:
+    def block_k(self) -> int:
+        """The key block size in tokens, as Selections and kernels name it (the spec's ``key_block``, else ``block``)."""
         return self.key_block if self.key_block is not None else self.block
 
     def token_budget(self, causal_keys: Tensor) -> Tensor:
@@ -152,12 +153,12 @@ class BudgetedMethod(SelectionMethod):
         budget = self.budget if self.budget is not None else self.default_budget
         return causal_keys.new_full(causal_keys.shape, budget if budget is not None else 2**62)
 
-    def plan(self, q: Tensor, k: Tensor) -> BlockPlan:
+    def quota(self, q: Tensor, k: Tensor) -> BlockQuota:
         """Which key blocks each query block may choose and how many (budget minus sinks and window)."""
-        return _cached_plan(self, q.shape[2], k.shape[2], q.device)
+        return _cached_quota(self, q.shape[2], k.shape[2], q.device)
 
-    def make_plan(self, t_q: int, t_k: int, dev: torch.device) -> BlockPlan:
-        bs, bk, window, sinks = self.block, self.kblock, self.local_window, self.sinks
+    def make_quota(self, t_q: int, t_k: int, dev: torch.device) -> BlockQuota:
+        bs, bk, window, sinks = self.block, self.block_k, self.local_window, self.sinks
         n_qb, n_kb = math.ceil(t_q / bs), math.ceil(t_k / bk)
         first = (t_k - t_q) + torch.arange(n_qb, device=dev) * bs
         last = torch.clamp(first + bs - 1, max=t_k - 1)
@@ -170,42 +171,42 @@ class BudgetedMethod(SelectionMethod):
         n_cand = candidate.sum(-1)
         n_take = torch.div(budget - sinks - window, bk, rounding_mode="floor").clamp(min=0)
         n_take = torch.where(dense_block, n_cand, torch.minimum(n_take, n_cand))
-        return BlockPlan(t_q, t_k, n_qb, n_kb, first, last, candidate, n_take, bool(dense_block.all()))
+        return BlockQuota(t_q, t_k, n_qb, n_kb, first, last, candidate, n_take, bool(dense_block.all()))
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        plan = self.plan(q, k)
-        done = self.trivial(q, k, plan, ctx)
-        return done if done is not None else self.choose(q, k, plan, ctx)
+        quota = self.quota(q, k)
+        done = self.trivial(q, k, quota, ctx)
+        return done if done is not None else self.choose(q, k, quota, ctx)
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         """Score and pick blocks once the budget is known to need it (not full, some block to choose)."""
         raise NotImplementedError
 
     def key_stats(self, k: Tensor, ctx: SelectContext, stats: tuple[str, ...]) -> dict[str, Tensor]:
         """Per-key-block statistics: from the cache's incremental summaries when they match, else computed."""
         summ = ctx.summaries
-        if summ is not None and getattr(summ, "block", None) == self.kblock and set(stats) <= set(summ.stats):
+        if summ is not None and getattr(summ, "block", None) == self.block_k and set(stats) <= set(summ.stats):
             return summ.get(k)
-        return block_stats(k, self.kblock, stats)
+        return block_stats(k, self.block_k, stats)
 
-    def trivial(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection | None:
+    def trivial(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection | None:
         """The selection when nothing needs scoring: full budget (exactly dense) or no block to choose."""
         batch, dev = q.shape[0], q.device
-        if plan.dense:
-            return Selection.dense(batch, plan.t_q, plan.t_k, key_mask=ctx.key_mask, block=self.block, device=dev)
-        if plan.k_max == 0:
-            idx = torch.full((batch, self.heads(q, k), plan.n_qb, 0), -1, dtype=torch.long, device=dev)
-            return self.selection(idx, plan, ctx)
+        if quota.dense:
+            return Selection.dense(batch, quota.t_q, quota.t_k, key_mask=ctx.key_mask, block=self.block, device=dev)
+        if quota.k_max == 0:
+            idx = torch.full((batch, self.heads(q, k), quota.n_qb, 0), -1, dtype=torch.long, device=dev)
+            return self.selection(idx, quota, ctx)
         return None
 
     def heads(self, q: Tensor, k: Tensor) -> int:
         return k.shape[1] if self.group == "kv" else q.shape[1]
 
-    def selection(self, indices: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
-        return Selection(indices, plan.t_q, plan.t_k, self.block, self.kblock, self.sinks, self.local_window,
+    def selection(self, indices: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
+        return Selection(indices, quota.t_q, quota.t_k, self.block, self.block_k, self.sinks, self.local_window,
                          ctx.key_mask)
 
-    def top_blocks(self, scores: Tensor, plan: BlockPlan, ctx: SelectContext, n_take: Tensor | None = None
+    def top_blocks(self, scores: Tensor, quota: BlockQuota, ctx: SelectContext, n_take: Tensor | None = None
                    ) -> Selection:
         """Keep each query block's best-scoring candidate blocks: scores (B, H, nQB, nKB), higher is better.
 
@@ -213,23 +214,23 @@ class BudgetedMethod(SelectionMethod):
         raises it past the budget. Blocks scored -inf are never chosen.
         """
         if n_take is None:
-            limit, k_max = plan.n_take, plan.k_max
+            limit, k_max = quota.n_take, quota.k_max
         else:
-            limit = torch.minimum(n_take, plan.n_take)
+            limit = torch.minimum(n_take, quota.n_take)
             k_max = int(limit.max().item()) if limit.numel() else 0
-        scores = scores.masked_fill(plan.blocked, float("-inf"))
-        k_max = min(k_max, plan.n_kb)
+        scores = scores.masked_fill(quota.blocked, float("-inf"))
+        k_max = min(k_max, quota.n_kb)
         top_val, top_idx = scores.topk(k_max, dim=-1)
         rank = torch.arange(k_max, device=scores.device)
         keep = torch.isfinite(top_val) & (rank < limit.unsqueeze(-1))
         idx = torch.where(keep, top_idx, torch.full_like(top_idx, -1))
-        return self.selection(idx, plan, ctx)
+        return self.selection(idx, quota, ctx)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_plan(method: BudgetedMethod, t_q: int, t_k: int, dev: torch.device) -> BlockPlan:
+def _cached_quota(method: BudgetedMethod, t_q: int, t_k: int, dev: torch.device) -> BlockQuota:
     """Plans depend only on the method's parameters and the shapes; consumers never modify them."""
-    return method.make_plan(t_q, t_k, dev)
+    return method.make_quota(t_q, t_k, dev)
 
 
 def check_int(method: Method, field: str, value: object, minimum: int) -> None:

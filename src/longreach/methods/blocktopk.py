@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext
+from .base import BlockQuota, BudgetedMethod, SelectContext
 from .registry import register
 from .scoring import by_group, chunk_rows, query_blocks
 
@@ -33,11 +33,11 @@ class BlockTopK(BudgetedMethod):
         """(B, Hkv, G, nQB, nKB) -> (B, Hkv, nQB, nKB) when the group chooses together."""
         return scores.amax(dim=2)
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
-        scores = self._block_scores(q, k.shape[1], self.key_stats(k, ctx, self.block_stats), plan)  # (B, H, nQB, nKB)
-        return self.top_blocks(scores, plan, ctx)
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
+        scores = self._block_scores(q, k.shape[1], self.key_stats(k, ctx, self.block_stats), quota)  # (B, H, nQB, nKB)
+        return self.top_blocks(scores, quota, ctx)
 
-    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], plan: BlockPlan) -> Tensor:
+    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], quota: BlockQuota) -> Tensor:
         """Scores of every (query block, key block); only candidate key blocks are computed (a chunk of
         query blocks scores the key blocks up to its last candidate: half the work of a causal prefill),
         the rest are -inf."""
@@ -51,7 +51,7 @@ class BlockTopK(BudgetedMethod):
         chunks = []
         for b0 in range(0, n_qb, step):
             b1 = min(b0 + step, n_qb)
-            width = plan.width(b0, b1)
+            width = quota.width(b0, b1)
             if width == n_kb:  # decode, or the last chunk of a prefill: nothing to pad
                 part = self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1])
             else:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import block_sums, by_group, last_query_probs, mean_queries, reduce_heads, sorted_count_to_reach
 from .vslash import vertical_slash_scores
@@ -56,10 +56,10 @@ class FlexPrefill(BudgetedMethod):
         if not (isinstance(self.tau, float | int) and 0 <= self.tau <= 1):
             raise SpecError(f"flexprefill: tau must be in [0, 1], got {self.tau!r}")
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         n_kv, n_q = k.shape[1], q.shape[1]
         scale = ctx.softmax_scale(q)
-        bk, dev = self.kblock, q.device
+        bk, dev = self.block_k, q.device
         k_mean = self.key_stats(k, ctx, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
 
         probs = last_query_probs(q, k, self.block, scale, ctx.key_mask)  # (B, Hq, n, Tk)
@@ -71,15 +71,15 @@ class FlexPrefill(BudgetedMethod):
 
         # query-aware: each query block's pooled query against pooled keys, softmax over causal blocks
         qm = by_group(mean_queries(q, self.block), n_kv)  # (B, Hkv, G, nQB, D)
-        qa = (qm @ k_mean.unsqueeze(2).transpose(-1, -2)).reshape(q.shape[0], n_q, plan.n_qb, plan.n_kb) * scale
-        causal = (torch.arange(plan.n_kb, device=dev) * bk)[None, :] <= plan.last[:, None]  # (nQB, nKB)
+        qa = (qm @ k_mean.unsqueeze(2).transpose(-1, -2)).reshape(q.shape[0], n_q, quota.n_qb, quota.n_kb) * scale
+        causal = (torch.arange(quota.n_kb, device=dev) * bk)[None, :] <= quota.last[:, None]  # (nQB, nKB)
         qa = qa.masked_fill(~causal, float("-inf")).softmax(-1)
-        vs = vertical_slash_scores(probs, plan, self.block, bk) * causal
+        vs = vertical_slash_scores(probs, quota, self.block, bk) * causal
         vs = vs / vs.sum(-1, keepdim=True).clamp(min=1e-12)
         mass = torch.where(query_aware[..., None, None], qa, vs)  # (B, Hq, nQB, nKB)
         mass = reduce_heads(mass, n_kv, self.group, "mean")
-        always = (mass * (causal & ~plan.candidate)).sum(-1)  # sinks' and window's blocks
-        cand_mass = mass * plan.candidate
+        always = (mass * (causal & ~quota.candidate)).sum(-1)  # sinks' and window's blocks
+        cand_mass = mass * quota.candidate
         need = sorted_count_to_reach(cand_mass, always, self.gamma)
         scores = cand_mass.masked_fill(cand_mass <= 0, float("-inf"))
-        return self.top_blocks(scores, plan, ctx, n_take=need)
+        return self.top_blocks(scores, quota, ctx, n_take=need)

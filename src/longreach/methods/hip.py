@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import by_group, chunk_rows, expand_kv, query_blocks
 
@@ -35,26 +35,26 @@ class HiP(BudgetedMethod):
 
     key_block: int | None = param(16, "leaf size of the tree search in tokens")
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         n_kv, n_q = k.shape[1], q.shape[1]
         qb, q_valid = query_blocks(q, self.block)  # (B, Hq, nQB, bq, D)
         keys = k.float() if self.group == "kv" else expand_kv(k, n_q).float()  # (B, H, Tk, D)
-        k_max = plan.k_max
+        k_max = quota.k_max
         step = chunk_rows(4 * q.shape[0] * n_q * self.block * 2 * k_max)
-        parts = [self._search(qb[:, :, b0 : b0 + step], q_valid[b0 : b0 + step], keys, n_kv, plan, b0)
-                 for b0 in range(0, plan.n_qb, step)]
-        return self.selection(torch.cat(parts, dim=2), plan, ctx)
+        parts = [self._search(qb[:, :, b0 : b0 + step], q_valid[b0 : b0 + step], keys, n_kv, quota, b0)
+                 for b0 in range(0, quota.n_qb, step)]
+        return self.selection(torch.cat(parts, dim=2), quota, ctx)
 
-    def _search(self, qb: Tensor, q_valid: Tensor, keys: Tensor, n_kv: int, plan: BlockPlan, b0: int) -> Tensor:
+    def _search(self, qb: Tensor, q_valid: Tensor, keys: Tensor, n_kv: int, quota: BlockQuota, b0: int) -> Tensor:
         """Tree search for query blocks [b0, b0 + nb): returns (B, H, nb, k_max) key-block ids (-1 = empty)."""
         batch, heads, t_k = keys.shape[0], keys.shape[1], keys.shape[2]
         nb = qb.shape[2]
-        bk, dev = self.kblock, qb.device
-        k_max = plan.k_max
-        cand = plan.candidate[b0 : b0 + nb]  # (nb, nKB), a contiguous range per row
+        bk, dev = self.block_k, qb.device
+        k_max = quota.k_max
+        cand = quota.candidate[b0 : b0 + nb]  # (nb, nKB), a contiguous range per row
         n_cand = cand.sum(-1)
         c0 = torch.where(n_cand > 0, cand.float().argmax(-1), torch.zeros_like(n_cand))
-        take = plan.n_take[b0 : b0 + nb]  # (nb,)
+        take = quota.n_take[b0 : b0 + nb]  # (nb,)
         # k equal ranges [lo, hi) of candidate blocks; slots past `take` stay empty
         slot = torch.arange(k_max, device=dev)
         share = lambda i: c0[:, None] + torch.div(i * n_cand[:, None], take.clamp(min=1)[:, None],  # noqa: E731

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import block_sums, by_group, group_heads, query_blocks
 
@@ -56,24 +56,24 @@ class Hyper(BudgetedMethod):
             raise SpecError(f"hyper: sample must be in [0, 1], got {self.sample!r}")
         check_int(self, "seed", self.seed, minimum=0)
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         t_q, dim = q.shape[2], q.shape[3]
         n_kv = k.shape[1]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx)
         planes = torch.randn(dim, self.bits, generator=gen).to(q.device)
         _, q_valid = query_blocks(q, self.block)
         hq = bucket_histograms(q, planes, self.block, q_valid.flatten()[:t_q].float())  # (B, Hq, nQB, nb)
-        hk = bucket_histograms(k, planes, self.kblock)  # (B, Hkv, nKB, nb)
+        hk = bucket_histograms(k, planes, self.block_k)  # (B, Hkv, nKB, nb)
         if ctx.key_mask is not None:
-            hk = hk * block_sums(ctx.key_mask.float(), self.kblock)[:, None, :, None].clamp(max=1)
+            hk = hk * block_sums(ctx.key_mask.float(), self.block_k)[:, None, :, None].clamp(max=1)
         collide = by_group(hq, n_kv) @ hk.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, nQB, nKB)
         collide = group_heads(collide, self.group, "sum")
-        collide = collide.masked_fill(~plan.candidate, 0)
+        collide = collide.masked_fill(~quota.candidate, 0)
 
-        n_heavy = (plan.n_take.double() * (1 - self.sample)).ceil().long()  # (nQB,)
-        heavy = self.top_blocks(collide.masked_fill(collide <= 0, float("-inf")), plan, ctx, n_take=n_heavy)
-        slot = torch.where(heavy.indices >= 0, heavy.indices, plan.n_kb)  # empty slots land in a spare column
-        chosen = torch.zeros(*collide.shape[:-1], plan.n_kb + 1, device=q.device)
-        chosen = chosen.scatter_(-1, slot, 1.0)[..., : plan.n_kb]
+        n_heavy = (quota.n_take.double() * (1 - self.sample)).ceil().long()  # (nQB,)
+        heavy = self.top_blocks(collide.masked_fill(collide <= 0, float("-inf")), quota, ctx, n_take=n_heavy)
+        slot = torch.where(heavy.indices >= 0, heavy.indices, quota.n_kb)  # empty slots land in a spare column
+        chosen = torch.zeros(*collide.shape[:-1], quota.n_kb + 1, device=q.device)
+        chosen = chosen.scatter_(-1, slot, 1.0)[..., : quota.n_kb]
         noise = torch.rand(collide.shape, generator=gen).to(q.device)  # uniform samples fill the rest
-        return self.top_blocks(chosen * 2 + noise, plan, ctx)
+        return self.top_blocks(chosen * 2 + noise, quota, ctx)

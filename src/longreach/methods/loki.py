@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import by_group, chunk_rows, group_heads, query_blocks
 
@@ -45,7 +45,7 @@ class Loki(BudgetedMethod):
         super().__post_init__()
         check_int(self, "rank", self.rank, minimum=1)
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         batch, n_q, t_q, dim = q.shape
         n_kv, t_k = k.shape[1], k.shape[2]
         rank = min(self.rank, dim)
@@ -56,18 +56,18 @@ class Loki(BudgetedMethod):
         k_low = (k.float() @ basis).unsqueeze(2)  # (B, Hkv, 1, Tk, r)
         qb, q_valid = query_blocks(q, self.block)
         q_low = by_group(qb, n_kv) @ basis[:, :, None, None]  # (B, Hkv, G, nQB, bq, r)
-        bs, bk = self.block, self.kblock
-        pad = plan.n_kb * bk - t_k
+        bs, bk = self.block, self.block_k
+        pad = quota.n_kb * bk - t_k
         j = torch.arange(t_k, device=q.device)
         step = chunk_rows(4 * batch * n_q * bs * t_k * 2)
         parts = []
-        for b0 in range(0, plan.n_qb, step):
-            b1 = min(b0 + step, plan.n_qb)
+        for b0 in range(0, quota.n_qb, step):
+            b1 = min(b0 + step, quota.n_qb)
             s = q_low[:, :, :, b0:b1] @ k_low.unsqueeze(3).transpose(-1, -2)  # (B, Hkv, G, nb, bq, Tk)
             pos = (t_k - t_q) + torch.arange(b0 * bs, b1 * bs, device=q.device).view(b1 - b0, bs, 1)
             s = s.masked_fill((j > pos) | ~q_valid[b0:b1, :, None], float("-inf")).amax(-2)  # (B,Hkv,G,nb,Tk)
             s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
-            parts.append(s.view(*s.shape[:-1], plan.n_kb, bk).amax(-1))
+            parts.append(s.view(*s.shape[:-1], quota.n_kb, bk).amax(-1))
         scores = torch.cat(parts, dim=3)  # (B, Hkv, G, nQB, nKB)
         scores = group_heads(scores, self.group, "max")
-        return self.top_blocks(scores, plan, ctx)
+        return self.top_blocks(scores, quota, ctx)

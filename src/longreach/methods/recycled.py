@@ -44,16 +44,16 @@ class Recycled(BudgetedMethod):
         if t_q > 1:  # prefill (or a multi-token extension): dense, and the next decode step starts full
             ctx.state.pop("recycled", None)
             return full
-        plan = self.plan(q, k)
-        if plan.dense:
+        quota = self.quota(q, k)
+        if quota.dense:
             return full
         step, blocks = ctx.state.get("recycled", (0, None))
         heads = self.heads(q, k)
         if blocks is None or step % self.every == 0 or blocks.shape[:2] != (batch, heads):
             probs = last_query_probs(q, k, 1, ctx.softmax_scale(q), ctx.key_mask)  # (B, Hq, 1, Tk)
-            mass = reduce_heads(block_sums(probs, self.kblock), k.shape[1], self.group, "sum")
-            blocks = self.top_blocks(mass, plan, ctx).indices
+            mass = reduce_heads(block_sums(probs, self.block_k), k.shape[1], self.group, "sum")
+            blocks = self.top_blocks(mass, quota, ctx).indices
             ctx.state["recycled"] = (step + 1, blocks)
             return full
         ctx.state["recycled"] = (step + 1, blocks)
-        return self.selection(blocks, plan, ctx)
+        return self.selection(blocks, quota, ctx)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import by_group, group_heads, query_blocks
 
@@ -71,17 +71,17 @@ class Squeezed(BudgetedMethod):
         for name in ("cluster_blocks", "fanout", "iters"):
             check_int(self, name, getattr(self, name), minimum=1)
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         batch, n_q = q.shape[:2]
         n_kv, dim = k.shape[1], k.shape[-1]
         means = self.key_stats(k, ctx, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
-        flat = means.reshape(batch * n_kv, plan.n_kb, dim)
+        flat = means.reshape(batch * n_kv, quota.n_kb, dim)
         tree = ctx.state.get("squeezed")
-        if q.shape[2] > 1 or tree is None or tree[0].shape[0] != batch * n_kv or tree[2] > plan.n_kb:
+        if q.shape[2] > 1 or tree is None or tree[0].shape[0] != batch * n_kv or tree[2] > quota.n_kb:
             tree = self._cluster(flat)
             ctx.state["squeezed"] = tree
         fine_c, coarse_c, n_done, fine_of, coarse_of_fine = tree
-        if n_done < plan.n_kb:  # blocks completed since prefill join their nearest fine centroid
+        if n_done < quota.n_kb:  # blocks completed since prefill join their nearest fine centroid
             fine_of = torch.cat([fine_of, nearest(flat[:, n_done:], fine_c)], dim=1)
 
         qb, q_valid = query_blocks(q, self.block)  # (B, Hq, nQB, bq, D)
@@ -95,18 +95,18 @@ class Squeezed(BudgetedMethod):
             fine_of = fine_of.repeat_interleave(n_q // n_kv, dim=1)
             coarse_of_fine = coarse_of_fine.repeat_interleave(n_q // n_kv, dim=1)
         # coarse clusters, best first, until they hold twice the block budget of choosable blocks
-        coarse_of_block = coarse_of_fine.gather(-1, fine_of).unsqueeze(2).expand(-1, -1, plan.n_qb, -1)
+        coarse_of_block = coarse_of_fine.gather(-1, fine_of).unsqueeze(2).expand(-1, -1, quota.n_qb, -1)
         size = torch.zeros_like(coarse_s).scatter_add_(  # (B, H, nQB, C2): candidate blocks per cluster
-            -1, coarse_of_block, plan.candidate.float().expand(batch, heads, -1, -1))
+            -1, coarse_of_block, quota.candidate.float().expand(batch, heads, -1, -1))
         order = coarse_s.sort(dim=-1, descending=True).indices  # (B, H, nQB, C2)
         held = size.gather(-1, order)
         before = held.cumsum(-1) - held
-        keep_sorted = before < 2 * plan.n_take.view(1, 1, -1, 1)
+        keep_sorted = before < 2 * quota.n_take.view(1, 1, -1, 1)
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-        fine_s = fine_s.masked_fill(~keep.gather(-1, coarse_of_fine.unsqueeze(2).expand(-1, -1, plan.n_qb, -1)),
+        fine_s = fine_s.masked_fill(~keep.gather(-1, coarse_of_fine.unsqueeze(2).expand(-1, -1, quota.n_qb, -1)),
                                     float("-inf"))
-        scores = fine_s.gather(-1, fine_of.unsqueeze(2).expand(-1, -1, plan.n_qb, -1))  # (B, H, nQB, nKB)
-        return self.top_blocks(scores, plan, ctx)
+        scores = fine_s.gather(-1, fine_of.unsqueeze(2).expand(-1, -1, quota.n_qb, -1))  # (B, H, nQB, nKB)
+        return self.top_blocks(scores, quota, ctx)
 
     def _cluster(self, flat: Tensor) -> tuple[Tensor, Tensor, int, Tensor, Tensor]:
         n_blocks = flat.shape[1]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockPlan, BudgetedMethod, SelectContext, check_int, param
+from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
 from .scoring import block_sums, last_query_probs, reduce_heads, slash_sums
 
@@ -34,7 +34,7 @@ def keep_top(x: Tensor, n: int | None) -> Tensor:
     return torch.zeros_like(x).scatter_(-1, top.indices, top.values)
 
 
-def vertical_slash_scores(probs: Tensor, plan: BlockPlan, block_q: int, block_k: int,
+def vertical_slash_scores(probs: Tensor, quota: BlockQuota, block_q: int, block_k: int,
                           vertical: int | None = None, slash: int | None = None) -> Tensor:
     """Estimated attention mass of each (query block, key block) pair from the last queries' probs.
 
@@ -47,13 +47,13 @@ def vertical_slash_scores(probs: Tensor, plan: BlockPlan, block_q: int, block_k:
     s = keep_top(slash_sums(probs, t_k) / n, slash)  # (B, H, Tk) mass per offset o = query - key
     v_blk = block_sums(v, block_k)  # (B, H, nKB)
     cum = torch.nn.functional.pad(s.cumsum(-1), (1, 0))  # cum[o] = mass of offsets < o
-    k_lo = torch.arange(plan.n_kb, device=dev) * block_k
+    k_lo = torch.arange(quota.n_kb, device=dev) * block_k
     k_hi = torch.clamp(k_lo + block_k, max=t_k) - 1
-    o_lo = (plan.first[:, None] - k_hi[None, :]).clamp(0, t_k)  # (nQB, nKB) offsets touching the square
-    o_hi = (plan.last[:, None] - k_lo[None, :] + 1).clamp(0, t_k)
+    o_lo = (quota.first[:, None] - k_hi[None, :]).clamp(0, t_k)  # (nQB, nKB) offsets touching the square
+    o_hi = (quota.last[:, None] - k_lo[None, :] + 1).clamp(0, t_k)
     flat = lambda o: o.flatten().expand(*cum.shape[:2], -1)  # noqa: E731
     crossing = (cum.gather(-1, flat(o_hi)) - cum.gather(-1, flat(o_lo))).clamp(min=0)
-    return v_blk.unsqueeze(2) + crossing.view(*cum.shape[:2], plan.n_qb, plan.n_kb)
+    return v_blk.unsqueeze(2) + crossing.view(*cum.shape[:2], quota.n_qb, quota.n_kb)
 
 
 @register
@@ -75,7 +75,7 @@ class VerticalSlash(BudgetedMethod):
             if getattr(self, name) is not None:
                 check_int(self, name, getattr(self, name), minimum=1)
 
-    def choose(self, q: Tensor, k: Tensor, plan: BlockPlan, ctx: SelectContext) -> Selection:
+    def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         probs = last_query_probs(q, k, self.last_q, ctx.softmax_scale(q), ctx.key_mask)
-        scores = vertical_slash_scores(probs, plan, self.block, self.kblock, self.vertical, self.slash)
-        return self.top_blocks(reduce_heads(scores, k.shape[1], self.group, "sum"), plan, ctx)
+        scores = vertical_slash_scores(probs, quota, self.block, self.block_k, self.vertical, self.slash)
+        return self.top_blocks(reduce_heads(scores, k.shape[1], self.group, "sum"), quota, ctx)

@@ -38,7 +38,7 @@ class LayerRuntime:
         self.layer_idx = layer_idx
         selector = handle.spec.selector
         stats = selector.block_stats
-        self.summaries = BlockSummaries(selector.kblock, stats) if stats else None
+        self.summaries = BlockSummaries(selector.block_k, stats) if stats else None
         self.select_state: dict = {}  # the selector's per-layer scratch for the current sequence
         self.policy_state: dict = {}  # the cache policy's (recent queries, accumulated attention, steps)
         self.position_state: dict = {}  # the position method's (group size, head ratios)
