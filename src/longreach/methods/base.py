@@ -143,7 +143,7 @@ class BudgetedMethod(SelectionMethod):
 
     @property
     def block_k(self) -> int:
-        """The key block size in tokens, as Selections and kernels name it (the spec's ``key_block``, else ``block``)."""
+        """The key block size in tokens, as Selections and kernels name it (spec: ``key_block``, else ``block``)."""
         return self.key_block if self.key_block is not None else self.block
 
     def token_budget(self, causal_keys: Tensor) -> Tensor:
