@@ -402,3 +402,20 @@ def test_every_policy_generates_on_every_family(arch, tmp_path):
 def test_a_head_policy_and_a_press_are_not_stacked(profile_path):
     with pytest.raises(longreach.SpecError, match="cannot stack presses and head policies"):
         longreach.apply(tiny_model("llama"), f"duo:profile={profile_path}+snapkv:density=0.5")
+
+
+@pytest.mark.parametrize("spec", ["razor:profile={p},ratio=0.5,window=16", "duo:profile={p},ratio=0.5,window=16",
+                                  "headkv:profile={p},ratio=0.5,density=0.75"])
+def test_plan_counts_what_head_policies_keep(spec, profile_path):
+    """`longreach plan` reads the policy's own per-layer count: the bytes the cache really holds after a prompt."""
+    from longreach.plan import plan_memory
+
+    model = tiny_model("llama")
+    spec = spec.format(p=profile_path)
+    ids = torch.randint(1, 128, (1, 200))
+    with torch.no_grad(), longreach.apply(model, spec):
+        held = cache_bytes(output_cache(model(ids, use_cache=True)))
+    planned = plan_memory(model, longreach.parse_spec(spec), 200, available=2**40)
+    dense = plan_memory(model, longreach.parse_spec("dense"), 200, available=2**40)
+    assert planned.kv_kept is not None and planned.kv_kept < dense.kv_cache
+    assert abs(planned.kv_kept - held) <= 0.05 * held  # within the held-back token and a compensation token

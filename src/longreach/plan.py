@@ -123,21 +123,17 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     notes: list[str] = []
 
     per_token = 2 * n_kv * head_dim * width  # K and V, one layer
-    kept = length
-    press = next(iter(spec.of_kind("press")), None)
-    density = getattr(press, "density", None)
-    budget = getattr(press, "budget", None)
-    if density is not None:
-        kept = max(1, int(length * density))
-    elif budget is not None:
-        kept = min(length, budget)
+    # presses and head policies (razor, headkv, duo, lserve) say what they keep per layer
+    policy = next((p for m in spec.methods if (p := m.cache_policy(None)) is not None), None)
     kv = 0
-    for kind in layer_types:
-        # transformers' sliding-window cache layers keep the last window - 1 tokens
-        held = min(length, window - 1) if kind == "sliding_attention" and window else kept
-        kv += held * per_token
-    if press is not None and chunk is None:
-        notes.append(f"{press.name} shrinks the cache after the prefill: the full {length}-token cache exists "
+    for i, kind in enumerate(layer_types):
+        if kind == "sliding_attention" and window:
+            held = min(length, window - 1)  # transformers' sliding-window cache layers keep the last window - 1
+        else:
+            held = policy.kept_tokens(i, n_layers, length, n_kv) if policy is not None else length
+        kv += round(held * per_token)
+    if policy is not None and chunk is None:
+        notes.append(f"{policy.name} shrinks the cache after the prefill: the full {length}-token cache exists "
                      "during it; --chunk lets it compress chunk by chunk")
         kv_peak = max(kv, length * per_token * n_layers)
     else:
