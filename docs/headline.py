@@ -9,6 +9,9 @@ task, length, depth, seed *and* the prompt's hash) the paired difference method 
 correlation of the 2x2 table of paired outcomes (numerator ad - bc shrunk by n/2 towards 0 when
 positive, as in Newcombe's paper; phi = 0 when a margin is empty). Speed cells: ratios read from the
 benchmark JSON, measured in one run (no interval exists for them).
+
+The interval code is the library's, `longreach.eval.stats` (what `longreach report` uses too); without
+longreach installed, this script loads that module from src/ by path, so it still runs on plain python3.
 """
 
 from __future__ import annotations
@@ -17,44 +20,18 @@ import json
 import math
 import sys
 from pathlib import Path
-from statistics import NormalDist
 
 DOCS = Path(__file__).resolve().parent
-Z = NormalDist().inv_cdf(0.975)  # 1.95996...
 
+try:
+    from longreach.eval.stats import newcombe_paired, wilson
+except ImportError:  # plain python3 without longreach installed: the same module, loaded from its file (stdlib only)
+    import importlib.util
 
-def wilson(k: int, n: int, z: float = Z) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def newcombe_paired(a: int, b: int, c: int, d: int, z: float = Z) -> tuple[float, float, float]:
-    """Difference p1 - p2 of paired proportions and its 95% interval (Newcombe 1998, method 10).
-
-    a = both right, b = only the first right, c = only the second right, d = both wrong."""
-    n = a + b + c + d
-    p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = wilson(a + b, n, z)
-    l2, u2 = wilson(a + c, n, z)
-    margins = (a + b) * (c + d) * (a + c) * (b + d)
-    num = a * d - b * c
-    if margins == 0:
-        phi = 0.0
-    elif num > n / 2:
-        phi = (num - n / 2) / math.sqrt(margins)
-    elif num >= 0:
-        phi = 0.0
-    else:
-        phi = num / math.sqrt(margins)
-    diff = p1 - p2
-    lo = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    hi = diff + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
-    return diff, max(-1.0, lo), min(1.0, hi)
+    _spec = importlib.util.spec_from_file_location("longreach_eval_stats", DOCS.parent / "src/longreach/eval/stats.py")
+    _stats = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_stats)
+    newcombe_paired, wilson = _stats.newcombe_paired, _stats.wilson
 
 
 def rows(*paths: str) -> list[dict]:

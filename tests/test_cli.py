@@ -110,6 +110,13 @@ def test_bench_attention_smoke(tmp_path):
         (h, t, p, m) for h in ("4/2/16", "8/2/32") for t in (256, 512) for p in ("prefill", "decode")
         for m in ("quest:density=0.5,block=32", "streaming:window=64")]
     assert all(r["kernel"] == "gather" for r in rows)
+    # the gather path each shape and phase ran on, as this machine measured it (forced paths say so instead)
+    choice = report["kernel_choice"]
+    assert set(choice) == {f"{h}/{p}" for h in ("4/2/16", "8/2/32") for p in ("prefill", "decode")}
+    for made in choice.values():
+        assert made["path"] in ("native", "torch")
+        if made["why"].startswith("measured"):
+            assert made["path"] == min(("native", "torch"), key=lambda p: made[p])
     for r in rows:
         q_heads, kv_heads, dim = (int(x) for x in r["heads"].split("/"))
         t, density = r["length"], r["density"]

@@ -172,8 +172,13 @@ def test_report_table_and_html(tmp_path):
     report = build_report(tmp_path)
     assert "| dense | 2048 | 4 | 75% (30%–95%) | 1.000 | 2.00 | 1.00x | 20 | 1.0 | 900 |" in report.markdown
     assert "| quest:density=0.1 | 2048 | 4 | 25% (5%–70%) | 0.100 | 1.00 | 2.00x |" in report.markdown
+    # paired with dense: both right 1, only dense right 2, neither 1 -> Newcombe [-78.9, +13.5], McNemar 2 * 0.5**2
+    assert ("| quest:density=0.1 | 2048 | 4 | -50.0 | [-78.9, +13.5] | Newcombe 10 | 0.500 | "
+            "no difference observed (n = 4) |") in report.markdown
+    assert "| dense | < 2048 |" in report.markdown and "| quest:density=0.1 | < 2048 |" in report.markdown  # 75% < 85%
+    assert "| dense | ≥ 2048 |" in build_report(tmp_path, threshold=0.75).markdown
     page = report.html_path.read_text()
-    assert page.count("data:image/png;base64,") >= 2 and "<table>" in page
+    assert page.count("data:image/png;base64,") >= 2 and page.count("<table>") == 3  # scores, paired, effective length
     assert (tmp_path / "plots").is_dir() and any((tmp_path / "plots").glob("*.png"))
 
 

@@ -75,8 +75,8 @@ def gather_path(request, monkeypatch):
     """The gather kernel's two paths: the compiled fused kernel and the pure-PyTorch fallback."""
     if request.param == "native":
         assert native.load() is not None, "the compiled kernel must build here (g++ and torch headers)"
-    else:
-        monkeypatch.setattr(gather.native, "usable", lambda q: False)
+    # whichever path this machine measured faster, each is tested here (kernels.choice only picks between them)
+    monkeypatch.setattr(gather.choice, "use_native", lambda q, n_kv, run: request.param == "native")
     return request.param
 
 
@@ -186,3 +186,43 @@ def test_gather_takes_queries_in_transformers_layout(heads, gather_path):
     sel = random_selection(b, {"kv": hkv, "q": hq}[heads], tq, tk, bq, bk, 3, 4, 16)
     out = kernels.attend(q_hf, k, v, sel, d**-0.5, "gather")
     assert (out - reference.attend(q, k, v, sel, d**-0.5)).abs().max().item() <= TOL
+
+
+def test_the_gather_path_is_chosen_by_measurement_once_per_machine(monkeypatch, tmp_path):
+    from longreach.kernels import choice
+
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path))
+    monkeypatch.delenv("LONGREACH_NATIVE", raising=False)
+    monkeypatch.setattr(choice, "_memo", {})
+    calls = []
+
+    def timings(n_q, n_kv, dim, decode, run):
+        calls.append((n_q, decode))
+        return {"native": 0.5, "torch": 0.2} if decode else {"native": 0.1, "torch": 0.3}
+
+    monkeypatch.setattr(choice, "_timings", timings)
+    assert choice.choose(9, 3, 64, False, gather.attend_with_lse)["path"] == "native"  # the faster one
+    assert choice.choose(9, 3, 64, True, gather.attend_with_lse)["path"] == "torch"
+    assert choice.choose(9, 3, 64, False, gather.attend_with_lse)["path"] == "native"
+    assert calls == [(9, False), (9, True)], "measured once per shape and phase"
+    monkeypatch.setattr(choice, "_memo", {})  # a new process reads the choice back from the cache folder
+    assert choice.choose(9, 3, 64, True, gather.attend_with_lse)["path"] == "torch" and len(calls) == 2
+    assert set(choice.chosen()) == {"9/3/64/prefill", "9/3/64/decode"}
+    q = torch.randn(1, 9, 1, 64)
+    assert choice.use_native(q, 3, gather.attend_with_lse) is False  # decode: the measured torch path runs
+    monkeypatch.setenv("LONGREACH_NATIVE", "1")
+    assert choice.choose(9, 3, 64, True, gather.attend_with_lse)["why"] == "LONGREACH_NATIVE=1"
+
+
+def test_the_measurement_times_both_paths_on_the_same_selection():
+    from longreach.kernels import choice
+
+    seen = []
+
+    def run(q, k, v, sel, scale, use_native):
+        seen.append((use_native, q.shape, k.shape, sel.density()))
+
+    times = choice._timings(4, 2, 16, True, run)
+    assert set(times) == {"native", "torch"} and all(t >= 0 for t in times.values())
+    assert {s[0] for s in seen} == {True, False} and len({s[1:3] for s in seen}) == 1
+    assert seen[0][1] == (1, 4, 1, 16) and seen[0][2] == (1, 2, choice.DECODE_T, 16)

@@ -149,3 +149,10 @@ def selection_scaling(spec: str, lengths: list[int], q_heads: int = 9, kv_heads:
         k = torch.randn(1, kv_heads, length, dim)
         seconds.append(best_of(lambda q=q, k=k: method.select(q, k, SelectContext()), repeat, warm_up=True)[1])
     return fit_t_log_t(lengths, seconds)
+
+
+def kernel_choices() -> dict[str, dict]:
+    """The gather path this machine measured faster per head shape and phase (``kernels.choice``)."""
+    from ..kernels import choice
+
+    return choice.chosen()

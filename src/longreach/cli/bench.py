@@ -57,9 +57,13 @@ def bench_attention(
                       f"{r.dense_roofline(peak):.1%}")
     console.print(table)
     console.print("roofline: attended FLOP/s / matmul peak (prefill), K/V bytes read per s / read bandwidth (decode)")
+    used = {f"{hq}/{hkv}/{dim}/{phase}" for hq, hkv, dim in shapes for phase in wanted}
+    choices = {shape: made for shape, made in attention.kernel_choices().items() if shape in used}
+    for shape, made in choices.items():
+        console.print(f"gather path for q/kv/dim/phase {shape}: {made['path']} ({made['why']})")
     if json_out:
         json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
-                                        "roofline": peak.as_dict(), "rows": [
+                                        "kernel_choice": choices, "roofline": peak.as_dict(), "rows": [
             {**r.__dict__, "speedup": r.speedup, "roofline_fraction": r.roofline(peak),
              "dense_roofline_fraction": r.dense_roofline(peak)} for r in rows]}, indent=1))
     if plot_out and not attention.plot(rows, plot_out):

@@ -1,58 +1,37 @@
-"""Turn ``results.jsonl`` into what a user decides with: a Markdown table and an offline HTML report.
+"""Turn ``results.jsonl`` into what a user decides with: Markdown tables and an offline HTML report.
 
 Per task, method and length: the score (mean with a 95% confidence interval — Wilson for
 exact-match accuracy, Student t for recall and perplexity), attention density actually used,
 prefill time and its ratio to ``dense`` measured in the same sweep, decode time per token,
-KV-cache size and peak RSS. ``report.html`` embeds PNG plots (matplotlib) so it opens offline.
+KV-cache size and peak RSS. Then, per task, each method set against ``dense`` on the same prompts: the paired
+difference with its 95% interval (Newcombe's method 10 for right/wrong scores, a paired bootstrap otherwise),
+McNemar's exact p, and a verdict worded by the interval (:func:`verdict`). Last, each method's effective
+context length as RULER defines it (:func:`longreach.eval.stats.effective_length`). The statistics themselves
+live in :mod:`longreach.eval.stats`. ``report.html`` embeds PNG plots (matplotlib) so it opens offline.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LongreachError
 from ..provenance import describe, machine_key
 from .results import BadLine, read_rows
+from .stats import T95 as T95
+from .stats import effective_length, mcnemar_exact, mean_ci, newcombe_paired, paired_bootstrap
+from .stats import t_quantile as t_quantile
+from .stats import wilson as wilson
 
 BASELINE = "dense"
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
-       20: 2.09, 30: 2.04}
-
-
-def t_quantile(df: int) -> float:
-    """Two-sided 95% Student t quantile (table lookup, normal beyond 30 degrees of freedom)."""
-    if df <= 0:
-        return math.inf
-    for k in sorted(T95):
-        if df <= k:
-            return T95[k]
-    return 1.96
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sensible at 0/n and n/n, unlike mean +- 1.96 sd)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mean_ci(values: list[float], binary: bool) -> tuple[float, float, float]:
-    """(mean, low, high) at 95%."""
-    n = len(values)
-    mean = sum(values) / n
-    if binary:
-        return (mean, *wilson(sum(values), n))
-    if n < 2:
-        return (mean, -math.inf, math.inf)
-    half = t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return (mean, mean - half, mean + half)
+MARGIN = 5.0  # points: "within MARGIN points of dense" needs the paired interval's lower end above -MARGIN
+THRESHOLD = 0.85  # effective context length: the mean score every length up to it keeps (RULER)
+RESAMPLES = 2000  # paired bootstrap resamples (seed 0, so a report is reproducible)
+EPS = 1e-9  # float noise allowed when an interval bound is compared with 0 or -MARGIN
+PROMPT_FIELDS = ("model", "task", "length", "depth", "seed", "chat", "corpus")  # same values = same prompt
 
 
 @dataclass
@@ -133,7 +112,9 @@ def provenance_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESHOLD) -> str:
+    """The report's text: per task a table of every cell, then the paired comparison with dense; last the
+    effective context lengths. ``margin`` (points) words the verdicts, ``threshold`` sets the effective length."""
     cells = group(rows)
     methods = ordered_methods(rows)
     models = sorted({r["model"] for r in rows})
@@ -163,7 +144,176 @@ def markdown(rows: list[dict]) -> str:
                     f"{'–' if dens is None else f'{dens:.3f}'} | {cell.avg('prefill_s'):.2f} | "
                     f"{speed_ratio(cells, cell)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
                     f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
+        out += paired_table(cells, task, methods, margin)
+    out += effective_table(cells, methods, threshold)
     return "\n".join(out)
+
+
+def prompt_key(row: dict) -> tuple:
+    return tuple(json.dumps(row.get(f), sort_keys=True) for f in PROMPT_FIELDS)
+
+
+def scored(row: dict) -> bool:
+    s = row.get("score")
+    return isinstance(s, int | float) and math.isfinite(s)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A method cell set against dense on the same prompts. ``diff``, ``lo`` and ``hi`` are method - dense, as a
+    proportion for accuracy and recall (shown in points) and in the metric's unit for perplexity."""
+
+    n: int
+    diff: float
+    lo: float
+    hi: float
+    interval: str  # how the interval was computed: "Newcombe 10", "bootstrap" or "" (no pairs)
+    p: float | None  # McNemar's exact p (right/wrong scores only)
+    table: tuple[int, int, int, int] | None  # both right / only method / only dense / neither
+    sha_differs: int  # candidate pairs left out because the two rows' prompt_sha differ
+    unpaired: int  # method rows with no dense row on the same prompt
+
+
+def pair_with_dense(cells: dict, cell: ScoreCell) -> Paired:
+    """Pair each scored row of ``cell`` with dense's row on the same prompt (:data:`PROMPT_FIELDS` equal and, when
+    both rows record ``prompt_sha``, equal hashes), then compare the pairs."""
+    base = cells.get((cell.task, BASELINE, cell.length))
+    dense: dict[tuple, dict] = {}
+    for r in base.rows if base else []:
+        if scored(r):
+            dense.setdefault(prompt_key(r), r)
+    pairs, seen, differs, unpaired = [], set(), 0, 0
+    for r in cell.rows:
+        key = prompt_key(r)
+        if not scored(r) or key in seen:  # a resumed run never duplicates a prompt; count each once anyway
+            continue
+        seen.add(key)
+        o = dense.get(key)
+        if o is None:
+            unpaired += 1
+        elif r.get("prompt_sha") and o.get("prompt_sha") and r["prompt_sha"] != o["prompt_sha"]:
+            differs += 1
+        else:
+            pairs.append((float(r["score"]), float(o["score"])))
+    if not pairs:
+        return Paired(0, math.nan, -math.inf, math.inf, "", None, None, differs, unpaired)
+    x, y = [m for m, _ in pairs], [d for _, d in pairs]
+    if cell.metric == "accuracy" and all(s in (0.0, 1.0) for s in x + y):
+        a = sum(m == 1 and d == 1 for m, d in pairs)
+        b = sum(m == 1 and d == 0 for m, d in pairs)
+        c = sum(m == 0 and d == 1 for m, d in pairs)
+        table = (a, b, c, len(pairs) - a - b - c)
+        return Paired(len(pairs), *newcombe_paired(*table), "Newcombe 10", mcnemar_exact(b, c), table, differs,
+                      unpaired)
+    return Paired(len(pairs), *paired_bootstrap(x, y, resamples=RESAMPLES, seed=0), "bootstrap", None, None,
+                  differs, unpaired)
+
+
+def verdict(p: Paired, metric: str, margin: float = MARGIN) -> str:
+    """What the paired interval supports, in words.
+
+    Scores in [0, 1] (accuracy, recall), with the interval [lo, hi] of method - dense in points:
+    "better" when lo > 0; "worse" when hi < 0 ("worse, but within X points of dense" when also lo > -X);
+    else "within X points of dense" when lo > -X; else "no difference observed (n = …)". X = ``margin``.
+    Perplexity (lower is better; a margin in points does not apply): "better" when hi < 0, "worse" when lo > 0,
+    else "no difference observed (n = …)". No pairs: "no paired dense rows". Each comparison is strict by more
+    than :data:`EPS`, so float noise on a boundary never tips a verdict towards the claim.
+    """
+    if p.n == 0:
+        return "no paired dense rows"
+    lo, hi = p.lo, p.hi  # a bound within EPS of a boundary counts as on it (0.8 - 0.9 is -0.09999999999999998)
+    if metric == "ppl":
+        return "better" if hi < -EPS else "worse" if lo > EPS else f"no difference observed (n = {p.n})"
+    within = lo > -margin / 100 + EPS
+    if lo > EPS:
+        return "better"
+    if hi < -EPS:
+        return f"worse, but within {margin:g} points of dense" if within else "worse"
+    return f"within {margin:g} points of dense" if within else f"no difference observed (n = {p.n})"
+
+
+def fmt_diff(x: float, metric: str) -> str:
+    if not math.isfinite(x):
+        return "–"
+    return f"{round(x, 2) + 0.0:+.2f}" if metric == "ppl" else f"{round(100 * x, 1) + 0.0:+.1f}"
+
+
+def paired_table(cells: dict, task: str, methods: list[str], margin: float) -> list[str]:
+    """The paired comparison with dense for every non-dense cell of ``task``."""
+    keys = [(task, m, length) for m in methods if m != BASELINE
+            for length in sorted({c.length for c in cells.values() if c.task == task}) if (task, m, length) in cells]
+    if not keys:
+        return []
+    metric = cells[keys[0]].metric
+    unit = "perplexity (lower is better)" if metric == "ppl" else "points"
+    claim = ("" if metric == "ppl" else
+             f"; \"within {margin:g} points of dense\" only where the interval's lower end is above −{margin:g}")
+    out = ["", f"Paired with dense on the same prompts (task, length, depth, seed, chat and corpus equal, and the "
+           f"prompt hash where both rows record it): method − dense in {unit}, 95% CI by Newcombe's method 10 for "
+           f"right/wrong scores or a paired percentile bootstrap ({RESAMPLES} resamples, seed 0) otherwise; McNemar's "
+           f"exact p on the discordant pairs{claim}.", "",
+           "| method | length | n paired | method − dense | 95% CI | CI by | McNemar p | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        cell = cells[key]
+        p = pair_with_dense(cells, cell)
+        ci = f"[{fmt_diff(p.lo, metric)}, {fmt_diff(p.hi, metric)}]" if math.isfinite(p.lo + p.hi) else "–"
+        mcn = "–" if p.p is None else "< 0.001" if p.p < 0.001 else f"{p.p:.3f}"
+        notes = [verdict(p, metric, margin)]
+        if p.sha_differs:
+            notes.append(f"{p.sha_differs} left out: prompt_sha differs from dense's")
+        if p.unpaired and p.n:
+            notes.append(f"{p.unpaired} without a dense row on the same prompt")
+        out.append(f"| {cell.method} | {cell.length} | {p.n} | {fmt_diff(p.diff, metric)} | {ci} | {p.interval or '–'} "
+                   f"| {mcn} | {'; '.join(notes)} |")
+    return out
+
+
+def effective_lengths(cells: dict, threshold: float = THRESHOLD) -> dict[str, dict[str, tuple[int | None, list[int]]]]:
+    """Per method and per task with a score in [0, 1] (perplexity has no threshold): the effective length (see
+    :func:`longreach.eval.stats.effective_length`) and the lengths it was judged on. With more than one such task
+    in the report, "all tasks" too: the mean of the task means at each length where the method ran every one of
+    the report's tasks (a method missing a task gets none, so the column compares like with like)."""
+    means: dict[str, dict[str, dict[int, float]]] = {}
+    for c in cells.values():
+        if c.metric != "ppl" and c.values("score"):
+            means.setdefault(c.method, {}).setdefault(c.task, {})[c.length] = c.score[0]
+    every = {t for tasks in means.values() for t in tasks}
+    result: dict[str, dict[str, tuple[int | None, list[int]]]] = {}
+    for method, tasks in means.items():
+        result[method] = {t: (effective_length(s, threshold), sorted(s)) for t, s in tasks.items()}
+        if len(every) > 1 and set(tasks) == every:
+            common = sorted(set.intersection(*(set(s) for s in tasks.values())))
+            overall = {n: sum(s[n] for s in tasks.values()) / len(tasks) for n in common}
+            result[method]["all tasks"] = (effective_length(overall, threshold), common)
+    return result
+
+
+def fmt_length(found: int | None, lengths: list[int]) -> str:
+    if not lengths:
+        return "–"
+    if found is None:
+        return f"< {lengths[0]}"
+    return f"≥ {found}" if found == lengths[-1] else str(found)
+
+
+def effective_table(cells: dict, methods: list[str], threshold: float) -> list[str]:
+    found = effective_lengths(cells, threshold)
+    if not found:
+        return []
+    columns = list(dict.fromkeys(c.task for c in cells.values() if c.metric != "ppl"))
+    if len(columns) > 1:
+        columns.append("all tasks")
+    out = ["", "### Effective context length", "",
+           f"RULER's definition: the longest evaluated length whose mean score, and the mean score at every shorter "
+           f"evaluated length, is at least {threshold:.0%}. \"≥ L\": every length run passed (longer ones were not "
+           f"run); \"< L\": the shortest length run, L, already fell below. Perplexity tasks have no threshold.", "",
+           "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in methods:
+        if method in found:
+            out.append(f"| {method} | " + " | ".join(fmt_length(*found[method].get(t, (None, [])))
+                                                     for t in columns) + " |")
+    return out
 
 
 @dataclass(frozen=True)
@@ -173,12 +323,15 @@ class Report:
     bad_lines: list[BadLine]
 
 
-def build_report(out: Path) -> Report:
+def build_report(out: Path, margin: float = MARGIN, threshold: float = THRESHOLD) -> Report:
+    """Read ``out/results.jsonl``, write ``out/report.html`` (and ``out/plots/``), return the Markdown. ``margin``:
+    the points a "within X points of dense" verdict allows; ``threshold``: the score the effective context
+    length keeps."""
     rows, bad = read_rows(out / "results.jsonl")
     if not rows:
         raise LongreachError(f"{out / 'results.jsonl'} holds no usable rows"
                              + (f" ({len(bad)} unreadable lines)" if bad else ""))
-    text = markdown(rows)
+    text = markdown(rows, margin=margin, threshold=threshold)
     from .plots import figures
 
     path = out / "report.html"

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..compat import attention_with_lse
 from ..errors import InputError
 from ..selection import Selection
-from . import native
+from . import choice, native
 from ._heads import map_heads
 from .band import band_attention_with_lse
 from .dense import causal_attention, causal_attention_with_lse
@@ -55,9 +55,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
     return out.to(out_dtype)
 
 
-def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None
-                    ) -> tuple[Tensor, Tensor]:
-    """The blocked path: (B, Tq, Hq, D) output and (B, Tq, Hq) log-sum-exp (-inf for rows with no key)."""
+def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None,
+                    use_native: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The blocked path: (B, Tq, Hq, D) output and (B, Tq, Hq) log-sum-exp (-inf for rows with no key).
+
+    ``use_native``: run the compiled kernel (True), the PyTorch path (False), or whichever this machine measured
+    faster for this head shape and phase (None, ``kernels.choice``)."""
     batch, n_q, t_q, dim = q.shape
     n_kv = k.shape[1]
     mapping = map_heads(sel, n_q, n_kv)
@@ -76,7 +79,9 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
             batch, heads, n_qb, rows, dim)
 
     qb = blocks(q)
-    if far is None and native.usable(q):
+    if use_native is None:
+        use_native = choice.use_native(q, n_kv, attend_with_lse)
+    if far is None and use_native and native.usable(q):
         out, lse = _native(qb, k, v, sel, mapping.kv_head, fold, scale)
     else:
         out, lse = _torch_chunks(qb, blocks(far.q) if far is not None else qb, k, v, sel, mapping.kv_head, fold, scale,
