@@ -226,3 +226,14 @@ def test_the_measurement_times_both_paths_on_the_same_selection():
     assert set(times) == {"native", "torch"} and all(t >= 0 for t in times.values())
     assert {s[0] for s in seen} == {True, False} and len({s[1:3] for s in seen}) == 1
     assert seen[0][1] == (1, 4, 1, 16) and seen[0][2] == (1, 2, choice.DECODE_T, 16)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("params", [(0, 1, 3), (4, 16, 2), (2, 9, 6), (0, 40, 0), (30, 3, 5)])
+def test_visible_total_in_closed_form_equals_the_per_query_count(shape, params):
+    """Density accounting sums keys seen in closed form; the per-query layout count is the oracle."""
+    b, hq, hkv, tq, tk, d, bq, bk = shape
+    sinks, window, n_blocks = params
+    for heads in (1, hkv, hq):
+        sel = random_selection(b, heads, tq, tk, bq, bk, n_blocks, sinks, window)
+        assert sel.visible_total() == int(sel.visible_counts().sum()) == int(sel.to_mask().sum())

@@ -221,6 +221,38 @@ class Selection:
             counts.append(per_q.flatten(2))
         return torch.cat(counts, dim=-1)[..., : self.q_len]
 
+    def visible_total(self) -> int:
+        """Keys seen, summed over batch, heads and queries (= ``visible_counts().sum()``) in closed form:
+        O(B * H * nQB * K) integer work, no per-query tensors — what density accounting needs at every layer.
+
+        Key j is visible to query p when j <= p and (j > p - window or j < sinks or j's block is chosen): the
+        window gives min(window, p + 1) keys, the sinks behind it min(sinks, p - window + 1), and a chosen block
+        [lo, hi) the keys from max(lo, sinks) up to p - window, summed over the block's queries as a ramp.
+        Padding (``key_mask``) takes the per-query path.
+        """
+        if self.key_mask is not None:
+            return int(self.visible_counts().sum())
+        if self.full:
+            return int(self.causal_counts().sum()) * self.heads
+        dev = self.indices.device
+        window, sinks = min(self.window, self.kv_len), min(self.sinks, self.kv_len)
+        pos = self.q_offset + torch.arange(self.q_len, device=dev)
+        per_query = (pos + 1).clamp(max=window) + (pos - window + 1).clamp(min=0, max=sinks)
+        total = int(per_query.sum()) * self.batch * self.heads
+        blocks = _drop_duplicates(self.indices)
+        lo = (blocks * self.block_k).clamp(min=sinks)
+        hi = ((blocks + 1) * self.block_k).clamp(max=self.kv_len)
+        first = self.q_offset + torch.arange(self.query_blocks, device=dev) * self.block_q
+        last = (first + self.block_q - 1).clamp(max=self.kv_len - 1)
+        x0, x1 = (first - window + 1).view(1, 1, -1, 1), (last - window + 1).view(1, 1, -1, 1)
+
+        def below(x: Tensor) -> Tensor:  # sum over x' <= x of clamp(min(hi, x') - lo, 0)
+            ramp = (torch.minimum(x, hi) - lo).clamp(min=0)
+            return ramp * (ramp + 1) // 2 + (x - hi).clamp(min=0) * (hi - lo).clamp(min=0)
+
+        chosen = (below(x1) - below(x0 - 1)).masked_fill((blocks < 0) | (hi <= lo), 0)
+        return total + int(chosen.sum())
+
     def causal_counts(self) -> Tensor:
         """(B, q_len) long: how many keys each query could see under plain causal attention (+ padding)."""
         dev = self.indices.device

@@ -17,15 +17,14 @@ class DensityStats:
 
     def add(self, phase: str, sel: Selection) -> None:
         total = float(sel.causal_counts().sum().item()) * sel.heads
-        kept = total if sel.full else float(sel.visible_counts().sum().item())
+        kept = total if sel.full else float(sel.visible_total())
         self.kept[phase] += kept
         self.causal[phase] += total
 
     def add_heads(self, phase: str, sel: Selection, n_heads: int, seen: int) -> None:
         """Count ``sel`` for ``n_heads`` query heads (head policies attend groups of heads apart); causal pairs
         are counted over the ``seen`` tokens, not just the keys still held."""
-        kept = float(sel.causal_counts().sum().item()) if sel.full else \
-            float(sel.visible_counts().sum().item()) / sel.heads
+        kept = float(sel.causal_counts().sum().item()) if sel.full else float(sel.visible_total()) / sel.heads
         causal = float(sum(seen - sel.q_len + i + 1 for i in range(sel.q_len)))
         self.kept[phase] += kept * n_heads
         self.causal[phase] += causal * n_heads
