@@ -232,7 +232,7 @@ def test_the_measurement_times_both_paths_on_the_same_selection():
 @pytest.mark.parametrize("params", [(0, 1, 3), (4, 16, 2), (2, 9, 6), (0, 40, 0), (30, 3, 5)])
 def test_visible_total_in_closed_form_equals_the_per_query_count(shape, params):
     """Density accounting sums keys seen in closed form; the per-query layout count is the oracle."""
-    b, hq, hkv, tq, tk, d, bq, bk = shape
+    b, hq, hkv, tq, tk, _d, bq, bk = shape
     sinks, window, n_blocks = params
     for heads in (1, hkv, hq):
         sel = random_selection(b, heads, tq, tk, bq, bk, n_blocks, sinks, window)

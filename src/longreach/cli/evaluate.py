@@ -112,12 +112,12 @@ class _SweepProgress:
         self.progress.__exit__(*exc)
 
 
-def _report(out: Path, quiet: bool) -> None:
+def _report(out: Path, quiet: bool, margin: float = 5.0, threshold: float = 0.85) -> None:
     """Print the Markdown table of OUT (to stdout, pipeable) and name the HTML report next to it."""
     from longreach.eval import build_report
 
     with user_errors():
-        result = build_report(out)
+        result = build_report(out, margin=margin, threshold=threshold)
     for line in result.bad_lines:
         console.print(f"[yellow]warning:[/yellow] {out / 'results.jsonl'} {line}")
     print(result.markdown)
@@ -125,11 +125,18 @@ def _report(out: Path, quiet: bool) -> None:
         console.print(f"[dim]report: {result.html_path}[/dim]")
 
 
-def report(out: Path = typer.Argument(..., help="an eval output folder (holding results.jsonl)")) -> None:
-    """Markdown table of an eval folder (mean ± 95% CI, density, speed vs dense) and OUT/report.html with plots."""
+def report(
+    out: Path = typer.Argument(..., help="an eval output folder (holding results.jsonl)"),
+    margin: float = typer.Option(5.0, help="claim 'within X points of dense' only where the paired interval's "
+                                 "lower end is above -X"),
+    threshold: float = typer.Option(0.85, help="effective context length: the longest length scoring at least "
+                                    "this (and every shorter one too)"),
+) -> None:
+    """Markdown tables of an eval folder (mean ± 95% CI, density, speed vs dense; the paired difference from
+    dense with its interval and verdict; effective context length) and OUT/report.html with plots."""
     if not (out / "results.jsonl").is_file():
         fail(f"{out} has no results.jsonl; run 'longreach eval --out {out}' first")
-    _report(out, quiet=False)
+    _report(out, quiet=False, margin=margin, threshold=threshold)
 
 
 def demo(
