@@ -199,3 +199,63 @@ def test_a_position_method_on_a_model_without_rope_is_refused_by_apply():
     model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)).eval()
     with pytest.raises(UnsupportedModelError, match="rotary"):
         longreach.apply(model, "yarn:factor=2")
+
+
+@pytest.mark.parametrize("spec", ["quest:density=0.3,block=16", "snapkv:density=0.3", "selfextend:group=4,window=32"])
+def test_a_model_whose_every_layer_slides_is_refused_for_methods_that_act_on_layers(spec):
+    """Mistral-7B-v0.1 style (sliding_window set, no per-layer types): the runtime leaves a model's own sliding
+    layers as they are, so these specs would silently change nothing."""
+    model = tiny_model("mistral", sliding_window=4096)
+    with pytest.raises(UnsupportedModelError, match="sliding-window layer"):
+        longreach.apply(model, spec)
+    with longreach.apply(model, "yarn:factor=2"):  # rotary modules are swapped: still does what it says
+        pass
+
+
+def test_a_selector_stacked_before_a_head_policy_still_chooses_the_long_heads_keys(tmp_path):
+    model = tiny_model("llama")
+    profile = random_profile().save(tmp_path / "p.json")
+    ids = torch.randint(1, 128, (1, 300))
+    density = {}
+    for spec in (f"razor:profile={profile},ratio=0.5,window=16",
+                 f"quest:density=0.1,block=16+razor:profile={profile},ratio=0.5,window=16"):
+        with torch.no_grad(), longreach.apply(model, spec) as handle:
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            density[spec.split(":")[0]] = handle.density("decode")
+    assert density["quest"] < 0.5 * density["razor"]  # quest picks 10% of the long heads' keys while decoding
+
+
+def test_rope_scaling_on_a_model_that_already_scales_rope_is_refused():
+    model = tiny_model("llama", rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 1024,
+                                                 "rope_theta": 10000.0})
+    for spec in ("yarn:factor=2", "linear:factor=1", "llama3:factor=8"):
+        with pytest.raises(UnsupportedModelError, match="already scales RoPE"):
+            longreach.apply(model, spec)
+
+
+def test_mspoe_that_would_leave_every_layer_alone_is_refused():
+    with pytest.raises(LongreachError, match="first_layer"):
+        longreach.apply(tiny_model("llama"), "mspoe")  # 2 layers, first_layer=2 by default
+
+
+def test_block_summaries_are_not_reused_under_a_position_remap():
+    """GALI re-rotates every key at each forward: a summary-based selector must score the keys it is given, as it
+    does with no incremental summaries at all (the reference)."""
+    from longreach.hf import _RUNTIMES
+
+    model = tiny_model("llama", max_position_embeddings=TRAINED)
+    ids = torch.randint(1, 128, (1, 150))
+    spec = "gali:window=32+quest:budget=64,block=16"
+    logits = []
+    for keep_summaries in (True, False):
+        with torch.no_grad(), longreach.apply(model, spec) as handle:
+            if not keep_summaries:
+                for runtime in _RUNTIMES.values():
+                    if runtime.handle is handle:
+                        runtime.summaries = None
+            out = model(ids[:, :-1], use_cache=True)
+            for _ in range(3):
+                out = model(ids[:, -1:], use_cache=True, **cache_kwargs(model, output_cache(out)))
+            logits.append(out.logits)
+    assert float((logits[0] - logits[1]).abs().max()) < 1e-5

@@ -419,3 +419,18 @@ def test_plan_counts_what_head_policies_keep(spec, profile_path):
     dense = plan_memory(model, longreach.parse_spec("dense"), 200, available=2**40)
     assert planned.kv_kept is not None and planned.kv_kept < dense.kv_cache
     assert abs(planned.kv_kept - held) <= 0.05 * held  # within the held-back token and a compensation token
+
+
+def test_beam_edits_move_the_short_heads_and_their_compensation_token_with_the_long_ones(profile_path):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (2, 100))
+    with torch.no_grad(), longreach.apply(model, f"razor:profile={profile_path},ratio=0.5,window=8"):
+        cache = output_cache(model(ids, use_cache=True))
+        layer = next(layer for layer in cache.layers if isinstance(layer, CompressedLayer) and layer.short is not None)
+        before = [t.clone() for t in (layer.keys, layer.short.keys, layer.short.comp_keys)]
+        layer.reorder_cache(torch.tensor([1, 0]))
+        after = (layer.keys, layer.short.keys, layer.short.comp_keys)
+        for old, new in zip(before, after, strict=True):
+            assert torch.equal(new, old.flip(0)), "every part follows the beams"
+        layer.batch_repeat_interleave(2)
+        assert layer.short.keys.shape[0] == layer.short.comp_keys.shape[0] == layer.keys.shape[0] == 4

@@ -27,3 +27,18 @@ def unsupported_features(model: nn.Module, modules: list[nn.Module]) -> list[str
                          "multi-head latent attention")
             break
     return found
+
+
+def sliding_everywhere(model: nn.Module) -> int | None:
+    """The window, when every attention layer of ``model`` is a sliding-window layer (Mistral-7B-v0.1 style:
+    ``sliding_window`` set and no per-layer types, or every layer type sliding); else None. longreach leaves
+    a model's own sliding layers as they are, so on such a model a method would change nothing."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        return int(window)
+    return int(window) if all(t == "sliding_attention" for t in types) else None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import kernels
 from .compat import can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
-from .features import unsupported_features
+from .features import sliding_everywhere, unsupported_features
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
 from .runtime.density import DensityStats
 from .runtime.layer import LayerRuntime
@@ -170,6 +170,14 @@ def apply(
         raise UnsupportedModelError(
             f"{name} has non-causal (bidirectional) attention; longreach methods assume causal decoding"
         )
+    window = sliding_everywhere(model)
+    acting = [m.name for m in parsed.methods
+              if (m.kind in ("select", "press") and m.name != "dense") or isinstance(m, RemapPositions)]
+    if window is not None and acting:
+        raise UnsupportedModelError(
+            f"every attention layer of {name} is a sliding-window layer (window {window}), and longreach leaves a "
+            f"model's own sliding layers as they are: {', '.join(acting)} would change nothing. Per-layer sliding "
+            "windows are not supported yet; rope scaling methods (yarn, linear, ...) still apply")
     missing = unsupported_features(model, modules)
     if missing:
         raise UnsupportedModelError(

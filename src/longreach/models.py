@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import ModelLoadError
 from .paths import cache_dir
@@ -226,3 +227,16 @@ def _converted(gguf_path: Path) -> Path:
 
     _publish(folder, write)
     return folder
+
+
+def random_model(q_heads: int, kv_heads: int, head_dim: int, layers: int = 1, vocab: int = 256,
+                 max_positions: int = 65536) -> nn.Module:
+    """A Llama of random weights with these attention heads: benchmarks time the attention path of a real
+    transformers model without loading one."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=q_heads * head_dim,
+                                   intermediate_size=2 * q_heads * head_dim, num_hidden_layers=layers,
+                                   num_attention_heads=q_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                                   max_position_embeddings=max_positions)
+    return transformers.LlamaForCausalLM(cfg).eval()

@@ -39,6 +39,9 @@ class LayerCall:
     state: dict = field(default_factory=dict)  # the cache policy's per-layer scratch for this sequence
     # density accounting for head-split attention: (selection, query heads it served, tokens seen)
     record: Callable[[Selection, int, int], None] | None = None
+    # the spec's selector: a head policy stacked after a select method (quest+razor) lets it choose the long
+    # heads' keys
+    selector: object | None = None
 
     @property
     def t_q(self) -> int:

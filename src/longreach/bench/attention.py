@@ -97,6 +97,60 @@ def run(lengths: list[int], specs: list[str], kernel: str = "gather", q_heads: i
     return rows
 
 
+@dataclass
+class UserPathRow:
+    """One layer's attention as a user runs it (``apply`` + a model forward, density tracking on, the
+    default) against the operator (select + attend) on the very q/k/v that layer received."""
+
+    length: int
+    spec: str
+    heads: str
+    runtime_s: float  # inside longreach's attention function: masks, stages, selection, kernel, accounting
+    operator_s: float  # the selector's select + kernels.attend alone, same tensors, same process
+
+    @property
+    def overhead(self) -> float:
+        return self.runtime_s / self.operator_s - 1
+
+
+def user_path(lengths: list[int], specs: list[str], q_heads: int = 9, kv_heads: int = 3, dim: int = 64,
+              repeat: int = 2) -> list[UserPathRow]:
+    """A 1-layer Llama with these heads (random weights), one prefill forward per length and spec."""
+    from .. import apply
+    from ..hf import _RUNTIMES
+    from ..models import random_model
+
+    model = random_model(q_heads, kv_heads, dim, max_positions=max(lengths) + 1)
+    rows = []
+    for length in lengths:
+        ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
+        for spec in specs:
+            with torch.no_grad(), apply(model, spec) as handle:
+                (runtime,) = [r for r in _RUNTIMES.values() if r.handle is handle]
+                inner, seen = runtime.forward, {}
+
+                def timed(q, k, v, mask, scale, window, inner=inner, seen=seen):
+                    out, seconds = best_of(lambda: inner(q, k, v, mask, scale, window))
+                    seen.update(q=q, k=k, v=v, scale=scale, s=min(seen.get("s", float("inf")), seconds))
+                    return out
+
+                runtime.forward = timed
+                model(ids[:, :256], use_cache=True)  # warm-up apart (and the kernel choice for this shape)
+                seen.clear()
+                for _ in range(repeat):
+                    model(ids, use_cache=True, logits_to_keep=1)
+                q, k, v, scale = seen["q"], seen["k"], seen["v"], seen["scale"]
+                method = handle.spec.selector
+
+                def operator(method=method, q=q, k=k, v=v, scale=scale):
+                    sel = method.select(q, k, SelectContext(0, None, None, {}, scale))
+                    return kernels.attend(q, k, v, sel, scale)
+
+                _, operator_s = best_of(operator, repeat, warm_up=True)
+            rows.append(UserPathRow(length, spec, f"{q_heads}/{kv_heads}/{dim}", seen["s"], operator_s))
+    return rows
+
+
 def plot(rows: list[Row], path: Path) -> bool:
     """Speedup vs T per method (one panel per phase and head shape); False without matplotlib."""
     plt = pyplot()

@@ -14,6 +14,7 @@ real tensor, so the bytes are really freed. Only longreach's attention can read 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -151,16 +152,27 @@ class CompressedLayer(GrowingLayer):
         raise LongreachError("a compressed cache cannot be cropped (assisted decoding / rollback); "
                              "use an uncompressed cache for that")
 
+    # beam search and batch edits: the long part through GrowingLayer, the short part (and razor's
+    # compensation token) here, the same way
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.short is not None:
-            self.short.keys = self.short.keys.repeat_interleave(repeats, dim=0)
-            self.short.values = self.short.values.repeat_interleave(repeats, dim=0)
+        self._short_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.short is not None:
-            self.short.keys, self.short.values = self.short.keys[indices], self.short.values[indices]
+        self._short_rows(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._short_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def _short_rows(self, edit: Callable[[Tensor], Tensor]) -> None:
+        part = self.short
+        if part is None:
+            return
+        part.keys, part.values = edit(part.keys), edit(part.values)
+        if part.comp_keys is not None and part.comp_values is not None:
+            part.comp_keys, part.comp_values = edit(part.comp_keys), edit(part.comp_values)
 
     # -- what presses call -------------------------------------------------------------------
     @property

@@ -61,7 +61,7 @@ class GrowingLayer(DynamicLayer):
     # transformers' own edits (crop, beam search, offloading) replace self.keys / self.values: adopt them as
     # the new exactly-sized buffers
     def _adopt(self) -> None:
-        if self.is_initialized and isinstance(self.keys, Tensor) and self.keys.numel():
+        if self.is_initialized and isinstance(self.keys, Tensor):  # cropped to nothing included
             self._k, self._v = self.keys.contiguous(), self.values.contiguous()
             self._len = self._k.shape[-2]
             self.keys, self.values = self._k, self._v

@@ -73,9 +73,10 @@ class SplitPolicy:
                 continue
             qh = query_heads(heads, group, q.device)
             qq = q[:, qh]
-            if sinks is None:
+            if sinks is None:  # the long heads: the policy's own choice, or a select method stacked before it
                 ctx = SelectContext(call.layer_idx, None, None, call.state.setdefault("select", {}), call.scale)
-                sel = self.policy.long_select(qq, kk, ctx)
+                stacked = call.selector is not None and call.selector is not self.policy
+                sel = (call.selector.select if stacked else self.policy.long_select)(qq, kk, ctx)
             elif split.keeper is not None:  # headkv: every key the short heads still hold
                 sel = Selection.dense(batch, t_q, kk.shape[2], device=q.device)
             else:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from ..errors import SpecError
+from ..errors import SpecError, UnsupportedModelError
 from ..kernels import FarKeys
 from ..methods.base import Method
 from .frozen import LENGTH_DEPENDENT, PerSequenceFrequencies
@@ -54,12 +54,24 @@ class RopeScaling(PositionMethod):
     def max_positions(self, trained: int) -> int:
         return trained
 
+    def check_model(self, model: nn.Module) -> None:
+        """A model that already scales RoPE (Llama 3.1's llama3, a yarn Qwen2.5, Phi-3's longrope) would lose
+        its own scaling: refused, rather than changing positions inside the trained window."""
+        params = getattr(text_config(model), "rope_parameters", None) or {}
+        own = params.get("full_attention", params)  # per layer type (Gemma 3): the global layers'
+        kind = own.get("rope_type", "default") if isinstance(own, dict) else "default"
+        if kind not in ("default", None):
+            raise UnsupportedModelError(
+                f"{self.name}: this model already scales RoPE ({kind}, factor {own.get('factor')}); a second rope type "
+                "would replace it and move positions inside the trained window. Use a re-mapping method "
+                "(selfextend, string, gali) on top of the model's own scaling instead")
+
     def install(self, model: nn.Module) -> Callable[[], None]:
         mods = rotary_modules(model)
         if not mods:
             rope_info(model)  # raises the "needs a RoPE model" error
         config = text_config(model)
-        trained = int(config.max_position_embeddings)
+        trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         new_config = copy.copy(config)
         params = copy.deepcopy(config.rope_parameters)

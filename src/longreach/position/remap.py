@@ -21,7 +21,7 @@ from ..methods.base import check_int
 from ..methods.registry import register
 from ..methods.scoring import causal_probs
 from .base import PositionView, RemapPositions
-from .rotary import RopeInfo, rerotate, rope_info
+from .rotary import RopeInfo, rerotate, rope_info, text_config
 
 
 def _positions(t_q: int, t_k: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -158,6 +158,12 @@ class MsPoE(RemapPositions):
             raise SpecError(f"mspoe: need 1 <= min_ratio <= max_ratio, got {self.min_ratio} and {self.max_ratio}")
         check_int(self, "first_layer", self.first_layer, minimum=0)
         check_int(self, "observe", self.observe, minimum=1)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        layers = text_config(model).num_hidden_layers
+        if self.first_layer >= layers and self.max_ratio > 1:
+            raise InputError(f"mspoe: first_layer={self.first_layer} leaves every one of this model's {layers} "
+                             "layers as it is, so nothing would change; lower first_layer")
 
     def ratios(self, q: Tensor, k: Tensor, scale: float) -> Tensor:
         """(Hkv,) ratio per KV head: outlier-rich heads (position-aware) get the smallest."""

@@ -89,7 +89,7 @@ class LayerRuntime:
         call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, key_mask, new_sequence,
                          self.cache, self.policy_state,
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
-                         if handle.track_density else None)
+                         if handle.track_density else None, handle.spec.selector)
         # 1. position map
         far = None
         if controlled and handle.remap is not None:
@@ -120,7 +120,8 @@ class LayerRuntime:
         if sliding_window is not None:
             return Selection.local(batch, t_q, t_k, sinks=0, window=sliding_window, key_mask=key_mask,
                                    device=q.device)
-        summaries = self.summaries if far is None else None  # far keys move when the group grows
+        # a position method re-rotates every key at each forward: summaries of stored keys would be stale
+        summaries = self.summaries if self.handle.remap is None else None
         if summaries is not None:
             summaries.update(k, new_sequence=new_sequence)
         ctx = SelectContext(self.layer_idx, key_mask, summaries, self.select_state, scale)
