@@ -256,3 +256,17 @@ def test_python_m_longreach_cli_lists_the_heads_commands():
     assert code == 0, output
     assert "Usage: python -m longreach.cli heads [OPTIONS]" in output
     assert re.search(r"^│ profile ", output, re.M) and re.search(r"^│ show ", output, re.M), output
+
+
+def test_bench_attention_user_path_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "attention", "--lengths", "256,512", "--heads", "4,2,16", "--repeat", "1",
+                                 "--methods", "quest:density=0.5,block=32;moba:density=0.5,block=32", "--user-path",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["user_path"]
+    assert [(r["length"], r["spec"], r["heads"]) for r in rows] == [
+        (t, m, "4/2/16") for t in (256, 512) for m in ("quest:density=0.5,block=32", "moba:density=0.5,block=32")]
+    for r in rows:
+        assert r["overhead"] == pytest.approx(r["runtime_s"] / r["operator_s"] - 1)
+    assert "the user's path" in result.output

@@ -28,6 +28,8 @@ def bench_attention(
     heads: str = typer.Option("9,3,64", help="q heads,kv heads,head dim; ';' for several (Llama-3-8B: 32,8,128)"),
     phases: str = typer.Option("prefill", help="prefill, decode or prefill,decode"),
     repeat: int = typer.Option(2, min=1),
+    user_path: bool = typer.Option(False, "--user-path", help="also time each spec's attention inside apply() + a "
+                                   "1-layer model forward (prefill) against select + attend on the same tensors"),
     json_out: Path = typer.Option(None, "--json", help="also write the rows (and the measured roofline) as JSON"),
     plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedup vs T per method"),
 ) -> None:
@@ -45,6 +47,8 @@ def bench_attention(
         peak = roofline.measure()
         rows = [r for kern in items(kernel) for hq, hkv, dim in shapes
                 for r in attention.run(token_lengths(lengths), specs, kern, hq, hkv, dim, repeat, wanted)]
+        user_rows = [r for hq, hkv, dim in shapes if user_path
+                     for r in attention.user_path(token_lengths(lengths), specs, hq, hkv, dim, repeat)]
     table = Table(title=f"attention operator vs dense causal SDPA — {attention.hardware()}; "
                         f"matmul peak {peak.flops / 1e9:.0f} GFLOP/s, read {peak.bytes_per_s / 1e9:.1f} GB/s")
     for col in ("phase", "heads", "T", "method", "kernel", "density", "dense s", "select s", "attend s", "speedup",
@@ -61,9 +65,20 @@ def bench_attention(
     choices = {shape: made for shape, made in attention.kernel_choices().items() if shape in used}
     for shape, made in choices.items():
         console.print(f"gather path for q/kv/dim/phase {shape}: {made['path']} ({made['why']})")
+    if user_rows:
+        table = Table(title="the user's path: attention inside apply() + a 1-layer model forward vs select + attend "
+                            "on the same q/k/v (prefill, density tracking on: apply's default)")
+        for col in ("heads", "T", "method", "user path s", "operator s", "overhead"):
+            table.add_column(col)
+        for u in user_rows:
+            table.add_row(u.heads, str(u.length), u.spec, f"{u.runtime_s:.4f}", f"{u.operator_s:.4f}",
+                          f"{u.overhead:+.1%}")
+        console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
-                                        "kernel_choice": choices, "roofline": peak.as_dict(), "rows": [
+                                        "kernel_choice": choices, "roofline": peak.as_dict(),
+                                        "user_path": [{**u.__dict__, "overhead": u.overhead} for u in user_rows],
+                                        "rows": [
             {**r.__dict__, "speedup": r.speedup, "roofline_fraction": r.roofline(peak),
              "dense_roofline_fraction": r.dense_roofline(peak)} for r in rows]}, indent=1))
     if plot_out and not attention.plot(rows, plot_out):
