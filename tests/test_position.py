@@ -383,13 +383,19 @@ def test_decode_with_cache_matches_one_forward(spec):
     ids = torch.randint(0, 128, (1, 120))
     with longreach.apply(model, spec):
         full = model(ids).logits[:, -3:]
-        out = model(ids[:, :-3], use_cache=True)
-        past, steps = output_cache(out), []
-        for i in range(3, 0, -1):
-            out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
-            past = output_cache(out)
-            steps.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+        steps = prefill_then_steps(model, ids, 3)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+
+
+def prefill_then_steps(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits of the last ``n`` tokens fed one at a time after a prefill of the rest: (B, n, V)."""
+    out = model(ids[:, :-n], use_cache=True)
+    past, steps = output_cache(out), []
+    for i in range(n, 0, -1):
+        out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
+        past = output_cache(out)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1)
 
 
 def _mspoe_ratios(q: torch.Tensor, k: torch.Tensor, scale: float, low: float, high: float, observe: int
@@ -472,16 +478,11 @@ def test_mspoe_prefill_and_decode_equal_rope_at_per_head_scaled_positions():
     torch.testing.assert_close(_mspoe_oracle_logits(model, ids, 0, 1.0, 1.0, 64, 120), dense, atol=1e-4, rtol=1e-4)
     with longreach.apply(model, "mspoe:first_layer=1,min_ratio=1.2,max_ratio=1.8,observe=64"):
         full = model(ids).logits
-        out = model(ids[:, :-3], use_cache=True)
-        past, steps = output_cache(out), []
-        for i in range(3, 0, -1):
-            out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
-            past = output_cache(out)
-            steps.append(out.logits[:, -1])
+        steps = prefill_then_steps(model, ids, 3)
     assert (full - dense).abs().max() > 1e-2  # the re-mapping does change the layers it touches
     torch.testing.assert_close(full, _mspoe_oracle_logits(model, ids, 1, 1.2, 1.8, 64, 120), atol=1e-4, rtol=1e-4)
     decoded = _mspoe_oracle_logits(model, ids, 1, 1.2, 1.8, 64, 117)[:, -3:]  # ranked on the 117-token prompt
-    torch.testing.assert_close(torch.stack(steps, 1), decoded, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps, decoded, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("t_q", [100, 5, 1])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .machine import cpu_flags, cpu_model
+
 # fields that decide whether two rows' timings can be compared (same code, same machine, same threads)
 MACHINE_FIELDS = ("cpu", "isa", "threads", "commit", "dirty", "torch")
 _ROOT = Path(__file__).resolve().parent
@@ -40,27 +42,6 @@ def code_state() -> tuple[str | None, bool | None]:
     paths = [str(_ROOT)] + ([str(Path(top) / f) for f in ("pyproject.toml", "requirements")] if top else [])
     changed = _git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     return commit, bool(changed) if changed is not None else None
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (/proc/cpuinfo on Linux), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def isa(flags: set[str]) -> str:

@@ -22,22 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..machine import cpu_model
 from ..paths import cache_dir
 from ..selection import Selection
 from . import native
 
 PREFILL_T, DECODE_T, BLOCK, DENSITY, REPEAT = 4096, 16384, 64, 0.1, 3
 _memo: dict[str, dict] = {}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 def _store() -> Path:
@@ -47,7 +38,7 @@ def _store() -> Path:
 def machine_key() -> str:
     """CPU model, threads, torch and the kernel source: a choice is valid for exactly these."""
     source = hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
-    return f"{_cpu()} | {torch.get_num_threads()} threads | torch {torch.__version__} | kernel {source}"
+    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | kernel {source}"
 
 
 def shape_key(n_q: int, n_kv: int, dim: int, decode: bool) -> str:
