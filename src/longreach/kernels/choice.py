@@ -12,6 +12,7 @@ changes a result, only the time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -35,10 +36,15 @@ def _store() -> Path:
     return cache_dir() / "kernels" / torch.__version__.replace("+", "_") / "choice.json"
 
 
+@functools.cache
+def _source_hash() -> str:
+    return hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def machine_key() -> str:
-    """CPU model, threads, torch and the kernel source: a choice is valid for exactly these."""
-    source = hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
-    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | kernel {source}"
+    """CPU model, threads, torch and the kernel source: a choice is valid for exactly these (asked on every
+    attention call, so nothing here reads a file twice)."""
+    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | kernel {_source_hash()}"
 
 
 def shape_key(n_q: int, n_kv: int, dim: int, decode: bool) -> str:
