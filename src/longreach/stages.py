@@ -33,15 +33,10 @@ class LayerCall:
     v: Tensor
     scale: float
     kernel: str  # the handle's kernel name (kernels.attend)
-    key_mask: Tensor | None = None  # (B, Tk) bool, False = padding
-    new_sequence: bool = False  # the first forward of a sequence (Tq == Tk)
     cache: object | None = None  # the forward's transformers cache (None: use_cache=False)
     state: dict = field(default_factory=dict)  # the cache policy's per-layer scratch for this sequence
     # density accounting for head-split attention: (selection, query heads it served, tokens seen)
     record: Callable[[Selection, int, int], None] | None = None
-    # the spec's selector: a head policy stacked after a select method (quest+razor) lets it choose the long
-    # heads' keys
-    selector: object | None = None
 
     @property
     def t_q(self) -> int:

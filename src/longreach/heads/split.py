@@ -32,6 +32,11 @@ class SplitPolicy:
         self.policy = policy
         self.name = policy.name
         self.owner = owner
+        # the long heads' keys: a select method stacked before the policy (quest+razor) chooses them, else
+        # the policy's own choice (every key; lserve's blocks)
+        spec = owner.spec if owner is not None else None  # the Handle; ``plan`` asks without one
+        stacked = [m for m in (spec.methods if spec is not None else ()) if m.kind == "select" and m is not policy]
+        self.long_select = stacked[0].select if stacked else policy.long_select
 
     def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float:
         split = self.policy.head_split(layer_idx, n_kv)
@@ -75,8 +80,7 @@ class SplitPolicy:
             qq = q[:, qh]
             if sinks is None:  # the long heads: the policy's own choice, or a select method stacked before it
                 ctx = SelectContext(call.layer_idx, None, None, call.state.setdefault("select", {}), call.scale)
-                stacked = call.selector is not None and call.selector is not self.policy
-                sel = (call.selector.select if stacked else self.policy.long_select)(qq, kk, ctx)
+                sel = self.long_select(qq, kk, ctx)
             elif split.keeper is not None:  # headkv: every key the short heads still hold
                 sel = Selection.dense(batch, t_q, kk.shape[2], device=q.device)
             else:

@@ -41,7 +41,7 @@ def _source_hash() -> str:
     return hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
 
 
-def machine_key() -> str:
+def choice_key() -> str:
     """CPU model, threads, torch and the kernel source: a choice is valid for exactly these (asked on every
     attention call, so nothing here reads a file twice)."""
     return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | kernel {_source_hash()}"
@@ -76,7 +76,7 @@ def _timings(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., obj
 
 def choose(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., object]) -> dict:
     """``{"path": "native" | "torch", "why": ..., timings}`` for this shape on this machine (measured once)."""
-    machine, shape = machine_key(), shape_key(n_q, n_kv, dim, decode)
+    machine, shape = choice_key(), shape_key(n_q, n_kv, dim, decode)
     known = _memo.get(machine)
     if known is None:
         known = _memo[machine] = _load(machine)
@@ -115,7 +115,7 @@ def _save(machine: str, known: dict) -> None:
         everything = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
         everything = {}
-    everything[machine] = known
+    everything[machine] = {shape: made for shape, made in known.items() if made["why"].startswith("measured")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(everything, indent=1))
@@ -124,5 +124,5 @@ def _save(machine: str, known: dict) -> None:
 
 def chosen() -> dict[str, dict]:
     """Every choice made for this machine so far (what ``bench attention`` prints)."""
-    machine = machine_key()
+    machine = choice_key()
     return dict(_memo.get(machine) or _load(machine))

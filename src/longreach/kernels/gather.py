@@ -79,7 +79,7 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
             batch, heads, n_qb, rows, dim)
 
     qb = blocks(q)
-    if use_native is None:
+    if use_native is None and far is None:  # a two-piece position method runs the PyTorch path anyway
         use_native = choice.use_native(q, n_kv, attend_with_lse)
     if far is None and use_native and native.usable(q):
         out, lse = _native(qb, k, v, sel, mapping.kv_head, fold, scale)

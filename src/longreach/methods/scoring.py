@@ -70,8 +70,9 @@ def causal_probs(q: Tensor, k: Tensor, scale: float, rows: Tensor | None = None,
     """
     batch, n_q, t_q, dim = q.shape
     n_kv, t_k = k.shape[1], k.shape[2]
+    picked = q if rows is None else q[:, :, rows]
     rows = torch.arange(t_q, device=q.device) if rows is None else rows
-    grouped = q[:, :, rows].float().reshape(batch, n_kv, (n_q // n_kv) * len(rows), dim)
+    grouped = picked.float().reshape(batch, n_kv, (n_q // n_kv) * len(rows), dim)
     logits = (grouped @ k.float().transpose(-1, -2) * scale).view(batch, n_kv, n_q // n_kv, len(rows), t_k)
     pos = (t_k - t_q) + rows
     cols = torch.arange(t_k, device=q.device)
@@ -80,7 +81,9 @@ def causal_probs(q: Tensor, k: Tensor, scale: float, rows: Tensor | None = None,
         hidden = hidden | (cols[None, :] <= pos[:, None] - window)
     if key_mask is not None:
         hidden = hidden | ~key_mask[:, None, None, None, :]
-    return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    probs = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+    # without padding or a window every query sees itself; otherwise an all-hidden row is NaN: make it zeros
+    return probs if key_mask is None and window is None else probs.nan_to_num(0.0)
 
 
 def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: Tensor | None = None) -> Tensor:

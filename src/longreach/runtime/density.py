@@ -25,7 +25,8 @@ class DensityStats:
         """Count ``sel`` for ``n_heads`` query heads (head policies attend groups of heads apart); causal pairs
         are counted over the ``seen`` tokens, not just the keys still held."""
         kept = float(sel.causal_counts().sum().item()) if sel.full else float(sel.visible_total()) / sel.heads
-        causal = float(sum(seen - sel.q_len + i + 1 for i in range(sel.q_len)))
+        q = sel.q_len  # queries at positions seen - q .. seen - 1: q * (seen - q) + (1 + ... + q) causal pairs
+        causal = float(q * (seen - q) + q * (q + 1) // 2)
         self.kept[phase] += kept * n_heads
         self.causal[phase] += causal * n_heads
 

@@ -86,10 +86,9 @@ class LayerRuntime:
             self.policy_state.clear()
         phase = "decode" if t_q == 1 else "prefill"
         policy = handle.policy if controlled else None
-        call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, key_mask, new_sequence,
-                         self.cache, self.policy_state,
+        call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, self.cache, self.policy_state,
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
-                         if handle.track_density else None, handle.spec.selector)
+                         if handle.track_density else None)
         # 1. position map
         far = None
         if controlled and handle.remap is not None:
