@@ -195,3 +195,31 @@ def test_debian_prose_sources_decode_without_r_or_sword(tmp_path, monkeypatch, s
         sample = parse_task("niah").build(smol_tokenizer, corpus, 2048, 0.5, seed=1, chat=False)
         assert abs(sample.tokens - 2048) <= tolerance(2048) and sample.prompt.count(sample.gold[0]) == 1
     assert (tmp_path / "corpus" / "austen" / ".complete").exists()
+
+
+@pytest.mark.parametrize("spec", ["passkey", "niah", "niah:variant=multivalue", "niah:variant=multiquery"])
+@pytest.mark.parametrize("wording", [0, 1, 2])
+def test_wordings_change_how_the_prompt_ends_and_keep_length_and_gold(smol_tokenizer, corpus, spec, wording):
+    """Prompt-wording variants (issue: defaults must not depend on how the prompt ends): each ends in its own
+    answer prefix (or the question itself), keeps the exact length, and holds the gold exactly once."""
+    sep = "," if ":" in spec else ":"
+    task = parse_task(f"{spec}{sep}wording={wording}")
+    for chat in (False, True):
+        sample = task.build(smol_tokenizer, corpus, 1500, 0.5, seed=3, chat=chat)
+        assert abs(sample.tokens - 1500) <= tolerance(1500)
+        for gold in sample.gold:
+            assert sample.prompt.count(gold) == 1
+        tail = sample.prompt.rstrip()
+        if wording == 0:
+            assert tail.endswith(("is", "are")), tail[-40:]
+        elif wording == 1:
+            assert tail.endswith("Answer:"), tail[-40:]
+        else:
+            assert tail.endswith("?") or tail.endswith("assistant"), tail[-40:]  # the question, then the reply starts
+    assert str(task) == (f"{spec}{sep}wording={wording}" if wording else spec)
+
+
+def test_a_wording_out_of_range_is_refused():
+    for spec in ("passkey:wording=3", "niah:wording=-1", "passkey:wording=1.5"):
+        with pytest.raises(SpecError, match="wording"):
+            parse_task(spec)

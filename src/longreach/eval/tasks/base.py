@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...configurable import Configurable
+from ...errors import SpecError
 from ..corpus import Corpus
 from ..fit import uses_chat
 
@@ -132,3 +133,8 @@ def insert_at(pieces: list[str], inserts: list[tuple[float, str]], boundaries: l
         if i < n:
             out.append(pieces[i])
     return "".join(out)
+
+
+def check_wording(task: str, wording: object, n: int) -> None:
+    if isinstance(wording, bool) or not isinstance(wording, int) or not 0 <= wording < n:
+        raise SpecError(f"{task}: wording must be an integer in 0..{n - 1}, got {wording!r}")

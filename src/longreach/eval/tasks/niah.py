@@ -15,7 +15,7 @@ from ...configurable import param
 from ...errors import SpecError
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
-from .base import VALUE_TYPES, Sample, Task, distinct_values, insert_at, spread
+from .base import VALUE_TYPES, Sample, Task, check_wording, distinct_values, insert_at, spread
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 SINGULAR = {"numbers": "number", "words": "word", "uuids": "uuid"}
@@ -33,6 +33,8 @@ class Niah(Task):
     distractors: int = param(3, "multikey: needles with other keys")
     values: int = param(4, "multivalue: values stored under the one key")
     queries: int = param(4, "multiquery: keys asked together")
+    wording: int = param(0, "0: RULER's question and answer prefix; 1: another question, prefix 'Answer:'; "
+                            "2: RULER's question alone, no answer prefix")
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -43,6 +45,7 @@ class Niah(Task):
         for field in ("distractors", "values", "queries"):
             if getattr(self, field) < 1:
                 raise SpecError(f"niah: {field} must be >= 1")
+        check_wording(self.name, self.wording, 3)
 
     @property
     def metric(self) -> str:  # type: ignore[override]
@@ -76,14 +79,17 @@ class Niah(Task):
         asked = keys if self.variant == "multiquery" else keys[:1]
         about = ", ".join(asked[:-1]) + f" and {asked[-1]}" if len(asked) > 1 else asked[0]
         plural = self.variant in ("multivalue", "multiquery")
-        frame = Frame(
-            f"Some special magic {what} are hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {what} afterwards.\n\n",
-            f"\n\nWhat {'are all the' if plural else 'is the'} special magic {what if plural else one} for {about} "
-            "mentioned in the provided text?",
-            f"The special magic {what if plural else one} for {about} mentioned in the provided text "
-            f"{'are' if plural else 'is'}",
-        )
+        instruction = (f"Some special magic {what} are hidden within the following text. Make sure to memorize it. "
+                       f"I will quiz you about the {what} afterwards.\n\n")
+        question = (f"\n\nWhat {'are all the' if plural else 'is the'} special magic {what if plural else one} for "
+                    f"{about} mentioned in the provided text?")
+        frame = [
+            Frame(instruction, question, f"The special magic {what if plural else one} for {about} mentioned in the "
+                                         f"provided text {'are' if plural else 'is'}"),
+            Frame(instruction, f"\n\nWhich {what if plural else one} {'were' if plural else 'was'} given for "
+                               f"{about} in the text above?", "Answer:"),
+            Frame(instruction, question),
+        ][self.wording]
 
         ends = sentence_ends(passage)  # once: insert_at ignores those past n
 

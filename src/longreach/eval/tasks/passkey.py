@@ -6,18 +6,24 @@ import random
 import re
 from dataclasses import dataclass
 
+from ...configurable import param
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
-from .base import Sample, Task, insert_at
+from .base import Sample, Task, check_wording, insert_at
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "\nThe pass key is {key}. Remember it. The pass key is the number above.\n"
-FRAME = Frame(
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it.\n\n",
-    "\n\nWhat is the pass key? Answer with the number only.",
-    "The pass key is",
+INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+               "Find it and memorize it. I will quiz you about it.\n\n")
+# wording=0 is the classic passkey prompt; the others ask as a user might, so a method's defaults are checked
+# against how the prompt ends (another question and prefix; the question alone, no answer prefix)
+FRAMES = (
+    Frame(INSTRUCTION, "\n\nWhat is the pass key? Answer with the number only.", "The pass key is"),
+    Frame("Read the text below. Somewhere in it there is a pass key.\n\n",
+          "\n\nWhich number was given as the pass key?", "Answer:"),
+    Frame(INSTRUCTION, "\n\nWhat is the pass key mentioned in the text above?"),
 )
+WORDINGS = "0: the classic question and answer prefix; 1: another question, prefix 'Answer:'; 2: the question alone"
 
 
 def filler_pieces(n: int, text: str = FILLER) -> list[str]:
@@ -31,6 +37,11 @@ class Passkey(Task):
     summary = "a 5-digit pass key hidden in repetitive filler; exact match of the first number"
     max_new_tokens = 10
 
+    wording: int = param(0, WORDINGS)
+
+    def __post_init__(self) -> None:
+        check_wording(self.name, self.wording, len(FRAMES))
+
     def build(self, tokenizer, corpus: Corpus, length: int, depth: float | None, seed: int, chat: bool) -> Sample:
         depth = 0.5 if depth is None else depth
         key = str(random.Random(seed).randint(10000, 99999))
@@ -42,7 +53,7 @@ class Passkey(Task):
         def context(n: int, _m: int) -> str:
             return insert_at(filler[:n], [(depth, needle)], ends)
 
-        prompt, tokens = fit(tokenizer, length, chat, FRAME, context, max_units=len(filler))
+        prompt, tokens = fit(tokenizer, length, chat, FRAMES[self.wording], context, max_units=len(filler))
         return self.sample(tokenizer, prompt, [key], length, tokens, depth, seed, chat)
 
     def score(self, prediction: str, gold: tuple[str, ...]) -> float:
