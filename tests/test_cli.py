@@ -129,6 +129,7 @@ def test_bench_attention_smoke(tmp_path):
                 assert density <= 0.5
         # the documented arithmetic: ratios, attended FLOPs / bytes, and the fraction of the measured roofline
         assert r["speedup"] == pytest.approx(r["dense_s"] / (r["select_s"] + r["attend_s"]), rel=1e-9)
+        assert r["speedups"] == [pytest.approx(r["speedup"], rel=1e-9)]  # one repeat: its ratio is the median's
         pairs = q_heads * (t * (t + 1) / 2 if r["phase"] == "prefill" else t)
         assert r["dense_flops"] == 4 * dim * pairs and r["dense_bytes"] == 2 * kv_heads * t * dim * 4
         assert r["flops"] == pytest.approx(r["dense_flops"] * density, rel=1e-9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,11 @@ class Row:
     kv_bytes: float = 0.0  # K and V bytes the selected keys occupy (what decode must read)
     dense_flops: float = 0.0
     dense_bytes: float = 0.0
+    speedups: tuple[float, ...] = ()  # dense / (select + attend) of each repeat, measured back to back
 
     @property
     def speedup(self) -> float:
+        """The ratio of the medians (dense_s, select_s and attend_s are medians over the repeats)."""
         return self.dense_s / (self.select_s + self.attend_s)
 
     def roofline(self, peak: Roofline) -> float:
@@ -73,7 +76,9 @@ def _context(method, k: torch.Tensor, phase: str) -> SelectContext:
 
 
 def run(lengths: list[int], specs: list[str], kernel: str = "gather", q_heads: int = 9, kv_heads: int = 3,
-        dim: int = 64, repeat: int = 2, phases: tuple[str, ...] = ("prefill",)) -> list[Row]:
+        dim: int = 64, repeat: int = 3, phases: tuple[str, ...] = ("prefill",)) -> list[Row]:
+    """Each repeat times dense SDPA and then every spec's select and attend, back to back, so every ratio
+    compares timings taken moments apart; rows hold the medians and each repeat's ratio (after a warm-up)."""
     rows = []
     heads = f"{q_heads}/{kv_heads}/{dim}"
     for length in lengths:
@@ -81,19 +86,28 @@ def run(lengths: list[int], specs: list[str], kernel: str = "gather", q_heads: i
         v = torch.randn(1, kv_heads, length, dim)
         for phase in phases:
             q = torch.randn(1, q_heads, length if phase == "prefill" else 1, dim)
-            _, dense_s = best_of(lambda q=q, k=k, v=v: dense_sdpa(q, k, v), repeat, warm_up=True)
             causal_pairs = q_heads * (length * (length + 1) / 2 if phase == "prefill" else length)
             dense_flops, dense_bytes = 4 * dim * causal_pairs, 2 * kv_heads * length * dim * 4
+            methods = {spec: parse_spec(spec).selector for spec in specs}
+            ctxs = {spec: _context(m, k, phase) for spec, m in methods.items()}
+            sels = {spec: m.select(q, k, ctxs[spec]) for spec, m in methods.items()}  # (also the selectors' warm-up)
+            dense_fn = lambda q=q, k=k, v=v: dense_sdpa(q, k, v)  # noqa: E731
+            best_of(dense_fn, warm_up=True)
+            for sel in sels.values():
+                kernels.attend(q, k, v, sel, dim**-0.5, kernel)  # warm-up apart (and the gather path choice)
+            dense_t, select_t, attend_t = [], {s: [] for s in specs}, {s: [] for s in specs}
+            for _ in range(repeat):
+                dense_t.append(best_of(dense_fn)[1])
+                for spec, m in methods.items():
+                    select_t[spec].append(best_of(lambda m=m, ctx=ctxs[spec], q=q, k=k: m.select(q, k, ctx))[1])
+                    attend_t[spec].append(best_of(
+                        lambda sel=sels[spec], q=q, k=k, v=v: kernels.attend(q, k, v, sel, dim**-0.5, kernel))[1])
             for spec in specs:
-                method = parse_spec(spec).selector
-                ctx = _context(method, k, phase)
-                sel = method.select(q, k, ctx)
-                _, select_s = best_of(lambda m=method, q=q, k=k, ctx=ctx: m.select(q, k, ctx), repeat, warm_up=True)
-                _, attend_s = best_of(lambda sel=sel, q=q, k=k, v=v: kernels.attend(q, k, v, sel, dim**-0.5, kernel),
-                                      repeat, warm_up=True)
-                density = sel.density()
-                rows.append(Row(length, spec, kernel, dense_s, select_s, attend_s, density, phase, heads,
-                                dense_flops * density, dense_bytes * density, dense_flops, dense_bytes))
+                density = sels[spec].density()
+                ratios = tuple(d / (a + b) for d, a, b in zip(dense_t, select_t[spec], attend_t[spec], strict=True))
+                rows.append(Row(length, spec, kernel, median(dense_t), median(select_t[spec]), median(attend_t[spec]),
+                                density, phase, heads, dense_flops * density, dense_bytes * density, dense_flops,
+                                dense_bytes, ratios))
     return rows
 
 

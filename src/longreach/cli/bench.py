@@ -27,7 +27,7 @@ def bench_attention(
     kernel: str = typer.Option("gather", help="kernels to time, e.g. gather or gather,flex"),
     heads: str = typer.Option("9,3,64", help="q heads,kv heads,head dim; ';' for several (Llama-3-8B: 32,8,128)"),
     phases: str = typer.Option("prefill", help="prefill, decode or prefill,decode"),
-    repeat: int = typer.Option(2, min=1),
+    repeat: int = typer.Option(3, min=1, help="repeats per row: medians, and each repeat's ratio (min-max)"),
     user_path: bool = typer.Option(False, "--user-path", help="also time each spec's attention inside apply() + a "
                                    "1-layer model forward (prefill) against select + attend on the same tensors"),
     json_out: Path = typer.Option(None, "--json", help="also write the rows (and the measured roofline) as JSON"),
@@ -49,14 +49,16 @@ def bench_attention(
                 for r in attention.run(token_lengths(lengths), specs, kern, hq, hkv, dim, repeat, wanted)]
         user_rows = [r for hq, hkv, dim in shapes if user_path
                      for r in attention.user_path(token_lengths(lengths), specs, hq, hkv, dim, repeat)]
-    table = Table(title=f"attention operator vs dense causal SDPA — {attention.hardware()}; "
+    table = Table(title=f"attention operator vs dense causal SDPA, medians of {repeat} repeats — "
+                        f"{attention.hardware()}; "
                         f"matmul peak {peak.flops / 1e9:.0f} GFLOP/s, read {peak.bytes_per_s / 1e9:.1f} GB/s")
     for col in ("phase", "heads", "T", "method", "kernel", "density", "dense s", "select s", "attend s", "speedup",
-                "select share", "roofline", "dense roofline"):
+                "min-max", "select share", "roofline", "dense roofline"):
         table.add_column(col)
     for r in rows:
         table.add_row(r.phase, r.heads, str(r.length), r.spec, r.kernel, f"{r.density:.3f}", f"{r.dense_s:.4f}",
                       f"{r.select_s:.4f}", f"{r.attend_s:.4f}", f"{r.speedup:.2f}x",
+                      f"{min(r.speedups):.2f}-{max(r.speedups):.2f}x",
                       f"{r.select_s / (r.select_s + r.attend_s):.0%}", f"{r.roofline(peak):.1%}",
                       f"{r.dense_roofline(peak):.1%}")
     console.print(table)
