@@ -237,3 +237,86 @@ def test_visible_total_in_closed_form_equals_the_per_query_count(shape, params):
     for heads in (1, hkv, hq):
         sel = random_selection(b, heads, tq, tk, bq, bk, n_blocks, sinks, window)
         assert sel.visible_total() == int(sel.visible_counts().sum()) == int(sel.to_mask().sum())
+
+
+# ---- logit softcapping (Gemma 2) and learned sink logits (GPT-OSS) --------------------------------------------------
+
+
+def eager_oracle(q, k, v, scale, mask=None, softcap=None, sinks=None):
+    """Plain eager attention as Gemma 2 / GPT-OSS write it: scores, cap * tanh(s / cap), mask, a sink column joining
+    the softmax and dropped after it. fp64, GQA by repeating KV heads; mask (B|1, Hq|1, Tq, Tk), default causal."""
+    g = q.shape[1] // k.shape[1]
+    kr, vr = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ kr.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is None:
+        tq, tk = q.shape[2], k.shape[2]
+        mask = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return (p.nan_to_num(0.0) @ vr).transpose(1, 2).float()
+
+
+EXTRAS = [(20.0, None), (None, "sinks"), (5.0, "sinks")]  # softcap small enough to bend the scores
+
+
+def _extras(extra, hq):
+    cap, with_sinks = extra
+    return cap, (torch.randn(hq) * 2 if with_sinks else None)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("extra", EXTRAS)
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+def test_softcap_and_sinks_at_full_budget_equal_the_eager_oracle(shape, extra, kernel):
+    b, hq, hkv, tq, tk, d, bq, _bk = shape
+    q, k, v = qkv(b, hq, hkv, tq, tk, d)
+    q = q * 4  # scores of several units: the cap and the sink both matter
+    cap, sinks = _extras(extra, hq)
+    out = kernels.attend(q, k, v, Selection.dense(b, tq, tk, block=bq), d**-0.5, kernel, softcap=cap, sinks=sinks)
+    want = eager_oracle(q, k, v, d**-0.5, softcap=cap, sinks=sinks)
+    assert (out - want).abs().max().item() <= TOL
+    plain = eager_oracle(q, k, v, d**-0.5)
+    assert (out - plain).abs().max().item() > 1e-3  # the feature changed the attention: not a silent no-op
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("extra", EXTRAS)
+@pytest.mark.parametrize("heads", ["one", "kv", "q"])
+def test_softcap_and_sinks_on_random_selections_match_the_oracle(shape, extra, heads, gather_path):
+    """Split kernels merge far and near parts by lse: the sink joins once, the cap applies to every part. The
+    compiled kernel cannot cap or sink: such calls run the PyTorch path whichever path this machine chose."""
+    b, hq, hkv, tq, tk, d, bq, bk = shape
+    q, k, v = qkv(b, hq, hkv, tq, tk, d)
+    q = q * 4
+    cap, sinks = _extras(extra, hq)
+    n_heads = {"one": 1, "kv": hkv, "q": hq}[heads]
+    key_mask = torch.ones(b, tk, dtype=torch.bool)
+    key_mask[0, : min(5, tk - 1)] = False
+    for sinks_n, window, n_blocks, km in [(0, 1, 3, None), (4, 16, 2, key_mask), (2, 9, 6, None)]:
+        sel = random_selection(b, n_heads, tq, tk, bq, bk, n_blocks, sinks_n, window, km)
+        mask = sel.to_mask().repeat_interleave(hq // n_heads, dim=1)
+        want = eager_oracle(q, k, v, d**-0.5, mask, cap, sinks)
+        for kernel in FAST_KERNELS:
+            out = kernels.attend(q, k, v, sel, d**-0.5, kernel, softcap=cap, sinks=sinks)
+            assert (out - want).abs().max().item() <= TOL, (kernel, sinks_n, window, n_blocks)
+
+
+def test_a_sink_merged_by_lse_equals_one_softmax_with_the_sink():
+    """with_sink after merge_parts == the sink inside one softmax (the LSE merge carries it exactly)."""
+    from longreach.compat import attention_with_lse_math
+    from longreach.kernels.lse import merge_parts, with_sink
+
+    q, k, v = torch.randn(1, 3, 5, 8), torch.randn(1, 3, 12, 8), torch.randn(1, 3, 12, 8)
+    sinks = torch.randn(3)
+    every = torch.ones(1, 3, 5, dtype=torch.bool)
+    parts = [(*attention_with_lse_math(q, k[:, :, a:z], v[:, :, a:z], None, 0.3), every) for a, z in ((0, 7), (7, 12))]
+    out, lse = merge_parts(parts)
+    got = with_sink(out.transpose(1, 2), lse.transpose(1, 2), sinks)
+    want = eager_oracle(q, k, v, 0.3, torch.ones(5, 12, dtype=torch.bool), sinks=sinks)
+    assert (got - want).abs().max().item() <= TOL

@@ -338,8 +338,9 @@ def test_length_dependent_ropes_keep_the_prompts_frequencies_while_decoding(arch
     rotated otherwise; longreach keeps the prompt's frequencies for the whole sequence."""
     model = tiny_model(arch, max_position_embeddings=TRAINED)
     ids = torch.randint(0, 128, (1, TRAINED + 12))
-    if spec.startswith("longrope"):  # the prompt's choice is the short factors, held: long = short
-        held = _twin(model, spec, lambda rope: dict(rope, long_factor=rope["short_factor"]))
+    if spec.startswith("longrope"):  # the prompt's choice is the short factors, held: long = short; and within
+        # the trained length no attention factor (the model as it was: longreach.position.frozen)
+        held = _twin(model, spec, lambda rope: dict(rope, long_factor=rope["short_factor"], attention_factor=1.0))
     else:  # a base for TRAINED tokens is the model's own
         held = model
     expected = held(ids).logits[:, TRAINED - 1:-1]

@@ -17,7 +17,7 @@ def fused_lse_available(q: torch.Tensor) -> bool:
 
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-    causal: bool = False,
+    causal: bool = False, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of each row, so partial results can be merged.
 
@@ -27,9 +27,10 @@ def attention_with_lse(
     ``causal`` (square inputs, no bias): the fused kernel's own causal path, no L x S mask built.
 
     On CPU this uses torch's fused flash kernel (measured: an additive mask costs ~7% over no mask,
-    while a boolean mask in public SDPA costs ~2.5x). Elsewhere, or if the op is missing, the plain math.
+    while a boolean mask in public SDPA costs ~2.5x). Elsewhere, if the op is missing, or with ``softcap``
+    (scores pass through cap * tanh(s / cap) first, which the fused kernel cannot do), the plain math.
     """
-    if fused_lse_available(q):
+    if fused_lse_available(q) and softcap is None and q.shape[-1] == v.shape[-1]:
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         out, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
@@ -37,14 +38,17 @@ def attention_with_lse(
     if causal:
         upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
         bias = torch.zeros(upper.shape, dtype=q.dtype, device=q.device).masked_fill_(upper, float("-inf"))
-    return attention_with_lse_math(q, k, v, bias, scale)
+    return attention_with_lse_math(q, k, v, bias, scale, softcap)
 
 
 def attention_with_lse_math(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain-math path beside the fused one: same contract, materialises the (L, S) scores."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, H, L, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)  # (N, H, L)
@@ -74,8 +78,9 @@ def can_set_attn_implementation(model: torch.nn.Module) -> bool:
 
 
 # transformers 5.24 renamed the cache argument and output field from ``past_key_values`` to ``cache`` (the old
-# name is deprecated, to be removed in 5.40). Both names are read and written here, nowhere else.
-CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+# name is deprecated, to be removed in 5.40). Both names are read and written here, nowhere else. GPT-NeoX's
+# attention module takes its cache as ``layer_past``.
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def cache_from_kwargs(kwargs: dict) -> object | None:

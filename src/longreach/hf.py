@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import kernels
 from .compat import can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
-from .features import sliding_everywhere, unsupported_features
+from .features import own_attention_layers, sliding_everywhere, softmax_extras, unsupported_features
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
 from .runtime.density import DensityStats
 from .runtime.layer import LayerRuntime
@@ -28,7 +28,6 @@ from .stages import CachePolicy
 
 ATTN_NAME = "longreach"
 _RUNTIMES: weakref.WeakKeyDictionary[nn.Module, LayerRuntime] = weakref.WeakKeyDictionary()
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux")
 
 
 class Handle:
@@ -114,12 +113,15 @@ def longreach_attention(
         )
     if dropout:
         raise InputError("longreach attention is for inference: call model.eval() (attention dropout is on)")
-    for name in _UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise UnsupportedModelError(
-                f"{type(module).__name__} uses attention '{name}', which longreach kernels do not implement"
-            )
+    if runtime.own_attention:  # a layer no method acts on (Llama 4's chunked local layers): exactly the model's
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")  # Gemma 2's logit cap, GPT-OSS's sink logits
+    runtime.softcap = float(softcap) if softcap is not None else None
+    runtime.sinks = sinks if isinstance(sinks, Tensor) else None
     out = runtime.forward(query, key, value, attention_mask, float(scale), sliding_window)
     return out.contiguous(), None
 
@@ -185,6 +187,14 @@ def apply(
             "through longreach would compute a different attention, so it is refused; use the model's own "
             "attention (no longreach method) for this family"
         )
+    extras = softmax_extras(model, modules)
+    by_mass = [m.name for m in parsed.methods if m.scores_attention]
+    if extras and by_mass:
+        raise UnsupportedModelError(
+            f"{', '.join(by_mass)} score{'s' if len(by_mass) == 1 else ''} keys by attention mass with a softmax "
+            f"of q.k, but {name}'s softmax also holds {' and '.join(extras)}, which that scoring leaves out yet. "
+            "Use a method that ranks keys by q.k or position (quest, moba, hip, streaming, duo, razor, "
+            "streamingkv); the kernels compute this model's attention exactly")
     if any(m in _RUNTIMES for m in modules):
         raise LongreachError(f"a longreach method is already applied to this {name}; call handle.remove() first")
     previous = config._attn_implementation or "sdpa"
@@ -207,8 +217,10 @@ def apply(
         handle.rope = rope_info(model)
     if handle.position is not None:
         handle._undo.append(handle.position.install(model))
+    own = own_attention_layers(model)
     for m in modules:
         runtime = _RUNTIMES[m] = LayerRuntime(handle, m, int(m.layer_idx or 0))
+        runtime.own_attention = runtime.layer_idx in own
         handle._hooks.append(m.register_forward_pre_hook(runtime.before_forward, with_kwargs=True))
     try:
         model.set_attn_implementation(ATTN_NAME)

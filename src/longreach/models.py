@@ -240,3 +240,69 @@ def random_model(q_heads: int, kv_heads: int, head_dim: int, layers: int = 1, vo
                                    num_attention_heads=q_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                                    max_position_embeddings=max_positions)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+# Tiny random models of each family that routes attention through AttentionInterface: what the conformance
+# matrix (``longreach models check``) runs every method on. Each keeps its family's attention quirks (GQA,
+# sliding layers, softcapping, learned sinks, partial or interleaved rotary, latent attention, NoPE layers).
+FAMILIES: dict[str, tuple[str, str, dict]] = {  # family -> (config class, model class, config overrides)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),  # v0.2+: full attention
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"sliding_window": None, "num_local_experts": 2,
+                                                        "num_experts_per_tok": 1}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 2,
+                                                            "num_experts_per_tok": 1, "moe_intermediate_size": 32}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 24}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 24,
+                                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "partial_rotary_factor": 0.5}}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": 4,  # no GQA in GPT-NeoX
+                                                         "rope_parameters": {"rope_type": "default",
+                                                                             "rope_theta": 10000.0,
+                                                                             "partial_rotary_factor": 0.25}}),
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", {"head_dim": 16, "num_local_experts": 2,
+                                                      "num_experts_per_tok": 1, "sliding_window": 24,
+                                                      "layer_types": ["sliding_attention", "full_attention"]}),
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        "num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 32, "moe_intermediate_size": 32, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", {
+        "head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 2, "num_experts_per_tok": 1,
+        "attention_chunk_size": 32, "no_rope_layers": [1, 0], "moe_layers": [],
+        "layer_types": ["chunked_attention", "full_attention"]}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {"head_dim": 16}),
+}
+
+
+def tiny_family(family: str, *, max_positions: int = 2048, **overrides: object) -> nn.Module:
+    """A 2-layer random model of ``family`` (hidden 64, 4 query / 2 KV heads where the family has GQA) in eval
+    mode; raises ModelLoadError naming the class when this transformers lacks it."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise ModelLoadError(f"unknown family '{family}'; known: {', '.join(FAMILIES)}")
+    config_name, model_name, extra = FAMILIES[family]
+    config_cls, model_cls = getattr(transformers, config_name, None), getattr(transformers, model_name, None)
+    if config_cls is None or model_cls is None:
+        raise ModelLoadError(f"transformers {transformers.__version__} has no {model_name}")
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if hasattr(config_cls, "original_max_position_embeddings"):  # Phi-3: its trained length is this one
+        common["original_max_position_embeddings"] = max_positions
+    kwargs = {**common, **extra, **overrides}
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # tiny configs trip advisory warnings (rope factors, unused keys)
+    try:
+        return model_cls(config_cls(**kwargs)).eval()
+    finally:
+        hf_logging.set_verbosity(level)

@@ -37,6 +37,8 @@ class LayerCall:
     state: dict = field(default_factory=dict)  # the cache policy's per-layer scratch for this sequence
     # density accounting for head-split attention: (selection, query heads it served, tokens seen)
     record: Callable[[Selection, int, int], None] | None = None
+    softcap: float | None = None  # Gemma 2: scores pass through cap * tanh(s / cap) (kernels.attend)
+    sinks: Tensor | None = None  # GPT-OSS: one learned sink logit per query head, (Hq,) (kernels.attend)
 
     @property
     def t_q(self) -> int:

@@ -258,6 +258,7 @@ class HeadKV(HeadPolicy):
     """
 
     name: ClassVar[str] = "headkv"
+    scores_attention: ClassVar[bool] = True
     kind: ClassVar[str] = "press"
     summary: ClassVar[str] = "retrieval heads keep every key; the others share the rest of the budget by SnapKV " \
                              "votes (head-level budgets, HeadKV / Task-KV)"
@@ -367,6 +368,7 @@ class ACT(Profiled, SelectionMethod):
     """
 
     name: ClassVar[str] = "act"
+    scores_attention: ClassVar[bool] = True
     rewrites_output: ClassVar[bool] = True
     summary: ClassVar[str] = "damp attention to hidden sinks in the heads that have them (ACT, training-free)"
     paper: ClassVar[str] = "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models " \

@@ -85,7 +85,8 @@ class SplitPolicy:
                 sel = Selection.dense(batch, t_q, kk.shape[2], device=q.device)
             else:
                 sel = Selection.local(batch, t_q, kk.shape[2], sinks=sinks, window=split.window, device=q.device)
-            out[:, :, qh] = kernels.attend(qq, kk, vv, sel, call.scale, call.kernel)
+            out[:, :, qh] = kernels.attend(qq, kk, vv, sel, call.scale, call.kernel, softcap=call.softcap,
+                                           sinks=None if call.sinks is None else call.sinks[qh])
             if call.record is not None:
                 call.record(sel, len(qh), seen)
         return out

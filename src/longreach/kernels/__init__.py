@@ -41,13 +41,18 @@ def resolve(name: str, q: Tensor) -> Kernel:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel: str = "auto",
-           far: FarKeys | None = None) -> Tensor:
+           far: FarKeys | None = None, *, softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """Attention for ``sel``: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
 
     ``far``: two-piece position methods (keys at distance >= far.distance scored with far.q / far.k);
-    the flex kernel has no such path, so those calls run on ``gather``.
+    the flex kernel has no such path, so those calls run on ``gather``. ``softcap`` (Gemma 2's
+    cap * tanh(s / cap)) and learned ``sinks`` (GPT-OSS: one logit per query head, (Hq,)) run on ``gather``'s
+    PyTorch path (or the reference kernel when asked for).
     """
     fn = resolve(kernel, q)
+    if softcap is not None or sinks is not None:
+        fn = reference.attend if fn is reference.attend else gather.attend
+        return fn(q, k, v, sel, scale, far, softcap=softcap, sinks=sinks)
     if far is None:
         return fn(q, k, v, sel, scale)
     if fn is flex.attend:

@@ -28,16 +28,19 @@ from ._heads import map_heads
 from .band import band_attention_with_lse
 from .dense import causal_attention, causal_attention_with_lse
 from .far import FarKeys
-from .lse import merge_parts
+from .lse import merge_parts, with_sink
 
 CHUNK_BYTES = 96 * 2**20  # working-set target per chunk of query blocks
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None, *,
+           softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D).
 
     With ``far``, keys at distance >= far.distance are scored with far.q / far.k; the selection's window
     must cover the near piece (window >= far.distance), so the far part never holds a near key.
+    ``softcap`` (scores -> cap * tanh(s / cap)) and learned ``sinks`` (Hq,) logits run the PyTorch blocked
+    path: the fused kernels cannot cap scores, and a sink joins the softmax through the rows' lse.
     """
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype != torch.float32:
@@ -47,6 +50,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
     if far is not None and sel.window < far.distance and not sel.full:
         raise InputError(f"a two-piece position method needs the selection window ({sel.window}) to cover its "
                          f"near piece ({far.distance} keys)")
+    if softcap is not None or sinks is not None:
+        out, lse = attend_with_lse(q, k, v, sel, scale, far, use_native=False, softcap=softcap)
+        return (out if sinks is None else with_sink(out, lse, sinks)).to(out_dtype)
     if sel.full and sel.key_mask is None:
         if far is None:
             return causal_attention(q, k, v, scale).to(out_dtype)
@@ -56,7 +62,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
 
 
 def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None,
-                    use_native: bool | None = None) -> tuple[Tensor, Tensor]:
+                    use_native: bool | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """The blocked path: (B, Tq, Hq, D) output and (B, Tq, Hq) log-sum-exp (-inf for rows with no key).
 
     ``use_native``: run the compiled kernel (True), the PyTorch path (False), or whichever this machine measured
@@ -81,11 +87,11 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
     qb = blocks(q)
     if use_native is None and far is None:  # a two-piece position method runs the PyTorch path anyway
         use_native = choice.use_native(q, n_kv, attend_with_lse)
-    if far is None and use_native and native.usable(q):
+    if far is None and use_native and softcap is None and native.usable(q):
         out, lse = _native(qb, k, v, sel, mapping.kv_head, fold, scale)
     else:
         out, lse = _torch_chunks(qb, blocks(far.q) if far is not None else qb, k, v, sel, mapping.kv_head, fold, scale,
-                                 far)
+                                 far, softcap)
     # one copy into the (B, Tq, Hq, D) layout callers hand on (rows are (query, folded head) per block)
     out = out.view(batch, heads, n_qb, bq, fold, dim).permute(0, 2, 3, 1, 4, 5)
     out = out.reshape(batch, n_qb * bq, n_q, dim)[:, :t_q]
@@ -94,7 +100,7 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: floa
 
 
 def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selection, kv_head: Tensor, fold: int,
-                  scale: float, far: FarKeys | None) -> tuple[Tensor, Tensor]:
+                  scale: float, far: FarKeys | None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Pure PyTorch: per chunk of query blocks, gathered near and far parts merged by log-sum-exp.
     qb (B, Hs, nQB, rows, D) -> out like qb and lse (B, Hs, nQB, rows)."""
     batch, heads, n_qb, rows, dim = qb.shape
@@ -126,7 +132,7 @@ def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selecti
             pieces = [(qc, take_k_near, near_ok & ~is_far), (qc_far, take_k_far, near_ok & is_far)]
         for qq, take, ok in pieces:
             ok = ok.unsqueeze(-2).expand(-1, -1, -1, -1, fold, -1).reshape(batch * heads, nb, rows, n_near)
-            o, lse_part = attention_with_lse(qq, take(near_pos), near_v, _bias(ok), scale)
+            o, lse_part = attention_with_lse(qq, take(near_pos), near_v, _bias(ok), scale, softcap=softcap)
             parts.append((o, lse_part, ok.any(-1)))
 
         far_pos, far_ok = _compact(lay.far_pos, lay.far_ok)
@@ -135,7 +141,7 @@ def _torch_chunks(qb: Tensor, qb_far: Tensor, k: Tensor, v: Tensor, sel: Selecti
             # one mask row serves every query of a block; none at all when every gathered key is visible
             far_bias = None if bool(far_ok.all()) else _bias(far_ok).unsqueeze(-2).flatten(0, 1)
             o, lse_part = attention_with_lse(qc_f, (take_k_far or take_k)(far_pos), take_v(far_pos), far_bias,
-                                             scale)
+                                             scale, softcap=softcap)
             parts.append((o, lse_part, far_ok.any(-1).view(batch * heads, nb, 1).expand_as(lse_part)))
 
         merged, merged_lse = merge_parts(parts)

@@ -29,3 +29,15 @@ def merge_parts(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Ten
     out = sum(o * (w / safe).unsqueeze(-1) for (o, _, _), w in zip(parts, weights, strict=True))
     lse = torch.where(total > 0, top + torch.log(safe), neg)
     return out, lse  # type: ignore[return-value]
+
+
+def with_sink(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """Add learned sink logits (GPT-OSS ``s_aux``) to an attention's softmax denominator, after the fact.
+
+    A sink is one more logit per query head that attends to nothing: the softmax over keys + sink equals the
+    softmax over keys scaled by exp(lse) / (exp(lse) + exp(sink)). out (B, Tq, Hq, D), lse (B, Tq, Hq) with
+    -inf for rows that saw no key (their output stays 0), sinks (Hq,).
+    """
+    sink = sinks.to(lse.dtype).view(1, 1, -1)
+    keep = torch.exp(lse - torch.logaddexp(lse, sink))  # share of the softmax mass left to the keys
+    return out * keep.nan_to_num(0.0).unsqueeze(-1).to(out.dtype)

@@ -10,10 +10,13 @@ from ._heads import map_heads
 from .far import FarKeys
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None) -> Tensor:
-    """q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Tq, Hq, D); computed in float64.
+def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None, *,
+           softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
+    """q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, Tq, Hq, Dv); computed in float64.
 
-    With ``far``, the score of a key at distance >= far.distance is far.q . far.k instead."""
+    With ``far``, the score of a key at distance >= far.distance is far.q . far.k instead. ``softcap``: scores
+    become cap * tanh(s / cap) (Gemma 2); ``sinks`` (Hq,): one more logit per query head in the softmax
+    denominator that attends to nothing (GPT-OSS)."""
     _batch, n_q, _, _ = q.shape
     n_kv = k.shape[1]
     mapping = map_heads(sel, n_q, n_kv)
@@ -29,7 +32,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
         pos = sel.q_offset + torch.arange(sel.q_len, device=q.device)
         dist = pos[:, None] - torch.arange(sel.kv_len, device=q.device)[None, :]
         scores = torch.where(dist >= far.distance, far_scores, scores)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    if sinks is not None:  # the sink column joins the softmax, then is dropped: it attends to nothing
+        sink = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
     out = torch.matmul(probs, vr)
     return out.to(q.dtype).transpose(1, 2).contiguous()

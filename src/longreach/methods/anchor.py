@@ -29,6 +29,7 @@ from .scoring import by_group, chunk_rows, mean_queries, reduce_heads
 @dataclass(frozen=True)
 class Anchor(BudgetedMethod):
     name: ClassVar[str] = "anchor"
+    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "key stripes scoring within theta of the sink/window anchor (AnchorAttention)"
     paper: ClassVar[str] = "AnchorAttention: Difference-Aware Sparse Attention with Stripe Granularity " \
                            "(arXiv:2505.23520)"

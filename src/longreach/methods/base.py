@@ -27,6 +27,9 @@ class Method(Configurable):
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+    # scores keys by attention mass (a softmax of q.k it computes itself): on a model whose softmax also holds
+    # a logit softcap or learned sinks, ``apply`` refuses it until that softmax includes them
+    scores_attention: ClassVar[bool] = False
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse, at ``apply`` time, a model this method cannot act on (before any forward)."""

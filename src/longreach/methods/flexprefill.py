@@ -40,6 +40,7 @@ def js_distance(p: Tensor, q: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class FlexPrefill(BudgetedMethod):
     name: ClassVar[str] = "flexprefill"
+    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "per head: query-aware or vertical-slash, blocks until mass gamma (FlexPrefill)"
     paper: ClassVar[str] = "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence " \
                            "Inference (arXiv:2502.20766)"

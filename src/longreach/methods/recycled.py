@@ -27,6 +27,7 @@ from .scoring import block_sums, last_query_probs, reduce_heads
 @dataclass(frozen=True)
 class Recycled(BudgetedMethod):
     name: ClassVar[str] = "recycled"
+    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "decode: full attention every N steps, its top blocks reused in between"
     paper: ClassVar[str] = "Recycled Attention: Efficient inference for long-context language models " \
                            "(arXiv:2411.05787)"

@@ -30,6 +30,7 @@ from .scoring import by_group, chunk_rows, expand_kv, gather_keys, sorted_count_
 @dataclass(frozen=True)
 class Twilight(BudgetedMethod):
     name: ClassVar[str] = "twilight"
+    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "top-p: keep the fewest proposed blocks reaching attention mass p (Twilight)"
     paper: ClassVar[str] = "Twilight: Adaptive Attention Sparsity with Hierarchical Top-p Pruning (arXiv:2502.02770)"
 

@@ -60,6 +60,7 @@ def vertical_slash_scores(probs: Tensor, quota: BlockQuota, block_q: int, block_
 @dataclass(frozen=True)
 class VerticalSlash(BudgetedMethod):
     name: ClassVar[str] = "vslash"
+    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "key columns + diagonals estimated from the last queries (MInference)"
     paper: ClassVar[str] = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse " \
                            "Attention (arXiv:2407.02490)"

@@ -74,6 +74,8 @@ class RopeScaling(PositionMethod):
         trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         new_config = copy.copy(config)
+        if hasattr(new_config, "head_dim") and new_config.head_dim is None:
+            new_config.head_dim = head_dim  # Mixtral's head_dim=None: transformers' yarn/longrope would fail on it
         params = copy.deepcopy(config.rope_parameters)
         if "full_attention" in params:  # per layer type (Gemma 3): only global layers see far positions
             params["full_attention"] = self.rope_parameters(params["full_attention"], trained, head_dim)
@@ -85,7 +87,7 @@ class RopeScaling(PositionMethod):
         for parent, attr, old in mods:
             new = type(old)(new_config).to(next(iter(old.buffers())).device)
             if self.rope_type in LENGTH_DEPENDENT:
-                new = PerSequenceFrequencies(new)
+                new = PerSequenceFrequencies(new, trained)
             setattr(parent, attr, new)
             swapped.append((parent, attr, old))
 

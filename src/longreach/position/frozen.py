@@ -41,9 +41,14 @@ def planned_length(tokens: int) -> Iterator[None]:
 class PerSequenceFrequencies(nn.Module):
     """Wraps a length-dependent transformers rotary module: frequencies chosen at a sequence's start."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, trained: int | None = None) -> None:
         super().__init__()
         self.inner = inner
+        # longrope scales cos/sin by its attention factor at every length; inside the trained length the model
+        # must stay as it was (short factors are 1), so that factor applies only to sequences planned past it
+        self.trained = trained
+        self.past_scaling = {name: value for name, value in vars(inner).items()
+                             if name.endswith("attention_scaling")}  # Gemma 3: one per layer type
         self._chosen: set[object] = set()  # layer types (None: the model's only one) with frequencies fixed
         decorated = type(inner).forward  # transformers' per-call update is a decorator: the plain forward
         self._plain = inspect.unwrap(decorated) if hasattr(decorated, "__wrapped__") else None
@@ -54,6 +59,9 @@ class PerSequenceFrequencies(nn.Module):
             length = max(_PLANNED.get(), int(position_ids.max()) + 1)
             last = torch.full((1, 1), length - 1, dtype=position_ids.dtype, device=position_ids.device)
             self.inner(x[:, :1], last, *args, **kwargs)  # transformers' own update picks for `length`
+            if self.trained is not None:
+                for name, value in self.past_scaling.items():
+                    setattr(self.inner, name, 1.0 if length <= self.trained else value)
             self._chosen.add(key)
         if self._plain is None:  # a rotary module that never re-picks: nothing to hold
             return self.inner(x, position_ids, *args, **kwargs)

@@ -144,6 +144,7 @@ class MsPoE(RemapPositions):
     as they are (as in the paper)."""
 
     name: ClassVar[str] = "mspoe"
+    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "Ms-PoE: multi-scale position rescaling per head against lost-in-the-middle"
     paper: ClassVar[str] = "Found in the Middle: How Language Models Use Long Contexts Better via " \
                            "Plug-and-Play Positional Encoding (arXiv:2403.04797)"

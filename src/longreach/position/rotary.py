@@ -8,6 +8,7 @@ deltas reach tens of thousands of radians, where float32 angles lose the low bit
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +58,33 @@ def rope_info(model: nn.Module) -> RopeInfo:
     if freq is None:
         raise UnsupportedModelError(f"{type(rotary).__name__}: found no global-attention inv_freq to re-map")
     config = text_config(model)
+    problem = rerotation_problem(model, config)
+    if problem:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: {problem}, so re-rotating its queries and keys (selfextend, string, gali, "
+            "mspoe) would not match its RoPE. Use a rope scaling method (yarn, linear, dynamic, llama3, "
+            "longrope), which transformers applies with the model's own rotary code")
     trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
     return RopeInfo(freq.detach().double().cpu(), trained)
+
+
+def rerotation_problem(model: nn.Module, config: object) -> str | None:
+    """Why ``rerotate`` (half-split pairs, rotary dims first, every global layer rotated) would not match this
+    model's RoPE; None when it does. Read from the config and the attention modules' own ``rotate_half``."""
+    if 0 in (getattr(config, "no_rope_layers", None) or []):
+        return "some of its layers use no position embedding at all (NoPE layers, as in Llama 4)"
+    if getattr(config, "qk_rope_head_dim", None):
+        return ("its rotary part is the last qk_rope_head_dim dims of each head (multi-head latent attention, "
+                "as in DeepSeek-V3)")
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
+            rotate_half = getattr(sys.modules.get(type(module).__module__), "rotate_half", None)
+            if rotate_half is not None:
+                probe = torch.arange(1.0, 5.0)
+                if not torch.equal(rotate_half(probe), torch.tensor([-3.0, -4.0, 1.0, 2.0])):
+                    return "it pairs rotary dimensions interleaved (2i, 2i+1), as GLM-4 does, not half-split"
+            break
+    return None
 
 
 def rerotate(x: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:

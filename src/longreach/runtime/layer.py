@@ -43,6 +43,13 @@ class LayerRuntime:
         self.policy_state: dict = {}  # the cache policy's (recent queries, accumulated attention, steps)
         self.position_state: dict = {}  # the position method's (group size, head ratios)
         self.cache: object | None = None  # the forward's transformers cache (set by the pre-hook)
+        # a layer kind no method acts on and no Selection expresses (chunked local attention): ``hf`` runs the
+        # model's own attention for it
+        self.own_attention = False
+        # this call's attention features, set by ``hf`` per call: Gemma 2's logit softcap, GPT-OSS's learned
+        # sink logits (Hq,); every kernel call of the layer passes them on
+        self.softcap: float | None = None
+        self.sinks: Tensor | None = None
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of the attention module: note the forward's cache and make its layer grow in place (a
@@ -88,7 +95,7 @@ class LayerRuntime:
         policy = handle.policy if controlled else None
         call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, self.cache, self.policy_state,
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
-                         if handle.track_density else None)
+                         if handle.track_density else None, self.softcap, self.sinks)
         # 1. position map
         far = None
         if controlled and handle.remap is not None:
@@ -100,7 +107,7 @@ class LayerRuntime:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
             if handle.track_density and controlled:
                 handle.stats.add(phase, sel)
-            out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far)
+            out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far, softcap=self.softcap, sinks=self.sinks)
         # 4. cache policy
         if policy is not None and policy.after_forward(call) and self.summaries is not None:
             self.summaries.reset()  # stored keys changed under the block summaries

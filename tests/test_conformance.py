@@ -1,0 +1,66 @@
+"""The conformance matrix (longreach.conformance) on small sizes: every registered method on every family.
+
+No cell may fail (✗); every refusal must come from ``apply()`` (the matrix applies each spec alone first, so a
+forward-time error, a LongreachError included, or a raw torch error is a ✗); and the refused cells must be
+exactly the unsupported set documented below, each with its reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import longreach
+from longreach.conformance import PROBES, Sizes, markdown, run_matrix
+from longreach.models import FAMILIES
+
+SMALL = Sizes(trained=32, prompt=64, inside=24, past=48, decode=2)
+BY_MASS = {"act", "anchor", "finch", "flexprefill", "h2o", "headkv", "mspoe", "pyramidkv", "recycled", "snapkv",
+           "tova", "twilight", "vslash"}  # methods that score keys with a softmax of their own
+REMAP = {"selfextend", "string", "gali", "mspoe"}  # re-rotate q/k inside the attention function
+ROPE_TYPES = {"linear", "dynamic", "yarn", "llama3", "longrope"}
+
+
+def documented_refusals(family: str) -> dict[str, str]:
+    """method -> a phrase of apply()'s reason: the unsupported set of docs/models.md."""
+    everything = set(PROBES)
+    refused: dict[str, str] = {}
+    if family == "deepseek-v3":  # multi-head latent attention: v head dim 32, q/k head dim 24
+        refused |= dict.fromkeys(everything, "value head dim")
+    if family == "gemma2":
+        refused |= dict.fromkeys(BY_MASS, "softcapping")
+    if family == "gpt-oss":
+        refused |= dict.fromkeys(BY_MASS, "attention-sink logits")
+        refused |= dict.fromkeys(ROPE_TYPES, "already scales RoPE")  # GPT-OSS ships YaRN
+    if family == "glm4":
+        refused |= dict.fromkeys(REMAP - BY_MASS, "interleaved")
+        refused["mspoe"] = "interleaved"
+    if family == "llama4":
+        refused |= dict.fromkeys(REMAP, "NoPE")
+    return refused
+
+
+def test_every_method_and_family_has_a_probe():
+    assert set(PROBES) == set(longreach.method_names())
+    assert {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma", "gemma2", "gemma3", "phi3",
+            "olmo2", "gpt-neox", "gpt-oss", "deepseek-v3", "llama4", "glm4"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_matrix_row_of_each_family_has_no_failure_and_only_documented_refusals(family):
+    matrix = run_matrix([family], sizes=SMALL)
+    if family in matrix.skipped:
+        pytest.skip(matrix.skipped[family])  # this transformers lacks the class (the reason is stated)
+    assert not matrix.failures(), "\n".join(f"{c.method}: {c.reason}" for c in matrix.failures())
+    refused = {method: reason for (_, method), reason in matrix.refused().items()}
+    expected = documented_refusals(family)
+    assert set(refused) == set(expected), f"refused {sorted(refused)}, documented {sorted(expected)}"
+    for method, reason in refused.items():
+        assert expected[method] in reason, (method, reason)
+        assert " or " in reason or "use " in reason.lower(), f"{method}: the refusal names no alternative"
+
+
+def test_the_markdown_shows_every_cell_and_each_reason_once():
+    matrix = run_matrix(["llama", "deepseek-v3"], ["dense", "quest"], sizes=SMALL)
+    text = markdown(matrix)
+    assert "| `quest` | ✓ | refused [1](#r1) |" in text
+    assert text.count("value head dim") == 1  # one note, referenced from each refused cell
