@@ -1,0 +1,490 @@
+"""``longreach tune``: which spec, at which budget, keeps my accuracy on my model and length, and how fast is it?
+
+Three stages, each resumable from its folder next to the output JSON:
+
+1. **screen** (``WORK/screen.jsonl``) — on a few tuning prompts, every select candidate is replayed on the real
+   queries and keys of one dense forward (:func:`longreach.diagnostics.diagnose`: mass recall, output error) and
+   every press runs the prompt (how far it moves the next-token distribution from dense's). Clearly bad
+   candidates are dropped with the reason (:func:`tunerules.cut`). Past the trained length the screen runs at the
+   trained length: there is no dense reference beyond it.
+2. **tune** (``WORK/tuning/results.jsonl``) — the survivors and the baseline on the tuning prompts (seeds from
+   ``tune_seed``, corpus ``tune_corpus``), through the eval runner. Past the trained length the position methods
+   run first, against dense; the most accurate becomes the baseline the others are composed with and judged
+   against. Per kind, the ``finalists`` best that pass the observed-difference rule go on.
+3. **report** (``WORK/reporting/results.jsonl``) — the finalists and the baseline on disjoint reporting prompts
+   (other seeds, another corpus where one loads). The chosen spec of each kind is the first finalist, in tuning
+   order, that passes the full rule (:func:`tunerules.judge`) there.
+
+The JSON holds the choices, their measured speed and cache ratios, the evidence table of every stage, the screen,
+both prompt sets (seeds, corpora, prompt hashes) and the provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..errors import InputError, LongreachError
+from ..spec import parse_spec
+from .corpus import Corpus
+from .report import BASELINE, ScoreCell, pair_with_dense
+from .results import read_rows, row_key
+from .runner import make_sweep, parse_lengths, pending, record_sweep, run_local
+from .tasks import parse_tasks
+from .tunerules import (
+    Rule,
+    Screened,
+    ScreenRule,
+    Standing,
+    compose,
+    cut,
+    default_positions,
+    default_prefill,
+    default_press,
+    judge,
+    kind_of,
+    rank,
+)
+from .tunescreen import screen
+
+SCHEMA = "longreach.tune/1"
+REPORT_CORPORA = ("austen", "bible")  # tried in order by --report-corpus auto; else the tuning corpus
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Everything ``tune`` takes besides the model, the length and the output file (the CLI's options)."""
+
+    tasks: str = "passkey,niah"
+    candidates: str | None = None  # ';'-separated select / press specs (default: tunerules' grid)
+    positions: str | None = None  # ';'-separated position specs past the trained length (default: the grid)
+    rule: Rule = field(default_factory=Rule)
+    screen: ScreenRule = field(default_factory=ScreenRule)
+    screen_prompts: int = 4  # in all, spread over the tasks
+    screen_queries: int = 256  # evenly spaced queries that estimate mass recall
+    tune_samples: int = 20  # per task
+    report_samples: int = 50  # per task
+    tune_seed: int = 100
+    report_seed: int = 1000
+    tune_corpus: str = "canterbury"
+    report_corpus: str = "auto"  # auto: the first of REPORT_CORPORA that loads, else the tuning corpus
+    finalists: int = 2
+    chat: bool = True
+    kernel: str = "auto"
+    chunk: int | None = None
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """Validated input: nothing here needs a model."""
+
+    model: str
+    length: int
+    tasks: str  # canonical, ';'-separated
+    prefill: list[str]
+    press: list[str]
+    positions: list[str] | None  # None: the default grid, sized once the trained length is known
+    screen_per_task: int
+
+
+@dataclass
+class TuneResult:
+    data: dict  # what the JSON holds
+    path: Path
+
+    def choice(self, kind: str) -> str | None:
+        return (self.data.get(kind) or {}).get("spec")
+
+    def summary(self) -> list[str]:
+        """Lines for stdout: each kind's choice with its ratio and its paired evidence, or why none passed."""
+        lines = []
+        for kind in ("position", "prefill", "press"):
+            got = self.data.get(kind)
+            if got is None:
+                continue
+            if got["spec"] is None:
+                lines.append(f"{kind}: none passed — {got['reason']}")
+                continue
+            ratio = (f", {got['speed_ratio']:.2f}x the baseline's prefill speed" if kind == "prefill" else
+                     f", cache {got['cache_ratio']:.2f} of the baseline's" if kind == "press" else "")
+            lines.append(f"{kind}: {got['spec']}{ratio} ({got['evidence']})")
+        return lines
+
+
+def plan_tune(model: str, length: int | str, settings: TuneSettings) -> TunePlan:
+    """Check every input before a model loads or a corpus downloads; errors say what to change."""
+    from ..configurable import split_items
+
+    lengths = parse_lengths(str(length))
+    if len(lengths) != 1:
+        raise InputError(f"tune takes one --length, got {length}; run it once per length")
+    n_tokens = lengths[0]
+    tasks = parse_tasks(settings.tasks)
+    for task in tasks:
+        if task.metric == "ppl":
+            raise InputError(f"tune judges by points of accuracy; '{task.spec()}' is a perplexity task: use "
+                             "passkey, niah, vt, cwe, fwe or kvret")
+    s = settings
+    for name, value in (("--tune-samples", s.tune_samples), ("--report-samples", s.report_samples),
+                        ("--screen-prompts", s.screen_prompts), ("--finalists", s.finalists),
+                        ("--survivors", s.screen.survivors), ("--screen-queries", s.screen_queries)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if min(s.tune_seed, s.report_seed) < 0:
+        raise InputError("seeds must be >= 0")
+    tune_seeds = range(s.tune_seed, s.tune_seed + s.tune_samples)
+    report_seeds = range(s.report_seed, s.report_seed + s.report_samples)
+    if max(tune_seeds.start, report_seeds.start) < min(tune_seeds.stop, report_seeds.stop):
+        raise InputError(f"tuning seeds {tune_seeds.start}..{tune_seeds.stop - 1} overlap reporting seeds "
+                         f"{report_seeds.start}..{report_seeds.stop - 1}: the two prompt sets must be disjoint; "
+                         "move --report-seed past the tuning range")
+    per_task = math.ceil(s.screen_prompts / len(tasks))
+    if per_task > s.tune_samples:
+        raise InputError(f"--screen-prompts {s.screen_prompts} needs {per_task} tuning prompts per task, more than "
+                         f"--tune-samples {s.tune_samples}")
+    if s.report_corpus not in ("auto", "canterbury", "austen", "bible", "synthetic"):
+        raise InputError(f"unknown --report-corpus '{s.report_corpus}': use auto, canterbury, austen, bible or "
+                         "synthetic")
+    # the runner's own checks (kernel, corpus, chunk) before any work
+    make_sweep(model, settings.tasks, "dense", str(n_tokens), kernel=s.kernel, corpus=s.tune_corpus, chunk=s.chunk)
+    given = [str(parse_spec(c)) for c in split_items(s.candidates)] if s.candidates else None
+    prefill = [c for c in given if kind_of(c) == "prefill"] if given else default_prefill()
+    press = [c for c in given if kind_of(c) == "press"] if given else default_press()
+    if given and any(kind_of(c) == "position" for c in given):
+        raise InputError("position methods go in --positions (tuned only past the model's trained length)")
+    positions = None
+    if s.positions:
+        positions = [str(parse_spec(c)) for c in split_items(s.positions)]
+        wrong = [c for c in positions if kind_of(c) != "position"]
+        if wrong:
+            raise InputError(f"--positions takes position methods only, got {', '.join(wrong)}")
+    for found in (prefill, press, positions or []):
+        if len(set(found)) != len(found):
+            raise InputError("a candidate is given twice")
+    if not prefill and not press:
+        raise InputError("no prefill (select) or press candidates to tune")
+    return TunePlan(model, n_tokens, ";".join(t.spec() for t in tasks), prefill, press, positions, per_task)
+
+
+def trained_length(model) -> int | None:
+    """The context the model was trained to (its config's original or maximum position embeddings)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(cfg, "original_max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def load_corpora(settings: TuneSettings, log: Log) -> tuple[Corpus, Corpus, str]:
+    """The tuning corpus and the reporting one (another corpus where one loads), and a note on what was used."""
+    tuning = Corpus.load(settings.tune_corpus)
+    if settings.report_corpus != "auto":
+        return tuning, Corpus.load(settings.report_corpus), "as asked"
+    for name in REPORT_CORPORA:
+        if name == tuning.name:
+            continue
+        try:
+            return tuning, Corpus.load(name), f"auto: {name}, a corpus the tuning prompts do not use"
+        except (LongreachError, OSError) as err:  # no apt, no network, a changed package: try the next
+            log(f"reporting corpus {name} did not load ({err}); trying the next")
+    note = (f"auto: no other corpus loaded; the reporting prompts use {tuning.name} too (other seeds, other "
+            "passages)")
+    log(f"warning: {note}")
+    return tuning, tuning, note
+
+
+# ---- stages 2 and 3: eval through the runner ----
+
+def run_stage(plan: TunePlan, settings: TuneSettings, methods: list[str], folder: Path, samples: int,
+              first_seed: int, corpus: Corpus, model, tokenizer, log: Log) -> list[dict]:
+    """Run what ``folder`` does not hold yet (the eval runner resumes), return this stage's rows."""
+    sweep = make_sweep(plan.model, plan.tasks, ";".join(dict.fromkeys(methods)), str(plan.length), samples=samples,
+                       chat=settings.chat, kernel=settings.kernel, corpus=corpus.name, chunk=settings.chunk,
+                       first_seed=first_seed)
+    todo, bad, finished = pending(sweep, folder)
+    for line in bad:
+        log(f"warning: {folder / 'results.jsonl'} {line} — its sample will be run again")
+    left = sum(len(v) for v in todo.values())
+    log(f"{folder}: {len(sweep.methods)} methods, {finished} samples done, {left} to run")
+    if left:
+        record_sweep(sweep, folder, None)
+        last: list = [None]
+
+        def progress(cell) -> None:
+            if cell != last[0]:
+                last[0] = cell
+                log(f"  {cell}")
+
+        run_local(sweep, folder, todo, model, tokenizer, corpus, progress=progress)
+    keys = {sweep.key(c, d, s) for c in sweep.cells() for d, s in sweep.points(c.task)}
+    return [r for r in read_rows(folder / "results.jsonl")[0] if row_key(r) in keys]
+
+
+def _mean(rows: list[dict], field: str) -> float | None:
+    vals = [r[field] for r in rows if isinstance(r.get(field), int | float)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rule: Rule, final: bool,
+          stage: str) -> tuple[Standing, list[dict]]:
+    """One candidate against the baseline on the same prompts, task by task: its standing and evidence rows."""
+    evidence, reasons = [], []
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for task in tasks:
+        mine = [r for r in rows if r["method"] == spec and r["task"] == task]
+        base = [r for r in rows if r["method"] == baseline and r["task"] == task]
+        metric = (mine or base or [{}])[0].get("metric", "accuracy")
+        length = (mine or base)[0]["length"]
+        cells = {(task, BASELINE, length): ScoreCell(task, metric, BASELINE, length, base)}
+        p = pair_with_dense(cells, ScoreCell(task, metric, spec, length, mine))
+        why = judge(p, rule, final)
+        if why:
+            reasons.append(f"{task}: {why}")
+        a, b, c, _ = p.table or (0, 0, 0, 0)
+        evidence.append({
+            "stage": stage, "kind": kind, "spec": spec, "baseline": baseline, "task": task, "n": p.n,
+            "correct": a + b if p.table else round(sum(r["score"] for r in mine), 3),
+            "baseline_correct": a + c if p.table else round(sum(r["score"] for r in base), 3),
+            "diff_points": _points(p.diff), "lower": _points(p.lo), "upper": _points(p.hi),
+            "interval": p.interval or None, "mcnemar_p": p.p, "table": list(p.table) if p.table else None,
+            "verdict": "pass" if why is None else f"fail: {why}"})
+    mine_all = [r for r in rows if r["method"] == spec]
+    base_all = [r for r in rows if r["method"] == baseline]
+    t, t0 = _mean(mine_all, "prefill_s"), _mean(base_all, "prefill_s")
+    kv, kv0 = _mean(mine_all, "kv_bytes_prompt"), _mean(base_all, "kv_bytes_prompt")
+    standing = Standing(spec, kind, order, not reasons, reasons, sum(r["score"] for r in mine_all),
+                        t0 / t if t and t0 else None, kv / kv0 if kv is not None and kv0 else None, baseline)
+    if kind == "prefill" and not (standing.speed_ratio or 0.0) > rule.min_speedup:
+        speed = "unmeasured" if standing.speed_ratio is None else f"{standing.speed_ratio:.2f}x"
+        standing.reasons.append(f"prefill speed vs the baseline {speed}, not above --min-speedup {rule.min_speedup:g}")
+        standing.passed = False
+    return standing, evidence
+
+
+def _points(x: float) -> float | None:
+    return round(100 * x, 2) if math.isfinite(x) else None
+
+
+def _fmt(points: float | None) -> str:
+    return "–" if points is None else f"{points:+.1f}"
+
+
+# ---- the whole tune ----
+
+def refusal(model, spec: str, kernel: str) -> str | None:
+    """Why ``apply`` refuses ``spec`` on this model (a method's own model check, or a stack that cannot work), or
+    None: checked before any candidate runs, at no more cost than attaching and removing it."""
+    from .. import apply
+
+    try:
+        with apply(model, spec, kernel=kernel):
+            pass
+    except LongreachError as err:
+        return str(err)
+    return None
+
+
+def runnable(model, specs: list[str], given: bool, kernel: str, log: Log) -> list[str]:
+    """The specs this model can run: one the user gave that cannot is an error, a default one is left out."""
+    out = []
+    for spec in specs:
+        why = refusal(model, spec, kernel)
+        if why and given:
+            raise InputError(f"candidate {spec} cannot run on this model: {why}")
+        if why:
+            log(f"left out {spec}: {why}")
+        else:
+            out.append(spec)
+    return out
+
+
+@dataclass
+class Stage:
+    """What a stage runs with, and what it found."""
+
+    standings: list[Standing] = field(default_factory=list)
+    evidence: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+    def judge(self, rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Rule, final: bool,
+              name: str) -> None:
+        """``runs``: spec as run -> (kind, baseline, grid order)."""
+        self.rows += rows
+        for spec, (kind, baseline, order) in runs.items():
+            st, ev = stand(rows, spec, kind, order, baseline, rule, final, name)
+            self.standings.append(st)
+            self.evidence += ev
+
+
+def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None = None, *, work: Path | None = None,
+         lm=None, tokenizer=None, log: Log = print) -> TuneResult:
+    """Screen, tune and report (see the module docstring); writes ``out`` (JSON) and returns what it holds.
+
+    ``work`` (default: ``out`` without its suffix) keeps every stage's rows, so a re-run resumes. ``lm`` and
+    ``tokenizer``: an already loaded model (else ``model`` is loaded)."""
+    from .. import load_model
+
+    settings = settings or TuneSettings()
+    plan = plan_tune(model, length, settings)
+    out = Path(out)
+    if out.suffix != ".json":
+        raise InputError(f"--out is the JSON file to write, e.g. tuned/{Path(model).name}-{plan.length}.json")
+    work = Path(work) if work is not None else out.with_suffix("")
+    if work.exists() and not work.is_dir():
+        raise InputError(f"{work} exists and is not a folder; give --work FOLDER for the tuning rows")
+    tune_corpus, report_corpus, corpus_note = load_corpora(settings, log)
+    if lm is None:
+        log(f"loading {model}")
+        lm, tokenizer = load_model(model)
+    trained = trained_length(lm)
+    past = trained is not None and plan.length > trained
+    if plan.positions and not past:
+        raise InputError(f"--positions: {plan.length} tokens is within the trained {trained}; position methods are "
+                         "tuned only past it")
+    given = bool(settings.candidates)
+    positions = runnable(lm, (plan.positions or default_positions(plan.length, trained)) if past else [],
+                         bool(plan.positions), settings.kernel, log)
+    plan = replace(plan, prefill=runnable(lm, plan.prefill, given, settings.kernel, log),
+                   press=runnable(lm, plan.press, given, settings.kernel, log))
+    screen_length = min(plan.length, trained) if trained else plan.length
+    screened = screen(plan, settings, lm, tokenizer, tune_corpus, screen_length, work / "screen.jsonl", log)
+    survivors = cut(screened, settings.screen)
+    order = {s: i for i, s in enumerate(positions + plan.prefill + plan.press)}
+    tuning, reporting = work / "tuning", work / "reporting"
+    rule = settings.rule
+
+    def run(methods: list[str], folder: Path, final: bool) -> list[dict]:
+        samples, seed, corpus = ((settings.report_samples, settings.report_seed, report_corpus) if final else
+                                 (settings.tune_samples, settings.tune_seed, tune_corpus))
+        return run_stage(plan, settings, methods, folder, samples, seed, corpus, lm, tokenizer, log)
+
+    tuned = Stage()
+    ranked: list[str] = []  # position methods that passed, most accurate first
+    if past:
+        tuned.judge(run(["dense", *positions], tuning, False),
+                    {p: ("position", "dense", order[p]) for p in positions}, rule, False, "tuning")
+        ranked = [s.spec for s in rank(tuned.standings, "position")]
+    runs, unstackable = pair_with_positions(lm, survivors, ranked if past else [None], order, settings.kernel)
+    if runs:
+        baselines = list(dict.fromkeys(b for _, b, _ in runs.values()))
+        tuned.judge(run([*baselines, *runs], tuning, False), runs, rule, False, "tuning")
+    finalists = {kind: rank(tuned.standings, kind)[: 1 if kind == "position" else settings.finalists]
+                 for kind in ("position", "prefill", "press")}
+
+    reported = Stage()
+    final_runs = {f.spec: (f.kind, f.baseline, f.order) for fs in finalists.values() for f in fs}
+    if final_runs:
+        baselines = ["dense", *dict.fromkeys(b for _, b, _ in final_runs.values())]
+        reported.judge(run([*baselines, *final_runs], reporting, True), final_runs, rule, True, "reporting")
+
+    data = describe(plan, settings, trained, screen_length, screened, tuned, reported, unstackable,
+                    prompt_sets(plan, settings, tuned.rows, reported.rows, tune_corpus.name, report_corpus.name,
+                                corpus_note, screen_length),
+                    {"screen": str(work / "screen.jsonl"), "tuning": str(tuning), "reporting": str(reporting)})
+    if past:
+        data["position"] = choose("position", finalists, reported.standings, tuned.standings, screened,
+                                  reported.evidence)
+    for kind in ("prefill", "press"):
+        data[kind] = choose(kind, finalists, reported.standings, tuned.standings, screened, reported.evidence,
+                            blocked=past and not ranked)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(out)
+    return TuneResult(data, out)
+
+
+def pair_with_positions(model, survivors: list[Screened], positions: list[str | None], order: dict[str, int],
+                        kernel: str) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
+    """Each screen survivor as it will run: under the most accurate position method it can be stacked with (a
+    re-mapping one cannot carry a press; None within the trained window), judged against that position method
+    alone. Returns spec as run -> (kind, baseline, grid order), and survivor -> why it has no position method."""
+    runs, unstackable = {}, {}
+    for s in survivors:
+        for position in positions:
+            spec = compose(position, s.spec)
+            if position is None or refusal(model, spec, kernel) is None:
+                runs[spec] = (s.kind, compose(position, "dense"), order[s.spec])
+                break
+        else:
+            unstackable[s.spec] = ("no position method that passed could be stacked with it" if positions else
+                                   "no position method passed on the tuning prompts")
+    return runs, unstackable
+
+
+def describe(plan: TunePlan, settings: TuneSettings, trained: int | None, screen_length: int,
+             screened: list[Screened], tuned: Stage, reported: Stage, unstackable: dict[str, str], prompts: dict,
+             folders: dict) -> dict:
+    """The JSON (without the choices): inputs, rule, screen, prompt sets, standings, evidence, provenance."""
+    from ..provenance import provenance
+
+    rule = settings.rule
+    return {
+        "schema": SCHEMA, "model": plan.model, "length": plan.length, "tasks": plan.tasks.split(";"),
+        "chat": settings.chat, "kernel": settings.kernel, "trained_length": trained,
+        "past_trained_length": trained is not None and plan.length > trained,
+        "rule": {**asdict(rule), "level": 0.95, "unit": "points (percent of prompts)",
+                 "tuning": "observed candidate - baseline difference >= -max_drop on every task (prefill: faster "
+                           "than the baseline by more than min_speedup)",
+                 "reporting": "the same, and the 95% interval's lower end > min_lower on every task",
+                 "interval": "Newcombe's method 10 (right/wrong scores), paired percentile bootstrap otherwise",
+                 "finalists": settings.finalists},
+        "screen": {"length": screen_length, "rule": asdict(settings.screen), "queries": settings.screen_queries,
+                   "candidates": [asdict(s) for s in screened], "unstackable": unstackable},
+        "prompts": prompts,
+        "standings": {"tuning": [asdict(s) for s in tuned.standings],
+                      "reporting": [asdict(s) for s in reported.standings]},
+        "evidence": tuned.evidence + reported.evidence,
+        "folders": folders,
+        "provenance": provenance(),
+    }
+
+
+def prompt_sets(plan: TunePlan, settings: TuneSettings, tune_rows: list[dict], report_rows: list[dict],
+                tune_corpus: str, report_corpus: str, note: str, screen_length: int) -> dict:
+    """Both prompt sets as run: seeds, corpus and the hash of every prompt; and whether they are disjoint."""
+
+    def described(rows: list[dict], first: int, samples: int, corpus: str) -> dict:
+        return {"seeds": [first, first + samples - 1], "samples_per_task": samples, "corpus": corpus,
+                "prompt_sha": sorted({r["prompt_sha"] for r in rows if r.get("prompt_sha")})}
+
+    tuning = described(tune_rows, settings.tune_seed, settings.tune_samples, tune_corpus)
+    reporting = described(report_rows, settings.report_seed, settings.report_samples, report_corpus)
+    return {"tuning": tuning, "reporting": reporting,
+            "screen": {"seeds": [settings.tune_seed, settings.tune_seed + plan.screen_per_task - 1],
+                       "per_task": plan.screen_per_task, "length": screen_length, "corpus": tune_corpus,
+                       "note": "the first tuning seeds of each task (at the trained length when past it)"},
+            "disjoint": not set(tuning["prompt_sha"]) & set(reporting["prompt_sha"]),
+            "corpus_note": note,
+            "passkey_note": "passkey's filler is the same text in every corpus: its prompts differ by seed only"}
+
+
+def choose(kind: str, finalists: dict, final: list[Standing], standings: list[Standing], screened: list[Screened],
+           evidence: list[dict], blocked: bool = False) -> dict:
+    """The first finalist of ``kind`` that passed on the reporting prompts, or why there is none."""
+    if blocked:
+        return {"spec": None, "reason": "no position method passed on the tuning prompts, so nothing past the "
+                                        "trained length was tuned"}
+    passed = [s for s in final if s.kind == kind and s.passed]
+    if passed:
+        s = passed[0]
+        return {"spec": s.spec, "baseline": s.baseline, "speed_ratio": s.speed_ratio, "cache_ratio": s.cache_ratio,
+                "evidence": "passed on the reporting prompts: " + "; ".join(
+                    f"{e['task']} n = {e['n']}, {_fmt(e['diff_points'])} points "
+                    f"[{_fmt(e['lower'])}, {_fmt(e['upper'])}]"
+                    for e in evidence if e["stage"] == "reporting" and e["spec"] == s.spec),
+                "finalists": [f.spec for f in finalists[kind]]}
+    if any(s.kind == kind for s in final):
+        why = "; ".join(f"{s.spec}: {', '.join(s.reasons)}" for s in final if s.kind == kind)
+        reason = f"no finalist passed on the reporting prompts ({why})"
+    elif any(s.kind == kind for s in standings):
+        reason = "no candidate passed on the tuning prompts"
+    elif any(s.kind == kind and s.kept for s in screened):
+        reason = "no screen survivor could be stacked with a position method that passed (screen.unstackable)"
+    elif any(s.kind == kind for s in screened):
+        reason = "every candidate was dropped by the screen"
+    else:
+        reason = "no candidates of this kind were given"
+    return {"spec": None, "reason": reason, "finalists": [f.spec for f in finalists[kind]]}

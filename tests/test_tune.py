@@ -1,0 +1,293 @@
+"""longreach tune: the acceptance rule against hand-computed paired tables, the screen's cut, the ranking, disjoint
+tuning and reporting prompts, resuming after an interruption, the JSON, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from longreach.cli import app
+from longreach.errors import InputError, SpecError
+from longreach.eval import Corpus
+from longreach.eval.report import Paired
+from longreach.eval.results import read_rows, row_key
+from longreach.eval.stats import mcnemar_exact, newcombe_paired
+from longreach.eval.tune import TuneSettings, plan_tune, stand, tune
+from longreach.eval.tunerules import Rule, Screened, ScreenRule, Standing, cut, judge, kind_of, rank
+from longreach.eval.tunescreen import screen
+
+cli = CliRunner()
+Z2 = 1.959963984540054 ** 2  # the two-sided 95% normal quantile, squared
+
+
+def paired(a: int, b: int, c: int, d: int) -> Paired:
+    """The report's paired record of a 2x2 table (a both right, b only the candidate, c only the baseline)."""
+    return Paired(a + b + c + d, *newcombe_paired(a, b, c, d), "Newcombe 10", mcnemar_exact(b, c), (a, b, c, d), 0, 0)
+
+
+# ---- the rule, by hand ----
+
+def test_perfect_agreement_needs_35_prompts_for_a_lower_end_above_minus_10():
+    """All n pairs agree (both right): Wilson's lower end of n/n is n / (n + z²), so the paired interval's lower end
+    is -z² / (n + z²) (Newcombe 1998: phi is 0 when a margin is empty). Above -0.10 exactly when n > 9 z² = 34.57."""
+    for n in (20, 34, 35, 50):
+        p = paired(n, 0, 0, 0)
+        assert p.lo == pytest.approx(-Z2 / (n + Z2), abs=1e-9)
+        assert (judge(p, Rule(), final=True) is None) == (n >= 35)
+    assert judge(paired(20, 0, 0, 0), Rule(), final=False) is None  # tuning prompts: the observed difference only
+    assert "lower end" in judge(paired(34, 0, 0, 0), Rule(), final=True)
+
+
+@pytest.mark.parametrize("table, lower, passes, why", [
+    # 49 both right, 1 only dense: diff -2 points (allowed by max_drop=2); Wilson(49/50) lower end = 0.89505, phi = 0
+    # (an empty margin), so lo = -0.02 - (0.98 - 0.89505) = -0.10495: the interval reaches below -10
+    ((49, 0, 1, 0), -0.10495, False, "lower end -10.5"),
+    # 48 both right, one discordant pair each way: diff 0; Wilson(49/50) = (0.89505, 0.99646), phi = -1/49:
+    # lo = -sqrt(0.08495² + 2/49 · 0.08495 · 0.01646 + 0.01646²) = -0.08686
+    ((48, 1, 1, 0), -0.08686, True, None),
+    # 2 more wrong than dense out of 50: -4 points observed, more than max_drop
+    ((48, 0, 2, 0), None, False, "observed -4.0 points"),
+])
+def test_the_rule_on_hand_computed_tables(table, lower, passes, why):
+    p = paired(*table)
+    assert p.diff == pytest.approx((table[1] - table[2]) / sum(table))
+    if lower is not None:
+        assert p.lo == pytest.approx(lower, abs=2e-5)
+    got = judge(p, Rule(max_drop=2.0, min_lower=-10.0), final=True)
+    assert (got is None) == passes
+    if why:
+        assert why in got
+
+
+def test_the_observed_difference_bound_is_inclusive_and_unpaired_cells_fail():
+    assert judge(paired(45, 0, 1, 4), Rule(max_drop=2.0), final=False) is None  # exactly -2.0 points
+    assert judge(paired(44, 0, 1, 4), Rule(max_drop=2.0), final=False) is not None  # -2.04 points
+    assert judge(Paired(0, math.nan, -math.inf, math.inf, "", None, None, 0, 3), Rule(), final=False) == \
+        "no paired baseline rows"
+    with pytest.raises(InputError, match="min-lower"):
+        Rule(min_lower=5)
+
+
+def rows_for(method: str, outcomes: list[int], prefill_s: float, kv: int, task: str = "passkey") -> list[dict]:
+    return [{"model": "m", "method": method, "task": task, "metric": "accuracy", "length": 4096, "depth": 0.5,
+             "seed": 1000 + i, "chat": True, "corpus": "canterbury", "score": float(s), "prefill_s": prefill_s,
+             "kv_bytes_prompt": kv, "prompt_sha": f"{task}{i}"} for i, s in enumerate(outcomes)]
+
+
+def test_a_standing_pairs_rows_by_prompt_and_measures_speed_and_cache():
+    """50 prompts built by hand: 45 both right, 2 only the candidate, 1 only dense, 2 neither."""
+    dense = [1] * 45 + [0, 0] + [1] + [0, 0]
+    cand = [1] * 45 + [1, 1] + [0] + [0, 0]
+    rows = rows_for("dense", dense, 2.0, 1000) + rows_for("x", cand, 0.5, 250)
+    st, ev = stand(rows, "x", "press", 3, "dense", Rule(), True, "reporting")
+    (e,) = ev
+    assert e["table"] == [45, 2, 1, 2] and e["n"] == 50 and (e["correct"], e["baseline_correct"]) == (47, 46)
+    assert e["diff_points"] == pytest.approx(2.0) and e["mcnemar_p"] == pytest.approx(1.0)  # 2 vs 1: p = 1
+    assert st.passed and e["verdict"] == "pass" and st.baseline == "dense"
+    assert st.speed_ratio == pytest.approx(4.0) and st.cache_ratio == pytest.approx(0.25)
+    slow = rows_for("dense", dense, 1.0, 1000) + rows_for("y", dense, 1.0, 1000)
+    st, _ = stand(slow, "y", "prefill", 0, "dense", Rule(min_speedup=1.0), True, "reporting")
+    assert not st.passed and "min-speedup" in st.reasons[0]  # as accurate, but not faster: no prefill win
+
+
+# ---- screen cut and ranking ----
+
+def test_cut_drops_by_threshold_then_keeps_the_closest_to_dense():
+    screened = [Screened("a", "prefill", 2, recall=0.95, output_error=0.10),
+                Screened("b", "prefill", 2, recall=0.60, output_error=0.10),  # too little mass
+                Screened("c", "prefill", 2, recall=0.90, output_error=0.40),  # too large an error
+                Screened("d", "prefill", 2, recall=0.80, output_error=0.05),
+                Screened("e", "prefill", 2, recall=0.80, output_error=0.20),
+                Screened("p", "press", 2, shift=0.6), Screened("q", "press", 2, shift=0.1)]
+    kept = cut(screened, ScreenRule(min_recall=0.7, max_error=0.35, max_shift=0.5, survivors=2))
+    assert [s.spec for s in kept] == ["d", "a", "q"]
+    why = {s.spec: s.reason for s in screened}
+    assert why["b"].startswith("mass recall 0.600") and why["c"].startswith("output error 0.400")
+    assert "rank 3 > --survivors 2" in why["e"] and why["p"].startswith("next-token shift 0.600")
+
+
+def test_rank_orders_each_kind_by_what_it_buys():
+    st = [Standing("slow", "prefill", 0, True, speed_ratio=1.5), Standing("fast", "prefill", 1, True, speed_ratio=2.5),
+          Standing("failed", "prefill", 2, False, speed_ratio=9.0),
+          Standing("half", "press", 3, True, cache_ratio=0.5), Standing("tenth", "press", 4, True, cache_ratio=0.1),
+          Standing("pos-a", "position", 5, True, score=3), Standing("pos-b", "position", 6, True, score=7)]
+    assert [s.spec for s in rank(st, "prefill")] == ["fast", "slow"]
+    assert [s.spec for s in rank(st, "press")] == ["tenth", "half"]
+    assert [s.spec for s in rank(st, "position")] == ["pos-b", "pos-a"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(report_seed=110), "overlap reporting seeds"),
+    (dict(tasks="ppl"), "perplexity"),
+    (dict(candidates="selfextend"), "--positions"),
+    (dict(candidates="quest:density=0.1+snapkv:density=0.25"), "combines 2 methods"),
+    (dict(candidates="dense"), "baseline"),
+    (dict(positions="quest:density=0.1"), "position methods only"),
+    (dict(screen_prompts=50, tune_samples=20), "--screen-prompts"),
+])
+def test_bad_input_is_refused_without_a_model(change, message):
+    with pytest.raises((InputError, SpecError), match=message):
+        plan_tune("smollm2-135m", "4k", TuneSettings(**change))
+    assert kind_of("snapkv:density=0.25,pool=31") == "press" and kind_of("yarn") == "position"
+
+
+# ---- with a tiny random model ----
+
+CANDIDATES = ("streaming:window=4096;streaming:window=16,sinks=0;"  # every key vs a 16-key window
+              "snapkv:density=0.5;streamingkv:budget=8")
+
+
+def settings(**change) -> TuneSettings:
+    base = dict(tasks="passkey", candidates=CANDIDATES, rule=Rule(min_speedup=0.0, min_lower=-100.0),
+                screen=ScreenRule(max_shift=1.0), screen_prompts=1, tune_samples=2, report_samples=2, tune_seed=0,
+                report_seed=100, tune_corpus="synthetic", report_corpus="synthetic", finalists=1)
+    return TuneSettings(**{**base, **change})
+
+
+@pytest.fixture(scope="module")
+def tiny(smol_tokenizer):
+    torch.manual_seed(0)
+    return tiny_model("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=4096), smol_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny, tmp_path_factory):
+    lm, tok = tiny
+    out = tmp_path_factory.mktemp("tune") / "tiny-256.json"
+    return tune("tiny", 256, out, settings(), lm=lm, tokenizer=tok, log=lambda _: None)
+
+
+def test_screen_drops_a_clearly_bad_candidate(tiny, tmp_path):
+    """Oracles: a selection of every key keeps all the dense mass with no output error, and a press that keeps
+    every key leaves the next-token distribution exactly as dense's; a random model attends almost uniformly, so
+    a 16-key window keeps about 16/i of query i's mass (far below 0.7), and a press keeping 8 keys moves it."""
+    lm, tok = tiny
+    s = settings(candidates="streaming:window=4096;streaming:window=16,sinks=0;snapkv:density=1.0;"
+                            "streamingkv:budget=8", screen_prompts=2, tune_samples=2)
+    plan = plan_tune("tiny", 256, s)
+    found = {x.spec: x for x in screen(plan, s, lm, tok, Corpus.synthetic(), 256, tmp_path / "s.jsonl",
+                                       lambda _: None)}
+    full, narrow = found["streaming:window=4096"], found["streaming:sinks=0,window=16"]
+    assert full.prompts == narrow.prompts == 2
+    assert full.recall == pytest.approx(1.0) and full.output_error < 1e-5
+    assert narrow.recall < 0.5 and narrow.output_error > 0.1
+    assert found["snapkv:density=1.0"].shift < 1e-5 and found["snapkv:density=1.0"].agree == 1.0
+    assert found["streamingkv:budget=8"].shift > 1e-4
+    kept = cut(list(found.values()), ScreenRule(max_shift=1e-4))
+    assert [k.spec for k in kept] == ["streaming:window=4096", "snapkv:density=1.0"]
+    assert narrow.reason.startswith("mass recall") and found["streamingkv:budget=8"].reason.startswith("next-token")
+
+
+def test_the_json_holds_the_choices_and_the_evidence_behind_them(tuned):
+    data = json.loads(tuned.path.read_text())
+    assert data == tuned.data and data["schema"] == "longreach.tune/1" and not data["past_trained_length"]
+    assert data["rule"]["max_drop"] == 2.0 and data["rule"]["min_lower"] == -100.0
+    screened = {c["spec"]: c for c in data["screen"]["candidates"]}
+    assert not screened["streaming:sinks=0,window=16"]["kept"]  # dropped by the screen, so never evaluated
+    assert data["prefill"]["spec"] == "streaming:window=4096" and "passkey n = 2" in data["prefill"]["evidence"]
+    assert any(line.startswith("prefill: streaming:window=4096") for line in tuned.summary())
+    # the press with the smaller cache wins: 8 kept keys of a ~256-token prompt, in real bytes
+    assert data["press"]["spec"] == "streamingkv:budget=8" and data["press"]["cache_ratio"] < 0.1
+    assert data["prefill"]["cache_ratio"] == pytest.approx(1.0)  # a sparse prefill keeps every key
+    assert set(data["provenance"]) >= {"commit", "torch", "threads"}
+    rows, bad = read_rows(tuned.path.with_suffix("") / "reporting" / "results.jsonl")
+    assert not bad
+    for e in (e for e in data["evidence"] if e["stage"] == "reporting"):  # recount from the rows
+        mine = {r["seed"]: r["score"] for r in rows if r["method"] == e["spec"]}
+        base = {r["seed"]: r["score"] for r in rows if r["method"] == e["baseline"]}
+        assert e["n"] == len(mine) == 2
+        assert e["correct"] == sum(mine.values()) and e["baseline_correct"] == sum(base.values())
+
+
+def test_tuning_and_reporting_prompts_are_disjoint(tuned):
+    prompts = tuned.data["prompts"]
+    folder = tuned.path.with_suffix("")
+    seeds, shas = {}, {}
+    for stage in ("tuning", "reporting"):
+        rows, _ = read_rows(folder / stage / "results.jsonl")
+        seeds[stage] = {r["seed"] for r in rows}
+        shas[stage] = {r["prompt_sha"] for r in rows}
+        assert sorted(shas[stage]) == prompts[stage]["prompt_sha"]
+    assert seeds == {"tuning": {0, 1}, "reporting": {100, 101}}
+    assert not shas["tuning"] & shas["reporting"] and prompts["disjoint"]
+    assert prompts["tuning"]["seeds"] == [0, 1] and prompts["reporting"]["seeds"] == [100, 101]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_tune_resumes_without_duplicating_rows(tiny, tuned, tmp_path):
+    lm, tok = tiny
+    out = tmp_path / "tiny-256.json"
+
+    def stop_at_the_first_press(line: str) -> None:  # dies once the tuning stage has written some rows
+        if "snapkv" in line and "·" in line:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        tune("tiny", 256, out, settings(), lm=lm, tokenizer=tok, log=stop_at_the_first_press)
+    partial, _ = read_rows(tmp_path / "tiny-256" / "tuning" / "results.jsonl")
+    assert 0 < len(partial) < 8 and not out.exists()
+    again = tune("tiny", 256, out, settings(), lm=lm, tokenizer=tok, log=lambda _: None)
+    for stage, expected in (("tuning", 8), ("reporting", 6)):  # 4 and 3 methods x 2 prompts
+        rows, bad = read_rows(tmp_path / "tiny-256" / stage / "results.jsonl")
+        assert not bad and len(rows) == len({row_key(r) for r in rows}) == expected
+    screen_lines = (tmp_path / "tiny-256" / "screen.jsonl").read_text().splitlines()
+    assert len(screen_lines) == 4  # one prompt x 4 candidates, each once
+    assert (again.choice("prefill"), again.choice("press")) == (tuned.choice("prefill"), tuned.choice("press"))
+    before = (tmp_path / "tiny-256" / "tuning" / "results.jsonl").read_text()
+    tune("tiny", 256, out, settings(), lm=lm, tokenizer=tok, log=lambda _: None)  # nothing left to run
+    assert (tmp_path / "tiny-256" / "tuning" / "results.jsonl").read_text() == before
+
+
+def test_past_the_trained_length_it_picks_a_position_method(smol_tokenizer, tmp_path):
+    """Trained to 256 tokens, asked for 320: the screen runs at 256, the position methods against dense, the
+    candidates under a position method they can be stacked with (Self-Extend re-maps by cache index, so a press
+    goes with a rope scaling) and are judged against that position method alone."""
+    torch.manual_seed(0)
+    lm = tiny_model("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=256)
+    got = tune("tiny", 320, tmp_path / "t.json", settings(positions="selfextend:window=64;yarn", report_samples=1,
+                                                          candidates="streaming:window=4096;snapkv:density=0.5"),
+               lm=lm, tokenizer=smol_tokenizer, log=lambda _: None).data
+    assert got["past_trained_length"] and got["trained_length"] == 256 and got["screen"]["length"] == 256
+    position, prefill, press = got["position"], got["prefill"], got["press"]
+    assert position["spec"] in ("selfextend:window=64", "yarn") and position["baseline"] == "dense"
+    assert prefill["spec"] == f"{prefill['baseline']}+streaming:window=4096"
+    assert press["spec"] == "yarn+snapkv:density=0.5" and press["baseline"] == "yarn"
+    assert {e["baseline"] for e in got["evidence"] if e["kind"] == "position"} == {"dense"}
+
+
+def test_cli_says_when_no_candidate_passes(tiny_lm_folder, tmp_path):
+    """One reporting prompt cannot put the interval's lower end above -10 points: nothing is claimed, and the
+    output says so instead of falling back to dense silently."""
+    out = tmp_path / "t.json"
+    result = cli.invoke(app, ["tune", "--model", str(tiny_lm_folder), "--length", "256", "--out", str(out),
+                              "--tasks", "passkey", "--candidates", "streaming:window=4096;snapkv:density=0.5",
+                              "--screen-prompts", "1", "--tune-samples", "1", "--report-samples", "1",
+                              "--tune-seed", "0", "--report-seed", "100", "--tune-corpus", "synthetic",
+                              "--report-corpus", "synthetic", "--min-speedup", "0", "--quiet"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for kind in ("prefill", "press"):
+        assert data[kind]["spec"] is None and "lower end" in data[kind]["reason"]
+        assert f"{kind}: none passed" in result.output
+    assert "position" not in data and data["rule"]["min_lower"] == -10.0
+
+
+def test_cli_refuses_bad_input_before_loading_a_model(monkeypatch, tmp_path):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("longreach.load_model", boom)
+    result = cli.invoke(app, ["tune", "--model", "smollm2-135m", "--length", "4k", "--out", str(tmp_path / "t.json"),
+                              "--tune-seed", "1000"], terminal_width=200)
+    assert result.exit_code == 2 and "overlap reporting seeds" in result.output
+    result = cli.invoke(app, ["tune", "--model", "smollm2-135m", "--length", "4k", "--out", str(tmp_path / "t.txt")],
+                        terminal_width=200)
+    assert result.exit_code == 2 and "JSON file" in result.output
