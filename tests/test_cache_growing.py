@@ -75,3 +75,11 @@ def test_unknown_cache_kind_is_refused():
     ids = {"input_ids": torch.randint(0, 128, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     with pytest.raises(InputError, match="growing"):
         generate(model, ids, 2, set(), cache="static")
+
+
+def test_room_added_at_decode_is_capped_so_a_long_prompt_does_not_pay_n_over_8():
+    layer = growing.GrowingLayer()
+    layer.update(torch.zeros(1, 1, 20_000, 2), torch.zeros(1, 1, 20_000, 2))
+    layer.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+    assert layer._k.shape[-2] == 20_001 + growing.MAX_SPARE  # not 20_001 + 2_500
+    assert torch.equal(layer.keys[..., -1, :], torch.ones(1, 1, 2)) and layer.keys.shape[-2] == 20_001

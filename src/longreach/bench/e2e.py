@@ -1,21 +1,32 @@
 """End-to-end benchmark: a real model on real text, transformers vs longreach methods (and llama.cpp).
 
 For each prompt length and method: time to first token (the prefill forward that yields the first
-token's logits), decode tokens/s over a fixed number of new tokens (no early stop), peak RSS (the
-process high-water mark, reset per run) and the KV cache bytes after the run. Every length first runs
-the ``transformers`` baseline — the model as transformers runs it (SDPA, its DynamicCache) — and
-ratios are against it in the same run; longreach's ``dense`` row shows what longreach's own runtime
-(the in-place growing cache) gives before any sparsity. ``llama-cpp-python`` on the same GGUF, when
-installed, is a peer column; without it the run says so and goes on.
+token's logits), decode tokens/s over a fixed number of new tokens (no early stop), peak RSS and the KV
+cache bytes after the run. Every row runs in a **fresh process** (a process's peak and glibc's retained
+heap carry over from one run to the next), ``repeats`` times; the repeats interleave (every row once, then
+again), and each figure is the median with its min-max. Ratios are against the ``transformers`` baseline —
+the model as transformers runs it (SDPA, its DynamicCache) — at the same length; longreach's ``dense``
+row shows what longreach's own runtime (the in-place growing cache) gives before any sparsity.
+
+Decode is also put against this machine's memory bandwidth: a token must read the weights once (the tied
+LM head included) and the KV it attends (the cache times the measured decode density), so
+``bandwidth / bytes`` is the most tokens/s any implementation reaches here in this precision.
+``llama-cpp-python`` on the same GGUF, when installed, is a peer column; without it the run says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -31,17 +42,35 @@ from ._plot import speedup_axis
 class E2ERow:
     length: int
     method: str
-    ttft_s: float
+    ttft_s: float  # the median of the repeats (so are decode_tok_s and peak_rss_mb)
     decode_tok_s: float
     decode_tokens: int
     peak_rss_mb: float
     kv_bytes: int | None
+    ttft_runs: list[float] = field(default_factory=list)  # every repeat, in run order
+    decode_runs: list[float] = field(default_factory=list)
+    rss_runs: list[float] = field(default_factory=list)
+    decode_bytes: int | None = None  # what one decode step reads: weights + the KV it attends
 
     def vs(self, base: E2ERow | None) -> tuple[float | None, float | None]:
         """(TTFT speedup, decode speedup) against the baseline measured in the same run."""
         if base is None:
             return None, None
         return base.ttft_s / self.ttft_s, self.decode_tok_s / base.decode_tok_s
+
+    def decode_bound(self, bytes_per_s: float) -> float | None:
+        """The most decode tokens/s this machine's read bandwidth allows for this row's bytes per token."""
+        return bytes_per_s / self.decode_bytes if self.decode_bytes else None
+
+    @classmethod
+    def from_runs(cls, runs: list[dict]) -> E2ERow:
+        """One row from its repeats (dicts from :func:`measure_row`): medians, and every run kept."""
+        first = runs[0]
+        return cls(first["length"], first["method"], median(r["ttft_s"] for r in runs),
+                   median(r["decode_tok_s"] for r in runs), first["decode_tokens"],
+                   median(r["peak_rss_mb"] for r in runs), first["kv_bytes"],
+                   [r["ttft_s"] for r in runs], [r["decode_tok_s"] for r in runs], [r["peak_rss_mb"] for r in runs],
+                   first.get("decode_bytes"))
 
 
 BASELINE = "transformers"
@@ -62,25 +91,66 @@ def prompt_ids(tokenizer, text: str, length: int) -> dict:
 HF_PATH = " · model.generate()"  # suffix of rows measured through transformers' own generate() under apply
 
 
-def run_model(model, tokenizer, text: str, lengths: list[int], specs: list[str], new_tokens: int = 32,
-              chunk: int | None = None, hf_generate: bool = False) -> list[E2ERow]:
-    """Rows per length: the transformers baseline, then each spec through ``longreach.generate`` and, with
-    ``hf_generate``, through ``model.generate()`` under ``apply`` too (the README's path: it must cost the same)."""
-    rows = []
-    for length in lengths:
-        ids = prompt_ids(tokenizer, text, length)
-        for spec in [None, *specs]:  # None: the transformers baseline (no longreach, its own cache)
-            with apply(model, spec, track_density=False) if spec else contextlib.nullcontext():
-                generate(model, prompt_ids(tokenizer, text, 256), 2)  # warm-up apart (lazy init)
-                reset_peak_resident()
-                run = generate(model, ids, new_tokens, chunk=chunk, cache="growing" if spec else "dynamic")
-                decoded = len(run.tokens) - 1
-                rows.append(E2ERow(length, spec or BASELINE, run.prefill_s,
-                                   decoded / run.decode_s if run.decode_s else 0.0, decoded,
-                                   peak_resident_bytes() / MiB, cache_bytes(run.cache)))
-                if spec and hf_generate:
-                    rows.append(_hf_generate_row(model, ids, length, spec, new_tokens))
-    return rows
+def weight_bytes(model) -> int:
+    """Bytes of the parameters a decode step reads: every distinct tensor once (a tied LM head is the embedding)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def measure_row(model, tokenizer, text: str, length: int, spec: str | None, new_tokens: int,
+                chunk: int | None = None, hf_generate: bool = False) -> dict:
+    """One run in this process: ``spec`` None is the transformers baseline (no longreach, its own cache)."""
+    ids = prompt_ids(tokenizer, text, length)
+    weights = weight_bytes(model)
+    with apply(model, spec) if spec else contextlib.nullcontext() as handle:
+        generate(model, prompt_ids(tokenizer, text, 256), 2)  # warm-up apart (lazy init)
+        if handle is not None:
+            handle.reset_stats()
+        if hf_generate:
+            return _hf_generate_row(model, ids, length, spec or BASELINE, new_tokens)
+        reset_peak_resident()
+        run = generate(model, ids, new_tokens, chunk=chunk, cache="growing" if spec else "dynamic")
+        decoded = len(run.tokens) - 1
+        kv = cache_bytes(run.cache)
+        density = (handle.density("decode") if handle is not None else None) or 1.0
+        return {"length": length, "method": spec or BASELINE, "ttft_s": run.prefill_s,
+                "decode_tok_s": decoded / run.decode_s if run.decode_s else 0.0, "decode_tokens": decoded,
+                "peak_rss_mb": peak_resident_bytes() / MiB, "kv_bytes": kv,
+                "decode_bytes": weights + int(kv * density) if kv is not None else None}
+
+
+def run_rows(model: str, text: str, lengths: list[int], specs: list[str], new_tokens: int = 32,
+             chunk: int | None = None, hf_generate: bool = False, repeats: int = 3,
+             progress: Callable[[str], None] | None = None) -> list[E2ERow]:
+    """Every (length, method) row ``repeats`` times, each run in a fresh process (see the module docstring).
+    ``model`` is what ``load_model`` takes; with ``hf_generate`` each spec also runs through ``model.generate()``
+    under ``apply`` (the README's path: it must cost what ``longreach.generate`` does)."""
+    plan = [(n, spec, False) for n in lengths for spec in [None, *specs]]
+    if hf_generate:
+        plan += [(n, spec, True) for n in lengths for spec in specs]
+    runs: dict[tuple, list[dict]] = {key: [] for key in plan}
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "text.txt"
+        text_file.write_text(text)
+        for rep in range(repeats):
+            for n, spec, hf in plan:
+                if progress:
+                    progress(f"repeat {rep + 1}/{repeats}: {n} tokens, {spec or BASELINE}{HF_PATH if hf else ''}")
+                runs[(n, spec, hf)].append(_fresh_process(dict(model=model, text_file=str(text_file), length=n,
+                                                               spec=spec, new_tokens=new_tokens, chunk=chunk,
+                                                               hf_generate=hf)))
+    return [E2ERow.from_runs(runs[key]) for key in plan]
+
+
+def _fresh_process(job: dict) -> dict:
+    """Run :func:`measure_row` in a new interpreter (same threads) and read its one JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run([sys.executable, "-m", "longreach.bench.e2e_row", json.dumps(job)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the benchmark row {job['length']} tokens, {job['spec'] or BASELINE} failed in its "
+                           f"process:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class _TokenClock:
@@ -96,7 +166,7 @@ class _TokenClock:
         pass
 
 
-def _hf_generate_row(model, ids: dict, length: int, spec: str, new_tokens: int) -> E2ERow:
+def _hf_generate_row(model, ids: dict, length: int, spec: str, new_tokens: int) -> dict:
     clock = _TokenClock()
     reset_peak_resident()
     start = time.perf_counter()
@@ -105,8 +175,10 @@ def _hf_generate_row(model, ids: dict, length: int, spec: str, new_tokens: int) 
                              streamer=clock, return_dict_in_generate=True)
     first, last = clock.times[1], clock.times[-1]
     decoded = len(clock.times) - 2
-    return E2ERow(length, spec + HF_PATH, first - start, decoded / (last - first) if last > first else 0.0, decoded,
-                  peak_resident_bytes() / MiB, cache_bytes(output_cache(out)))
+    kv = cache_bytes(output_cache(out))
+    return {"length": length, "method": spec + HF_PATH, "ttft_s": first - start,
+            "decode_tok_s": decoded / (last - first) if last > first else 0.0, "decode_tokens": decoded,
+            "peak_rss_mb": peak_resident_bytes() / MiB, "kv_bytes": kv, "decode_bytes": None}
 
 
 def llama_cpp_available() -> bool:
@@ -145,7 +217,8 @@ def _llama_cpp_row(gguf: Path, text: str, length: int, new_tokens: int, flash: b
             token = int(llm.sample(temp=0.0))
         decode = time.perf_counter() - start
         name = "llama.cpp (flash attn)" if flash else "llama.cpp"
-        return E2ERow(length, name, ttft, (new_tokens - 1) / decode, new_tokens - 1, peak_resident_bytes() / MiB, None)
+        rate, rss = (new_tokens - 1) / decode, peak_resident_bytes() / MiB
+        return E2ERow(length, name, ttft, rate, new_tokens - 1, rss, None, [ttft], [rate], [rss])
     finally:
         with contextlib.suppress(Exception):
             llm.close()

@@ -95,6 +95,7 @@ def bench_e2e(
                                 help="';'-separated specs (the transformers baseline always runs first)"),
     new_tokens: int = typer.Option(32, min=2, help="tokens decoded per run (no early stop)"),
     chunk: int = typer.Option(None, min=1, help="prefill chunk in tokens"),
+    repeats: int = typer.Option(3, min=1, help="runs per row, each in a fresh process; medians and min-max"),
     corpus: str = typer.Option("canterbury", help="text source: canterbury, austen, bible or synthetic"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="add llama.cpp on the same GGUF when installed"),
     hf_generate: bool = typer.Option(False, "--hf-generate", help="also time each spec through model.generate() "
@@ -102,18 +103,19 @@ def bench_e2e(
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
     plot_out: Path = typer.Option(None, "--plot", help="also write a PNG: speedups vs T"),
 ) -> None:
-    """A real model end to end: time to first token, decode tokens/s, peak RSS and KV bytes, vs transformers."""
-    from longreach import load_model
-    from longreach.bench import attention, e2e
+    """A real model end to end: time to first token, decode tokens/s (and the bandwidth bound), peak RSS and KV
+    bytes, vs transformers; every row in fresh processes, repeated."""
+    from longreach.bench import attention, e2e, roofline
     from longreach.eval import Corpus
     from longreach.models import gguf_path
 
-    with user_errors(ValueError):
+    with user_errors(ValueError, RuntimeError):
         specs = checked_specs(items(methods, ";"))
         tokens = token_lengths(lengths)
-        lm, tok = load_model(model)
         text = "\n\n".join(Corpus.load(corpus).documents.values())
-        rows = e2e.run_model(lm, tok, text, tokens, specs, new_tokens, chunk, hf_generate)
+        bandwidth = roofline.memory_bandwidth()
+        rows = e2e.run_rows(model, text, tokens, specs, new_tokens, chunk, hf_generate, repeats,
+                            progress=lambda line: console.print(f"[dim]{line}[/dim]"))
         note = None
         if peer:
             gguf = gguf_path(model)
@@ -124,25 +126,39 @@ def bench_e2e(
             else:
                 rows += e2e.run_llama_cpp(gguf, text, tokens, new_tokens)
     base = e2e.baselines(rows)
-    table = Table(title=f"end to end: {model}, {new_tokens} new tokens — {attention.hardware()}")
+    table = Table(title=f"end to end: {model}, {new_tokens} new tokens, median of {repeats} fresh processes "
+                        f"(min-max), read bandwidth {bandwidth / 1e9:.1f} GB/s — {attention.hardware()}")
     for col in ("T", "method", "TTFT s", "decode tok/s", "TTFT vs transformers", "decode vs transformers",
-                "peak RSS MiB", "KV MiB"):
-        table.add_column(col)
+                "decode bound tok/s", "peak RSS MiB", "KV MiB"):
+        table.add_column(col, no_wrap=col == "method")
     for r in rows:
         ttft_x, dec_x = r.vs(base.get(r.length))
-        table.add_row(str(r.length), r.method, f"{r.ttft_s:.2f}", f"{r.decode_tok_s:.2f}",
+        bound = r.decode_bound(bandwidth)
+        table.add_row(str(r.length), r.method, _spread(r.ttft_s, r.ttft_runs, 2),
+                      _spread(r.decode_tok_s, r.decode_runs, 2),
                       f"{ttft_x:.2f}x" if ttft_x else "-", f"{dec_x:.2f}x" if dec_x else "-",
-                      f"{r.peak_rss_mb:.0f}", f"{r.kv_bytes / 2**20:.1f}" if r.kv_bytes is not None else "-")
+                      f"{bound:.1f} ({r.decode_tok_s / bound:.0%})" if bound else "-",
+                      _spread(r.peak_rss_mb, r.rss_runs, 0),
+                      f"{r.kv_bytes / 2**20:.1f}" if r.kv_bytes is not None else "-")
     console.print(table)
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")
     if json_out:
         json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
-                                        "model": model, "rows": [
+                                        "model": model, "repeats": repeats, "read_bytes_per_s": bandwidth,
+                                        "rows": [
             {**r.__dict__, "ttft_speedup": r.vs(base.get(r.length))[0],
-             "decode_speedup": r.vs(base.get(r.length))[1]} for r in rows]}, indent=1))
+             "decode_speedup": r.vs(base.get(r.length))[1], "decode_bound_tok_s": r.decode_bound(bandwidth)}
+            for r in rows]}, indent=1))
     if plot_out and not e2e.plot(rows, plot_out):
         console.print(NO_PLOT)
+
+
+def _spread(value: float, runs: list[float], digits: int) -> str:
+    """``median (min-max)`` of a row's repeats; the value alone for one run."""
+    if len(runs) < 2:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ({min(runs):.{digits}f}-{max(runs):.{digits}f})"
 
 
 @bench_app.command("selection")

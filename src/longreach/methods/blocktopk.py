@@ -97,7 +97,10 @@ class MoBA(BlockTopK):
     def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor) -> Tensor:
         weights = q_valid.float() / q_valid.sum(-1, keepdim=True).clamp(min=1)  # (nb, bq)
         q_mean = (q * weights[..., None]).sum(dim=-2)  # (B, Hkv, G, nb, D)
-        return q_mean @ stats["mean"][:, :, None].transpose(-1, -2)  # (B, Hkv, G, nb, nKB)
+        batch, n_kv, group, nb, dim = q_mean.shape
+        # one GEMM per KV head over the group's rows (a broadcast matmul would copy the means per query head)
+        scores = q_mean.reshape(batch * n_kv, group * nb, dim) @ stats["mean"].reshape(batch * n_kv, -1, dim).mT
+        return scores.view(batch, n_kv, group, nb, -1)  # (B, Hkv, G, nb, nKB)
 
     def combine_group(self, scores: Tensor) -> Tensor:
         return scores.mean(dim=2)

@@ -81,23 +81,32 @@ class BlockSummaries:
         new = keys[:, :, self.blocks_done * self.block : n_full * self.block]
         fresh = block_stats(new, self.block, self.stats)
         for s in self.stats:
-            old = self._store.get(s)
-            self._store[s] = fresh[s] if old is None else torch.cat([old, fresh[s]], dim=2)
+            self._write(s, self.blocks_done, fresh[s])
         self.blocks_done = n_full
 
+    def _write(self, stat: str, at: int, values: Tensor) -> None:
+        """Put ``values`` (B, H, n, D) at block ``at`` of the stored statistic, growing its buffer by half when
+        full; one slot past the complete blocks stays free for the partial tail (``get``)."""
+        buf = self._store.get(stat)
+        need = at + values.shape[2] + 1
+        if buf is None or buf.shape[2] < need:
+            grown = values.new_empty(*values.shape[:2], need + need // 2, values.shape[3])
+            if buf is not None:
+                grown[:, :, :at] = buf[:, :, :at]
+            self._store[stat] = buf = grown
+        buf[:, :, at : at + values.shape[2]] = values
+
     def get(self, keys: Tensor) -> dict[str, Tensor]:
-        """Statistics of every block of ``keys`` (B, H, ceil(T/block), D): stored ones + the partial tail."""
+        """Statistics of every block of ``keys`` (B, H, ceil(T/block), D): stored ones + the partial tail.
+        The tensors are views of the store, valid until the next ``update``/``get``."""
         length = keys.shape[2]
         n_full = length // self.block
         if n_full != self.blocks_done:
             self.update(keys)
-        out = {}
-        tail = None
-        if length % self.block:
+        n_blocks = n_full
+        if length % self.block:  # the tail's statistics go to the free slot after the complete blocks
             tail = block_stats(keys[:, :, n_full * self.block :], self.block, self.stats)
-        for s in self.stats:
-            pieces = [self._store[s]] if self.blocks_done else []
-            if tail is not None:
-                pieces.append(tail[s])
-            out[s] = torch.cat(pieces, dim=2)
-        return out
+            for s in self.stats:
+                self._write(s, n_full, tail[s])
+            n_blocks += 1
+        return {s: self._store[s][:, :, :n_blocks] for s in self.stats}

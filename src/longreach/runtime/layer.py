@@ -25,6 +25,7 @@ from ..methods.base import SelectContext
 from ..methods.summaries import BlockSummaries
 from ..selection import Selection
 from ..stages import CachePolicy, LayerCall
+from .allocator import release_free_memory
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,6 +57,9 @@ class LayerRuntime:
         transformers ``DynamicLayer`` re-concatenates the whole cache at every decode step)."""
         self.cache = cache_from_kwargs(kwargs)
         grow_in_place(self.cache, self.layer_idx)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hidden, Tensor) and hidden.dim() == 3 and hidden.shape[1] > 1:
+            release_free_memory()  # a prefill: what the layer before freed leaves the process (see allocator)
 
     # -- the entry point -----------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,

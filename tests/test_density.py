@@ -1,0 +1,63 @@
+"""Density accounting against the dense mask: pairs kept / causal pairs, whatever order selections arrive in."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from longreach.runtime.density import FOLD_EVERY, DensityStats, causal_pairs
+from longreach.selection import Selection
+
+
+def _random_selection(rng: random.Random, q_len: int, kv_len: int, heads: int = 3) -> Selection:
+    block = rng.choice([4, 8])
+    n_qb, n_kb = -(-q_len // block), -(-kv_len // block)
+    k = rng.randint(1, 4)
+    idx = torch.randint(-1, n_kb, (1, heads, n_qb, k), generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+    return Selection(idx, q_len, kv_len, block, block, sinks=rng.randint(0, 3), window=rng.randint(1, 9))
+
+
+def _mask_pairs(sel: Selection) -> tuple[int, int]:
+    """(kept, causal) counted on the dense mask: the oracle, no closed forms."""
+    mask = sel.to_mask()  # (B, H, Tq, Tk) bool
+    causal = torch.ones(sel.q_len, sel.kv_len, dtype=torch.bool).tril(sel.kv_len - sel.q_len)
+    return int(mask.sum()), int(causal.sum()) * sel.batch * sel.heads
+
+
+def test_density_equals_the_mask_count_for_decode_steps_and_prefills():
+    rng = random.Random(0)
+    stats = DensityStats()
+    kept = causal = 0
+    # a prefill, then decode steps of 3 layers each (shared geometry per step), then another prefill
+    sels = [_random_selection(rng, 24, 24)]
+    for t in range(25, 25 + 2 * FOLD_EVERY):
+        step = _random_selection(rng, 1, t)
+        sels += [Selection(_random_selection(rng, 1, t).indices[..., : step.indices.shape[-1]], 1, t, step.block_q,
+                           step.block_k, step.sinks, step.window) for _ in range(3)]
+    sels.append(_random_selection(rng, 16, 40))
+    for i, sel in enumerate(sels):
+        stats.add("prefill" if sel.q_len > 1 else "decode", sel)
+        k, c = _mask_pairs(sel)
+        kept, causal = kept + k, causal + c
+        assert causal_pairs(sel) == c
+        if i in (0, 5, 200):  # reading mid-way counts what is pending too
+            assert stats.density() is not None
+    decode = [s for s in sels if s.q_len == 1]
+    want_decode = sum(_mask_pairs(s)[0] for s in decode) / sum(_mask_pairs(s)[1] for s in decode)
+    assert stats.density("decode") == want_decode
+    assert stats.density() == kept / causal
+
+
+def test_full_and_padded_selections_are_counted_exactly():
+    stats = DensityStats()
+    full = Selection.dense(2, 5, 9)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    padded = Selection(torch.tensor([[[[0]]]]).expand(2, 1, 1, 1), 5, 9, 8, 8, 1, 2, mask)
+    stats.add("prefill", full)
+    stats.add("prefill", padded)
+    k_full, c_full = _mask_pairs(full)
+    k_pad = int(padded.to_mask().sum())
+    c_pad = int(padded.causal_counts().sum())
+    assert stats.density("prefill") == (k_full + k_pad) / (c_full + c_pad)
