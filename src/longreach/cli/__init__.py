@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import typer
 
-from . import diagnose, evaluate, run
+from . import diagnose, evaluate, run, serve, tune
 from .bench import bench_app
 from .heads import heads_app
+from .models import models_app
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -28,8 +29,11 @@ app.command("eval")(evaluate.eval_cmd)
 app.command()(evaluate.report)
 app.command()(evaluate.demo)
 app.command()(evaluate.corpus)
+app.command()(serve.serve)
+app.command()(tune.tune)
 app.add_typer(bench_app, name="bench")
 app.add_typer(heads_app, name="heads")
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:
