@@ -30,6 +30,30 @@ def test_mass_recall_is_one_for_dense_and_matches_a_brute_force_sum():
     assert (got < 1).all() and (got > 0).all()
 
 
+def test_last_query_recall_is_the_last_rows_mass_on_its_kept_keys():
+    """The answer-writing query alone: a streaming window keeps little of its mass, a brute-force sum agrees."""
+    model = tiny_model("llama")
+    x = torch.randint(0, 128, (1, 96))
+    seen = {}
+
+    def spy(layer, q, k, v, scale, sliding, key_mask):
+        seen.setdefault(layer, (q.clone(), k.clone(), scale))
+
+    from longreach import apply
+
+    with torch.no_grad(), apply(model, "dense") as handle:
+        handle.observer = spy
+        model(x)
+    spec = "streaming:window=16,sinks=0"
+    diag = diagnose(model, x, [spec])
+    for r in diag.of(str(parse_spec(spec))):
+        q, k, scale = seen[r.layer]
+        logits = torch.einsum("hd,htd->ht", q[0, :, -1], k[0].repeat_interleave(2, 0)) * scale
+        want = logits.softmax(-1)[:, -16:].sum(-1)  # the window: the last 16 keys
+        assert torch.allclose(torch.tensor(r.last_recall), want, atol=1e-5)
+        assert max(r.last_recall) < 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_diagnose_reports_every_controlled_layer_and_method(arch):
     model = tiny_model(arch)

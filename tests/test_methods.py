@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from longreach import kernels, parse_spec
@@ -108,6 +108,7 @@ def test_quest_finds_the_block_a_query_points_at():
     tk=st.integers(2, 200), tq_frac=st.floats(0.0, 1.0), block=st.sampled_from([4, 8, 16]),
     sinks=st.integers(0, 6), window=st.integers(1, 40), extra=st.integers(0, 120), name=st.sampled_from(SELECTORS),
 )
+@example(tk=16, tq_frac=0.125, block=4, sinks=0, window=1, extra=4, name="loki")  # 2 queries, fewer than a block
 def test_property_selection_is_causal_and_within_budget(tk, tq_frac, block, sinks, window, extra, name):
     tq = max(1, int(tk * tq_frac))
     budget = sinks + window + extra

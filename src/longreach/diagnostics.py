@@ -3,7 +3,9 @@
 ``diagnose`` runs the model once densely and, at every attention layer, replays each method on that
 layer's real queries and keys. Per (layer, query head) it reports the share of the dense softmax mass
 that falls on the selected keys (*mass recall*: 1.0 means nothing that mattered was dropped) and the
-relative error of the attention output; per layer, the density actually used and how long the
+relative error of the attention output, and the recall of the *last* query alone (the one that writes the
+next token: a needle lost there is lost from the answer, whatever the average says); per layer, the
+density actually used and how long the
 selection took next to the sparse and the dense attention. Layers the model itself runs with a
 sliding window (Gemma 3's local layers) are not controlled by methods and are skipped.
 """
@@ -40,6 +42,7 @@ class LayerReport:
     layer: int
     method: str
     recall: list[float]  # per query head: dense softmax mass on the selected keys
+    last_recall: list[float]  # per query head: the same for the last query alone (it writes the next token)
     output_error: list[float]  # per query head: ||out - dense|| / ||dense||
     density: float
     select_s: float
@@ -66,6 +69,8 @@ class Diagnosis:
         return {
             "recall": recall.mean().item(),
             "min_recall": recall.min().item(),
+            "last_recall": torch.tensor([r.last_recall for r in rows]).mean().item(),
+            "min_last_recall": torch.tensor([r.last_recall for r in rows]).min().item(),
             "output_error": err.mean().item(),
             "density": sum(r.density for r in rows) / len(rows),
             "select_s": sum(r.select_s for r in rows),
@@ -87,23 +92,25 @@ def query_sample(t_q: int, max_queries: int | None) -> Tensor:
 
 
 def mass_recall(q: Tensor, k: Tensor, sel: Selection | Sequence[Selection], scale: float,
-                key_mask: Tensor | None = None, max_queries: int | None = None) -> Tensor:
+                key_mask: Tensor | None = None, max_queries: int | None = None, rows: Tensor | None = None
+                ) -> Tensor:
     """Per query head, the mean over queries of the dense softmax mass on the keys a selection keeps.
 
     Returns (Hq,) for one selection, (n, Hq) for a list (the dense probabilities are computed once
     for all of them). ``max_queries`` averages over that many evenly spaced queries instead of all
-    (O(T^2) becomes O(max_queries * T)). Chunked over rows; the batch is averaged.
+    (O(T^2) becomes O(max_queries * T)); ``rows`` names the query indices instead. Chunked over rows; the
+    batch is averaged.
     """
     sels = [sel] if isinstance(sel, Selection) else list(sel)
     batch, n_q, t_q, _ = q.shape
     t_k = k.shape[2]
-    picked = query_sample(t_q, max_queries)
+    picked = query_sample(t_q, max_queries) if rows is None else rows
     total = torch.zeros(len(sels), n_q, dtype=torch.float64)
     sparse = [i for i, s in enumerate(sels) if not s.full]
     if sparse:
-        rows = max(1, ROW_BYTES // (4 * batch * n_q * t_k))
-        for c0 in range(0, len(picked), rows):
-            qi = picked[c0 : c0 + rows]
+        step = max(1, ROW_BYTES // (4 * batch * n_q * t_k))
+        for c0 in range(0, len(picked), step):
+            qi = picked[c0 : c0 + step]
             probs = causal_probs(q, k, scale, qi.to(q.device), key_mask).flatten(1, 2)  # (B, Hq, r, Tk)
             for i in sparse:
                 kept = _per_query_head(sels[i].mask_rows(qi), n_q)  # (B, Hq, r, Tk)
@@ -166,9 +173,10 @@ def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kerne
             err = (out.float() - ref.float()).square().sum(dim=(0, 1, 3)).sqrt() / ref_norm
             runs.append((spec, sel, select_s, attend_s, err))
         recalls = mass_recall(q, k, [r[1] for r in runs], scale, key_mask, max_queries)
-        for (spec, sel, select_s, attend_s, err), recall in zip(runs, recalls, strict=True):
-            diag.layers.append(LayerReport(layer, str(spec), recall.tolist(), err.tolist(), sel.density(),
-                                           select_s, attend_s, dense_s))
+        last = mass_recall(q, k, [r[1] for r in runs], scale, key_mask, rows=torch.tensor([t_q - 1]))
+        for (spec, sel, select_s, attend_s, err), recall, last_recall in zip(runs, recalls, last, strict=True):
+            diag.layers.append(LayerReport(layer, str(spec), recall.tolist(), last_recall.tolist(), err.tolist(),
+                                           sel.density(), select_s, attend_s, dense_s))
         if progress is not None:
             progress(layer)
 

@@ -78,21 +78,23 @@ def diagnose(
                                  progress=lambda _layer: bar.advance(task_id))
     table = Table(title=f"oracle gap per layer, {diag.tokens} tokens, recall over {min(queries, diag.tokens)} "
                         "queries (times: this machine, one run)")
-    for col in ("layer", "method", "recall mean", "recall min head", "output error", "density", "select ms",
-                "attend ms", "dense ms"):
+    for col in ("layer", "method", "recall mean", "recall min head", "last query min head", "output error",
+                "density", "select ms", "attend ms", "dense ms"):
         table.add_column(col)
     for r in diag.layers:
         table.add_row(str(r.layer), r.method, f"{sum(r.recall) / len(r.recall):.3f}", f"{min(r.recall):.3f}",
+                      f"{min(r.last_recall):.3f}",
                       f"{sum(r.output_error) / len(r.output_error):.3f}", f"{r.density:.3f}",
                       f"{r.select_s * 1e3:.1f}", f"{r.attend_s * 1e3:.1f}", f"{r.dense_s * 1e3:.1f}")
     console.print(table)
     summary = Table(title="all layers")
-    for col in ("method", "mass recall", "worst head", "output error", "density", "select / attend",
-                "sparse vs dense attention"):
+    for col in ("method", "mass recall", "worst head", "last query", "last query worst head", "output error",
+                "density", "select / attend", "sparse vs dense attention"):
         summary.add_column(col)
     for m in diag.methods:
         s = diag.summary(m)
-        summary.add_row(m, f"{s['recall']:.3f}", f"{s['min_recall']:.3f}", f"{s['output_error']:.3f}",
+        summary.add_row(m, f"{s['recall']:.3f}", f"{s['min_recall']:.3f}", f"{s['last_recall']:.3f}",
+                        f"{s['min_last_recall']:.3f}", f"{s['output_error']:.3f}",
                         f"{s['density']:.3f}", f"{s['select_s'] / max(s['attend_s'], 1e-9):.2f}",
                         f"{s['dense_s'] / max(s['select_s'] + s['attend_s'], 1e-9):.2f}x")
     console.print(summary)

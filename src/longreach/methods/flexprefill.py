@@ -7,7 +7,9 @@ agree (Jensen-Shannon distance below ``tau``) the pooled estimate is trusted and
 ranks key blocks by its own pooled scores (*query-aware*); otherwise the head falls back to the
 *vertical-slash* pattern estimated from the last queries. Either way a query block keeps its best
 blocks until their estimated mass, with the sinks and window, reaches ``gamma``: the budget adapts
-per head and input; ``budget=``/``density=`` only cap it.
+per head and input; ``budget=``/``density=`` only cap it. The last query block, whose queries were
+attended exactly for the estimate, ranks blocks by their own attention and fills its budget
+(``scoring.last_block_exact``).
 
 Simplifications: verticals and slashes are rounded to key blocks (see ``vslash``); in decode the one
 query is the last block, so both patterns use its exact attention.
@@ -25,7 +27,15 @@ from ..errors import SpecError
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
-from .scoring import block_sums, by_group, last_query_probs, mean_queries, reduce_heads, sorted_count_to_reach
+from .scoring import (
+    block_sums,
+    by_group,
+    last_block_exact,
+    last_query_probs,
+    mean_queries,
+    reduce_heads,
+    sorted_count_to_reach,
+)
 from .vslash import vertical_slash_scores
 
 
@@ -49,6 +59,8 @@ class FlexPrefill(BudgetedMethod):
 
     gamma: float = param(0.9, "estimated attention mass each query block must reach, in (0, 1]")
     tau: float = param(0.1, "JS distance below which a head trusts the pooled (query-aware) estimate")
+    exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
+                             "attention (false: by the pattern estimate alone, as the paper does)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,9 +90,15 @@ class FlexPrefill(BudgetedMethod):
         vs = vertical_slash_scores(probs, quota, self.block, bk) * causal
         vs = vs / vs.sum(-1, keepdim=True).clamp(min=1e-12)
         mass = torch.where(query_aware[..., None, None], qa, vs)  # (B, Hq, nQB, nKB)
+        # the last query block ranks by its own queries' exact attention too, and fills its budget: gamma of an
+        # average would drop what only its final query needs (see last_block_exact)
+        if self.exact_last:
+            mass[:, :, -1] = torch.maximum(mass[:, :, -1], last_block_exact(probs, quota.t_q, self.block, bk))
         mass = reduce_heads(mass, n_kv, self.group, "mean")
         always = (mass * (causal & ~quota.candidate)).sum(-1)  # sinks' and window's blocks
         cand_mass = mass * quota.candidate
         need = sorted_count_to_reach(cand_mass, always, self.gamma)
+        if self.exact_last:
+            need[..., -1] = quota.n_take[-1]
         scores = cand_mass.masked_fill(cand_mass <= 0, float("-inf"))
         return self.top_blocks(scores, quota, ctx, n_take=need)

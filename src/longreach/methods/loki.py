@@ -56,7 +56,7 @@ class Loki(BudgetedMethod):
         k_low = (k.float() @ basis).unsqueeze(2)  # (B, Hkv, 1, Tk, r)
         qb, q_valid = query_blocks(q, self.block)
         q_low = by_group(qb, n_kv) @ basis[:, :, None, None]  # (B, Hkv, G, nQB, bq, r)
-        bs, bk = self.block, self.block_k
+        bs, bk = q_valid.shape[1], self.block_k  # rows per query block as scored (fewer than block in decode)
         pad = quota.n_kb * bk - t_k
         j = torch.arange(t_k, device=q.device)
         step = chunk_rows(4 * batch * n_q * bs * t_k * 2)

@@ -96,6 +96,20 @@ def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: 
     return causal_probs(q, k, scale, rows, key_mask).flatten(1, 2)
 
 
+def last_block_exact(probs: Tensor, t_q: int, block_q: int, block_k: int) -> Tensor:
+    """(B, H, nKB): for the last query block, each key block's largest share of attention among its queries.
+
+    Those queries' attention is known exactly (the estimate computed it from the last queries), and they are
+    the ones that write the answer. Averaged into a pattern, a key block that only the final query needs (the
+    needle a question asks for) weighs 1/last_q of its mass and loses to the diagonals: measured on SmolLM2
+    at 4k without a chat template, vslash and flexprefill kept none of the last query's needle mass in
+    layers 14, 20 and 21 (docs/template-free.md). Scored by its queries' own maximum, no query of the block
+    loses a key block it needs, within the same budget.
+    """
+    in_last = min(t_q - (math.ceil(t_q / block_q) - 1) * block_q, probs.shape[2])
+    return block_sums(probs[:, :, -in_last:], block_k).amax(2)
+
+
 def block_sums(x: Tensor, block: int) -> Tensor:
     """Sum consecutive groups of ``block`` along the last dim (zero-padding the tail)."""
     length = x.shape[-1]

@@ -1,0 +1,61 @@
+"""The last query block of attention-estimating selectors (vslash, flexprefill) keeps what its own queries need.
+
+A key block that only the final query attends to (the needle a question asks for) weighs 1/last_q in a pattern
+averaged over the last queries; the selectors also rank the last block by its queries' exact attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longreach import parse_spec
+from longreach.methods import SelectContext
+
+NEEDLE_BLOCK = 2  # keys 128..191
+SCALE = 0.125
+
+
+def _needle_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """512 random keys (d=64) in blocks of 64. The last block's queries attend mostly 5 keys back (inside the
+    window) and some 100 keys back (a diagonal crossing key blocks 5 and 6); only the final query matches the
+    needle, 8 keys in block 2."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 1, 512, 64, generator=g)
+    q = torch.randn(1, 2, 512, 64, generator=g) * 0.3
+    for i in range(448, 511):
+        q[0, :, i] = k[0, 0, i - 100] + 1.2 * k[0, 0, i - 5]
+    u = torch.randn(64, generator=g)
+    u = u / u.norm()
+    k[0, 0, 130:138] = 8 * u
+    q[0, :, -1] = 8 * u
+    return q, k
+
+
+def _last_block_keys(spec: str, q: torch.Tensor, k: torch.Tensor) -> set[int]:
+    sel = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
+    return {int(b) for b in sel.indices[0, :, -1].flatten() if b >= 0}
+
+
+@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method):
+    q, k = _needle_inputs()
+    # the oracle: the final query's exact attention puts most of its mass on the needle's keys
+    probs = (q[0, 0, -1] @ k[0, 0].T * SCALE).softmax(-1)
+    assert probs[130:138].sum() > 0.5
+    # and none of the other queries of the last block puts as much in any candidate block
+    others = (q[0, 0, 448:511] @ k[0, 0].T * SCALE).softmax(-1)[:, :384].reshape(63, 6, 64).sum(-1)
+    assert others.max() < probs[128:192].sum()
+    spec = f"{method}:density=0.45"  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
+    assert NEEDLE_BLOCK in _last_block_keys(spec, q, k)
+    # as the papers estimate (the average of the last 64 queries), the needle's block loses: the test can fail
+    assert NEEDLE_BLOCK not in _last_block_keys(spec + ",exact_last=false", q, k)
+
+
+@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+def test_exact_last_changes_only_the_last_block_and_stays_in_budget(method):
+    q, k = _needle_inputs(1)
+    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
+                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
+    assert torch.equal(new.indices[:, :, :-1], old.indices[:, :, :-1])
+    assert int((new.indices[:, :, -1] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
