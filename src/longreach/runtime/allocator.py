@@ -3,9 +3,9 @@
 After a large block is freed, glibc raises its mmap threshold (up to 32 MiB), so the next tensors of a few MiB
 come from its heap; a long-lived one allocated among them (this layer's KV cache) pins the heap, and what the
 previous layer freed below it stays resident. ``malloc_trim(0)`` gives those free pages back (inside the heap
-too, since glibc 2.8) without changing how anything is allocated. Fresh processes, SmolLM2 at 8k, prefill and
-4 tokens, one run each on an AMD EPYC: moba 10% peaked at 2512 MiB by default and 1660 MiB trimming once per
-layer; transformers' own run at 1872 MiB (docs/benchmarks.md has the measured rows).
+too, since glibc 2.8) without changing how anything is allocated. SmolLM2 at 16k, fresh processes, medians of
+two or three on an AMD EPYC: moba 10% peaked at 2534 MiB untrimmed and 2213 MiB trimmed, dense at 2228 and
+2154 MiB, transformers' own run at 2229-2537 MiB; the price is ~3% of prefill time (docs/benchmarks.md).
 
 ``LONGREACH_TRIM=0`` switches it off (to measure what it buys).
 """
