@@ -1,5 +1,5 @@
-"""The server's engine and prefix cache without HTTP: continuing from a stored prefix gives exactly the cold answer,
-entries are never changed by later requests, and the byte bound holds."""
+"""The server's engine and prefix cache without HTTP: continuing from a stored prefix gives the cold prefill bit for
+bit, entries are never changed by later requests, and the byte bound holds (checked before any copy)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from test_effects import EFFECTS
 from test_heads import random_profile
 
 import longreach
+from longreach.serve import prefix as prefix_module
 from longreach.serve.engine import Engine, Event, Job, Sampling, TextStream
 from longreach.serve.prefix import PrefixCache
-
-pytest.importorskip("fastapi")
 
 BLOCK = 16
 GREEDY = Sampling(max_tokens=6, temperature=0.0)
@@ -54,26 +53,43 @@ def prompts(seed: int = 0) -> tuple[list[int], list[int], list[int]]:
     return doc, doc + q1, doc + q2
 
 
+def prefill(engine: Engine, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """The engine's prefill of ``tokens`` alone: the last token's logits, copies of every tensor of the cache it
+    leaves (keys and values, and a head policy's short-head parts), and how many tokens it reused."""
+    job = Job(tuple(tokens), engine.default_spec, GREEDY)
+    with torch.no_grad(), longreach.apply(engine.model, job.spec) as handle:
+        cache, logits, cached = engine._prefill(job, handle)
+        tensors = []
+        for layer in cache.layers:
+            tensors += [layer.keys.clone(), layer.values.clone()]
+            short = getattr(layer, "short", None)
+            if short is not None:
+                tensors += [short.keys.clone(), short.values.clone()]
+    return logits.clone(), tensors, cached
+
+
 @pytest.mark.parametrize("name", sorted(EFFECTS))
-def test_a_reused_prefix_gives_the_cold_answer_for_every_method(name, model, tmp_path):
-    """Second question over the same document: from the stored prefix (warm) vs a fresh engine (cold). Where the
-    engine reuses, both must be the same tokens and the reuse must have happened; where it refuses, nothing is
-    reused."""
+def test_a_reused_prefix_gives_the_cold_prefill_bit_for_bit_for_every_method(name, model, tmp_path):
+    """Second question over the same document: prefilled from the stored prefix (warm) vs by a fresh engine
+    (cold). The last token's logits and every cache tensor must be equal bit for bit (so every answer is the
+    same, greedy or sampled), and where the engine reuses, the reuse must have happened; where it refuses,
+    nothing is stored."""
     cfg = model.config
     profile = random_profile(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads)
     spec = EFFECTS[name][0].format(profile=profile.save(tmp_path / "p.json"))
     _, first, second = prompts()
     warm = Engine(model, Digits(), "tiny", spec, chunk=BLOCK)
     answer(warm, first)
-    reused = answer(warm, second)
-    cold = answer(Engine(model, Digits(), "tiny", spec, chunk=BLOCK), second)
-    cached = reused["usage"]["prompt_tokens_details"]["cached_tokens"]
+    warm_logits, warm_cache, cached = prefill(warm, second)
+    cold_logits, cold_cache, cold_cached = prefill(Engine(model, Digits(), "tiny", spec, chunk=BLOCK), second)
     if warm.reuse_blocker(warm.default_spec) is None:
         assert cached == 96  # the document's last block boundary (101 tokens)
-        assert reused["text"] == cold["text"], f"{spec}: reused prefix changed the answer"
     else:
         assert cached == 0 and len(warm.prefix) == 0
-    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cold_cached == 0
+    assert torch.equal(warm_logits, cold_logits), f"{spec}: the reused prefix changed the logits"
+    assert len(warm_cache) == len(cold_cache) and all(
+        torch.equal(a, b) for a, b in zip(warm_cache, cold_cache, strict=True)), f"{spec}: it changed the cache"
 
 
 def entry_tensors(engine: Engine) -> list[torch.Tensor]:
@@ -168,3 +184,16 @@ def test_cancelling_stops_generation_and_frees_its_cache(model):
 
     gc.collect()
     assert len(engine.live) == 0 and model.config._attn_implementation != "longreach"
+
+
+def test_a_cache_over_the_bound_is_refused_before_it_is_copied(model, monkeypatch):
+    """With --cache-bytes 0 (or any cache whose keys alone pass the bound) no request pays for a snapshot."""
+    copies = []
+    real = prefix_module.copy_cache
+    monkeypatch.setattr(prefix_module, "copy_cache", lambda *a, **kw: copies.append(1) or real(*a, **kw))
+    engine = Engine(model, Digits(), "tiny", chunk=BLOCK, cache_bytes=0)
+    answer(engine, prompts(5)[1])
+    assert not copies and len(engine.prefix) == 0
+    bounded = Engine(model, Digits(), "tiny", chunk=BLOCK)
+    answer(bounded, prompts(5)[1])
+    assert copies and len(bounded.prefix) == 1  # the spy sees copies where the bound allows them

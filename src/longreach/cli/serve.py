@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from longreach import LongreachError, load_model, parse_spec
+from longreach import load_model, parse_spec
+from longreach.models import BUNDLED
 
 from .common import MODEL_HELP, console, fail, user_errors
 
@@ -16,9 +17,12 @@ def serve(
     method: str = typer.Option("dense", help="default method spec; a request's 'method' field overrides it"),
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000, min=1, max=65535),
-    cache_bytes: int = typer.Option(2 << 30, min=0, help="prefix cache bound in bytes of KV tensors (0: off)"),
+    cache_bytes: int = typer.Option(None, min=0, help="prefix cache bound in bytes of KV tensors (0: off) "
+                                                       "[default: 2 GiB]"),
     chunk: int = typer.Option(512, min=1, help="prefill chunk and prefix-cache block in tokens"),
-    max_input_tokens: int = typer.Option(None, min=1, help="longer prompts get a 413"),
+    max_input_tokens: int = typer.Option(None, min=1, help="longer prompts get a 413 (and bodies over 16 bytes "
+                                                            "a token a 413, unread)"),
+    max_output_tokens: int = typer.Option(None, min=1, help="a larger max_tokens gets a 400 [default: 4096]"),
     max_concurrency: int = typer.Option(1, min=1, help="requests admitted at once (the model runs them in turn)"),
     max_queue: int = typer.Option(16, min=0, help="requests waiting beyond those; more get a 429"),
     api_key: str = typer.Option(None, envvar="LONGREACH_API_KEY", help="require 'Authorization: Bearer KEY'"),
@@ -27,12 +31,18 @@ def serve(
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health (OpenAI shapes, SSE streaming)."""
     try:
         from longreach.serve import Engine, Limits, create_app
+        from longreach.serve.app import DEFAULT_MAX_OUTPUT_TOKENS, loopback_hosts
+        from longreach.serve.engine import DEFAULT_CACHE_BYTES
     except ImportError as err:
         fail(f"longreach serve needs the serve extra ({err.name} is missing): pip install 'longreach[serve]'")
+    cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+    max_output_tokens = DEFAULT_MAX_OUTPUT_TOKENS if max_output_tokens is None else max_output_tokens
     with user_errors(ValueError):
         parse_spec(method)  # a bad spec fails before the model loads
-        limits = Limits(max_input_tokens, max_concurrency, max_queue, api_key)
-    name = Path(model).name if model not in ("smollm2-135m", "gemma3-270m") else model
+        limits = Limits(max_input_tokens=max_input_tokens, max_concurrency=max_concurrency, max_queue=max_queue,
+                        api_key=api_key, max_output_tokens=max_output_tokens,
+                        allowed_hosts=loopback_hosts(host))
+    name = model if model in BUNDLED else Path(model).name
     if replicas:
         try:
             from longreach.serve.ray import ReplicaConfig, run
@@ -48,7 +58,4 @@ def serve(
         lm, tokenizer = load_model(model)
         engine = Engine(lm, tokenizer, name, method, chunk=chunk, cache_bytes=cache_bytes)
     console.print(f"serving {name} ({method}) on http://{host}:{port}/v1")
-    try:
-        uvicorn.run(create_app(engine, limits), host=host, port=port, log_level="warning")
-    except LongreachError as err:
-        fail(err)
+    uvicorn.run(create_app(engine, limits), host=host, port=port, log_level="warning")

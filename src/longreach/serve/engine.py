@@ -26,6 +26,8 @@ from ..position.frozen import LENGTH_DEPENDENT
 from ..spec import Spec, parse_spec
 from .prefix import PrefixCache, truncatable
 
+DEFAULT_MAX_TOKENS = 256  # an answer's length when a request names none (capped by --max-output-tokens)
+DEFAULT_CACHE_BYTES = 2 << 30  # the prefix cache's bound (--cache-bytes)
 _PROFILE = re.compile(r"(^|[:,])\s*profile\s*=", re.IGNORECASE)
 
 
@@ -35,7 +37,7 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
@@ -116,7 +118,7 @@ class Engine:
     """A loaded model and tokenizer, the default method, and the prefix cache of one server (or replica)."""
 
     def __init__(self, model: object, tokenizer: object, name: str, method: str = "dense", *, chunk: int = 512,
-                 cache_bytes: int = 2 << 30) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1 token, got {chunk}")
         self.model, self.tokenizer, self.name = model, tokenizer, name

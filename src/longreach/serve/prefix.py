@@ -25,6 +25,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from ..cache.compressed import CompressedLayer, cache_bytes
 from ..cache.growing import GrowingLayer
 
@@ -83,6 +85,18 @@ def copy_cache(cache: object, owner: object = STORED, length: int | None = None)
             layers.append(copy.deepcopy(layer))
     out.layers = layers  # type: ignore[attr-defined]
     return out
+
+
+def stored_bytes(cache: object) -> int:
+    """A lower bound on a snapshot's bytes, read without copying: the keys and values every layer exposes (a
+    snapshot copies at least these; spare room and a press's side parts come on top)."""
+    total = 0
+    for layer in cache.layers:  # type: ignore[attr-defined]
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 @dataclass
@@ -151,12 +165,16 @@ class PrefixCache:
 
     def put(self, spec: str, tokens: tuple[int, ...], cache: object) -> bool:
         """Snapshot ``cache`` (the cache after exactly ``tokens``) and evict the least recently used entries
-        past the byte bound; False when the snapshot alone is over the bound (then nothing is kept)."""
+        past the byte bound; False when the snapshot alone is over the bound (then nothing is kept). A cache
+        whose keys and values alone pass the bound is refused before it is copied: with ``--cache-bytes 0``
+        no request pays for a copy."""
         key = (spec, tokens)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return True
+        if stored_bytes(cache) > self.max_bytes:
+            return False
         snap = copy_cache(cache)
         nbytes = cache_bytes(snap) or 0
         if nbytes > self.max_bytes:

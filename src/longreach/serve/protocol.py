@@ -1,20 +1,23 @@
 """OpenAI request bodies (validated) and response shapes.
 
-Fields that would change the answer but are not implemented (``n > 1``, logprobs, penalties, tools, ...) are
-refused with a 400 that names them, never ignored; fields that change nothing (``user``, ...) are accepted.
+Nothing a client sends is silently ignored. Fields this server implements are used; fields that change nothing
+here (``user``, ``metadata``, ``store``, ...) are accepted; fields that OpenAI defines but this server does
+not implement (``n > 1``, logprobs, penalties, tools, ...) are accepted only at the value that changes nothing
+and refused with a 400 naming them otherwise; and any other field (a typo such as ``max_token``, or another
+server's extension such as ``top_k``) is refused with a 400 naming it. A client that asked for something gets
+it or an error, never an answer that quietly lacks it.
 """
 
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .engine import Sampling
-
-DEFAULT_MAX_TOKENS = 256
+from .engine import DEFAULT_MAX_TOKENS, Sampling
 
 
 class APIError(Exception):
@@ -29,14 +32,33 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class Strict(BaseModel):
+    """Every request model: exact JSON types, and an unknown field is an error (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against side channels; nothing to pad here
 
 
-class Common(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+# Fields OpenAI defines that this server does not implement, with the values at which they change nothing:
+# those are accepted (clients often send defaults explicitly), any other value is refused.
+NO_OP_VALUES: dict[str, tuple[object, ...]] = {
+    "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "tools": ([],),
+    "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},), "modalities": (["text"],),
+}
 
+
+def _same(value: object, plain: object) -> bool:
+    """Equal, and not a bool standing for a number (``logprobs: 0`` asks for something; ``false`` does not)."""
+    return value == plain and isinstance(value, bool) == isinstance(plain, bool)
+
+
+class Common(Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -46,13 +68,20 @@ class Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     method: str | None = None  # a longreach spec for this request (default: the server's --method)
+    # Accepted because they change nothing here: OpenAI's bookkeeping, routing and caching hints.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Not implemented: accepted only at their NO_OP_VALUES (check_supported).
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
-    best_of: int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -63,36 +92,32 @@ class Common(BaseModel):
         return v
 
     def check_supported(self) -> None:
-        for name, plain in (("n", 1), ("best_of", 1), ("presence_penalty", 0), ("frequency_penalty", 0)):
-            if getattr(self, name) not in (None, plain):
-                raise APIError(400, f"{name} other than {plain} is not supported by this server", param=name,
+        """A 400 for the first unimplemented field set to a value that would change the answer."""
+        for name, plain in NO_OP_VALUES.items():
+            value = getattr(self, name, None)
+            if value is not None and not any(_same(value, ok) for ok in plain):
+                allowed = " or ".join(repr(ok) for ok in plain)
+                raise APIError(400, f"{name}={value!r} is not supported by this server (it accepts {name} only "
+                                    f"as {allowed}, which changes nothing); leave it out", param=name,
                                code="unsupported_parameter")
-        for name in ("logit_bias", "logprobs", "top_logprobs", "tools", "functions", "tool_choice", "suffix"):
-            if getattr(self, name, None):
-                raise APIError(400, f"{name} is not supported by this server; leave it out", param=name,
-                               code="unsupported_parameter")
-        fmt = getattr(self, "response_format", None)
-        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported by this server",
-                           param="response_format", code="unsupported_parameter")
-        if getattr(self, "echo", False):
-            raise APIError(400, "echo is not supported by this server; leave it out", param="echo",
-                           code="unsupported_parameter")
 
-    def sampling(self, max_tokens: int | None) -> Sampling:
+    def asked_max_tokens(self) -> tuple[int | None, str]:
+        """The answer's length the client asked for (None: the default), and the field it used."""
+        return self.max_tokens, "max_tokens"
+
+    def sampling(self, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Sampling:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return Sampling(max_tokens or DEFAULT_MAX_TOKENS, 1.0 if self.temperature is None else self.temperature,
+        asked, _ = self.asked_max_tokens()
+        return Sampling(asked or default_max_tokens, 1.0 if self.temperature is None else self.temperature,
                         1.0 if self.top_p is None else self.top_p, self.seed, stops)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -104,13 +129,25 @@ class Message(BaseModel):
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: str | dict | None = None
+    function_call: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # changes nothing without tools (which are refused)
+    response_format: dict | None = None
+    modalities: list[str] | None = None
 
-    def sampling(self, max_tokens: int | None = None) -> Sampling:  # type: ignore[override]
-        return super().sampling(self.max_completion_tokens or self.max_tokens)
+    def asked_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class CompletionRequest(Common):
     prompt: str | list[str]
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -123,8 +160,16 @@ class CompletionRequest(Common):
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
-    def sampling(self, max_tokens: int | None = None) -> Sampling:  # type: ignore[override]
-        return super().sampling(self.max_tokens)
+
+def unknown_field(model: type[BaseModel], loc: tuple) -> APIError:
+    """The 400 for a field this server does not know, with the nearest known name when there is one."""
+    where = ".".join(str(p) for p in loc)
+    hint = ""
+    if len(loc) == 1:
+        near = difflib.get_close_matches(str(loc[0]), list(model.model_fields), n=1, cutoff=0.75)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return APIError(400, f"unknown field '{where}'{hint}: this server does not implement it, and refuses it "
+                         "rather than ignore it; remove it", param=where, code="unknown_parameter")
 
 
 def parse(model: type[BaseModel], body: object) -> BaseModel:
@@ -135,6 +180,8 @@ def parse(model: type[BaseModel], body: object) -> BaseModel:
         req = model.model_validate(body)
     except ValidationError as err:
         first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            raise unknown_field(model, tuple(first["loc"])) from None
         where = ".".join(str(p) for p in first["loc"]) or None
         msg = first["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{where}: {msg}" if where else msg, param=where,
