@@ -9,7 +9,8 @@ ranks key blocks by its own pooled scores (*query-aware*); otherwise the head fa
 blocks until their estimated mass, with the sinks and window, reaches ``gamma``: the budget adapts
 per head and input; ``budget=``/``density=`` only cap it. The last query block, whose queries were
 attended exactly for the estimate, ranks blocks by their own attention and fills its budget
-(``scoring.last_block_exact``).
+(``scoring.last_block_exact``); in decode the one query is that block, so a decode step keeps its
+budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule).
 
 Simplifications: verticals and slashes are rounded to key blocks (see ``vslash``); in decode the one
 query is the last block, so both patterns use its exact attention.
