@@ -101,6 +101,12 @@ def peak_resident_bytes() -> int:
     return kib * 1024
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters, each tensor once (``parameters()`` yields a tied LM head once): what the
+    weights hold in memory and what a decode step reads."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = None,
                 available: int | None = None, runtime: int = 0) -> MemoryPlan:
     """``runtime``: bytes already resident besides the weights (the CLI passes this process's VmRSS,
@@ -113,7 +119,7 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     step = min(chunk or length, length)
     param = next(model.parameters())
     width = param.element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     n_layers = cfg.num_hidden_layers
     n_q = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_q

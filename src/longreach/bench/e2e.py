@@ -33,7 +33,7 @@ import torch
 from .. import apply, cache_bytes
 from ..compat import output_cache
 from ..generation import generate
-from ..plan import MiB, peak_resident_bytes, reset_peak_resident
+from ..plan import MiB, peak_resident_bytes, reset_peak_resident, weight_bytes
 from ..plotting import pyplot
 from ._plot import speedup_axis
 
@@ -89,12 +89,6 @@ def prompt_ids(tokenizer, text: str, length: int) -> dict:
 
 
 HF_PATH = " · model.generate()"  # suffix of rows measured through transformers' own generate() under apply
-
-
-def weight_bytes(model) -> int:
-    """Bytes of the parameters a decode step reads: every distinct tensor once (a tied LM head is the embedding)."""
-    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    return sum(seen.values())
 
 
 def measure_row(model, tokenizer, text: str, length: int, spec: str | None, new_tokens: int,
