@@ -39,6 +39,19 @@ def tiny_model(arch: str, **overrides):
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
 
 
+def prefill_then_steps(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits of the last ``n`` tokens fed one at a time after a prefill of the rest: (B, n, V)."""
+    from longreach.compat import cache_kwargs, output_cache
+
+    out = model(ids[:, :-n], use_cache=True)
+    past, steps = output_cache(out), []
+    for i in range(n, 0, -1):
+        out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
+        past = output_cache(out)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's real tokenizer (converted from the bundled GGUF once, then cached)."""

@@ -234,7 +234,9 @@ def test_bench_e2e_refuses_a_prompt_longer_than_the_text(tiny_lm_folder):
 # every command, as a user types it; the test below checks this list against what the app registers
 COMMANDS = [("methods",), ("generate",), ("plan",), ("diagnose",), ("eval",), ("report",), ("demo",), ("corpus",),
             ("bench", "attention"), ("bench", "e2e"), ("bench", "selection"), ("heads", "profile"), ("heads", "show"),
-            ("models", "check"), ("tune",), ("serve",)]
+            ("heads", "posdim"),
+            ("models", "check"), ("tune",), ("serve",), ("lookback", "ratios"), ("lookback", "dataset"),
+            ("lookback", "fit")]
 
 
 def _help(module: str, *command: str) -> tuple[int, str]:

@@ -14,28 +14,33 @@ from longreach.conformance import PROBES, Sizes, markdown, run_matrix
 from longreach.models import FAMILIES
 
 SMALL = Sizes(trained=32, prompt=64, inside=24, past=48, decode=2)
-BY_MASS = {"act", "anchor", "finch", "flexprefill", "h2o", "headkv", "mspoe", "pyramidkv", "recycled", "snapkv",
-           "tova", "twilight", "vslash"}  # methods that score keys with a softmax of their own
-REMAP = {"selfextend", "string", "gali", "mspoe"}  # re-rotate q/k inside the attention function
+# methods that score keys with a softmax of their own leaving out a softcap and learned sinks (``scores_attention``);
+# every other one (snapkv, flexprefill, twilight, act, ...) computes the model's softmax (stages.SoftmaxExtras)
+PLAIN_SOFTMAX: set[str] = set()  # methods whose own softmax leaves a softcap or sinks out: none today
+REMAP = {"selfextend", "string", "gali", "mspoe", "buckets", "posdim"}  # re-rotate q/k inside the attention function
+CACHE_POLICIES = {"duo", "lserve", "razor", "headkv", "snapkv", "h2o", "tova", "streamingkv", "finch", "pyramidkv",
+                  "kvquant"}
 ROPE_TYPES = {"linear", "dynamic", "yarn", "llama3", "longrope"}
+HOMER_FAMILIES = {"llama", "mistral", "qwen2"}  # the decoders homer drives layer by layer
 
 
 def documented_refusals(family: str) -> dict[str, str]:
     """method -> a phrase of apply()'s reason: the unsupported set of docs/models.md."""
-    everything = set(PROBES)
     refused: dict[str, str] = {}
-    if family == "deepseek-v3":  # multi-head latent attention: v head dim 32, q/k head dim 24
-        refused |= dict.fromkeys(everything, "value head dim")
+    if family == "deepseek-v3":  # multi-head latent attention: a shared latent cache, the rotary part last
+        refused |= dict.fromkeys(CACHE_POLICIES, "one latent per token")
+        refused |= dict.fromkeys(REMAP, "last qk_rope_head_dim dims")
     if family == "gemma2":
-        refused |= dict.fromkeys(BY_MASS, "softcapping")
+        refused |= dict.fromkeys(PLAIN_SOFTMAX, "softcapping")
     if family == "gpt-oss":
-        refused |= dict.fromkeys(BY_MASS, "attention-sink logits")
+        refused |= dict.fromkeys(PLAIN_SOFTMAX, "attention-sink logits")
         refused |= dict.fromkeys(ROPE_TYPES, "already scales RoPE")  # GPT-OSS ships YaRN
     if family == "glm4":
-        refused |= dict.fromkeys(REMAP - BY_MASS, "interleaved")
-        refused["mspoe"] = "interleaved"
+        refused |= dict.fromkeys(REMAP, "interleaved")
     if family == "llama4":
         refused |= dict.fromkeys(REMAP, "NoPE")
+    if family not in HOMER_FAMILIES:
+        refused["homer"] = "supported: llama, mistral, qwen2"
     return refused
 
 
@@ -60,7 +65,8 @@ def test_the_matrix_row_of_each_family_has_no_failure_and_only_documented_refusa
 
 
 def test_the_markdown_shows_every_cell_and_each_reason_once():
-    matrix = run_matrix(["llama", "deepseek-v3"], ["dense", "quest"], sizes=SMALL)
+    matrix = run_matrix(["llama", "deepseek-v3"], ["dense", "quest", "snapkv", "selfextend"], sizes=SMALL)
     text = markdown(matrix)
-    assert "| `quest` | ✓ | refused [1](#r1) |" in text
-    assert text.count("value head dim") == 1  # one note, referenced from each refused cell
+    assert "| `quest` | ✓ | ✓ |" in text
+    assert "| `snapkv` | ✓ | refused [1](#r1) |" in text
+    assert text.count("one latent per token") == 1  # one note, referenced from each refused cell

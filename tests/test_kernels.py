@@ -110,6 +110,19 @@ def test_gather_tiles_long_key_sets_like_the_reference(tq, gather_path):
         assert (out - ref).abs().max().item() <= TOL, (sinks, window, n_blocks)
 
 
+@pytest.mark.parametrize("tq", [37, 1])
+def test_gather_reads_a_permuted_query_in_place(tq, gather_path):
+    """transformers hands q as a (B, T, H, D) buffer viewed (B, H, T, D); the fused kernel reads those strides in
+    place (no blocked copy) and writes (B, Tq, Hq, D): same result as a contiguous q, a short last block included."""
+    q, k, v = qkv(2, 6, 2, tq, 50, 16)
+    permuted = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert tq == 1 or not permuted.is_contiguous()  # one query: the view is contiguous anyway
+    sel = random_selection(2, 2, tq, 50, 16, 8, 2, 2, 9)
+    out = kernels.attend(permuted, k, v, sel, 0.25, "gather")
+    assert out.shape == (2, tq, 6, 16)
+    assert (out - reference.attend(q, k, v, sel, 0.25)).abs().max().item() <= TOL
+
+
 @pytest.mark.usefixtures("gather_path")
 def test_masked_everything_gives_zero_rows_not_nan():
     q, k, v = qkv(1, 2, 2, 8, 8, 8)
@@ -320,3 +333,21 @@ def test_a_sink_merged_by_lse_equals_one_softmax_with_the_sink():
     got = with_sink(out.transpose(1, 2), lse.transpose(1, 2), sinks)
     want = eager_oracle(q, k, v, 0.3, torch.ones(5, 12, dtype=torch.bool), sinks=sinks)
     assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("dv", [8, 24])
+@pytest.mark.parametrize("tq", [40, 1])
+def test_value_heads_wider_or_narrower_than_key_heads(dv, tq, gather_path):
+    """Multi-head latent attention: every kernel runs values of another width than q/k (zero-padded inside),
+    against PyTorch's own masked attention (which takes unequal widths as they are), prefill and decode, GQA."""
+    torch.manual_seed(3)
+    q, k, _ = qkv(1, 6, 2, tq, 40, 16)
+    v = torch.randn(1, 2, 40, dv)
+    sel = random_selection(1, 2, tq, 40, 8, 8, 2, 2, 6)
+    mask = sel.to_mask().repeat_interleave(3, dim=1)  # selection head h serves q heads 3h..3h+2
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask, scale=0.3).transpose(1, 2)
+    for kernel in ("gather", "reference"):
+        out = kernels.attend(q, k, v, sel, 0.3, kernel)
+        assert out.shape == (1, tq, 6, dv)
+        assert (out - want).abs().max().item() <= TOL, kernel

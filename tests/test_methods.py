@@ -15,11 +15,12 @@ from longreach.methods.summaries import BlockSummaries, block_stats
 from longreach.selection import Selection
 
 SELECTORS = ["quest", "moba", "hip", "twilight", "flexprefill", "vslash", "squeezed", "loki", "hyper", "longheads",
-             "anchor"]
+             "anchor", "ltri"]
 ADAPTIVE = {"twilight", "flexprefill", "anchor"}  # the budget is a cap; the input decides how much is used
 FULL_SPECS = ["dense", "quest:budget=100000", "moba:density=1.0", "streaming:window=100000",
               "quest:density=1.0,group=q", "streaming:density=1.0,sinks=0", "recycled:density=1.0",
-              *(f"{n}:density=1.0" for n in SELECTORS[2:]), "hip:budget=100000,group=q", "vslash:budget=100000"]
+              *(f"{n}:density=1.0" for n in SELECTORS[2:]), "hip:budget=100000,group=q", "vslash:budget=100000",
+              "a2ats:density=1.0", "a2ats:budget=100000,prefill=codes,group=q", "ltri:budget=100000,boundaries=fixed"]
 
 
 def _inputs(b=1, hq=6, hkv=2, tq=100, tk=100, d=16):
@@ -239,6 +240,20 @@ def test_flexprefill_spends_budget_by_head_need():
     many = method.select(q * 0, k, SelectContext()).density()  # uniform attention: gamma needs many blocks
     assert few < many
 
+
+
+def test_flexprefill_without_a_budget_lets_gamma_choose_instead_of_running_dense():
+    """Bare ``flexprefill`` has no budget cap (gamma sizes each block's choice); it used to count as a full budget
+    and silently run dense. A peaked head now keeps few blocks; ``density=1`` is still exactly dense."""
+    torch.manual_seed(7)
+    q, k, _ = _inputs(1, 2, 2, 256, 256, d=32)
+    q = q[:, :, :1] + 0.05 * q
+    k[:, :, 40:48] = q[:, :, :1] * 4
+    bare = parse_spec("flexprefill:block=16").selector.select(q, k, SelectContext())
+    assert not bare.full and bare.density() < 0.5
+    step = parse_spec("flexprefill:block=16").selector.select(q[:, :, -1:], k, SelectContext())  # decode too
+    assert not step.full and step.density() < 0.5
+    assert parse_spec("flexprefill:block=16,density=1").selector.select(q, k, SelectContext()).full
 
 def test_recycled_reuses_the_key_set_between_full_steps():
     torch.manual_seed(8)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, prefill_then_steps, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import longreach
@@ -386,17 +386,6 @@ def test_decode_with_cache_matches_one_forward(spec):
         full = model(ids).logits[:, -3:]
         steps = prefill_then_steps(model, ids, 3)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
-
-
-def prefill_then_steps(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Logits of the last ``n`` tokens fed one at a time after a prefill of the rest: (B, n, V)."""
-    out = model(ids[:, :-n], use_cache=True)
-    past, steps = output_cache(out), []
-    for i in range(n, 0, -1):
-        out = model(ids[:, -i:][:, :1], **cache_kwargs(model, past), use_cache=True)
-        past = output_cache(out)
-        steps.append(out.logits[:, -1])
-    return torch.stack(steps, 1)
 
 
 def _mspoe_ratios(q: torch.Tensor, k: torch.Tensor, scale: float, low: float, high: float, observe: int

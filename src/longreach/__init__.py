@@ -13,14 +13,17 @@ from .cache.compressed import cache_bytes
 from .errors import InputError, LongreachError, ModelLoadError, SpecError, UnsupportedModelError
 from .generation import Generation, generate
 from .hf import Handle, apply
+from .homer import homer_generate
 from .kernels import attend, kernel_names
 from .methods import Method, SelectContext, SelectionMethod, method_class, method_names, register
 from .models import load_model
 from .selection import Selection
+from .sorting import Documents, SortedDocuments, sort_documents
 from .spec import Spec, parse_spec
 from .version import __version__
 
 __all__ = [
+    "Documents",
     "Generation",
     "Handle",
     "InputError",
@@ -30,6 +33,7 @@ __all__ = [
     "SelectContext",
     "Selection",
     "SelectionMethod",
+    "SortedDocuments",
     "Spec",
     "SpecError",
     "UnsupportedModelError",
@@ -38,10 +42,12 @@ __all__ = [
     "attend",
     "cache_bytes",
     "generate",
+    "homer_generate",
     "kernel_names",
     "load_model",
     "method_class",
     "method_names",
     "parse_spec",
     "register",
+    "sort_documents",
 ]

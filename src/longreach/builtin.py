@@ -1,8 +1,9 @@
 """Every method family that ships with longreach, imported once so each registers its methods by name."""
 
-from .cache import presses  # noqa: F401
+from .cache import kvquant, presses  # noqa: F401
 from .heads import policies  # noqa: F401
 from .methods import (  # noqa: F401
+    a2ats,
     anchor,
     blocktopk,
     dense,
@@ -11,10 +12,12 @@ from .methods import (  # noqa: F401
     hyper,
     loki,
     longheads,
+    ltri,
     recycled,
     squeezed,
     streaming,
     twilight,
     vslash,
 )
-from .position import remap, rescale  # noqa: F401
+from .position import buckets, posdim, remap, rescale  # noqa: F401
+from .procedure import homer  # noqa: F401

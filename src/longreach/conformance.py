@@ -68,6 +68,8 @@ PROBES: dict[str, Probe] = {
     "anchor": _budgeted("anchor"),
     "flexprefill": _budgeted("flexprefill"),
     "recycled": Probe("recycled:density=1.0,block=16", "recycled:density=0.3,block=16", "decode"),
+    "a2ats": Probe("a2ats:density=1.0,block=16", "a2ats:density=0.3,block=16", "decode"),  # dense prefill
+    "ltri": _budgeted("ltri"),
     "duo": Probe(f"duo:profile={P},ratio=1.0,window=16", f"duo:profile={P},ratio=0.5,window=16"),
     "lserve": Probe(f"lserve:profile={P},ratio=1.0,window=16,density=1.0,block=16",
                     f"lserve:profile={P},ratio=0.5,window=16,density=0.3,block=16"),
@@ -80,6 +82,8 @@ PROBES: dict[str, Probe] = {
     "razor": Probe(f"razor:profile={P},ratio=1.0,window=16", f"razor:profile={P},ratio=0.5,window=16", "bytes"),
     "headkv": Probe(f"headkv:profile={P},ratio=1.0,density=1.0", f"headkv:profile={P},density=0.5,ratio=0.25",
                     "bytes"),
+    # a residual longer than the prompt keeps every token exact; a short one quantizes the rest
+    "kvquant": Probe("kvquant:residual=1024", "kvquant:bits=4,group=16,residual=16", "bytes"),
     # context extension: ``full`` runs inside the trained window; methods that move every position by design
     # (linear, yarn, llama3, mspoe) run there at their identity setting
     "linear": Probe("linear:factor=1.0", "linear:factor=2", "past"),
@@ -91,6 +95,12 @@ PROBES: dict[str, Probe] = {
     "gali": Probe("gali:window=16", "gali:window=16", "past"),
     "string": Probe("string:shift=30,local=8", "string:shift=16,local=8", "past"),  # shifts from S on, by design
     "mspoe": Probe("mspoe:first_layer=0,min_ratio=1.0,max_ratio=1.0", "mspoe:first_layer=0", "past"),
+    # lost in the middle: change attention at every length; the identity settings must equal the model
+    "buckets": Probe("buckets:bases=1x", "buckets:bases=1x|0.01x"),  # far from 1x: few rotary dims (gpt-neox)
+    "posdim": Probe("posdim:dims=0|1,scale=1.0", "posdim:dims=0|1,scale=0.25"),
+    # a procedure replaces the prefill of prompts past one chunk (checked by tests/test_homer.py, through
+    # longreach.generate); a prompt within one chunk is the model's own prefill, exactly
+    "homer": Probe("homer:chunk=1024,prefix=4,suffix=4", None),
 }
 
 
@@ -296,7 +306,11 @@ def markdown(matrix: Matrix) -> str:
         "✓: a full budget equals the unpatched model in prefill and decode (context extension: inside the trained",
         "window), and a partial budget changes the output / a press drops cache bytes / context extension changes",
         "the output past the trained window. refused: `apply()` refuses it up front, with the reason below.",
-        "✗: a bug.",
+        "✗: a bug. Gemma 2's logit softcap and GPT-OSS's learned sink logits are computed by the kernels and by "
+        "every",
+        "method that scores keys by attention mass "
+        "([methods.md](methods.md#softcap-and-learned-sinks-in-mass-scoring));",
+        "a method whose own softmax leaves them out is refused on those families.",
         "",
         head,
         *rows,

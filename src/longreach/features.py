@@ -2,8 +2,9 @@
 
 ``apply()`` refuses what the kernels do not compute yet (never at the first forward, never with a raw torch
 error): a kernel that ignored a feature would silently compute a different attention. Logit softcapping and
-learned sinks the kernels compute (``softmax_extras``); methods that score keys with a softmax of their own
-are refused on such models until that softmax holds them too.
+learned sinks the kernels compute (``softmax_extras``), and so do the methods that score keys with a softmax of
+their own (``stages.SoftmaxExtras``); one that declares ``scores_attention`` (its softmax leaves them out) is
+refused on such models.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ from __future__ import annotations
 from torch import nn
 
 
-def unsupported_features(model: nn.Module, modules: list[nn.Module]) -> list[str]:
-    """One reason per attention feature of ``model`` that the kernels lack (empty: all supported)."""
-    found = []
+def latent_cache(modules: list[nn.Module]) -> str | None:
+    """Why presses and head policies cannot compress this model's cache, or None. Multi-head latent attention
+    (DeepSeek-V3 in transformers) caches one shared latent per token (``kv_lora_rank`` wide, plus the shared
+    rotary key part) and expands per-head keys and values from it at every call: the kernels attend the
+    expanded heads exactly (value width != key width included), but a press picks keys per key/value head
+    and would have to cut the latent, which no head owns."""
     for m in modules:
-        v_dim, qk_dim = getattr(m, "v_head_dim", None), getattr(m, "qk_head_dim", None)
-        if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
-            found.append(f"a value head dim ({v_dim}) different from the query/key head dim ({qk_dim}), as in "
-                         "multi-head latent attention")
-            break
-    return found
+        rank = getattr(m, "kv_lora_rank", None)
+        if rank is not None:
+            return (f"cache holds one latent per token shared by every head (multi-head latent attention, "
+                    f"kv_lora_rank={rank}), not per-head keys and values")
+    return None
 
 
 def softmax_extras(model: nn.Module, modules: list[nn.Module]) -> list[str]:
     """What joins this model's attention softmax besides q.k: a logit softcap (Gemma 2) and learned sink logits
-    (GPT-OSS). The kernels compute both; a method scoring keys with its own softmax does not."""
+    (GPT-OSS). The kernels compute both, and so does every method scoring keys with a softmax of its own, except
+    one that declares ``scores_attention``."""
     config = getattr(model, "config", None)
     text = getattr(config, "text_config", None) or config
     found = []

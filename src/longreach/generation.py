@@ -16,6 +16,7 @@ from .cache.compressed import cache_bytes
 from .cache.growing import growing_cache
 from .compat import cache_kwargs, output_cache
 from .errors import InputError
+from .hf import applied
 from .position.frozen import planned_length
 
 
@@ -67,14 +68,23 @@ def generate(model, ids: dict, max_new_tokens: int, eos: set[int] | None = None,
     if cache not in ("growing", "dynamic"):
         raise InputError(f"cache must be 'growing' or 'dynamic', got {cache!r}")
     eos = eos or set()
+    handle = applied(model)
+    procedure = handle.procedure if handle is not None else None  # homer: builds the cache itself
+    if procedure is not None and chunk is not None:
+        raise InputError(f"{procedure.name} prefills in its own chunks (its chunk= parameter): drop chunk / --chunk")
     start = time.perf_counter()
-    past = growing_cache(model.config) if cache == "growing" else None
-    *_, (_, _, out, past) = prefill_chunks(model, ids["input_ids"], chunk, past, ids["attention_mask"],
-                                           logits_to_keep=1)
+    past = growing_cache(model.config) if cache == "growing" or procedure is not None else None
+    if procedure is not None:
+        done = procedure.prefill(model, ids["input_ids"], past)
+        logits, mask = done.logits, ids["attention_mask"].new_ones(1, done.length)  # the cache's rows, not the prompt's
+    else:
+        *_, (_, _, out, past) = prefill_chunks(model, ids["input_ids"], chunk, past, ids["attention_mask"],
+                                               logits_to_keep=1)
+        logits, mask = out.logits, ids["attention_mask"]
     prefill = time.perf_counter() - start
-    token = out.logits[:, -1:].argmax(-1)
+    token = logits[:, -1:].argmax(-1)
     prompt_bytes = cache_bytes(past)
-    new, mask = [int(token)], ids["attention_mask"]
+    new = [int(token)]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] not in eos:
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)

@@ -16,15 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .compat import can_set_attn_implementation
+from .compat import cache_from_kwargs, can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
-from .features import own_attention_layers, sliding_everywhere, softmax_extras, unsupported_features
+from .features import latent_cache, own_attention_layers, sliding_everywhere, softmax_extras
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
+from .procedure import Procedure
 from .runtime.density import DensityStats
 from .runtime.layer import LayerRuntime
 from .runtime.masks import KeyMasks
 from .spec import Spec, parse_spec
-from .stages import CachePolicy
+from .stages import PLAIN, CachePolicy, SoftmaxExtras, stack_policies
 
 ATTN_NAME = "longreach"
 _RUNTIMES: weakref.WeakKeyDictionary[nn.Module, LayerRuntime] = weakref.WeakKeyDictionary()
@@ -44,13 +45,16 @@ class Handle:
         # called with (layer_idx, q, k, v, scale, sliding_window, key_mask) after each attention: diagnostics
         self.observer: Callable[..., None] | None = None
         self.masks = KeyMasks()
-        # presses and head policies: what the KV cache keeps (at most one per spec, checked by apply)
+        # presses and head policies: what the KV cache keeps (at most one per spec, checked by apply), then how
+        # it is stored (kvquant), run as one policy
         self.policies: list[CachePolicy] = [p for m in spec.methods if (p := m.cache_policy(self)) is not None]
-        self.policy: CachePolicy | None = self.policies[0] if self.policies else None
+        self.policy: CachePolicy | None = stack_policies(self.policies)
         # context extension: rope types swap the rotary modules (undone on remove); re-mapping methods
         # re-rotate q/k in the attention function with the model's frequencies
         self.position: PositionMethod | None = next(iter(spec.of_kind("position")), None)  # type: ignore[arg-type]
         self.remap = self.position if isinstance(self.position, RemapPositions) else None
+        # a procedure (homer) replaces the prefill: ``longreach.generate`` runs it instead of the model's forward
+        self.procedure: Procedure | None = next(iter(spec.of_kind("procedure")), None)  # type: ignore[arg-type]
         self.rope: RopeInfo | None = None
         self.n_layers = 0
         self._hooks: list = []
@@ -67,6 +71,14 @@ class Handle:
 
     def reset_stats(self) -> None:
         self.stats = DensityStats()
+
+    def softmax_extras(self, layer_idx: int) -> SoftmaxExtras:
+        """Layer ``layer_idx``'s softcap and sink logits in its current attention call: for an observer that
+        recomputes attention probabilities (the head profile) and must use the model's softmax."""
+        for runtime in list(_RUNTIMES.values()):
+            if runtime.handle is self and runtime.layer_idx == layer_idx:
+                return runtime.extras
+        return PLAIN
 
     def remove(self) -> None:
         """Restore the attention implementation the model had before ``apply`` (idempotent)."""
@@ -141,6 +153,35 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, _mask_builder)
 
 
+def applied(model: nn.Module) -> Handle | None:
+    """The handle of the method applied to ``model``; None when none is."""
+    for m in _attention_modules(model):
+        runtime = _RUNTIMES.get(m)
+        if runtime is not None:
+            return runtime.handle
+    return None
+
+
+def _procedure_guard(model: nn.Module, procedure: Procedure) -> Callable[..., None]:
+    """A pre-hook on the decoder refusing a plain forward of a prompt the procedure would have read otherwise:
+    ``model.generate()`` and direct forwards would silently run the model's own prefill. Decode steps and prompts
+    the procedure leaves alone (a single HOMER chunk is exactly the model) pass."""
+
+    def guard(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("input_ids", args[0] if args else None)
+        x = x if x is not None else kwargs.get("inputs_embeds")
+        cache = cache_from_kwargs(kwargs)
+        seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        new = x.shape[1] if isinstance(x, Tensor) and x.dim() >= 2 else 0
+        if new > 1 and procedure.replaces(model, seen + new):
+            raise InputError(
+                f"{procedure.name} replaces the prefill of prompts this long ({seen + new} tokens): generate with "
+                "longreach.generate(model, ids, ...) (or longreach.homer_generate), which runs it; model.generate() "
+                "and plain forwards would run the model's own prefill instead")
+
+    return guard
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")
             and hasattr(m, "scaling")]
@@ -180,13 +221,6 @@ def apply(
             f"every attention layer of {name} is a sliding-window layer (window {window}), and longreach leaves a "
             f"model's own sliding layers as they are: {', '.join(acting)} would change nothing. Per-layer sliding "
             "windows are not supported yet; rope scaling methods (yarn, linear, ...) still apply")
-    missing = unsupported_features(model, modules)
-    if missing:
-        raise UnsupportedModelError(
-            f"{name} uses attention that longreach kernels do not implement yet: {'; '.join(missing)}. Running it "
-            "through longreach would compute a different attention, so it is refused; use the model's own "
-            "attention (no longreach method) for this family"
-        )
     extras = softmax_extras(model, modules)
     by_mass = [m.name for m in parsed.methods if m.scores_attention]
     if extras and by_mass:
@@ -194,16 +228,24 @@ def apply(
             f"{', '.join(by_mass)} score{'s' if len(by_mass) == 1 else ''} keys by attention mass with a softmax "
             f"of q.k, but {name}'s softmax also holds {' and '.join(extras)}, which that scoring leaves out yet. "
             "Use a method that ranks keys by q.k or position (quest, moba, hip, streaming, duo, razor, "
-            "streamingkv); the kernels compute this model's attention exactly")
+            "streamingkv) or one whose scoring holds them (snapkv, flexprefill, twilight, vslash, ...); the kernels "
+            "compute this model's attention exactly")
     if any(m in _RUNTIMES for m in modules):
         raise LongreachError(f"a longreach method is already applied to this {name}; call handle.remove() first")
     previous = config._attn_implementation or "sdpa"
     handle = Handle(model, parsed, kernel, track_density, previous)
     owners = handle.policies
-    if len(owners) > 1:  # presses and head policies (duo, lserve, razor, headkv) each reshape the KV cache
-        names = " and ".join(p.name for p in owners)
+    droppers = [p for p in owners if not p.stores_only]  # kvquant only stores what they keep: it may follow one
+    if len(droppers) > 1:  # presses and head policies (duo, lserve, razor, headkv) each reshape the KV cache
+        names = " and ".join(p.name for p in droppers)
         raise SpecError(f"cannot stack presses and head policies ({names}): each manages the KV cache; keep one "
-                        "per spec (it may follow a select method)")
+                        "per spec (it may follow a select method, and kvquant may follow it)")
+    latent = latent_cache(modules) if owners else None
+    if latent:
+        raise UnsupportedModelError(
+            f"{owners[0].name} works on the KV cache per key/value head (dropping keys, or re-storing them), but "
+            f"{name}'s {latent}, which no head owns. Use a select method (quest, moba, flexprefill, ...), which "
+            "attends the expanded heads exactly, or no press")
     remaps = [m for m in parsed.methods if isinstance(m, RemapPositions)]
     if remaps and owners:
         raise SpecError(f"cannot stack {remaps[0].name} with {owners[0].name}: {remaps[0].name} re-maps "
@@ -222,6 +264,9 @@ def apply(
         runtime = _RUNTIMES[m] = LayerRuntime(handle, m, int(m.layer_idx or 0))
         runtime.own_attention = runtime.layer_idx in own
         handle._hooks.append(m.register_forward_pre_hook(runtime.before_forward, with_kwargs=True))
+    if handle.procedure is not None:
+        guard = _procedure_guard(model, handle.procedure)
+        handle._hooks.append(model.get_decoder().register_forward_pre_hook(guard, with_kwargs=True))
     try:
         model.set_attn_implementation(ATTN_NAME)
     except Exception:

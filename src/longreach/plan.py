@@ -4,7 +4,8 @@ An estimate from the model's shapes and the spec, not a measurement: weights (co
 parameters), the KV cache after the prompt (global layers hold every token unless a press shrinks
 them; sliding-window layers hold their window), and the peak working set of one prefill forward of
 ``chunk`` tokens (hidden states, MLP intermediates, the attention kernel's working set, the causal mask
-of a chunk after a prefix, the extra re-rotated q/k of a position method). ``longreach plan`` prints it
+of a chunk after a prefix, the extra re-rotated q/k of a position method). A procedure (homer) builds the cache
+itself: its own plan gives the KV peak of its prefill and the final cache. ``longreach plan`` prints it
 and refuses runs that would not fit in the memory available now.
 """
 
@@ -20,7 +21,9 @@ from .errors import InputError
 from .kernels.gather import CHUNK_BYTES
 from .position import RemapPositions
 from .position.rotary import text_config
+from .procedure import Procedure
 from .spec import Spec
+from .stages import stack_policies
 
 MiB = 2**20
 GiB = 2**30
@@ -37,6 +40,7 @@ class MemoryPlan:
     notes: tuple[str, ...]
     runtime: int = 0  # this process's resident memory before the run (interpreter, torch, tokenizer)
     kv_kept: int | None = None  # the cache once a press has run, when it differs from the peak (``kv_cache``)
+    kept_by: str = "the press"  # what shrank it (a procedure such as homer builds it smaller)
 
     @property
     def total(self) -> int:
@@ -52,7 +56,7 @@ class MemoryPlan:
                 ("runtime (resident now)", f"{self.runtime / GiB:.2f} GiB"),
                 ("weights", f"{self.weights / GiB:.2f} GiB"),
                 *([("KV cache at its peak (prefill)", f"{self.kv_cache / GiB:.2f} GiB"),
-                   ("KV cache after the press", f"{self.kv_kept / GiB:.2f} GiB")] if self.kv_kept is not None else
+                   (f"KV cache after {self.kept_by}", f"{self.kv_kept / GiB:.2f} GiB")] if self.kv_kept is not None else
                   [("KV cache after prompt", f"{self.kv_cache / GiB:.2f} GiB")]),
                 ("peak activations (one forward)", f"{self.activations / GiB:.2f} GiB"),
                 ("expected peak", f"{self.total / GiB:.2f} GiB"), ("available now", avail)]
@@ -129,8 +133,11 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     notes: list[str] = []
 
     per_token = 2 * n_kv * head_dim * width  # K and V, one layer
+    procedure = next(iter(spec.of_kind("procedure")), None)
+    if isinstance(procedure, Procedure):
+        return _procedure_plan(procedure, model, cfg, length, per_token, weights, available, runtime)
     # presses and head policies (razor, headkv, duo, lserve) say what they keep per layer
-    policy = next((p for m in spec.methods if (p := m.cache_policy(None)) is not None), None)
+    policy = stack_policies([p for m in spec.methods if (p := m.cache_policy(None)) is not None])
     kv = 0
     for i, kind in enumerate(layer_types):
         if kind == "sliding_attention" and window:
@@ -145,11 +152,7 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     else:
         kv_peak = kv
 
-    hidden = cfg.hidden_size
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    acts = step * (4 * hidden + 3 * inter) * width  # residual, normed input, attention out + MLP gate/up/act
-    acts += step * (n_q + 2 * n_kv) * head_dim * width  # q, k, v of the layer
-    acts += cfg.vocab_size * 4  # one row of logits (logits_to_keep=1)
+    acts = forward_bytes(cfg, step, width)
     attn = CHUNK_BYTES
     if step < length:
         attn += step * length * 4  # the additive causal mask of a chunk after a prefix
@@ -169,3 +172,32 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     avail = available if available is not None else available_bytes()
     return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes), runtime,
                       kv if kv != kv_peak else None)
+
+
+def forward_bytes(cfg: object, step: int, width: int) -> int:
+    """One layer forward of ``step`` tokens, beside the attention kernel: hidden states, MLP intermediates, q/k/v,
+    and one row of logits."""
+    hidden = cfg.hidden_size  # type: ignore[attr-defined]
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    n_q = cfg.num_attention_heads  # type: ignore[attr-defined]
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+    head_dim = getattr(cfg, "head_dim", None) or hidden // n_q
+    acts = step * (4 * hidden + 3 * inter) * width  # residual, normed input, attention out + MLP gate/up/act
+    acts += step * (n_q + 2 * n_kv) * head_dim * width  # q, k, v of the layer
+    return acts + cfg.vocab_size * 4  # type: ignore[attr-defined]  # one row of logits (logits_to_keep=1)
+
+
+def _procedure_plan(procedure: Procedure, model: nn.Module, cfg: object, length: int, per_token: int,
+                    weights: int, available: int | None, runtime: int) -> MemoryPlan:
+    """A procedure (homer) that builds the cache itself: its prefill's KV peak, its final cache, one forward of
+    its longest chunk, plus the hidden states of the finished subtrees waiting for a sibling (and the final
+    token's attention row per head it ranks tokens by, float32)."""
+    got = procedure.plan(model, length)
+    width = next(model.parameters()).element_size()
+    step = got.forward_max
+    waiting = got.waiting_rows * cfg.hidden_size * width  # type: ignore[attr-defined]
+    ranking = cfg.num_attention_heads * step * 4  # type: ignore[attr-defined]
+    activations = forward_bytes(cfg, step, width) + CHUNK_BYTES + waiting + ranking
+    avail = available if available is not None else available_bytes()
+    return MemoryPlan(length, step, weights, got.kv_peak * per_token, activations, avail, got.notes, runtime,
+                      got.kv_final * per_token, kept_by=f"{procedure.name} (what decoding reads)")

@@ -8,7 +8,8 @@ Grammar::
 
 Items compose left to right as *position* methods (context extension), at most one *select*
 method (which keys each query sees), then *press* methods (KV-cache compression), e.g.
-``selfextend:group=4+quest:density=0.1+snapkv:density=0.25``. ``str(spec)`` gives the canonical
+``selfextend:group=4+quest:density=0.1+snapkv:density=0.25``. A *procedure* (``homer``) replaces the prefill
+itself; it composes only with a position method (``homer+yarn:factor=2``). ``str(spec)`` gives the canonical
 form, and ``parse_spec(str(spec)) == spec``.
 """
 
@@ -21,7 +22,7 @@ from .errors import SpecError
 from .methods.base import Method, SelectionMethod
 from .methods.registry import method_class
 
-KIND_ORDER = ("position", "select", "press")
+KIND_ORDER = ("position", "procedure", "select", "press")
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,21 @@ def _compose(methods: list[Method]) -> Spec:
         if m.kind not in by_kind:
             raise SpecError(f"{m.name}: unknown method kind '{m.kind}'")
         by_kind[m.kind].append(m)
-    for kind in ("select", "position"):
+    for kind in ("select", "position", "procedure"):
         if len(by_kind[kind]) > 1:
             names = " and ".join(m.name for m in by_kind[kind])
-            what = "choose which keys each query sees" if kind == "select" else "re-map positions"
+            what = {"select": "choose which keys each query sees", "position": "re-map positions",
+                    "procedure": "replace the prefill"}[kind]
             raise SpecError(f"cannot combine {names}: both {what}; keep one {kind} method per spec")
+    others = [m.name for kind in ("select", "press") for m in by_kind[kind]]
+    if by_kind["procedure"] and others:
+        raise SpecError(f"cannot combine {by_kind['procedure'][0].name} with {', '.join(others)}: it builds the KV "
+                        "cache itself with the model's own attention; combine it only with a position method "
+                        "(e.g. homer+yarn:factor=2)")
+    remaps = [m.name for m in by_kind["position"] if m.remaps_positions]
+    if by_kind["procedure"] and remaps:
+        name = by_kind["procedure"][0].name
+        raise SpecError(f"cannot combine {remaps[0]} with {name}: {remaps[0]} re-maps positions by cache index, and "
+                        f"{name} assigns its own; use a rope scaling method instead (e.g. {name}+yarn:factor=2)")
     ordered = tuple(m for kind in KIND_ORDER for m in by_kind[kind])
     return Spec(ordered)

@@ -14,12 +14,39 @@ attributes. A new method is one file in its family: nobody edits the runtime to 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from .selection import Selection
+
+
+@dataclass(frozen=True, eq=False)
+class SoftmaxExtras:
+    """What joins a model's attention softmax besides q.k: Gemma 2's logit softcap and GPT-OSS's learned sink
+    logits. The kernels compute both; every method that computes attention probabilities itself (to score keys
+    by mass, to recompute a head) gets them here, so its softmax is the model's. The default is a plain softmax.
+    """
+
+    softcap: float | None = None  # scores pass through cap * tanh(s / cap) before the softmax
+    sinks: Tensor | None = None  # (Hq,): one logit per query head in the denominator that attends to nothing
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+    def cap(self, logits: Tensor) -> Tensor:
+        """Scaled q.k logits as the model's softmax sees them (softcapped: monotone, so rankings survive)."""
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+    def heads(self, index: Tensor | list[int] | slice) -> SoftmaxExtras:
+        """The extras of a subset of query heads (a head split, calibrated heads): the sinks follow their heads."""
+        return self if self.sinks is None else replace(self, sinks=self.sinks[index])
+
+
+PLAIN = SoftmaxExtras()
 
 
 @dataclass
@@ -45,6 +72,11 @@ class LayerCall:
         return self.q.shape[2]
 
     @property
+    def extras(self) -> SoftmaxExtras:
+        """The softcap and sinks as one value, for the policies' own attention probabilities."""
+        return SoftmaxExtras(self.softcap, self.sinks)
+
+    @property
     def cache_layers(self) -> list | None:
         """The cache's per-layer list (transformers' ``Cache.layers``), or None without one."""
         return getattr(self.cache, "layers", None)
@@ -57,13 +89,49 @@ class CachePolicy(Protocol):
     returning None means "the runtime's selector + kernel path". ``after_forward`` shrinks the layer's
     cache and says whether the stored keys changed (block summaries kept beside them are then rebuilt).
     ``kept_tokens`` is the stored tokens per KV head (averaged over heads) once ``seen`` tokens arrived:
-    what ``longreach plan`` counts.
+    what ``longreach plan`` counts. ``stores_only`` marks a policy that keeps every key it is given and changes
+    only how they are held (``kvquant``): it may follow one press or head policy in a spec, and runs after it.
     """
 
     name: str
+    stores_only: bool
 
     def attend(self, call: LayerCall) -> Tensor | None: ...
 
     def after_forward(self, call: LayerCall) -> bool: ...
 
     def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float: ...
+
+
+class StackedPolicy:
+    """Cache policies run as one, in order (a press, then ``kvquant``): the first that attends its own parts
+    attends; after each forward every policy acts on what the previous one left."""
+
+    def __init__(self, policies: list[CachePolicy]) -> None:
+        self.policies = tuple(policies)
+        self.name = "+".join(p.name for p in policies)
+        self.stores_only = all(p.stores_only for p in policies)
+
+    def attend(self, call: LayerCall) -> Tensor | None:
+        for policy in self.policies:
+            out = policy.attend(call)
+            if out is not None:
+                return out
+        return None
+
+    def after_forward(self, call: LayerCall) -> bool:
+        changed = False
+        for policy in self.policies:
+            changed = policy.after_forward(call) or changed
+        return changed
+
+    def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float:
+        return min(p.kept_tokens(layer_idx, n_layers, seen, n_kv) for p in self.policies)
+
+
+def stack_policies(policies: list[CachePolicy]) -> CachePolicy | None:
+    """One policy for a spec's cache policies: the ones choosing keys first, then those that only store them."""
+    ordered = [p for p in policies if not p.stores_only] + [p for p in policies if p.stores_only]
+    if len(ordered) < 2:
+        return ordered[0] if ordered else None
+    return StackedPolicy(ordered)

@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..errors import LongreachError
 from .growing import GrowingLayer
+from .quantized import QuantizedLayer
 
 
 @dataclass
@@ -213,7 +214,7 @@ def cache_bytes(cache: object) -> int | None:
         return None
     total = 0
     for layer in layers:
-        if isinstance(layer, GrowingLayer):  # compressed layers too: stored parts, spare room included
+        if isinstance(layer, GrowingLayer | QuantizedLayer):  # as stored: spare room, codes and scales included
             total += layer.nbytes
             continue
         for name in ("keys", "values"):
@@ -232,6 +233,11 @@ def shrinkable_layer(layers: list | None, layer_idx: int, who: str) -> DynamicLa
             "version that passes the cache under a name longreach does not know); call the model with "
             "use_cache=True, or apply a select method instead of a press")
     layer = layers[layer_idx]
+    if isinstance(layer, QuantizedLayer):
+        raise LongreachError(
+            f"{who} cannot drop keys from layer {layer_idx}: kvquant already holds it quantized (a press stacked with "
+            "kvquant compresses once, after the prompt); feed the prompt in one forward (no chunked prefill), or "
+            "use kvquant alone")
     if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer):
         raise LongreachError(
             f"{who} needs a DynamicCache; layer {layer_idx} of this cache is a {type(layer).__name__} (static / "

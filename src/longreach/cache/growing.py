@@ -13,6 +13,8 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .quantized import QuantizedLayer
+
 MIN_SPARE = 256
 MAX_SPARE = 1024  # 16k on SmolLM2: a 750 MiB copy (~0.1 s) per 1024 tokens, against ~60 ms per token of decode
 
@@ -121,7 +123,7 @@ def grow_in_place(cache: object, layer_idx: int) -> None:
 
 def truncate_layer(layer: DynamicLayer, n: int) -> None:
     """Give back a layer's last ``n`` stored tokens (transformers' own layer: a shorter view)."""
-    if isinstance(layer, GrowingLayer):
+    if isinstance(layer, GrowingLayer | QuantizedLayer):
         layer.truncate(n)
     else:
         layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..configurable import param
 from ..methods.base import Method, check_budget, check_int
 from ..methods.scoring import causal_probs, chunk_rows
-from ..stages import CachePolicy, LayerCall
+from ..stages import PLAIN, CachePolicy, LayerCall, SoftmaxExtras
 from .compressed import CompressedLayer, shrinkable_layer
 
 
@@ -36,6 +36,9 @@ class Observation:
     values: Tensor  # (B, Hkv, n, D)
     scale: float
     history: Tensor | None = None  # (B, Hkv, n) attention every past query paid each key (presses asking for it)
+    # the model's softmax beyond q.k (softcap, learned sinks per query head): scores use the true probabilities,
+    # so a query whose sink absorbs most of its attention votes little
+    extras: SoftmaxExtras = PLAIN
 
 
 @dataclass(frozen=True)
@@ -103,19 +106,22 @@ def top_keep(scores: Tensor, capacity: int, sinks: int, recent: int) -> Tensor:
 
 
 def window_probs(obs: Observation) -> Tensor:
-    """Causal softmax of the observed queries over the stored keys, grouped: (B, Hkv, G, w, n), fp32."""
-    return causal_probs(obs.queries, obs.keys, obs.scale)
+    """Causal softmax of the observed queries over the stored keys, grouped: (B, Hkv, G, w, n), fp32 (the model's
+    softmax: softcapped, the learned sinks taking their share)."""
+    return causal_probs(obs.queries, obs.keys, obs.scale, extras=obs.extras)
 
 
-def attention_received(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def attention_received(q: Tensor, k: Tensor, scale: float, extras: SoftmaxExtras = PLAIN) -> Tensor:
     """Attention mass each key received from every query of ``q`` (the last t_q of the keys), summed over
-    queries and the query heads of its group: (B, Hkv, n), fp32. O(t_q * n) per head, in row chunks."""
+    queries and the query heads of its group: (B, Hkv, n), fp32. O(t_q * n) per head, in row chunks. With
+    learned sinks the true shares are summed: a query whose sink takes most of its attention adds little."""
     batch, n_q, t_q, _ = q.shape
     n_kv, n = k.shape[1], k.shape[2]
     total = torch.zeros(batch, n_kv, n, dtype=torch.float32, device=q.device)
     rows = chunk_rows(4 * n * n_q * batch)
     for lo in range(0, t_q, rows):
-        total += causal_probs(q, k, scale, torch.arange(lo, min(lo + rows, t_q), device=q.device)).sum(dim=(2, 3))
+        total += causal_probs(q, k, scale, torch.arange(lo, min(lo + rows, t_q), device=q.device),
+                              extras=extras).sum(dim=(2, 3))
     return total
 
 
@@ -123,6 +129,8 @@ class PressPolicy:
     """A press as the runtime's cache policy: after each forward, track what the press scores with and shrink
     the layer's cache to its capacity when due (after every forward of several tokens, and every ``every``
     decode steps)."""
+
+    stores_only = False  # it chooses which keys stay
 
     def __init__(self, press: Press, owner: object) -> None:
         self.press = press
@@ -138,23 +146,25 @@ class PressPolicy:
     def after_forward(self, call: LayerCall) -> bool:
         press, st, t_q = self.press, call.state, call.t_q
         layers = call.cache_layers
-        layer = shrinkable_layer(layers, call.layer_idx, press.name)
+        if layers is None or t_q > 1:
+            shrinkable_layer(layers, call.layer_idx, press.name)  # refuse a forward with no cache to compress
         queries = st.get("queries")
         q = call.q
         st["queries"] = (q if queries is None or t_q > 1 else torch.cat([queries, q], dim=2))[:, :, -press.observe:]
         if press.wants_history:
             history = st.get("history")
-            got = attention_received(q, call.k, call.scale)
+            got = attention_received(q, call.k, call.scale, call.extras)
             if history is not None:
                 got[:, :, : history.shape[2]] += history
             st["history"] = got
         st["steps"] = st.get("steps", 0) + (t_q == 1)
         if not (t_q > 1 or (press.interval > 0 and st["steps"] % press.interval == 0)):
             return False
+        layer = shrinkable_layer(layers, call.layer_idx, press.name)  # here: a layer kvquant holds is refused
         seen = layer.get_seq_length()
         capacity = press.capacity(call.layer_idx, call.n_layers, seen)
         obs = Observation(call.layer_idx, call.n_layers, seen, st["queries"], layer.keys, layer.values, call.scale,
-                          st.get("history"))
+                          st.get("history"), call.extras)
         keep = press.keep_indices(obs, capacity)
         if keep is None:
             return False

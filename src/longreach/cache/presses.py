@@ -26,7 +26,6 @@ from .press import Observation, Press, top_keep, window_probs
 class WindowVotePress(Press):
     """Keys the last ``window`` queries (the question, for a prompt) attend to, pooled so neighbours of a
     chosen key come with it; the window itself is kept."""
-    scores_attention: ClassVar[bool] = True
 
     pool: int = param(7, "width of the average pooling over neighbouring keys' votes (1: none)")
     default_window: ClassVar[int] = 32
@@ -100,7 +99,6 @@ class PyramidKV(WindowVotePress):
 @dataclass(frozen=True)
 class H2O(Press):
     name: ClassVar[str] = "h2o"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "heavy hitters (attention summed over every query) + recent tokens, evicting each step"
     paper: ClassVar[str] = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference (arXiv:2306.14048)"
 
@@ -119,7 +117,6 @@ class H2O(Press):
 @dataclass(frozen=True)
 class TOVA(Press):
     name: ClassVar[str] = "tova"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "evict the keys the newest query attends least (heads averaged), every step"
     paper: ClassVar[str] = "Transformers are Multi-State RNNs (TOVA, arXiv:2401.06104)"
 

@@ -12,6 +12,7 @@ import typer
 from . import diagnose, evaluate, run, serve, tune
 from .bench import bench_app
 from .heads import heads_app
+from .lookback import lookback_app
 from .models import models_app
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ app.command()(serve.serve)
 app.command()(tune.tune)
 app.add_typer(bench_app, name="bench")
 app.add_typer(heads_app, name="heads")
+app.add_typer(lookback_app, name="lookback")
 app.add_typer(models_app, name="models")
 
 

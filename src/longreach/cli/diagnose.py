@@ -1,4 +1,5 @@
-"""The diagnose command: how far each method's selection is from dense attention, layer by layer."""
+"""The diagnose command: how far each method's selection is from dense attention, layer by layer, and the
+dense model's own attention rollout (``--rollout``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from longreach import LongreachError
@@ -25,9 +27,32 @@ from .common import (
 )
 
 
+def check_prompt_options(input: Path | None, task: str | None, length: str) -> tuple[str | None, object, int]:
+    """Validate --input / --task before any model loads: (prompt text or None, task or None, task length)."""
+    from longreach.eval import parse_task
+
+    if (input is None) == (task is None):
+        raise LongreachError("give exactly one of --input FILE or --task TASK (e.g. --task passkey --length 8k)")
+    if input is not None:
+        return read_prompt(input), None, 0
+    return None, parse_task(task), token_lengths(length)[0]
+
+
+def prompt_ids(tok, text: str | None, task_obj, n_tokens: int, depth: float, chat: bool):
+    """The prompt's token ids (1, T): the file's text in the chat template, or the task's sample (seed 0)."""
+    from longreach.eval import Corpus
+
+    if text is None:
+        sample = task_obj.build(tok, Corpus.load("canterbury"), n_tokens, depth, 0, chat)
+        text, templated = sample.prompt, sample.chat
+    else:
+        text, templated = chat_prompt(tok, text, chat)
+    return tok(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"]
+
+
 def diagnose(
     model: str = typer.Option(..., help=MODEL_HELP),
-    method: list[str] = typer.Option(..., help="method spec; repeat --method to compare several in one run"),
+    method: list[str] = typer.Option(None, help="method spec; repeat --method to compare several in one run"),
     input: Path = typer.Option(None, exists=True, dir_okay=False, help="text file with the prompt"),
     task: str = typer.Option(None, help="instead of --input: build the prompt from an eval task, e.g. passkey"),
     length: str = typer.Option("2k", help="prompt length in tokens for --task (e.g. 8k)"),
@@ -36,39 +61,77 @@ def diagnose(
     queries: int = typer.Option(1024, min=1, help="queries (evenly spaced) that estimate mass recall"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
-    out: Path = typer.Option(Path("diagnose"), help="folder for diagnose.json and recall.png"),
+    out: Path = typer.Option(Path("diagnose"), help="folder for diagnose.json and recall.png (and rollout.*)"),
+    rollout: bool = typer.Option(False, "--rollout", help="attention rollout of the dense model (Abnar & Zuidema "
+                                 "2020): rollout.json, rollout.png, rollout_last.png; --method becomes optional"),
+    rollout_size: int = typer.Option(256, min=1, help="--rollout: pool the matrix to at most this many rows/columns"),
+    rollout_max_tokens: int = typer.Option(16384, min=2, help="--rollout: refuse longer prompts (each layer costs "
+                                           "one T² attention pass; q/k of every layer are kept)"),
 ) -> None:
     """Oracle gap per layer: dense mass recall, output error, density, selection vs attention time.
 
     Example: longreach diagnose --model smollm2-135m --method hip:density=0.1 --method quest:density=0.1
     --task passkey --length 8k
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    Attention rollout only: longreach diagnose --model smollm2-135m --rollout --task passkey --length 1k
+    """
     from longreach import load_model
-    from longreach.diagnostics import diagnose as run_diagnosis
-    from longreach.diagnostics import recall_heatmaps
-    from longreach.eval import Corpus, parse_task
 
     with user_errors():
-        specs = checked_specs(method)
-        if (input is None) == (task is None):
-            raise LongreachError("give exactly one of --input FILE or --task TASK (e.g. --task passkey --length 8k)")
+        specs = checked_specs(method or [])
+        if not specs and not rollout:
+            raise LongreachError("nothing to do: give --method SPEC (oracle gap) and/or --rollout")
+        text, task_obj, n_tokens = check_prompt_options(input, task, length)
         wanted = layer_indices(layers)
-        if input is not None:
-            text = read_prompt(input)
-        else:
-            task_obj, n_tokens = parse_task(task), token_lengths(length)[0]
         lm, tok = load_model(model)
-        if input is None:
-            sample = task_obj.build(tok, Corpus.load("canterbury"), n_tokens, depth, 0, chat)
-            text, templated = sample.prompt, sample.chat
-        else:
-            text, templated = chat_prompt(tok, text, chat)
-        ids = tok(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"]
+        ids = prompt_ids(tok, text, task_obj, n_tokens, depth, chat)
         n_layers = getattr(lm.config, "num_hidden_layers", None)
         if wanted and n_layers is not None and max(wanted) >= n_layers:
             raise LongreachError(f"--layers: this model has layers 0..{n_layers - 1}, got {max(wanted)}")
+        if rollout:
+            write_rollout(lm, tok, ids, model, out, rollout_size, rollout_max_tokens, kernel)
+    if specs:
+        oracle_gap(lm, ids, specs, model, out, wanted, queries, kernel)
+
+
+def write_rollout(lm, tok, ids, model: str, out: Path, size: int, max_tokens: int, kernel: str) -> None:
+    """Rollout of the prompt: the last token's most-read positions printed, numbers and figures written."""
+    from longreach.analysis import rollout
+    from longreach.analysis.plots import rollout_heatmap, rollout_last_plot
+
+    n_layers = getattr(lm.config, "num_hidden_layers", None)
+    with Progress(TextColumn("rollout layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task_id = bar.add_task("rollout", total=n_layers)
+        r = rollout(lm, ids, size=size, max_tokens=max_tokens, kernel=kernel,
+                    progress=lambda _layer: bar.advance(task_id))
+    pieces = tok.convert_ids_to_tokens(ids[0].tolist())
+    top = r.last.topk(min(8, r.tokens))
+    table = Table(title=f"attention rollout of the last token, {r.tokens} tokens: the positions it reads most")
+    for col in ("position", "token", "rollout"):
+        table.add_column(col)
+    for value, pos in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        table.add_row(str(pos), repr(pieces[pos]), f"{value:.4f}")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"model": model, "provenance": provenance(), "tokens_text": pieces,
+            "last_top": [[p, v] for p, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)],
+            **r.to_dict()}
+    (out / "rollout.json").write_text(json.dumps(data))
+    rollout_heatmap(r, out / "rollout.png", f"{model}: ")
+    rollout_last_plot(r, out / "rollout_last.png", f"{model}: ")
+    cells = f"{r.matrix.shape[0]}x{r.matrix.shape[0]} cells of {r.block} token(s)"
+    console.print(f"wrote {out / 'rollout.json'} ({cells}), {out / 'rollout.png'} and {out / 'rollout_last.png'}")
+
+
+def oracle_gap(lm, ids, specs: list[str], model: str, out: Path, wanted: list[int] | None, queries: int,
+               kernel: str) -> None:
+    """Replay each method on every layer; print the tables, write diagnose.json and recall.png."""
+    from longreach.diagnostics import diagnose as run_diagnosis
+    from longreach.diagnostics import recall_heatmaps
+
+    with user_errors():
+        n_layers = getattr(lm.config, "num_hidden_layers", None)
         console.print(f"{ids.shape[1]} tokens; replaying {len(specs)} method(s) on each layer")
         total = len(wanted) if wanted else n_layers
         with Progress(TextColumn("layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -34,16 +34,26 @@ def eval_cmd(
     report: bool = typer.Option(True, "--report/--no-report", help="write the report at the end"),
     quiet: bool = typer.Option(False, "--quiet"),
     chunk: int = typer.Option(None, help=CHUNK_HELP),
+    sort_documents: int = typer.Option(None, "--sort-documents", metavar="ROUNDS",
+                                       help="attention sorting: before answering, reorder each prompt's documents "
+                                       "by the attention they get (dense, ROUNDS prefills), most attended last; "
+                                       "tasks with documents only (kvret:docs=1). Rows are labelled "
+                                       "'METHOD · sort-documents=ROUNDS'"),
 ) -> None:
-    """Sweep methods x tasks x lengths; one JSON line per sample in OUT/results.jsonl (resumable)."""
+    """Sweep methods x tasks x lengths; one JSON line per sample in OUT/results.jsonl (resumable).
+
+    Attention sorting vs dense, by gold position (docs/attention-sorting.md):
+    longreach eval --model smollm2-135m --tasks kvret:docs=1 --methods dense --out runs/sort;
+    then the same with --sort-documents 2, and longreach report runs/sort
+    """
     _run_eval(model, tasks, lengths, methods, samples, depths, out, chat, kernel, corpus, executor, workers,
-              report, quiet, chunk, first_seed)
+              report, quiet, chunk, first_seed, sort_documents)
 
 
 def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, depths: str | None, out: Path,
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", executor: str = "local",
               workers: int = 2, report: bool = True, quiet: bool = False, chunk: int | None = None,
-              first_seed: int = 0) -> None:
+              first_seed: int = 0, sort_rounds: int | None = None) -> None:
     """The sweep behind eval and demo: parse it, skip what OUT already holds, run the rest, then report."""
     from longreach.eval import Corpus, make_sweep, pending, run_local
     from longreach.eval.runner import preflight, record_sweep
@@ -51,7 +61,7 @@ def _run_eval(model: str, tasks: str, lengths: str, methods: str, samples: int, 
 
     with user_errors():
         sweep = make_sweep(model, tasks, methods, lengths, depths=depths, samples=samples, chat=chat,
-                         kernel=kernel, corpus=corpus, chunk=chunk, first_seed=first_seed)
+                         kernel=kernel, corpus=corpus, chunk=chunk, first_seed=first_seed, sort_rounds=sort_rounds)
         if executor not in ("local", "ray"):
             raise LongreachError(f"unknown executor '{executor}': use local or ray")
         if executor == "ray":

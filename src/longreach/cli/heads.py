@@ -1,4 +1,4 @@
-"""Head profiles: score what each attention head does, and show a saved profile."""
+"""Head profiles: score what each attention head does, show a saved profile, find positional q/k dims."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from longreach import LongreachError
 
 from .common import MODEL_HELP, console, floats, token_lengths, user_errors
 
-heads_app = typer.Typer(help="Attention-head profiles (retrieval, sink, locality) for head-aware policies.",
+heads_app = typer.Typer(help="Attention-head profiles (retrieval, sink, locality) for head-aware policies, and "
+                             "positional q/k dims for posdim.",
                         no_args_is_help=True)
 
 
@@ -58,3 +59,35 @@ def heads_show(
     folder = plots or profile.with_suffix("")
     for path in heatmaps(prof, folder):
         console.print(f"wrote {path}")
+
+
+@heads_app.command("posdim")
+def heads_posdim(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    length: str = typer.Option("1k", help="probe length in tokens"),
+    corpus: str = typer.Option("canterbury", help="prose for the probe: canterbury, austen, bible or synthetic"),
+    skip: int = typer.Option(4, help="first tokens left out of the correlation (attention sinks)"),
+    show: int = typer.Option(3, help="best dims printed per layer"),
+    out: Path = typer.Option(Path("dims.json"), help="where to write the dims JSON"),
+) -> None:
+    """Find each layer's positional q/k dims (un-rotated; |rank correlation| with position) for posdim.
+
+    Example: longreach heads posdim --model smollm2-135m --length 1k --out dims.json
+    then:    longreach generate --model smollm2-135m --input prompt.txt --method "posdim:file=dims.json,scale=0.5"
+    """
+    from longreach import load_model
+    from longreach.eval import Corpus
+    from longreach.heads.posdim import find_position_dims
+
+    with user_errors():
+        (n_tokens,) = token_lengths(length)
+        if out.exists() and out.is_dir():
+            raise LongreachError(f"--out {out} is a folder; give a file name such as dims.json")
+        prose_src = Corpus.synthetic() if corpus == "synthetic" else Corpus.load(corpus)
+        lm, tok = load_model(model)
+        found = find_position_dims(lm, tok, "".join(prose_src.passage(0, 2 * n_tokens)), n_tokens, skip)
+    found.save(out)
+    for layer, row in enumerate(found.scores):
+        best = found.best(layer, show)
+        console.print(f"layer {layer:>2}: " + "  ".join(f"dim {d} {row[d]:.2f}" for d in best), markup=False)
+    console.print(f"wrote {out}  (apply with posdim:file={out},scale=0.5)")

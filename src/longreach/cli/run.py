@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from longreach import Documents, LongreachError
+
 from .common import (
     CHUNK_HELP,
     KERNEL_HELP,
@@ -39,22 +41,41 @@ def methods() -> None:
 def generate(
     model: str = typer.Option(..., help=MODEL_HELP),
     method: str = typer.Option("dense", help="method spec, e.g. quest:density=0.1"),
-    input: Path = typer.Option(..., exists=True, dir_okay=False, help="text file with the prompt"),
+    input: Path = typer.Option(None, exists=True, dir_okay=False, help="text file with the prompt (or --documents)"),
     max_new_tokens: int = typer.Option(64, min=1),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     chat: bool = typer.Option(False, help="wrap the input in the model's chat template"),
     chunk: int = typer.Option(None, min=1, help=CHUNK_HELP),
+    documents: Path = typer.Option(None, exists=True, dir_okay=False,
+                                   help='instead of --input, a prompt made of documents: a JSON file {"documents": '
+                                   '["...", ...], "prefix": "...", "question": "...", "separator": "\\n\\n"} '
+                                   "(prompt = prefix + separator.join(documents) + question)"),
+    sort_documents: int = typer.Option(None, "--sort-documents", metavar="ROUNDS", min=0,
+                                       help="attention sorting of --documents before answering: ROUNDS dense "
+                                       "prefills, each reordering the documents by the attention they get, most "
+                                       "attended last; then the answer runs under --method"),
 ) -> None:
-    """Continue a long prompt with a method applied; print text, timings and density."""
+    """Continue a long prompt with a method applied; print text, timings and density.
+
+    With documents, sorted by attention first (docs/attention-sorting.md):
+    longreach generate --model smollm2-135m --documents docs.json --sort-documents 2 --method snapkv:density=0.25
+    """
     from longreach import apply, cache_bytes, load_model, parse_spec
     from longreach import generate as timed_generate  # `generate` is this command
     from longreach.generation import eos_ids
 
     with user_errors():
         spec = parse_spec(method)  # bad specs fail before the model loads
-        text = read_prompt(input)
+        if (input is None) == (documents is None):
+            raise LongreachError("give the prompt as --input FILE or as --documents FILE (one of them)")
+        if sort_documents is not None and documents is None:
+            raise LongreachError("--sort-documents reorders documents: give the prompt as --documents FILE")
+        docs = read_documents(documents) if documents is not None else None
+        text = read_prompt(input) if input is not None else docs.prompt
         lm, tok = load_model(model)
         text, templated = chat_prompt(tok, text, chat)
+        if docs is not None and sort_documents is not None:
+            text = sorted_prompt(lm, tok, templated_documents(docs, text), sort_documents, templated, chunk, kernel)
         ids = tok(text, return_tensors="pt", add_special_tokens=not templated)
         trained = getattr(getattr(lm.config, "text_config", None) or lm.config, "max_position_embeddings", None)
         if trained and ids["input_ids"].shape[1] > trained and not spec.of_kind("position"):
@@ -71,6 +92,47 @@ def generate(
         + (f", KV cache {cache_bytes(run.cache) / 2**20:.1f} MiB" if cache_bytes(run.cache) is not None else "")
         + "[/dim]"
     )
+
+
+def read_documents(path: Path) -> Documents:
+    """``--documents``: a JSON object with a list of document strings, optionally a prefix, question, separator."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LongreachError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    bad = LongreachError(f'{path} must hold a JSON object {{"documents": ["...", ...]}} with optional "prefix", '
+                         '"question" and "separator" strings')
+    if not isinstance(data, dict) or not isinstance(data.get("documents"), list):
+        raise bad
+    strings = [*data["documents"], *(v for k, v in data.items() if k != "documents")]
+    if set(data) - {"documents", "prefix", "question", "separator"} or not all(isinstance(t, str) for t in strings):
+        raise bad
+    return Documents(tuple(data["documents"]), data.get("prefix", ""), data.get("question", ""),
+                     data.get("separator", "\n\n"))
+
+
+def templated_documents(docs: Documents, text: str) -> Documents:
+    """``docs`` inside ``text`` (its prompt wrapped by a chat template): the template's head joins the prefix and
+    its tail the question, so sorting moves the documents only."""
+    at = text.find(docs.prompt)
+    if at < 0:
+        raise LongreachError("the chat template changed the documents' text; run without --chat")
+    return Documents(docs.documents, text[:at] + docs.prefix, docs.question + text[at + len(docs.prompt):],
+                     docs.separator)
+
+
+def sorted_prompt(lm, tok, docs: Documents, rounds: int, templated: bool, chunk: int | None, kernel: str) -> str:
+    """Attention sorting, and a line saying what it did and cost."""
+    from longreach import sort_documents
+
+    result = sort_documents(lm, tok, docs.documents, docs.prefix, docs.question, separator=docs.separator,
+                            rounds=rounds, add_special_tokens=not templated, chunk=chunk, kernel=kernel)
+    console.print(f"[dim]attention sorting: {len(docs.documents)} documents, {rounds} rounds "
+                  f"({sum(result.tokens)} prompt tokens prefilled, {result.seconds:.2f}s); order now "
+                  f"{list(result.order)} (original indices, first to last)[/dim]")
+    return result.prompt
 
 
 def plan(

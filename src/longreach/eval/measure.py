@@ -80,11 +80,14 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
 
 
 @torch.no_grad()
-def warm_up(model, tokens: int = 256) -> None:
+def warm_up(model, tokens: int = 256, procedure: bool = False) -> None:
     """One short forward per method before timing, so one-time costs (lazy init, compilation) are not billed
-    to the first sample."""
+    to the first sample; through ``generate`` under a procedure (homer), which refuses a plain forward."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.arange(tokens, device=model.device).remainder(vocab - 1).add(1).unsqueeze(0)
+    if procedure:
+        generate_ids(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 1)
+        return
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 

@@ -145,6 +145,7 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
                     f"{speed_ratio(cells, cell)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
                     f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
         out += paired_table(cells, task, methods, margin)
+        out += position_table(cells, task, methods)
     out += effective_table(cells, methods, threshold)
     return "\n".join(out)
 
@@ -266,6 +267,36 @@ def paired_table(cells: dict, task: str, methods: list[str], margin: float) -> l
             notes.append(f"{p.unpaired} without a dense row on the same prompt")
         out.append(f"| {cell.method} | {cell.length} | {p.n} | {fmt_diff(p.diff, metric)} | {ci} | {p.interval or '–'} "
                    f"| {mcn} | {'; '.join(notes)} |")
+    return out
+
+
+def position_table(cells: dict, task: str, methods: list[str]) -> list[str]:
+    """Tasks with documents (rows with ``gold_document``): the score at each position of the gold document, and
+    for rows answered after attention sorting, where the gold document ended and what sorting took."""
+    mine = [c for c in cells.values() if c.task == task]
+    if not any("gold_document" in r for c in mine for r in c.rows):
+        return []
+    depths = sorted({r["depth"] for c in mine for r in c.rows if r.get("depth") is not None})
+    out = ["", "By the gold document's position (depth: 0 = first document, 1 = last): score summed / samples. "
+           "After attention sorting: where the gold document ended, on the same scale (mean), and the sorting "
+           "passes' time per sample (not in prefill s).", "",
+           "| method | length | " + " | ".join(f"depth {d:g}" for d in depths) + " | gold ends at | sort s |",
+           "|---" * (len(depths) + 4) + "|"]
+    for method in methods:
+        for length in sorted({c.length for c in mine}):
+            cell = cells.get((task, method, length))
+            if cell is None:
+                continue
+            cols = []
+            for d in depths:
+                got = [float(r["score"]) for r in cell.rows if r.get("depth") == d and scored(r)]
+                cols.append(f"{sum(got):g}/{len(got)}" if got else "–")
+            ends = [r["gold_document_sorted"] / max(1, r["documents"] - 1) for r in cell.rows
+                    if isinstance(r.get("gold_document_sorted"), int) and isinstance(r.get("documents"), int)]
+            sort_s = cell.avg("sort_s")
+            end = f"{sum(ends) / len(ends):.2f}" if ends else "–"
+            took = "–" if sort_s is None else f"{sort_s:.2f}"
+            out.append(f"| {method} | {length} | {' | '.join(cols)} | {end} | {took} |")
     return out
 
 

@@ -8,6 +8,7 @@ prompts are built once per (task, length, sample) and shared by every method.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..sorting import SortedDocuments, sort_documents
 from ..spec import parse_spec
 from .corpus import Corpus
 from .measure import prompt_sha, run_sample, warm_up
@@ -22,6 +24,7 @@ from .results import ResultsWriter, read_rows, row_key
 from .tasks import Sample, Task, parse_tasks
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SORT_LABEL = " · sort-documents="  # method label suffix of rows answered after attention sorting
 MAX_LENGTH = 1 << 20
 
 
@@ -55,6 +58,7 @@ class Sweep:
     corpus: str = "canterbury"
     chunk: int | None = None  # prefill tokens per forward (None: the whole prompt at once)
     first_seed: int = 0  # seeds are first_seed .. first_seed + samples - 1 (disjoint sets for tuning / reporting)
+    sort_rounds: int | None = None  # attention sorting of each prompt's documents before answering (None: off)
 
     def cells(self) -> list[Cell]:
         return [Cell(m, t, n) for m in self.methods for t in self.tasks for n in self.lengths]
@@ -68,9 +72,15 @@ class Sweep:
         """The chat flag as requested (a row's ``chat_applied`` says whether the tokenizer had a template)."""
         return self.chat and task.metric != "ppl"
 
+    def label(self, method: str) -> str:
+        """A row's ``method``: the spec, and the sorting rounds when documents are sorted before answering (rows
+        of both kinds then share a folder, and the report sets each against dense)."""
+        return method if self.sort_rounds is None else f"{method}{SORT_LABEL}{self.sort_rounds}"
+
     def key(self, cell: Cell, depth: float | None, seed: int) -> tuple:
-        return row_key({"model": self.model, "method": cell.method, "task": cell.task.spec(), "length": cell.length,
-                        "depth": depth, "seed": seed, "chat": self.chat_for(cell.task), "corpus": self.corpus})
+        return row_key({"model": self.model, "method": self.label(cell.method), "task": cell.task.spec(),
+                        "length": cell.length, "depth": depth, "seed": seed, "chat": self.chat_for(cell.task),
+                        "corpus": self.corpus})
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -103,7 +113,7 @@ def parse_depths(text: str) -> tuple[float, ...]:
 
 def make_sweep(model: str, tasks: str, methods: str, lengths: str, *, depths: str | None = None, samples: int = 5,
               chat: bool = True, kernel: str = "auto", corpus: str = "canterbury", chunk: int | None = None,
-              first_seed: int = 0) -> Sweep:
+              first_seed: int = 0, sort_rounds: int | None = None) -> Sweep:
     """Parse and validate every spec of a sweep (no model, no corpus download)."""
     from .. import kernel_names
     from ..configurable import split_items
@@ -123,8 +133,22 @@ def make_sweep(model: str, tasks: str, methods: str, lengths: str, *, depths: st
         raise InputError(f"--chunk must be >= 1 token, got {chunk}")
     if first_seed < 0:
         raise InputError(f"--first-seed must be >= 0, got {first_seed}")
-    return Sweep(model, tuple(parse_tasks(tasks)), tuple(method_specs), parse_lengths(lengths),
-                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus, chunk, first_seed)
+    parsed = tuple(parse_tasks(tasks))
+    if sort_rounds is not None:
+        if sort_rounds < 0:
+            raise InputError(f"--sort-documents takes a number of rounds >= 0, got {sort_rounds}")
+        plain = [t.spec() for t in parsed if not t.has_documents]
+        if plain:
+            raise InputError(f"--sort-documents reorders a prompt's documents, and {', '.join(plain)} has none: "
+                             "use a task with documents, e.g. kvret:docs=1")
+    procedures = [m for m in method_specs if parse_spec(m).of_kind("procedure")]
+    scored = [t.spec() for t in parsed if t.metric == "ppl"]
+    if procedures and scored:
+        raise InputError(f"{procedures[0]} replaces the prefill to build a cache for answering, and {scored[0]} "
+                         "scores every position of the prompt: run perplexity tasks in a sweep without it")
+    return Sweep(model, parsed, tuple(method_specs), parse_lengths(lengths),
+                parse_depths(depths) if depths else DEFAULT_DEPTHS, samples, chat, kernel, corpus, chunk, first_seed,
+                sort_rounds)
 
 
 def pending(sweep: Sweep, out: Path) -> tuple[dict[Cell, list[tuple[float | None, int]]], list, int]:
@@ -151,12 +175,38 @@ class SampleBank:
     def __init__(self, tokenizer, corpus: Corpus, chat: bool):
         self.tokenizer, self.corpus, self.chat = tokenizer, corpus, chat
         self._cache: dict[tuple, Sample] = {}
+        self._sorted: dict[tuple, SortedDocuments] = {}
 
     def get(self, task: Task, length: int, depth: float | None, seed: int) -> Sample:
         key = (task.spec(), length, depth, seed)
         if key not in self._cache:
             self._cache[key] = task.build(self.tokenizer, self.corpus, length, depth, seed, self.chat)
         return self._cache[key]
+
+    def sorted(self, model, task: Task, length: int, depth: float | None, seed: int, rounds: int, kernel: str,
+               chunk: int | None) -> SortedDocuments:
+        """The sample's documents after ``rounds`` of attention sorting (dense), once per prompt: every method
+        answers the same sorted prompt. Call it with no method applied to the model."""
+        key = (task.spec(), length, depth, seed, rounds)
+        if key not in self._sorted:
+            sample = self.get(task, length, depth, seed)
+            docs = sample.documents
+            if docs is None:
+                raise InputError(f"task {task.spec()} built a prompt without documents: nothing to sort")
+            self._sorted[key] = sort_documents(model, self.tokenizer, docs.documents, docs.prefix, docs.question,
+                                               separator=docs.separator, rounds=rounds,
+                                               add_special_tokens=not sample.chat, chunk=chunk, kernel=kernel)
+        return self._sorted[key]
+
+
+def sorting_fields(sample: Sample, result: SortedDocuments | None) -> dict:
+    """What a row records of attention sorting: its rounds and cost, where the gold document went."""
+    if result is None:
+        return {}
+    gold = sample.meta.get("gold_document")
+    return {"sort_rounds": result.rounds, "sort_s": result.seconds, "sort_tokens": sum(result.tokens),
+            "gold_document_sorted": result.position(gold) if gold is not None else None,
+            "sorted_prompt_sha": prompt_sha(dataclasses.replace(sample, prompt=result.prompt))}
 
 
 def preflight(sweep: Sweep, todo: dict[Cell, list], tokenizer, corpus: Corpus) -> None:
@@ -183,21 +233,31 @@ def run_cells(sweep: Sweep, todo: dict[Cell, list], model, tokenizer, corpus: Co
         cells = [c for c in todo if c.method == method]
         if not cells:
             continue
+        if sweep.sort_rounds is not None:  # sorting runs dense, before the method is applied
+            for cell in cells:
+                for depth, seed in todo[cell]:
+                    bank.sorted(model, cell.task, cell.length, depth, seed, sweep.sort_rounds, sweep.kernel,
+                                sweep.chunk)
         with apply(model, method, kernel=sweep.kernel) as handle:
-            warm_up(model)
+            warm_up(model, procedure=handle.procedure is not None)
             for cell in cells:
                 for depth, seed in todo[cell]:
                     sample = bank.get(cell.task, cell.length, depth, seed)
-                    measured = run_sample(model, tokenizer, cell.task, sample, handle, sweep.chunk)
+                    ordered = None if sweep.sort_rounds is None else bank.sorted(
+                        model, cell.task, cell.length, depth, seed, sweep.sort_rounds, sweep.kernel, sweep.chunk)
+                    answered = sample if ordered is None else dataclasses.replace(sample, prompt=ordered.prompt,
+                                                                                documents=ordered.documents)
+                    measured = run_sample(model, tokenizer, cell.task, answered, handle, sweep.chunk)
                     row = {
-                        "model": model_id, "method": method, "task": cell.task.spec(), "family": cell.task.name,
+                        "model": model_id, "method": sweep.label(method), "task": cell.task.spec(),
+                        "family": cell.task.name,
                         "metric": cell.task.metric, "length": cell.length, "depth": depth, "seed": seed,
                         "chat": sweep.chat_for(cell.task), "chat_applied": sample.chat, "corpus": corpus.name,
                         "gold": list(sample.gold), **measured,
                         "kernel": sweep.kernel, "chunk": sweep.chunk, "prompt_sha": prompt_sha(sample),
                         "version": __version__, "provenance": provenance(),
                         "host": platform.node(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                        **{k: v for k, v in sample.meta.items() if k != "ids"},
+                        **{k: v for k, v in sample.meta.items() if k != "ids"}, **sorting_fields(sample, ordered),
                     }
                     yield row
                     if on_sample:
@@ -225,6 +285,6 @@ def record_sweep(sweep: Sweep, out: Path, argv: list[str] | None) -> None:
              "command": shlex.join(argv) if argv else None, "tasks": [t.spec() for t in sweep.tasks],
              "methods": list(sweep.methods), "lengths": list(sweep.lengths), "samples": sweep.samples,
              "depths": list(sweep.depths), "chat": sweep.chat, "kernel": sweep.kernel, "corpus": sweep.corpus,
-             "chunk": sweep.chunk, "first_seed": sweep.first_seed}
+             "chunk": sweep.chunk, "first_seed": sweep.first_seed, "sort_documents": sweep.sort_rounds}
     with open(out / "runs.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")

@@ -60,7 +60,11 @@ def kind_of(spec: str) -> str:
                          "the position method it picks with the prefill and press candidates itself)")
     if methods[0].name == "dense":
         raise InputError("dense is the baseline every candidate is compared with; leave it out of --candidates")
-    return {"select": "prefill", "press": "press", "position": "position"}[methods[0].kind]
+    kinds = {"select": "prefill", "press": "press", "position": "position"}
+    if methods[0].kind not in kinds:
+        raise InputError(f"candidate '{spec}' is a {methods[0].kind} (it replaces the prefill); tune screens "
+                         "select methods, presses and position methods: compare it with longreach eval")
+    return kinds[methods[0].kind]
 
 
 def compose(position: str | None, spec: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cache, cached_property
 from pathlib import Path
 from typing import ClassVar
@@ -31,8 +31,9 @@ from ..configurable import param
 from ..errors import SpecError
 from ..methods.base import BudgetedMethod, Method, SelectContext, SelectionMethod, check_fraction, check_int
 from ..methods.registry import method_class, register
-from ..methods.scoring import causal_probs
+from ..methods.scoring import causal_probs, with_sinks
 from ..selection import Selection
+from ..stages import PLAIN, SoftmaxExtras
 from .profile import HeadProfile
 from .split import SplitPolicy
 
@@ -227,7 +228,8 @@ class LServe(StreamingHeads):
         return ()  # the long heads are a subset: they compute their own block statistics
 
     def long_select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        return self.base_method.select(q, k, SelectContext(ctx.layer_idx, ctx.key_mask, None, {}, ctx.scale))
+        # its own scratch and no shared summaries (the long heads are a subset); the heads' softmax extras stay
+        return self.base_method.select(q, k, replace(ctx, summaries=None, state={}))
 
 
 @register
@@ -258,7 +260,6 @@ class HeadKV(HeadPolicy):
     """
 
     name: ClassVar[str] = "headkv"
-    scores_attention: ClassVar[bool] = True
     kind: ClassVar[str] = "press"
     summary: ClassVar[str] = "retrieval heads keep every key; the others share the rest of the budget by SnapKV " \
                              "votes (head-level budgets, HeadKV / Task-KV)"
@@ -295,15 +296,17 @@ class HeadKV(HeadPolicy):
         share = (self.density - self.whole_share) / (1 - self.whole_share)
         return max(math.floor(share * seen), self.sinks + self.window, 1)
 
-    def short_keep(self, q: Tensor, k: Tensor, scale: float, seen: int) -> Tensor | None:
+    def short_keep(self, q: Tensor, k: Tensor, scale: float, seen: int, extras: SoftmaxExtras = PLAIN
+                   ) -> Tensor | None:
         """Positions (B, h, capacity) the short heads keep, ascending; None when all fit. ``q`` holds the
-        short heads' query heads (grouped per KV head, as ``k``); its last queries are the voters."""
+        short heads' query heads (grouped per KV head, as ``k``); its last queries are the voters, with the
+        model's softmax (``extras``: those query heads' sinks)."""
         n = k.shape[2]
         capacity = self.short_capacity(seen)
         if capacity >= n:
             return None
         w = min(self.window, q.shape[2])
-        obs = Observation(0, 0, seen, q[:, :, -w:], k, k, scale)
+        obs = Observation(0, 0, seen, q[:, :, -w:], k, k, scale, extras=extras)
         return top_keep(window_votes(obs, self.pool).float(), capacity, self.sinks, self.window)
 
 
@@ -364,11 +367,12 @@ class ACT(Profiled, SelectionMethod):
 
     Scaling a key's softmax weight by ``damp`` and renormalising is adding log(damp) to its logit, so the
     calibrated heads are recomputed exactly with that bias. Sinks are detected per call and head from the
-    last ``observe`` queries: keys past the first ``sinks`` that draw ``alpha`` x their uniform share.
+    last ``observe`` queries: keys past the first ``sinks`` that draw ``alpha`` x their uniform share. On a
+    model with a logit softcap or learned sinks, detection and recomputation use the model's softmax (the bias
+    is added after the cap; the sink logit stays in the denominator, uncalibrated).
     """
 
     name: ClassVar[str] = "act"
-    scores_attention: ClassVar[bool] = True
     rewrites_output: ClassVar[bool] = True
     summary: ClassVar[str] = "damp attention to hidden sinks in the heads that have them (ACT, training-free)"
     paper: ClassVar[str] = "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models " \
@@ -413,14 +417,16 @@ class ACT(Profiled, SelectionMethod):
         n_obs = min(self.observe, t_q)
         obs_hidden = hidden[:, t_q - n_obs:]
         rows = torch.arange(t_q - n_obs, t_q, device=q.device)
-        share = causal_probs(qc, kc, scale, rows, ctx.key_mask)[:, :, 0].mean(-2)  # (B, h, Tk): mean attention drawn
+        extras = ctx.extras.heads(hq)
+        share = causal_probs(qc, kc, scale, rows, ctx.key_mask, extras=extras)[:, :, 0].mean(-2)  # (B, h, Tk)
         visible = (~obs_hidden).sum(-1).float().mean(-1).reshape(-1, 1, 1)
         sink = (share > self.alpha / visible) & (cols >= self.sinks)
         bias = sink.float() * math.log(self.damp)  # scaling a softmax weight = adding its log to the logit
         fixed = out.clone()
         for lo in range(0, t_q, 1024):
             hi = min(lo + 1024, t_q)
-            logits = qc[:, :, lo:hi] @ kc.transpose(-1, -2) * scale + bias[:, :, None, :]
+            logits = extras.cap(qc[:, :, lo:hi] @ kc.transpose(-1, -2) * scale) + bias[:, :, None, :]
             logits = logits.masked_fill(hidden[:, None, lo:hi], -torch.inf)
-            fixed[:, lo:hi, hq] = (logits.softmax(-1) @ vc).transpose(1, 2).to(out.dtype)
+            probs = logits.softmax(-1) if extras.sinks is None else with_sinks(logits, extras.sinks.float()[:, None])
+            fixed[:, lo:hi, hq] = (probs @ vc).transpose(1, 2).to(out.dtype)
         return fixed

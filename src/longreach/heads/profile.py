@@ -9,7 +9,12 @@ reads each layer's q and k and scores a sample of queries (the answer span and t
 - sink: attention mass on the first ``sinks`` tokens;
 - hidden_sink (ACT, arXiv:2406.15765): mass on later tokens that draw ``alpha`` x their uniform share;
 - locality (DuoAttention's streaming notion): mass inside the first ``sinks`` + last ``window`` tokens;
-- entropy: attention entropy over log(visible keys), 0 = one key, 1 = uniform.
+- entropy: attention entropy over log(visible keys), 0 = one key, 1 = uniform;
+- learned_sink (models with learned sink logits, GPT-OSS): the softmax share the head's sink logit takes,
+  averaged over the sampled queries, beside ``sink``, the attention the first tokens actually draw.
+
+Scores use the model's own softmax (``stages.SoftmaxExtras``: softcapped logits, the learned sink taking its
+share); entropy is that of the keys' own distribution (the sink's share is no key's).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..methods.scoring import causal_probs
+from ..methods.scoring import causal_probs, keys_share
+from ..stages import PLAIN, SoftmaxExtras
 
 SCORES = ("retrieval", "sink", "hidden_sink", "locality", "entropy")
+LEARNED_SINK = "learned_sink"  # only in profiles of models with learned sink logits (older profiles lack it)
 FORMAT = "longreach.HeadProfile/1"
 
 
@@ -145,9 +152,11 @@ class ProfileAccumulator:
 
     def __init__(self, layers: int, heads: int, sinks: int, window: int, alpha: float) -> None:
         self.sinks, self.window, self.alpha = sinks, window, alpha
-        self.sums = {s: torch.zeros(layers, heads, dtype=torch.float64) for s in SCORES}
-        self.counts = {s: 0 for s in SCORES}
+        self.sums = {s: torch.zeros(layers, heads, dtype=torch.float64) for s in (*SCORES, LEARNED_SINK)}
+        self.counts = dict.fromkeys(self.sums, 0)
         self.probe: Probe | None = None
+        # layer -> the model's softmax extras in that layer's current call (``Handle.softmax_extras``)
+        self.extras: Callable[[int], SoftmaxExtras] | None = None
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, sliding: int | None,
                  key_mask: Tensor | None) -> None:
@@ -157,7 +166,8 @@ class ProfileAccumulator:
         t = k.shape[2]
         rows = sorted(set(range(max(0, probe.answer[0] - 128), t)))
         rows_t = torch.tensor(rows, device=q.device)
-        probs = causal_probs(q[:1], k[:1], scale, rows_t, window=sliding)[0].flatten(0, 1)  # (Hq, R, T)
+        extras = self.extras(layer) if self.extras is not None else PLAIN
+        probs = causal_probs(q[:1], k[:1], scale, rows_t, window=sliding, extras=extras)[0].flatten(0, 1)  # (Hq,R,T)
         cols = torch.arange(t, device=q.device)
         hidden = cols[None, :] > rows_t[:, None]
         if sliding is not None:
@@ -172,7 +182,10 @@ class ProfileAccumulator:
         far_sinks = probs[..., : self.sinks].masked_fill(near[:, : self.sinks], 0)
         local = probs.masked_fill(~near, 0).sum(-1) + far_sinks.sum(-1)
         self._add("locality", layer, local.double().mean(-1))
-        ent = -(probs * probs.clamp(min=1e-30).log()).sum(-1).double() / visible.log()
+        if extras.sinks is not None:  # each row gives the sink 1 - (its keys' total)
+            self._add(LEARNED_SINK, layer, (1 - probs.sum(-1)).clamp(min=0).double().mean(-1))
+        own = keys_share(probs) if extras.sinks is not None else probs
+        ent = -(own * own.clamp(min=1e-30).log()).sum(-1).double() / visible.log()
         self._add("entropy", layer, ent.mean(-1))
         share = probs.mean(1)  # (Hq, T) mean attention each key receives
         heavy = (share > self.alpha / visible.mean()) & (cols >= self.sinks) & ~near[-1]
@@ -184,7 +197,8 @@ class ProfileAccumulator:
             self.counts[score] += 1
 
     def scores(self) -> dict[str, list[list[float]]]:
-        return {s: (self.sums[s] / max(self.counts[s], 1)).tolist() for s in SCORES}
+        found = [*SCORES, *([LEARNED_SINK] if self.counts[LEARNED_SINK] else [])]
+        return {s: (self.sums[s] / max(self.counts[s], 1)).tolist() for s in found}
 
 
 @torch.no_grad()
@@ -204,6 +218,7 @@ def profile_heads(model: nn.Module, tokenizer, prose: Callable[[int], str], voca
     acc = ProfileAccumulator(cfg.num_hidden_layers, heads, sinks, window, alpha)
     with apply(model, "dense", track_density=False) as handle:
         handle.observer = acc
+        acc.extras = handle.softmax_extras
         for length in lengths:
             for i, depth in enumerate(depths):
                 seed = 1000 * length + i

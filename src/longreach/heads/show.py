@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plotting import require_pyplot
-from .profile import SCORES, HeadProfile
+from .profile import LEARNED_SINK, SCORES, HeadProfile
 
 
 def summary(profile: HeadProfile, top: int = 10) -> list[str]:
@@ -23,7 +23,21 @@ def summary(profile: HeadProfile, top: int = 10) -> list[str]:
     best = ret.argsort(descending=True)[:top].tolist()
     lines.append("  top retrieval heads (layer.head=score): "
                  + ", ".join(f"{i // profile.heads}.{i % profile.heads}={float(ret[i]):.2f}" for i in best))
+    if LEARNED_SINK in profile.scores and "sink" in profile.scores:
+        lines.extend(sink_lines(profile, top))
     return lines
+
+
+def sink_lines(profile: HeadProfile, top: int = 10) -> list[str]:
+    """Where a head's attention rests when no key needs it: its learned sink logit, or the first tokens."""
+    learned, first = profile.tensor(LEARNED_SINK).flatten(), profile.tensor("sink").flatten()
+    n = learned.numel()
+    best = learned.argsort(descending=True)[:top].tolist()
+    return [f"  learned sink vs first tokens: mean {learned.mean():.3f} vs {first.mean():.3f}; heads resting more "
+            f"on the learned sink: {int((learned > first).sum())} of {n}",
+            "  top learned-sink heads (layer.head=learned/first): "
+            + ", ".join(f"{i // profile.heads}.{i % profile.heads}={float(learned[i]):.2f}/{float(first[i]):.2f}"
+                        for i in best)]
 
 
 def heatmaps(profile: HeadProfile, out: str | Path) -> list[Path]:
@@ -32,7 +46,7 @@ def heatmaps(profile: HeadProfile, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in [s for s in SCORES if s in profile.scores]:
+    for name in [s for s in (*SCORES, LEARNED_SINK) if s in profile.scores]:
         fig, ax = plt.subplots(figsize=(0.35 * profile.heads + 2.2, 0.16 * profile.layers + 1.4))
         im = ax.imshow(profile.tensor(name).numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
                        vmin=0, vmax=1)

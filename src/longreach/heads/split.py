@@ -28,6 +28,8 @@ def query_heads(kv_heads: Tensor, group: int, device: torch.device) -> Tensor:
 
 
 class SplitPolicy:
+    stores_only = False  # it chooses which keys each head keeps
+
     def __init__(self, policy: HeadPolicy, owner: object) -> None:
         self.policy = policy
         self.name = policy.name
@@ -79,7 +81,8 @@ class SplitPolicy:
             qh = query_heads(heads, group, q.device)
             qq = q[:, qh]
             if sinks is None:  # the long heads: the policy's own choice, or a select method stacked before it
-                ctx = SelectContext(call.layer_idx, None, None, call.state.setdefault("select", {}), call.scale)
+                ctx = SelectContext(call.layer_idx, None, None, call.state.setdefault("select", {}), call.scale,
+                                    call.extras.heads(qh))
                 sel = self.long_select(qq, kk, ctx)
             elif split.keeper is not None:  # headkv: every key the short heads still hold
                 sel = Selection.dense(batch, t_q, kk.shape[2], device=q.device)
@@ -126,6 +129,6 @@ class SplitPolicy:
             return
         q = call.q
         qh = query_heads(part.heads, q.shape[1] // (len(split.long) + len(split.short)), q.device)
-        keep = split.keeper.short_keep(q[:, qh], part.keys, call.scale, layer.seen)
+        keep = split.keeper.short_keep(q[:, qh], part.keys, call.scale, layer.seen, call.extras.heads(qh))
         if keep is not None:
             part.keep(keep)

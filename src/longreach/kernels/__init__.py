@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from ..errors import SpecError, did_you_mean
@@ -49,6 +50,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel
     cap * tanh(s / cap)) and learned ``sinks`` (GPT-OSS: one logit per query head, (Hq,)) run on ``gather``'s
     PyTorch path (or the reference kernel when asked for).
     """
+    if v.shape[-1] != q.shape[-1]:
+        return _unequal_widths(q, k, v, sel, scale, kernel, far, softcap, sinks)
     fn = resolve(kernel, q)
     if softcap is not None or sinks is not None:
         fn = reference.attend if fn is reference.attend else gather.attend
@@ -58,6 +61,25 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel
     if fn is flex.attend:
         fn = gather.attend
     return fn(q, k, v, sel, scale, far)
+
+
+def _unequal_widths(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel: str, far: FarKeys | None,
+                    softcap: float | None, sinks: Tensor | None) -> Tensor:
+    """Multi-head latent attention (DeepSeek-V3 as transformers runs it): value heads narrower or wider than
+    query/key heads. Zero-padding the narrower side to the wider one is exact, and lets every kernel (which
+    take one head width) run: zero value columns add zero output columns, which are cut off; zero q/k columns
+    add 0 to every q.k. It costs the padded copy and its share of the attention work."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dv < dk:
+        out = attend(q, k, _pad_last(v, dk), sel, scale, kernel, far, softcap=softcap, sinks=sinks)
+        return out[..., :dv]
+    if far is not None:
+        far = FarKeys(_pad_last(far.q, dv), _pad_last(far.k, dv), far.distance)
+    return attend(_pad_last(q, dv), _pad_last(k, dv), v, sel, scale, kernel, far, softcap=softcap, sinks=sinks)
+
+
+def _pad_last(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
 __all__ = ["KERNELS", "FarKeys", "Kernel", "attend", "kernel_names", "resolve"]

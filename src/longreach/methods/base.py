@@ -18,7 +18,7 @@ from torch import Tensor
 from ..configurable import Configurable, param
 from ..errors import SpecError
 from ..selection import Selection
-from ..stages import CachePolicy
+from ..stages import PLAIN, CachePolicy, SoftmaxExtras
 from .summaries import block_stats
 
 
@@ -27,9 +27,13 @@ class Method(Configurable):
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
-    # scores keys by attention mass (a softmax of q.k it computes itself): on a model whose softmax also holds
-    # a logit softcap or learned sinks, ``apply`` refuses it until that softmax includes them
+    # scores keys by attention mass with a softmax of q.k of its own that leaves out the model's logit softcap
+    # and learned sinks (``SelectContext.extras``): ``apply`` refuses it on a model whose softmax holds them.
+    # Every built-in method's softmax holds them; the flag is for one that does not yet.
     scores_attention: ClassVar[bool] = False
+    # re-maps positions by cache index inside the attention function (selfextend, string, ...): nothing that
+    # assigns positions itself (a procedure) or drops keys (a press) can follow it
+    remaps_positions: ClassVar[bool] = False
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse, at ``apply`` time, a model this method cannot act on (before any forward)."""
@@ -50,6 +54,9 @@ class SelectContext:
     # the runtime clears it when a new sequence starts.
     state: dict = field(default_factory=dict)
     scale: float | None = None  # the model's softmax scale (default 1/sqrt(head_dim)), for mass estimates
+    # the rest of the model's softmax (Gemma 2's softcap, GPT-OSS's sink logits per query head of q): a method
+    # that computes attention probabilities itself passes them to ``scoring.causal_probs``
+    extras: SoftmaxExtras = PLAIN
 
     def softmax_scale(self, q: Tensor) -> float:
         return self.scale if self.scale is not None else q.shape[-1] ** -0.5
@@ -149,6 +156,12 @@ class BudgetedMethod(SelectionMethod):
         """The key block size in tokens, as Selections and kernels name it (spec: ``key_block``, else ``block``)."""
         return self.key_block if self.key_block is not None else self.block
 
+    @property
+    def capped(self) -> bool:
+        """Whether a budget limits the keys (given, or the method's default); False: the method sizes its own
+        choice (``default_budget = None``, flexprefill's gamma)."""
+        return self.budget is not None or self.density is not None or self.default_budget is not None
+
     def token_budget(self, causal_keys: Tensor) -> Tensor:
         """Keys allowed per query block, given how many causal keys its last query has."""
         if self.density is not None:
@@ -166,7 +179,9 @@ class BudgetedMethod(SelectionMethod):
         first = (t_k - t_q) + torch.arange(n_qb, device=dev) * bs
         last = torch.clamp(first + bs - 1, max=t_k - 1)
         budget = self.token_budget(last + 1)
-        dense_block = budget >= last + 1
+        # no budget anywhere (flexprefill's default: its gamma sizes each block's choice): every candidate may be
+        # taken, but a block is not dense by budget, so the method still chooses
+        dense_block = budget >= last + 1 if self.capped else torch.zeros_like(last, dtype=torch.bool)
         k_lo = torch.arange(n_kb, device=dev) * bk
         k_hi = torch.clamp(k_lo + bk, max=t_k)
         # a block is worth choosing if some of its keys lie behind the window of some query, past the sinks

@@ -10,7 +10,16 @@ blocks until their estimated mass, with the sinks and window, reaches ``gamma``:
 per head and input; ``budget=``/``density=`` only cap it. The last query block, whose queries were
 attended exactly for the estimate, ranks blocks by their own attention and fills its budget
 (``scoring.last_block_exact``); in decode the one query is that block, so a decode step keeps its
-budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule).
+budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule). Without
+``budget=``/``density=`` there is no budget to fill: ``gamma`` sizes every block, the last one included.
+
+On a model whose softmax holds more than q.k (``SelectContext.extras``) the estimates use the model's
+softmax: the pooled logits are softcapped as the model's are, and the last queries' exact attention includes
+the learned sinks, so a query whose sink takes most of its attention weighs little in the vertical-slash
+estimate. ``gamma`` is a fraction of the keys' own mass: the sink's share belongs to no key (with a sink the
+keys' true mass sums to less than 1, and a gamma above it would be unreachable and keep every block). The
+pattern estimates are distributions over key blocks already, and the exact block distribution is rescaled
+to the keys' total before the JS comparison.
 
 Simplifications: verticals and slashes are rounded to key blocks (see ``vslash``); in decode the one
 query is the last block, so both patterns use its exact attention.
@@ -31,6 +40,7 @@ from .registry import register
 from .scoring import (
     block_sums,
     by_group,
+    keys_share,
     last_block_exact,
     last_query_probs,
     mean_queries,
@@ -38,6 +48,8 @@ from .scoring import (
     sorted_count_to_reach,
 )
 from .vslash import vertical_slash_scores
+
+PASS_BYTES = 16 * 2**20  # the last queries' probabilities held at once (the rest of the heads wait their turn)
 
 
 def js_distance(p: Tensor, q: Tensor) -> Tensor:
@@ -51,7 +63,6 @@ def js_distance(p: Tensor, q: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class FlexPrefill(BudgetedMethod):
     name: ClassVar[str] = "flexprefill"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "per head: query-aware or vertical-slash, blocks until mass gamma (FlexPrefill)"
     paper: ClassVar[str] = "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence " \
                            "Inference (arXiv:2502.20766)"
@@ -76,30 +87,57 @@ class FlexPrefill(BudgetedMethod):
         bk, dev = self.block_k, q.device
         k_mean = self.key_stats(k, ctx, ("mean",))["mean"].float()  # (B, Hkv, nKB, D)
 
-        probs = last_query_probs(q, k, self.block, scale, ctx.key_mask)  # (B, Hq, n, Tk)
-        true_dist = block_sums(probs.mean(2), bk)  # (B, Hq, nKB)
-        q_last = q[:, :, -probs.shape[2]:].float().mean(2)  # (B, Hq, D) pooled last block
+        extras = ctx.extras
+        causal = (torch.arange(quota.n_kb, device=dev) * bk)[None, :] <= quota.last[:, None]  # (nQB, nKB)
+        true_dist, vs, own_last = self.last_query_estimates(q, k, quota, ctx)
+        q_last = q[:, :, -min(self.block, q.shape[2]):].float().mean(2)  # (B, Hq, D) pooled last block
         est_logits = (by_group(q_last, n_kv).unsqueeze(-2) @ k_mean.unsqueeze(2).transpose(-1, -2)).squeeze(-2)
-        est_dist = (est_logits.reshape(q.shape[0], n_q, -1) * scale).softmax(-1)  # (B, Hq, nKB)
+        est_dist = extras.cap(est_logits.reshape(q.shape[0], n_q, -1) * scale).softmax(-1)  # (B, Hq, nKB)
         query_aware = js_distance(true_dist, est_dist) < self.tau  # (B, Hq)
 
         # query-aware: each query block's pooled query against pooled keys, softmax over causal blocks
         qm = by_group(mean_queries(q, self.block), n_kv)  # (B, Hkv, G, nQB, D)
         qa = (qm @ k_mean.unsqueeze(2).transpose(-1, -2)).reshape(q.shape[0], n_q, quota.n_qb, quota.n_kb) * scale
-        causal = (torch.arange(quota.n_kb, device=dev) * bk)[None, :] <= quota.last[:, None]  # (nQB, nKB)
+        qa = extras.cap(qa)
         qa = qa.masked_fill(~causal, float("-inf")).softmax(-1)
-        vs = vertical_slash_scores(probs, quota, self.block, bk) * causal
-        vs = vs / vs.sum(-1, keepdim=True).clamp(min=1e-12)
+        vs = keys_share(vs * causal)  # sink-weighted rows, then a distribution over the key blocks
         mass = torch.where(query_aware[..., None, None], qa, vs)  # (B, Hq, nQB, nKB)
         # the last query block ranks by its own queries' exact attention too, and fills its budget: gamma of an
         # average would drop what only its final query needs (see last_block_exact)
         if self.exact_last:
-            mass[:, :, -1] = torch.maximum(mass[:, :, -1], last_block_exact(probs, quota.t_q, self.block, bk))
+            mass[:, :, -1] = torch.maximum(mass[:, :, -1], own_last)
         mass = reduce_heads(mass, n_kv, self.group, "mean")
         always = (mass * (causal & ~quota.candidate)).sum(-1)  # sinks' and window's blocks
         cand_mass = mass * quota.candidate
         need = sorted_count_to_reach(cand_mass, always, self.gamma)
-        if self.exact_last:
+        if self.exact_last and self.capped:  # without a budget there is none to fill: gamma sizes it too
             need[..., -1] = quota.n_take[-1]
         scores = cand_mass.masked_fill(cand_mass <= 0, float("-inf"))
         return self.top_blocks(scores, quota, ctx, n_take=need)
+
+    def last_query_estimates(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+        """From the last block's exact attention: its block distribution (B, Hq, nKB), the vertical-slash
+        pattern (B, Hq, nQB, nKB) and the last block's own ranking (B, Hq, nKB), all in the keys' shares.
+        A few KV heads at a time when the probabilities are large: (queries x keys) per head is 38 MiB a layer
+        for SmolLM2 at 16k with all heads at once, which put flexprefill's peak memory above dense's; a decode
+        step's one query takes all heads in one pass (a loop per head cost it a quarter of its speed)."""
+        n_kv, n_q, bk = k.shape[1], q.shape[1], self.block_k
+        group, sinks, scale = n_q // n_kv, ctx.extras.sinks is not None, ctx.softmax_scale(q)
+        last = q[:, :, -min(self.block, q.shape[2]):]  # a view: only the last block's queries are read
+        per_kv_head = 4 * q.shape[0] * group * last.shape[2] * k.shape[2]  # bytes of one KV head's probabilities
+        step = max(1, min(n_kv, PASS_BYTES // max(per_kv_head, 1)))
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        for h0 in range(0, n_kv, step):
+            h1 = min(h0 + step, n_kv)
+            heads = slice(h0 * group, h1 * group)
+            # the tail of q alone: causal_probs places queries from the last key backwards, so positions hold
+            probs = last_query_probs(last[:, heads], k[:, h0:h1], last.shape[2], scale, ctx.key_mask,
+                                     ctx.extras.heads(heads))  # (B, G, n, Tk)
+            true_dist = block_sums(probs.mean(2), bk)
+            vs = vertical_slash_scores(probs, quota, self.block, bk)
+            own = keys_share(probs) if sinks else probs  # in the estimates' unit: the keys' shares
+            last = last_block_exact(own, quota.t_q, self.block, bk) if self.exact_last else true_dist
+            parts.append((keys_share(true_dist) if sinks else true_dist, vs, last))
+            del probs, own
+        return tuple(torch.cat(p, dim=1) for p in zip(*parts, strict=True))  # type: ignore[return-value]

@@ -27,7 +27,6 @@ from .scoring import block_sums, last_query_probs, reduce_heads
 @dataclass(frozen=True)
 class Recycled(BudgetedMethod):
     name: ClassVar[str] = "recycled"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "decode: full attention every N steps, its top blocks reused in between"
     paper: ClassVar[str] = "Recycled Attention: Efficient inference for long-context language models " \
                            "(arXiv:2411.05787)"
@@ -51,7 +50,7 @@ class Recycled(BudgetedMethod):
         step, blocks = ctx.state.get("recycled", (0, None))
         heads = self.heads(q, k)
         if blocks is None or step % self.every == 0 or blocks.shape[:2] != (batch, heads):
-            probs = last_query_probs(q, k, 1, ctx.softmax_scale(q), ctx.key_mask)  # (B, Hq, 1, Tk)
+            probs = last_query_probs(q, k, 1, ctx.softmax_scale(q), ctx.key_mask, ctx.extras)  # (B, Hq, 1, Tk)
             mass = reduce_heads(block_sums(probs, self.block_k), k.shape[1], self.group, "sum")
             blocks = self.top_blocks(mass, quota, ctx).indices
             ctx.state["recycled"] = (step + 1, blocks)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..stages import PLAIN, SoftmaxExtras
+
 SCORE_BYTES = 64 * 2**20  # bound on any (queries x keys) score chunk a selector materialises
 
 
@@ -30,8 +32,8 @@ def query_blocks(q: Tensor, block: int) -> tuple[Tensor, Tensor]:
 def mean_queries(q: Tensor, block: int) -> Tensor:
     """Mean query of each query block (padding excluded): (B, H, nQB, D)."""
     qb, valid = query_blocks(q, block)
-    weights = valid.float() / valid.sum(-1, keepdim=True).clamp(min=1)
-    return (qb * weights[..., None]).sum(dim=-2)
+    # padding rows are zeros: the block sum is the valid queries' sum (qb * weights would copy all of q)
+    return qb.sum(dim=-2) / valid.sum(-1).clamp(min=1)[:, None]
 
 
 def by_group(x: Tensor, n_kv: int) -> Tensor:
@@ -59,21 +61,23 @@ def expand_kv(k: Tensor, n_q: int) -> Tensor:
 
 
 def causal_probs(q: Tensor, k: Tensor, scale: float, rows: Tensor | None = None, key_mask: Tensor | None = None,
-                 window: int | None = None) -> Tensor:
+                 window: int | None = None, extras: SoftmaxExtras = PLAIN) -> Tensor:
     """Exact causal softmax of queries over keys, the query heads of each KV head grouped: (B, Hkv, G, R, Tk), fp32.
 
     The one place the methods, presses, head policies, position methods and diagnostics compute real attention
     probabilities. ``rows`` picks queries (indices into q's Tq; default all); query i sits at key position
     Tk - Tq + i. ``key_mask`` (B, Tk) drops padding keys; ``window`` keeps only each query's last ``window``
-    keys (a sliding layer). A row that sees no key comes back as zeros. K is never repeated per query head:
-    the group's queries are one matmul against their KV head.
+    keys (a sliding layer). ``extras``: the model's own softmax (a softcap on the logits; learned sinks, which
+    take their share, so a row then sums to 1 - the sink's share). A row that sees no key comes back as zeros.
+    K is never repeated per query head: the group's queries are one matmul against their KV head.
     """
     batch, n_q, t_q, dim = q.shape
     n_kv, t_k = k.shape[1], k.shape[2]
     picked = q if rows is None else q[:, :, rows]
     rows = torch.arange(t_q, device=q.device) if rows is None else rows
     grouped = picked.float().reshape(batch, n_kv, (n_q // n_kv) * len(rows), dim)
-    logits = (grouped @ k.float().transpose(-1, -2) * scale).view(batch, n_kv, n_q // n_kv, len(rows), t_k)
+    # in place from here on: at 16k the 64 last queries' logits are 38 MiB a layer (SmolLM2), each copy as much
+    logits = (grouped @ k.float().transpose(-1, -2)).mul_(scale).view(batch, n_kv, n_q // n_kv, len(rows), t_k)
     pos = (t_k - t_q) + rows
     cols = torch.arange(t_k, device=q.device)
     hidden = cols[None, :] > pos[:, None]  # (R, Tk)
@@ -81,19 +85,44 @@ def causal_probs(q: Tensor, k: Tensor, scale: float, rows: Tensor | None = None,
         hidden = hidden | (cols[None, :] <= pos[:, None] - window)
     if key_mask is not None:
         hidden = hidden | ~key_mask[:, None, None, None, :]
-    probs = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+    logits = extras.cap(logits).masked_fill_(hidden, float("-inf"))
+    if extras.sinks is not None:
+        return with_sinks(logits, grouped_sinks(extras.sinks, n_kv).to(logits.device)[None, :, :, None])
+    probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # the softmax, in place
+    probs = probs.div_(probs.sum(dim=-1, keepdim=True))
     # without padding or a window every query sees itself; otherwise an all-hidden row is NaN: make it zeros
-    return probs if key_mask is None and window is None else probs.nan_to_num(0.0)
+    return probs if key_mask is None and window is None else probs.nan_to_num_(0.0)
 
 
-def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: Tensor | None = None) -> Tensor:
+def grouped_sinks(sinks: Tensor, n_kv: int) -> Tensor:
+    """Sink logits per query head (Hq,) -> (Hkv, G) fp32, as ``by_group`` lays the query heads out."""
+    return sinks.float().view(n_kv, -1)
+
+
+def with_sinks(logits: Tensor, sink: Tensor) -> Tensor:
+    """softmax over [logits, sink] with the sink's column dropped: each key's true share (rows sum to < 1).
+
+    ``sink`` broadcasts to logits[..., 0] (one logit per row, e.g. per head). Computed through the log-sum-exp
+    rather than a concatenated column, so no copy of the logits is made; a row with no visible key is zeros."""
+    lse = torch.logaddexp(logits.logsumexp(dim=-1), sink.expand(logits.shape[:-1]))
+    return (logits - lse.unsqueeze(-1)).exp_().nan_to_num_(0.0)
+
+
+def last_query_probs(q: Tensor, k: Tensor, n_last: int, scale: float, key_mask: Tensor | None = None,
+                     extras: SoftmaxExtras = PLAIN) -> Tensor:
     """Exact causal softmax of the last ``n_last`` queries over all keys: (B, Hq, n, Tk), fp32.
 
     The cheap, exact estimate MInference and FlexPrefill start from: O(n * T) per head.
     """
     t_q = q.shape[2]
     rows = torch.arange(t_q - min(n_last, t_q), t_q, device=q.device)
-    return causal_probs(q, k, scale, rows, key_mask).flatten(1, 2)
+    return causal_probs(q, k, scale, rows, key_mask, extras=extras).flatten(1, 2)
+
+
+def keys_share(mass: Tensor) -> Tensor:
+    """Attention mass (last dim: keys or key blocks) as a fraction of the keys' own total: a learned sink's share
+    belongs to no key, so distributions compared or thresholded against a probability are taken over the keys."""
+    return mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
 def last_block_exact(probs: Tensor, t_q: int, block_q: int, block_k: int) -> Tensor:
@@ -135,19 +164,37 @@ def gather_keys(keys: Tensor, pos: Tensor) -> Tensor:
 def slash_sums(probs: Tensor, t_k: int) -> Tensor:
     """Attention mass per diagonal offset o = query_pos - key_pos of the last queries: (B, H, n, Tk) -> (B, H, Tk)."""
     n = probs.shape[2]
-    pos = (t_k - n) + torch.arange(n, device=probs.device)  # (n,)
-    j = pos[:, None] - torch.arange(t_k, device=probs.device)[None, :]  # (n, Tk): key at offset o
-    ok = j >= 0
-    picked = probs.gather(-1, j.clamp(min=0).expand(*probs.shape[:2], n, t_k))
-    return (picked * ok).sum(2)
+    out = probs.new_zeros(*probs.shape[:2], t_k)
+    for i in range(n):  # row by row, each reversed: offset o of query p is key p - o (a gather would copy probs)
+        p = t_k - n + i
+        out[..., : p + 1] += probs[:, :, i, : p + 1].flip(-1)
+    return out
 
 
-def sorted_count_to_reach(mass: Tensor, already: Tensor, target: float) -> Tensor:
+def sorted_count_to_reach(mass: Tensor, already: Tensor, target: float | Tensor) -> Tensor:
     """How many of the largest entries of ``mass`` (last dim) bring ``already + their sum`` to ``target``.
 
     The cumulative-threshold rule of Twilight (top-p) and FlexPrefill (gamma); entries with no mass
-    are never counted.
+    are never counted. A tensor ``target`` is per row (``already``'s shape).
     """
     srt = mass.sort(dim=-1, descending=True).values
     before = srt.cumsum(-1) - srt  # mass kept before adding each entry
+    if isinstance(target, Tensor):
+        target = target.unsqueeze(-1)
     return (((already.unsqueeze(-1) + before) < target) & (srt > 0)).sum(-1)
+
+
+def same_keys(first: Tensor, last: Tensor, n: int, k: Tensor) -> bool:
+    """Whether keys a method indexed earlier (``first``/``last``: (B, Hkv, D) keys 0 and n - 1) are still the
+    first ``n`` of ``k``: the same sequence, not shrunk or reordered by a press. Compared up to a change of
+    stored precision (``kvquant`` re-stores them as int8/int4 codes: a few percent of a key's norm), not
+    exactly; another token's key, or a far key re-rotated by a position method, is far outside a quarter of
+    the norm."""
+    if n == 0 or first.shape != k[:, :, 0].shape or k.shape[2] < n:
+        return False
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        a, b = a.float(), b.float()
+        return bool(((a - b).norm(dim=-1) <= 0.25 * a.norm(dim=-1) + 1e-12).all())
+
+    return close(first, k[:, :, 0]) and close(last, k[:, :, n - 1])

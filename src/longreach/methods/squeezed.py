@@ -23,35 +23,9 @@ from torch import Tensor
 
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
+from .kmeans import kmeans, nearest
 from .registry import register
 from .scoring import by_group, group_heads, query_blocks
-
-
-def kmeans(points: Tensor, n_clusters: int, iters: int) -> tuple[Tensor, Tensor]:
-    """Batched Lloyd's k-means, deterministic (evenly spaced initial points).
-
-    points (N, P, D) -> centroids (N, C, D), assignment (N, P).
-    """
-    n_points = points.shape[1]
-    init = torch.linspace(0, n_points - 1, n_clusters, device=points.device).round().long()
-    centroids = points[:, init].clone()
-    assign = nearest(points, centroids)
-    for _ in range(iters):
-        total = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand_as(points), points)
-        count = torch.zeros(centroids.shape[:2], device=points.device).scatter_add_(
-            1, assign, torch.ones_like(assign, dtype=points.dtype))
-        centroids = torch.where(count[..., None] > 0, total / count.clamp(min=1)[..., None], centroids)
-        new = nearest(points, centroids)
-        if torch.equal(new, assign):
-            break
-        assign = new
-    return centroids, assign
-
-
-def nearest(points: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the closest centroid (Euclidean) for each point: (N, P, D), (N, C, D) -> (N, P)."""
-    dist = (centroids * centroids).sum(-1).unsqueeze(1) - 2 * points @ centroids.transpose(-1, -2)
-    return dist.argmin(-1)
 
 
 @register

@@ -6,6 +6,12 @@ attention each proposed block receives, and keeps the smallest set whose mass, t
 always-kept sinks and window, reaches ``p``. The budget is therefore an upper bound; the density a
 head actually uses adapts to the input.
 
+On a model whose softmax holds more than q.k (``SelectContext.extras``) the estimate is the model's softmax:
+logits softcapped, and each probe's learned sink taking its share, so a probe whose sink absorbs most of its
+attention weighs little when the probes are averaged. ``p`` is a fraction of the keys' own mass (the sink's
+share belongs to no key): with a sink the keys' mass sums to less than 1, and a p above it would be
+unreachable and keep every proposed block.
+
 Simplifications: the estimate is exact fp32 attention of ``probes`` queries per query block over
 the proposed keys (Twilight uses a 4-bit key copy for all queries), and pruning is per block.
 """
@@ -21,16 +27,16 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
+from ..stages import SoftmaxExtras
 from .base import BudgetedMethod, SelectContext, check_int, param
 from .registry import method_class, register
-from .scoring import by_group, chunk_rows, expand_kv, gather_keys, sorted_count_to_reach
+from .scoring import by_group, chunk_rows, expand_kv, gather_keys, grouped_sinks, sorted_count_to_reach
 
 
 @register
 @dataclass(frozen=True)
 class Twilight(BudgetedMethod):
     name: ClassVar[str] = "twilight"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "top-p: keep the fewest proposed blocks reaching attention mass p (Twilight)"
     paper: ClassVar[str] = "Twilight: Adaptive Attention Sparsity with Hierarchical Top-p Pruning (arXiv:2502.02770)"
 
@@ -66,11 +72,13 @@ class Twilight(BudgetedMethod):
         n_qb = proposed.query_blocks
         bytes_per_block = 4 * q.shape[1] * self.probes * proposed.indices.shape[-1] * proposed.block_k * 2
         step = chunk_rows(bytes_per_block)
-        kept = [self._prune(q, k, proposed, b0, min(b0 + step, n_qb), scale) for b0 in range(0, n_qb, step)]
+        kept = [self._prune(q, k, proposed, b0, min(b0 + step, n_qb), scale, ctx.extras)
+                for b0 in range(0, n_qb, step)]
         return Selection(torch.cat(kept, dim=2), proposed.q_len, proposed.kv_len, proposed.block_q,
                          proposed.block_k, proposed.sinks, proposed.window, proposed.key_mask)
 
-    def _prune(self, q: Tensor, k: Tensor, sel: Selection, b0: int, b1: int, scale: float) -> Tensor:
+    def _prune(self, q: Tensor, k: Tensor, sel: Selection, b0: int, b1: int, scale: float, extras: SoftmaxExtras
+               ) -> Tensor:
         """Pruned indices for query blocks [b0, b1): (B, Hs, nb, K)."""
         batch, n_q, t_q, _ = q.shape
         n_kv, t_k = k.shape[1], k.shape[2]
@@ -90,7 +98,7 @@ class Twilight(BudgetedMethod):
         pos = (idx.clamp(min=0).unsqueeze(-1) * bk + torch.arange(bk, device=dev)).flatten(-2)  # (B,Hs,nb,K*bk)
         ok = (idx >= 0).repeat_interleave(bk, dim=-1) & (pos < t_k) & (pos >= sinks)
         kc = gather_keys(keys, pos.clamp(max=t_k - 1))  # (B, Hs, nb, K*bk, D)
-        lc = (qp @ kc.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hs, G, nb, P, K*bk)
+        lc = extras.cap((qp @ kc.unsqueeze(2).transpose(-1, -2)) * scale)  # (B, Hs, G, nb, P, K*bk)
         behind = pos.unsqueeze(-2) <= (ppos - window).view(1, 1, nb, -1, 1)  # (B, Hs, nb, P, K*bk)
         lc = lc.masked_fill(~(ok.unsqueeze(-2) & behind).unsqueeze(2), float("-inf"))
         if sel.key_mask is not None:
@@ -102,7 +110,7 @@ class Twilight(BudgetedMethod):
                           ppos[..., None] - window + 1 + torch.arange(window, device=dev)], dim=-1)  # (nb, P, A)
         a_ok = torch.cat([apos[..., :sinks] <= (ppos - window)[..., None], apos[..., sinks:] >= 0], dim=-1)
         ka = gather_keys(keys, apos.clamp(min=0).expand(batch, heads, -1, -1, -1))  # (B, Hs, nb, P, A, D)
-        la = (qp.unsqueeze(-2) @ ka.unsqueeze(2).transpose(-1, -2)).squeeze(-2) * scale  # (B, Hs, G, nb, P, A)
+        la = extras.cap((qp.unsqueeze(-2) @ ka.unsqueeze(2).transpose(-1, -2)).squeeze(-2) * scale)  # (B,Hs,G,nb,P,A)
         la = la.masked_fill(~a_ok, float("-inf"))
         if sel.key_mask is not None:
             km = sel.key_mask[:, apos.clamp(min=0)]  # (B, nb, P, A)
@@ -110,9 +118,20 @@ class Twilight(BudgetedMethod):
 
         lse = torch.logsumexp(torch.cat([lc, la], dim=-1), dim=-1, keepdim=True)
         mass = (lc - lse).exp().view(*lc.shape[:-1], n_blocks, bk).sum(-1)  # (B, Hs, G, nb, P, K)
+        always = (la - lse).exp().sum(-1)  # (B, Hs, G, nb, P)
+        target: float | Tensor = self.p
+        if extras.sinks is not None:
+            # each probe's keys get 1 - its sink's share: probes weigh by that share, taken relative to the
+            # heaviest probe of the average (the threshold is relative, and tiny shares must not underflow)
+            sink = grouped_sinks(extras.sinks, heads).to(dev)[None, :, :, None, None]  # (1, Hs, G, 1, 1)
+            share = lse[..., 0] - torch.logaddexp(lse[..., 0], sink)  # (B, Hs, G, nb, P) log keys' share
+            weight = (share - share.amax(dim=(2, 4), keepdim=True)).exp().nan_to_num(0.0)
+            mass, always = mass * weight[..., None], always * weight
         mass = mass.mean(dim=(2, 4))  # (B, Hs, nb, K)
-        always = (la - lse).exp().sum(-1).mean(dim=(2, 4))  # (B, Hs, nb)
-        keep_n = sorted_count_to_reach(mass, always, self.p)
+        always = always.mean(dim=(2, 4))  # (B, Hs, nb)
+        if extras.sinks is not None:
+            target = self.p * (mass.sum(-1) + always)  # p of the keys' own mass
+        keep_n = sorted_count_to_reach(mass, always, target)
         order = mass.sort(dim=-1, descending=True).indices
         ranked = idx.gather(-1, order)
         rank = torch.arange(n_blocks, device=dev)

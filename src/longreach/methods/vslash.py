@@ -62,7 +62,6 @@ def vertical_slash_scores(probs: Tensor, quota: BlockQuota, block_q: int, block_
 @dataclass(frozen=True)
 class VerticalSlash(BudgetedMethod):
     name: ClassVar[str] = "vslash"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "key columns + diagonals estimated from the last queries (MInference)"
     paper: ClassVar[str] = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse " \
                            "Attention (arXiv:2407.02490)"
@@ -81,7 +80,7 @@ class VerticalSlash(BudgetedMethod):
                 check_int(self, name, getattr(self, name), minimum=1)
 
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
-        probs = last_query_probs(q, k, self.last_q, ctx.softmax_scale(q), ctx.key_mask)
+        probs = last_query_probs(q, k, self.last_q, ctx.softmax_scale(q), ctx.key_mask, ctx.extras)
         scores = vertical_slash_scores(probs, quota, self.block, self.block_k, self.vertical, self.slash)
         # the last query block ranks key blocks by its own queries' exact attention too (see last_block_exact)
         if self.exact_last:

@@ -2,7 +2,9 @@
 
 Two shapes (see ``base``): transformers' rope types configured as specs (``linear``, ``dynamic``,
 ``yarn``, ``longrope``, ``llama3``), and attention-level re-mapping of positions (``selfextend``,
-``string``, ``mspoe``) done by re-rotating q/k inside longreach's attention function.
+``string``, ``mspoe``) done by re-rotating q/k inside longreach's attention function. Two lost-in-the-middle
+methods work the same way: ``buckets`` (attention under several RoPE bases, averaged) and ``posdim``
+(positional q/k dims scaled).
 """
 
 from .base import PositionMethod, PositionView, RemapPositions, RopeScaling

@@ -99,16 +99,23 @@ class RopeScaling(PositionMethod):
 
 @dataclass(frozen=True, eq=False)
 class PositionView:
-    """What one attention call uses: q/k (possibly re-rotated) and the far pair of two-piece methods."""
+    """What one attention call uses: q/k (possibly re-rotated) and the far pair of two-piece methods.
+
+    ``branches``: more views of the same keys and values (Attention Buckets: one per extra RoPE base); the
+    runtime attends each with this view's Selection and averages the outputs, this view's included.
+    """
 
     q: Tensor
     k: Tensor
     far: FarKeys | None = None
+    branches: tuple[PositionView, ...] = ()
 
 
 @dataclass(frozen=True)
 class RemapPositions(PositionMethod):
     """Re-rotates q/k inside longreach's attention function; the model itself is untouched."""
+
+    remaps_positions: ClassVar[bool] = True
 
     def install(self, model: nn.Module) -> Callable[[], None]:
         return lambda: None  # nothing to change in the model: ``apply`` reads its RoPE (rope_info) instead

@@ -20,6 +20,7 @@ from ..kernels import FarKeys
 from ..methods.base import check_int
 from ..methods.registry import register
 from ..methods.scoring import causal_probs
+from ..stages import PLAIN, SoftmaxExtras
 from .base import PositionView, RemapPositions
 from .rotary import RopeInfo, rerotate, rope_info, text_config
 
@@ -144,7 +145,6 @@ class MsPoE(RemapPositions):
     as they are (as in the paper)."""
 
     name: ClassVar[str] = "mspoe"
-    scores_attention: ClassVar[bool] = True
     summary: ClassVar[str] = "Ms-PoE: multi-scale position rescaling per head against lost-in-the-middle"
     paper: ClassVar[str] = "Found in the Middle: How Language Models Use Long Contexts Better via " \
                            "Plug-and-Play Positional Encoding (arXiv:2403.04797)"
@@ -166,16 +166,19 @@ class MsPoE(RemapPositions):
             raise InputError(f"mspoe: first_layer={self.first_layer} leaves every one of this model's {layers} "
                              "layers as it is, so nothing would change; lower first_layer")
 
-    def ratios(self, q: Tensor, k: Tensor, scale: float) -> Tensor:
-        """(Hkv,) ratio per KV head: outlier-rich heads (position-aware) get the smallest."""
+    def ratios(self, q: Tensor, k: Tensor, scale: float, extras: SoftmaxExtras = PLAIN) -> Tensor:
+        """(Hkv,) ratio per KV head: outlier-rich heads (position-aware) get the smallest. ``extras``: the
+        model's softcap and learned sinks, so the weights counted are the model's own."""
         n_kv = k.shape[1]
         group = q.shape[1] // n_kv
         t_k = k.shape[2]
         rows = torch.arange(max(q.shape[2] - self.observe, 0), q.shape[2], device=q.device)
-        probs = causal_probs(q, k, scale, rows).flatten(2, 3)  # (B, Hkv, G*rows, Tk)
+        probs = causal_probs(q, k, scale, rows, extras=extras).flatten(2, 3)  # (B, Hkv, G*rows, Tk)
         pos = ((t_k - q.shape[2]) + rows).repeat(group)
         causal = torch.arange(t_k, device=q.device)[None, :] <= pos[:, None]
         uniform = 1.0 / (pos + 1).float()[:, None]
+        if extras.sinks is not None:  # the row mean of the keys' weights: the sink's share is no key's
+            uniform = uniform * probs.sum(-1, keepdim=True)
         outliers = ((probs > 4 * uniform) & causal).float().sum(-1) / (pos + 1).float()  # (B, Hkv, rows)
         score = outliers.mean(dim=(0, 2))
         ratios = torch.linspace(self.min_ratio, self.max_ratio, n_kv, device=q.device, dtype=torch.float64)
@@ -188,7 +191,7 @@ class MsPoE(RemapPositions):
         if layer < self.first_layer or self.max_ratio == 1:
             return PositionView(q, k)
         if "ratios" not in state:
-            state["ratios"] = self.ratios(q, k, state.get("scale") or q.shape[-1] ** -0.5)
+            state["ratios"] = self.ratios(q, k, state.get("scale") or q.shape[-1] ** -0.5, state.get("extras", PLAIN))
         ratios = state["ratios"]  # (Hkv,)
         pq, pk = _positions(q.shape[2], k.shape[2], q.device)
         group = q.shape[1] // k.shape[1]

@@ -23,6 +23,7 @@ class RopeInfo:
 
     inv_freq: Tensor  # (D_rot / 2,) float64
     trained: int  # the pretraining context length (max_position_embeddings)
+    theta: float = 10000.0  # the RoPE base of those layers (``buckets`` changes it)
 
     @property
     def rotated_dims(self) -> int:
@@ -65,7 +66,18 @@ def rope_info(model: nn.Module) -> RopeInfo:
             "mspoe) would not match its RoPE. Use a rope scaling method (yarn, linear, dynamic, llama3, "
             "longrope), which transformers applies with the model's own rotary code")
     trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
-    return RopeInfo(freq.detach().double().cpu(), trained)
+    return RopeInfo(freq.detach().double().cpu(), trained, rope_theta(config, freq))
+
+
+def rope_theta(config: object, inv_freq: Tensor) -> float:
+    """The global layers' RoPE base: from the config, else read off the two highest frequencies."""
+    params = getattr(config, "rope_parameters", None) or {}
+    own = params.get("full_attention", params)  # per layer type (Gemma 3): the global layers'
+    theta = own.get("rope_theta") if isinstance(own, dict) else None
+    theta = theta or getattr(config, "rope_theta", None)
+    if not theta and inv_freq.numel() > 1:  # inv_freq[i] = theta ** (-i / half) in the high-frequency dims
+        theta = float((inv_freq[0].double() / inv_freq[1].double()) ** inv_freq.numel())
+    return float(theta or 10000.0)
 
 
 def rerotation_problem(model: nn.Module, config: object) -> str | None:

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..methods.base import SelectContext
 from ..methods.summaries import BlockSummaries
 from ..selection import Selection
-from ..stages import CachePolicy, LayerCall
+from ..stages import CachePolicy, LayerCall, SoftmaxExtras
 from .allocator import release_free_memory
 
 if TYPE_CHECKING:
@@ -51,6 +51,11 @@ class LayerRuntime:
         # sink logits (Hq,); every kernel call of the layer passes them on
         self.softcap: float | None = None
         self.sinks: Tensor | None = None
+
+    @property
+    def extras(self) -> SoftmaxExtras:
+        """This call's softcap and sinks for every softmax a method computes itself (selectors, position maps)."""
+        return SoftmaxExtras(self.softcap, self.sinks)
 
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of the attention module: note the forward's cache and make its layer grow in place (a
@@ -101,17 +106,19 @@ class LayerRuntime:
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
                          if handle.track_density else None, self.softcap, self.sinks)
         # 1. position map
-        far = None
+        far, branches = None, ()
         if controlled and handle.remap is not None:
-            q, k, far = self.remap_positions(q, k, key_mask, scale, new_sequence)
+            q, k, far, branches = self.remap_positions(q, k, key_mask, scale, new_sequence)
         # 2-3. selector and kernel (a head policy attends its split parts itself)
-        ctx = SelectContext(self.layer_idx, key_mask, None, self.select_state, scale)
+        ctx = SelectContext(self.layer_idx, key_mask, None, self.select_state, scale, self.extras)
         out = policy.attend(call) if policy is not None else None
         if out is None:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
             if handle.track_density and controlled:
                 handle.stats.add(phase, sel)
             out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far, softcap=self.softcap, sinks=self.sinks)
+            if branches:
+                out = self.average_branches(out, branches, v, sel, scale)
         # 4. cache policy
         if policy is not None and policy.after_forward(call) and self.summaries is not None:
             self.summaries.reset()  # stored keys changed under the block summaries
@@ -134,7 +141,7 @@ class LayerRuntime:
         summaries = self.summaries if self.handle.remap is None else None
         if summaries is not None:
             summaries.update(k, new_sequence=new_sequence)
-        ctx = SelectContext(self.layer_idx, key_mask, summaries, self.select_state, scale)
+        ctx = SelectContext(self.layer_idx, key_mask, summaries, self.select_state, scale, self.extras)
         # with a two-piece position method, blocks are chosen on the far (re-mapped) positions
         sel = self.handle.spec.selector.select(far.q if far else q, far.k if far else k, ctx)
         if far is not None and not sel.full and sel.window < far.distance:
@@ -142,8 +149,9 @@ class LayerRuntime:
         return sel
 
     def remap_positions(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, new_sequence: bool
-                        ) -> tuple[Tensor, Tensor, object]:
-        """The position stage: re-rotated q/k and, for two-piece methods, the far pair."""
+                        ) -> tuple[Tensor, Tensor, object, tuple]:
+        """The position stage: re-rotated q/k, for two-piece methods the far pair, for multi-view methods
+        (Attention Buckets) the other views."""
         remap = self.handle.remap
         assert remap is not None and self.handle.rope is not None
         if key_mask is not None:
@@ -151,6 +159,15 @@ class LayerRuntime:
                              "prompts of equal length without padding)")
         if new_sequence:
             self.position_state.clear()
-            self.position_state.update(layer_idx=self.layer_idx, scale=scale)
+            self.position_state.update(layer_idx=self.layer_idx, scale=scale, extras=self.extras)
         view = remap.view(q, k, self.handle.rope, self.position_state)
-        return view.q, view.k, view.far
+        return view.q, view.k, view.far, view.branches
+
+    def average_branches(self, out: Tensor, branches: tuple, v: Tensor, sel: Selection, scale: float) -> Tensor:
+        """The kernel stage for a multi-view position method: each other view of the same keys attended with the
+        same Selection, and the outputs (this one's included) averaged in float32."""
+        total = out.float()
+        for view in branches:
+            total = total + kernels.attend(view.q, view.k, v, sel, scale, self.handle.kernel, far=view.far,
+                                           softcap=self.softcap, sinks=self.sinks).float()
+        return (total / (len(branches) + 1)).to(out.dtype)

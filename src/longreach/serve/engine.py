@@ -114,6 +114,16 @@ def _rope_types(params: object) -> set[str]:
     return found
 
 
+def servable(spec: Spec) -> Spec:
+    """``spec``, or an error when the server cannot run it: a prefill procedure (homer) replaces the whole prefill
+    with its own hierarchy of chunks, while the engine prefills in chunks of its own and reuses stored prefixes."""
+    for m in spec.of_kind("procedure"):
+        raise SpecError(f"{m.name} replaces the prefill with its own procedure, which the server's chunked, "
+                        "prefix-reusing prefill does not run: use longreach.generate or longreach eval with it, "
+                        "or serve a select method or a press")
+    return spec
+
+
 class Engine:
     """A loaded model and tokenizer, the default method, and the prefix cache of one server (or replica)."""
 
@@ -123,7 +133,7 @@ class Engine:
             raise ValueError(f"chunk must be >= 1 token, got {chunk}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.method = method
-        self.default_spec = parse_spec(method)  # a bad --method fails at start-up
+        self.default_spec = servable(parse_spec(method))  # a bad --method fails at start-up
         self.prefix = PrefixCache(cache_bytes, chunk)
         self.chunk = chunk
         self.lock = threading.Lock()
@@ -142,7 +152,7 @@ class Engine:
         if _PROFILE.search(text):
             raise SpecError("a request's method may not name a file (profile=...): start the server with "
                             "--method '<policy>:profile=PATH' to serve a head policy")
-        return parse_spec(text)
+        return servable(parse_spec(text))
 
     def encode_chat(self, messages: list[dict]) -> tuple[int, ...]:
         """Messages through the model's own chat template (its generation prompt appended)."""

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from ...configurable import Configurable
 from ...errors import SpecError
+from ...sorting import Documents
 from ..corpus import Corpus
 from ..fit import uses_chat
 
@@ -33,6 +34,8 @@ class Sample:
     chat: bool  # the prompt holds the chat template: tokenize it without adding special tokens
     max_new_tokens: int
     meta: dict = field(default_factory=dict, compare=False)
+    # the prompt's documents, for tasks that have them: ``documents.prompt == prompt`` (attention sorting reorders)
+    documents: Documents | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class Task(Configurable):
 
     def build(self, tokenizer, corpus: Corpus, length: int, depth: float | None, seed: int, chat: bool) -> Sample:
         raise NotImplementedError
+
+    @property
+    def has_documents(self) -> bool:
+        """Whether samples carry their documents (``Sample.documents``), so attention sorting can reorder them."""
+        return False
 
     def score(self, prediction: str, gold: tuple[str, ...]) -> float:
         """Fraction of the gold strings found in the prediction (RULER's string match)."""

@@ -3,19 +3,34 @@
 The gold pair's index is the depth (0 = first pair, 1 = last), so sweeping depths gives an
 accuracy-vs-position curve. JSON pairs are ~70 tokens, so line breaks between pairs (valid JSON
 whitespace) fine-tune the prompt to the exact length.
+
+``kvret:docs=N`` splits the data into *documents*, one small JSON object of N pairs each, a blank line
+between them; the depth is then the gold document's index (0 = first document, 1 = last). The sample carries
+its documents (``Sample.documents``) so attention sorting (``longreach eval --sort-documents``) can re-order
+them; the line breaks that fine-tune the length sit inside each document, so they move with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 
+from ...configurable import param
+from ...errors import SpecError
+from ...sorting import Documents
 from ..corpus import Corpus
-from ..fit import Frame, fit
+from ..fit import Frame, fit, render
 from .base import Sample, Task, distinct_values
 
 FINE_LEVELS = 16  # at most 15 blank lines between two pairs: enough to close a one-pair gap from n >= 6
+DOC_SEPARATOR = "\n\n"
+DOC_FINE_LEVELS = 40  # per pair of a document: closes a one-document gap (~70 tokens a pair) from 2 documents on
+
+
+def pair(key: str, value: str) -> str:
+    return f"{json.dumps(key)}: {json.dumps(value)}"
 
 
 @dataclass(frozen=True)
@@ -23,9 +38,21 @@ class KVRetrieval(Task):
     name = "kvret"
     summary = "key-value retrieval from a JSON of uuid pairs; the gold pair swept first to last (exact match)"
     max_new_tokens = 64  # a uuid is ~25 tokens; models often quote the key first
+    docs: int = param(0, "0: one JSON object; N >= 1: documents of N pairs each (one JSON object per document), "
+                         "the gold document swept first to last (for --sort-documents)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.docs, bool) or not isinstance(self.docs, int) or self.docs < 0:
+            raise SpecError(f"kvret: docs must be an integer >= 0 (pairs per document), got {self.docs!r}")
+
+    @property
+    def has_documents(self) -> bool:
+        return self.docs > 0
 
     def build(self, tokenizer, corpus: Corpus, length: int, depth: float | None, seed: int, chat: bool) -> Sample:
         depth = 0.5 if depth is None else depth
+        if self.docs:
+            return self.build_documents(tokenizer, length, depth, seed, chat)
         max_units = length // 8 + 4  # a pair of uuids is far more than 8 tokens
         uuids = distinct_values(random.Random(seed), "uuids", 2 * max_units)
         (gold_key, *keys), (gold_value, *values) = uuids[:max_units], uuids[max_units:]
@@ -36,8 +63,8 @@ class KVRetrieval(Task):
         )
 
         def pairs(n: int) -> list[str]:
-            out = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in zip(keys[:n - 1], values, strict=False)]
-            out.insert(round(depth * (n - 1)), f"{json.dumps(gold_key)}: {json.dumps(gold_value)}")
+            out = [pair(k, v) for k, v in zip(keys[:n - 1], values, strict=False)]
+            out.insert(round(depth * (n - 1)), pair(gold_key, gold_value))
             return out
 
         def context(n: int, m: int) -> str:
@@ -52,3 +79,50 @@ class KVRetrieval(Task):
         n = prompt.count('": "')
         return self.sample(tokenizer, prompt, [gold_value], length, tokens, depth, seed, chat,
                            position=round(depth * (n - 1)), pairs=n)
+
+    def build_documents(self, tokenizer, length: int, depth: float, seed: int, chat: bool) -> Sample:
+        """``n`` documents of ``docs`` pairs; the gold pair in document ``round(depth * (n - 1))``, at a seeded
+        place inside it. ``fit`` grows the number of documents, then pads inside them one line break at a time."""
+        per = self.docs
+        rng = random.Random(seed)
+        max_docs = length // (8 * per) + 4  # a pair of uuids is far more than 8 tokens
+        uuids = distinct_values(rng, "uuids", 2 * max_docs * per)
+        (gold_key, *keys), (gold_value, *values) = uuids[:max_docs * per], uuids[max_docs * per:]
+        slot = rng.randrange(per)  # the gold pair's place inside its document
+        frame = Frame(
+            "Extract the value corresponding to the specified key in the JSON objects below.\n\nJSON data:\n",
+            f"\n\nKey: {json.dumps(gold_key)}",
+            "Corresponding value:",
+        )
+        made: dict[str, list[str]] = {}
+
+        def documents(n: int, m: int) -> list[str]:
+            gold, others = round(depth * (n - 1)), iter(zip(keys, values, strict=True))
+            out = []
+            for i in range(n):
+                group = [pair(*next(others)) for _ in range(per - (i == gold))]
+                if i == gold:
+                    group.insert(slot, pair(gold_key, gold_value))
+                level = m // n + (i < m % n)
+                pad = "" if level == 0 else "\n" + " \n" * (level - 1)
+                out.append("{" + ", ".join(group) + pad + "}")
+            return out
+
+        def context(n: int, m: int) -> str:
+            docs = documents(n, m)
+            text = DOC_SEPARATOR.join(docs)
+            made[text] = docs
+            return text
+
+        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=max_docs,
+                             fine=DOC_FINE_LEVELS * per)
+        prefix, question = render(tokenizer, frame, "\x00", chat).split("\x00")
+        section = prompt[len(prefix):len(prompt) - len(question)]
+        docs = Documents(tuple(made.get(section, ())), prefix, question, DOC_SEPARATOR)
+        if not docs.documents or docs.prompt != prompt:
+            raise SpecError(f"{self.spec()}: this tokenizer's chat template changes the documents' text, so they "
+                            "cannot be reordered exactly; run the documents mode with --no-chat")
+        n = len(docs.documents)
+        sample = self.sample(tokenizer, prompt, [gold_value], length, tokens, depth, seed, chat,
+                             gold_document=round(depth * (n - 1)), documents=n, pairs=n * per)
+        return dataclasses.replace(sample, documents=docs)

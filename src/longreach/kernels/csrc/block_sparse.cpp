@@ -108,19 +108,22 @@ struct Softmax {
 
 // Attention for a Selection, straight from its block indices (no layout tensors): task (h, b) is selection
 // head h (of BH = batch x selection heads) and query block b.
-// q (BH, nQB, rows, D) with rows = row_block * fold (row r is query b * block_q + r / fold; row_block is
-// block_q, or q_len when one block holds fewer queries); k, v (BKV, T, D); kv_of (BH,) which K/V head h
-// reads; indices (BH, nQB, K) chosen key blocks (-1 empty; duplicates counted once); key_mask (B, T) bool
-// or an empty tensor. Keys visible to query p (as Selection.mask_rows): j <= p and, for j within the
-// last `window` positions, always; further back only sinks and chosen blocks; key_mask drops padding.
-// Writes out (BH, nQB, rows, D) and lse (BH, nQB, rows): lse -inf (with out 0) where a row saw no key.
+// q (B, Hq, Tq, D) with Hq = heads * fold, rows of D contiguous floats and any other strides: read in place
+// (each task copies its rows into a thread-local tile), so no blocked copy of q exists. A task's rows are
+// row_block * fold: row r is query b * block_q + r / fold of q head (selection head) * fold + r % fold;
+// row_block is block_q, or q_len when one block holds fewer queries. k, v (BKV, T, D); kv_of (BH,) which
+// K/V head h reads; indices (BH, nQB, K) chosen key blocks (-1 empty; duplicates counted once); key_mask
+// (B, T) bool or an empty tensor. Keys visible to query p (as Selection.mask_rows): j <= p and, for j within
+// the last `window` positions, always; further back only sinks and chosen blocks; key_mask drops padding.
+// Writes out (B, Tq, Hq, D) and lse (B, Tq, Hq), the layout the caller hands on (no copy after the
+// kernel): lse -inf (with out 0) where a row saw no key.
 void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_of, torch::Tensor indices,
             torch::Tensor key_mask, int64_t heads, int64_t q_len, int64_t q_offset, int64_t block_q,
-            int64_t block_k, int64_t sinks, int64_t window, int64_t fold, double scale, torch::Tensor out,
-            torch::Tensor lse) {
+            int64_t row_block, int64_t block_k, int64_t sinks, int64_t window, int64_t fold, double scale,
+            torch::Tensor out, torch::Tensor lse) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
               "block_sparse: float32 inputs only");
-  q = q.contiguous();
+  if (q.stride(3) != 1) q = q.contiguous();
   // K/V may be views of a cache with spare room (cache.growing): any head stride, rows of D contiguous floats
   if (k.stride(2) != 1 || k.stride(1) != k.size(2)) k = k.contiguous();
   if (v.stride(2) != 1 || v.stride(1) != v.size(2)) v = v.contiguous();
@@ -128,13 +131,20 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
   indices = indices.to(torch::kInt64).contiguous();
   const bool masked = key_mask.numel() > 0;
   if (masked) key_mask = key_mask.to(torch::kBool).contiguous();
-  const int64_t bh = q.size(0), n_qb = q.size(1), rows = q.size(2), d = q.size(3);
-  const int64_t t = k.size(1), n_idx = indices.size(2), row_block = rows / fold;
+  const int64_t nb = q.size(0), hq = q.size(1), tq = q.size(2), d = q.size(3);
+  const int64_t bh = nb * heads, n_qb = indices.size(1), rows = row_block * fold;
+  const int64_t t = k.size(1), n_idx = indices.size(2);
   const int64_t k_head = k.stride(0), v_head = v.stride(0);
-  TORCH_CHECK(rows == row_block * fold && indices.size(0) == bh && indices.size(1) == n_qb,
-              "block_sparse: q rows must be a multiple of fold and indices must be (BH, nQB, K)");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.sizes() == q.sizes(),
-              "block_sparse: out must be a contiguous tensor shaped like q");
+  const int64_t qs_b = q.stride(0), qs_h = q.stride(1), qs_t = q.stride(2);
+  TORCH_CHECK(hq == heads * fold && tq == q_len && indices.size(0) == bh,
+              "block_sparse: q must be (B, heads * fold, q_len, D) and indices (B * heads, nQB, K)");
+  // every query row is written exactly once (out and lse are not initialised): the blocks must tile q_len
+  TORCH_CHECK(n_qb >= 1 && (n_qb - 1) * block_q < q_len && (n_qb - 1) * block_q + row_block >= q_len &&
+                  (n_qb == 1 || row_block == block_q),
+              "block_sparse: nQB query blocks of block_q rows (row_block in the last) must cover q_len");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.size(0) == nb && out.size(1) == tq &&
+              out.size(2) == hq && out.size(3) == d && lse.numel() == nb * tq * hq,
+              "block_sparse: out must be a contiguous (B, Tq, Hq, D) tensor and lse (B, Tq, Hq)");
   const int64_t n_kb = (t + block_k - 1) / block_k;
   const int64_t win = std::min(window, t), snk = std::min(sinks, t);
   const float* qp = q.data_ptr<float>();
@@ -149,20 +159,29 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
   const int ri = static_cast<int>(rows), di = static_cast<int>(d);
 
   at::parallel_for(0, bh * n_qb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt((size_t)TILE * d), vt((size_t)TILE * d), s((size_t)rows * TILE);
+    std::vector<float> kt((size_t)TILE * d), vt((size_t)TILE * d), s((size_t)rows * TILE), qt((size_t)rows * d);
     std::vector<uint8_t> chosen(n_kb);
     std::vector<int64_t> far;
     Softmax sm(ri, di);
     bool keep[TILE], unpadded[TILE], behind[TILE];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / n_qb, b = task % n_qb;
-      const float* qb = qp + task * rows * d;
+      const int64_t bi = h / heads, head0 = (h % heads) * fold;  // batch row, first q head of the task
       const float* kh = kp + kvp[h] * k_head;
       const float* vh = vp + kvp[h] * v_head;
       const bool* km = masked ? kmp + (h / heads) * t : nullptr;
       const int64_t first = q_offset + b * block_q;
       const int64_t n_valid = std::min(row_block, q_len - b * block_q);
       const int64_t far_limit = first - win;  // far keys: j <= far_limit (behind every query's window)
+      float* qb = qt.data();  // the task's rows (query, folded head), padding rows zero
+      for (int64_t i = 0; i < row_block; ++i)
+        for (int64_t f = 0; f < fold; ++f) {
+          float* dst = qb + (i * fold + f) * d;
+          if (i < n_valid)
+            std::memcpy(dst, qp + bi * qs_b + (head0 + f) * qs_h + (b * block_q + i) * qs_t, d * sizeof(float));
+          else
+            std::fill(dst, dst + d, 0.f);
+        }
       // far keys: sinks, then each chosen block once; every query of the block sees all of them
       std::fill(chosen.begin(), chosen.end(), 0);
       far.clear();
@@ -219,12 +238,14 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
         }
         if (any) accumulate(s.data(), vh + t0 * d, sm.acc.data(), ri, n, di);
       }
-      float* ob = op + task * rows * d;
-      float* lb = lp + task * rows;
       for (int r = 0; r < ri; ++r) {
+        const int64_t i = r / fold, f = r % fold;
+        if (i >= n_valid) continue;  // padding rows of a short last block
+        const int64_t at = (bi * tq + b * block_q + i) * hq + head0 + f;
         const float inv = sm.l[r] > 0.f ? 1.f / sm.l[r] : 0.f;
-        for (int c = 0; c < di; ++c) ob[(size_t)r * d + c] = sm.acc[(size_t)r * d + c] * inv;
-        lb[r] = sm.l[r] > 0.f ? sm.m[r] + std::log(sm.l[r]) : NEG_INF;
+        float* o = op + at * d;
+        for (int c = 0; c < di; ++c) o[c] = sm.acc[(size_t)r * d + c] * inv;
+        lp[at] = sm.l[r] > 0.f ? sm.m[r] + std::log(sm.l[r]) : NEG_INF;
       }
     }
   });

@@ -1,0 +1,144 @@
+"""A transformers cache layer that stores its keys and values quantized (KIVI), with a full-precision residual.
+
+Keys are quantized per channel over groups of ``group`` tokens, values per token over groups of ``group``
+channels (``cache.quant``). The most recent tokens stay in full precision: a residual that holds at least
+``residual`` tokens; whenever it reaches ``residual + group``, its oldest whole groups of tokens are quantized
+and appended to the quantized part (so key groups always fill). Quantizing happens at the *next* update, so
+the tokens a forward brings are attended exactly as given (and can be given back: ``truncate``).
+
+Nothing full-precision is kept but the residual: ``update`` returns a dequantized copy of the quantized part
+joined to the residual, which lives only as long as the layer's attention uses it. The layer reports the
+tokens it was given as its length (a press may have dropped some before it was quantized, as
+``CompressedLayer`` does) and sizes the attention mask to the keys it returns, so any attention can read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import LongreachError
+from .quant import Quantized, quantize
+
+
+class QuantizedLayer(DynamicLayer):
+    is_croppable = False
+
+    def __init__(self, keys: Tensor, values: Tensor, seen: int, bits: int, group: int, residual: int) -> None:
+        """Hold ``keys`` / ``values`` (B, H, n, D), the stored part of ``seen`` tokens, quantized."""
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.bits, self.group, self.residual = bits, group, residual
+        self.seen = seen
+        self.qkeys: Quantized | None = None
+        self.qvalues: Quantized | None = None
+        # the residual (self.keys / self.values): exactly sized copies, so the layer this one replaces is freed
+        self.keys, self.values = keys.clone(), values.clone()
+        self._flush()
+
+    # -- storage -----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Quantize the residual's oldest whole groups of tokens, keeping at least ``residual`` tokens exact."""
+        assert self.keys is not None and self.values is not None
+        take = max(0, (self.keys.shape[-2] - self.residual) // self.group * self.group)
+        if take == 0:
+            return
+        qk = quantize(self.keys[..., :take, :], self.bits, self.group, axis=-2)
+        qv = quantize(self.values[..., :take, :], self.bits, self.group, axis=-1)
+        self.qkeys = qk if self.qkeys is None else self.qkeys.cat(qk)
+        self.qvalues = qv if self.qvalues is None else self.qvalues.cat(qv)
+        self.keys, self.values = self.keys[..., take:, :].clone(), self.values[..., take:, :].clone()
+
+    @property
+    def quantized_tokens(self) -> int:
+        return self.qkeys.tokens if self.qkeys is not None else 0
+
+    @property
+    def residual_tokens(self) -> int:
+        return self.keys.shape[-2] if self.keys is not None else 0
+
+    @property
+    def stored(self) -> int:
+        """Tokens held (quantized and residual); fewer than ``seen`` after a press."""
+        return self.quantized_tokens + self.residual_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales and zero points of keys and values, and the residual."""
+        held = [t for t in (self.keys, self.values) if t is not None]
+        quantized = sum(q.nbytes for q in (self.qkeys, self.qvalues) if q is not None)
+        return quantized + sum(t.numel() * t.element_size() for t in held)
+
+    def dequantized(self) -> tuple[Tensor, Tensor]:
+        """Every stored key and value (B, H, stored, D): the quantized part dequantized, then the residual."""
+        assert self.keys is not None and self.values is not None
+        if self.qkeys is None or self.qvalues is None:
+            return self.keys, self.values
+        return (torch.cat([self.qkeys.dequantize(), self.keys], dim=-2),
+                torch.cat([self.qvalues.dequantize(), self.values], dim=-2))
+
+    def truncate(self, n: int) -> None:
+        """Give back the last ``n`` tokens (the runtime holds a prompt's last token back): they are in the
+        residual, since quantizing waits for the next update."""
+        if n <= 0:
+            return
+        if n > self.residual_tokens:
+            raise LongreachError(f"cannot give back {n} tokens: only the last {self.residual_tokens} are not "
+                                 "quantized yet")
+        assert self.keys is not None and self.values is not None
+        self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+        self.seen -= n
+
+    # -- what transformers calls -------------------------------------------------------------
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
+               ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:  # after reset(): start over, empty
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        self._flush()
+        assert self.keys is not None and self.values is not None
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        return self.dequantized()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, self.seen - self.stored
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LongreachError("a quantized (kvquant) cache cannot be cropped (assisted decoding / rollback); "
+                             "use an unquantized cache for that")
+
+    def reset(self) -> None:
+        self.qkeys = self.qvalues = None
+        self.seen = 0
+        super().reset()
+
+    # beam search, batch edits and offloading: the same edit on every stored tensor
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._edit(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._edit(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._edit(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self) -> None:
+        self._edit(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._edit(lambda t: t.to(self.device, non_blocking=True))
+
+    def _edit(self, fn: Callable[[Tensor], Tensor]) -> None:
+        if not self.is_initialized or self.keys is None or self.values is None:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.qkeys is not None and self.qvalues is not None:
+            self.qkeys, self.qvalues = self.qkeys.edit(fn), self.qvalues.edit(fn)

@@ -1,0 +1,178 @@
+"""HOMER (hierarchical context merging) against independent oracles: the dense model where the prompt fits one
+chunk, eager attention probabilities for the token reduction, dense runs of each leaf chunk for the cache rows
+every layer keeps, and the memory plan worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import longreach
+from longreach.cache.growing import growing_cache
+from longreach.compat import output_cache
+from longreach.errors import InputError, SpecError, UnsupportedModelError
+from longreach.kernels.gather import CHUNK_BYTES
+from longreach.plan import plan_memory
+from longreach.procedure import Homer
+
+# 200 tokens, chunks of 64 with an 8-token prefix and suffix: 48 context tokens per chunk -> 4 leaves of 46, two
+# merge levels; 4 layers, warmup 1: leaves run layers 0-1, level 1 layer 2, the root layer 3
+MULTI = Homer(chunk=64, prefix=8, suffix=8, warmup=1)
+N = 200
+
+
+def prefill(model, ids, method=MULTI):
+    cache = growing_cache(model.config)
+    return method.prefill(model, ids, cache), cache
+
+
+def greedy_dense(model, ids, steps):
+    """Greedy tokens by full forwards (no cache): the plain model's continuation."""
+    out = ids
+    for _ in range(steps):
+        nxt = model(input_ids=out).logits[:, -1:].argmax(-1)
+        out = torch.cat([out, nxt], dim=1)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_one_chunk_is_the_dense_model(arch):
+    """A prompt that fits one chunk is never merged or pruned: next-token logits and the greedy continuation equal
+    the plain model's (fp32)."""
+    model = tiny_model(arch)
+    ids = torch.randint(1, 128, (1, 48))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits[0, -1]
+        done, cache = prefill(model, ids, Homer(chunk=64, prefix=4, suffix=4))
+        assert done.length == 48 and cache.get_seq_length() == 48
+        assert done.positions.tolist() == list(range(48))
+        assert (done.logits[0, -1] - dense).abs().max().item() <= 1e-4
+        run = longreach.homer_generate(model, None, ids, 8, chunk=64, prefix=4, suffix=4)
+        assert run.tokens == greedy_dense(model, ids, 8)
+
+
+@pytest.mark.parametrize(("arch", "final"), [("llama", 1), ("llama", 3), ("qwen2", 1)])
+def test_reduction_keeps_the_top_k_by_final_token_attention(arch, final):
+    """Leaf 0's reduction keeps exactly the context tokens with the highest attention from the chunk's final
+    token(s) (max over heads, mean over the final rows), from the eager model's own attention probabilities."""
+    model = tiny_model(arch, num_hidden_layers=4)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(1, 128, (1, N))
+    method = Homer(chunk=64, prefix=8, suffix=8, warmup=1, final=final)
+    plan = method.schedule(model, N)
+    with torch.no_grad():
+        done, _ = prefill(model, ids, method)
+        first = next(r for r in done.trace if (r.level, r.index) == (0, 0))
+        lo, hi = plan.bounds(0)
+        rows = torch.cat([torch.arange(8), torch.arange(lo, hi), torch.arange(N - 8, N)])
+        out = model(input_ids=ids[:, rows], position_ids=torch.tensor([plan.positions(0)]), output_attentions=True)
+    assert first.layer == plan.span(0)[1] - 1 == 1
+    probs = out.attentions[first.layer][0, :, -final:, :]  # (Hq, final, T)
+    significance = probs.mean(dim=1).amax(dim=0)
+    torch.testing.assert_close(first.scores, significance, atol=1e-6, rtol=1e-5)
+    context = significance[8:8 + hi - lo]
+    budget = plan.budget(0, 0)
+    ranked = context.sort(descending=True).values
+    assert ranked[budget - 1] - ranked[budget] > 1e-6, "a tie at the cut would make the oracle ambiguous"
+    expected = rows[8 + context.topk(budget).indices].sort().values
+    assert first.kept.tolist() == expected.tolist()
+    assert len(first.kept) == budget == 24
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_cache_positions_and_rows_in_every_layer(arch):
+    """Positions stay inside the chunk (so inside the trained window); the cache has the planned length in every
+    layer; and each layer's rows are the same kept tokens (propagative refinement): in the layers the leaves run,
+    every cached row equals that token's row in a dense run of its leaf chunk (the shared suffix rows: the mean
+    over leaves, as merging averages them)."""
+    model = tiny_model(arch, num_hidden_layers=4)
+    ids = torch.randint(1, 128, (1, N))
+    plan = MULTI.schedule(model, N)
+    with torch.no_grad():
+        done, cache = prefill(model, ids)
+        leaves = []
+        for leaf in range(plan.leaves):
+            lo, hi = plan.bounds(leaf)
+            rows = torch.cat([torch.arange(8), torch.arange(lo, hi), torch.arange(N - 8, N)])
+            out = model(input_ids=ids[:, rows], position_ids=torch.tensor([plan.positions(leaf)]), use_cache=True)
+            leaves.append((rows, output_cache(out)))
+    assert plan.leaves == 4 and plan.height == 2
+    assert done.length == plan.final_length == 64 == MULTI.chunk
+    assert int(done.positions.min()) >= 0 and int(done.positions.max()) == plan.final_length - 1
+    assert int(done.positions.max()) < model.config.max_position_embeddings
+    lengths = {layer.keys.shape[2] for layer in cache.layers}
+    assert lengths == {plan.final_length} and len(cache.layers) == 4
+    tokens = done.tokens.tolist()
+    assert tokens[:8] == list(range(8)) and tokens[-8:] == list(range(N - 8, N))
+    assert tokens[8:-8] == sorted(tokens[8:-8]) and len(set(tokens[8:-8])) == 48
+    for layer in range(plan.span(0)[1]):  # the layers the leaves run
+        keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]
+        for r, token in enumerate(tokens):
+            if r >= plan.final_length - 8:  # a suffix row: the mean over the leaves of the same suffix row
+                back = plan.final_length - r
+                want_k = torch.stack([c.layers[layer].keys[0, :, len(rows) - back] for rows, c in leaves]).mean(0)
+                want_v = torch.stack([c.layers[layer].values[0, :, len(rows) - back] for rows, c in leaves]).mean(0)
+            else:  # prefix and context rows: the row of the (first) leaf holding the token
+                rows, c = next((rows, c) for rows, c in leaves if token in rows.tolist())
+                j = rows.tolist().index(token)
+                want_k, want_v = c.layers[layer].keys[0, :, j, :], c.layers[layer].values[0, :, j, :]
+            torch.testing.assert_close(keys[:, r, :], want_k, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(values[:, r, :], want_v, atol=1e-5, rtol=1e-4)
+
+
+def test_plan_matches_the_hand_computed_memory():
+    """plan_memory for homer on a tiny config, worked out by hand from the schedule (fp32, 2 KV heads of 16 dims:
+    256 bytes per token and layer)."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    got = plan_memory(model, longreach.parse_spec(str(MULTI)), N, available=1 << 40)
+    per_token = 2 * 2 * 16 * 4
+    # depth-first walk (token-layers): leaves are 8 + 46 + 8 = 62 rows over layers 0-1 (62 x 2 = 124 while one
+    # runs) and keep 24 context tokens (40 rows: 80); a level-1 node merges two of them into 8 + 48 + 8 = 64 rows
+    # over layers 0-2 (192) and keeps 24 again (40 x 3 = 120). The worst moment is the last leaf running while
+    # the first level-1 node (120) and its sibling's first leaf (80) wait: 120 + 80 + 124 = 324.
+    assert got.kv_cache == 324 * per_token
+    assert got.kv_kept == 64 * 4 * per_token  # the final cache: one chunk in each of the 4 layers
+    assert got.chunk == 64  # the longest forward: a merged chunk
+    # one forward of 64 rows (hidden 64, MLP 128, 4 q + 2 k + 2 v heads of 16), a row of logits, the kernel's
+    # working set, the 40 + 40 waiting rows' hidden states and the final token's attention row per head
+    forward = 64 * (4 * 64 + 3 * 128) * 4 + 64 * (4 + 2 * 2) * 16 * 4 + 128 * 4
+    assert got.activations == forward + CHUNK_BYTES + (40 + 40) * 64 * 4 + 4 * 64 * 4
+    done, _ = prefill(model, torch.randint(1, 128, (1, N)))
+    assert done.length * 4 * per_token == got.kv_kept
+
+
+def test_generate_under_apply_runs_homer_and_refuses_the_dense_prefill():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = {"input_ids": torch.randint(1, 128, (1, N)), "attention_mask": torch.ones(1, N, dtype=torch.long)}
+    with torch.no_grad():
+        done, _ = prefill(model, ids["input_ids"])
+        with longreach.apply(model, MULTI):
+            run = longreach.generate(model, ids, 4)
+            with pytest.raises(InputError, match="replaces the prefill"):
+                model.generate(**ids, max_new_tokens=2)
+            model(input_ids=ids["input_ids"][:, :32])  # a prompt inside one chunk is the model's own prefill
+    assert run.tokens[0] == int(done.logits[0, -1].argmax())
+    assert run.cache.get_seq_length() == 64 + 3  # the merged chunk, then the decoded tokens
+    assert run.prompt_kv_bytes == 64 * 4 * 2 * 2 * 16 * 4
+
+
+def test_specs_and_refusals():
+    spec = longreach.parse_spec("homer:chunk=4k,prefix=32")
+    assert str(spec) == "homer:chunk=4096,prefix=32" and spec.methods[0].kind == "procedure"
+    assert str(longreach.parse_spec("homer+yarn:factor=4")) == "yarn:factor=4.0+homer"  # positions go first
+    with pytest.raises(SpecError, match="combine it only with a position method"):
+        longreach.parse_spec("homer+quest:density=0.1")
+    with pytest.raises(SpecError, match="no room"):
+        Homer(chunk=16, prefix=8, suffix=8)
+    with pytest.raises(SpecError, match="use a rope scaling"):  # refused when parsed: before any sweep runs
+        longreach.parse_spec("selfextend+homer")
+    with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, qwen2"):
+        longreach.apply(tiny_model("gemma3"), "homer")
+    model = tiny_model("llama")  # 2 layers, warmup 1: one layer to merge in, not enough for two merge levels
+    with pytest.raises(InputError, match="merge levels"):
+        prefill(model, torch.randint(1, 128, (1, N)))
+    from longreach.eval.runner import make_sweep
+
+    with pytest.raises(InputError, match="perplexity"):
+        make_sweep("m", "ppl", "dense;homer", "4k")
