@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..methods.scoring import causal_probs, keys_share
+from ..saved import load_tagged, write_atomic
 from ..stages import PLAIN, SoftmaxExtras
 
 SCORES = ("retrieval", "sink", "hidden_sink", "locality", "entropy")
@@ -59,30 +60,12 @@ class HeadProfile:
         return self.tensor(score).view(self.layers, self.kv_heads, -1).amax(dim=-1)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
-        tmp.replace(path)  # never a half-written profile
-        return path
+        return write_atomic(path, json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> HeadProfile:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"head profile {path} does not exist; create one with "
-                             "`longreach heads profile --model M --out profile.json`")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{path} is not a head profile (invalid JSON: {err})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise InputError(f"{path} is not a longreach head profile (expected format {FORMAT})")
-        data.pop("format")
-        try:
-            prof = cls(**data)
-        except TypeError as err:
-            raise InputError(f"{path}: malformed head profile ({err})") from None
+        prof = load_tagged(path, FORMAT, "head profile", "`longreach heads profile --model M --out profile.json`",
+                           cls)
         prof.validate(str(path))
         return prof
 

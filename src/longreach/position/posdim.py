@@ -37,6 +37,7 @@ from ..configurable import param
 from ..errors import InputError, SpecError, UnsupportedModelError
 from ..methods.base import check_int
 from ..methods.registry import register
+from ..saved import load_tagged, write_atomic
 from .base import PositionView, RemapPositions
 from .rotary import RopeInfo, rerotate, rope_info, text_config
 
@@ -94,32 +95,14 @@ class PositionDims:
         return [int(d) for d in order if row[d] >= min_score]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
         head = {"format": FORMAT, **asdict(self)}
         rows = ",\n".join("  " + json.dumps(row) for row in head.pop("scores"))  # one line per layer
-        tmp.write_text(json.dumps(head, indent=1)[:-2] + f',\n "scores": [\n{rows}\n ]\n}}\n')
-        tmp.replace(path)  # never a half-written file
-        return path
+        return write_atomic(path, json.dumps(head, indent=1)[:-2] + f',\n "scores": [\n{rows}\n ]\n}}\n')
 
     @classmethod
     def load(cls, path: str | Path) -> PositionDims:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"position dims file {path} does not exist; create one with "
-                             "`longreach heads posdim --model M --out dims.json`")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{path} is not a position dims file (invalid JSON: {err})") from None
-        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
-            raise InputError(f"{path} is not a longreach position dims file (expected format {FORMAT}); create one "
-                             "with `longreach heads posdim`")
-        try:
-            dims = cls(**data)
-        except TypeError as err:
-            raise InputError(f"{path}: malformed position dims file ({err})") from None
+        dims = load_tagged(path, FORMAT, "position dims file", "`longreach heads posdim --model M --out dims.json`",
+                           cls)
         if len(dims.scores) != dims.layers or any(len(row) != dims.head_dim for row in dims.scores):
             raise InputError(f"{path}: scores are not {dims.layers} layers x {dims.head_dim} dims")
         return dims
