@@ -35,10 +35,10 @@ def documented_refusals(family: str) -> dict[str, str]:
     if family == "gpt-oss":
         refused |= dict.fromkeys(PLAIN_SOFTMAX, "attention-sink logits")
         refused |= dict.fromkeys(ROPE_TYPES, "already scales RoPE")  # GPT-OSS ships YaRN
-    if family == "glm4":
-        refused |= dict.fromkeys(REMAP, "interleaved")
-    if family == "llama4":
-        refused |= dict.fromkeys(REMAP, "NoPE")
+    if family == "glm4":  # interleaved pairs: re-ordered for re-rotation, but posdim's dims are half-split ones
+        refused["posdim"] = "(2i, 2i+1)"
+    if family == "llama4":  # its RoPE layers are its chunked ones: re-mapping would act on no layer
+        refused |= dict.fromkeys(REMAP, "would change nothing")
     if family not in HOMER_FAMILIES:
         refused["homer"] = "supported: llama, mistral, qwen2"
     return refused

@@ -215,7 +215,7 @@ def test_detection_scores_un_rotated_dims_not_slow_rotations():
     angle = pos.double()[:, None] * inv_freq
     cos, sin = torch.cat([angle, angle], -1).cos().float(), torch.cat([angle, angle], -1).sin().float()
     q, k = apply_rotary_pos_emb(x0, x0, cos[None], sin[None], unsqueeze_dim=1)
-    scorer = _Scorer(1, dim, 4, inv_freq)
+    scorer = _Scorer(1, dim, 4, inv_freq, set())
     scorer(0, q, k, k, 0.25, None, None)
     scores = scorer.scores[0]
     assert int(scores.argmax()) == 2 and float(scores[torch.arange(dim) != 2].max()) < 0.3

@@ -714,3 +714,55 @@ def test_causal_attention_with_lse_is_bottom_right_causal(dtype, t_q):
     want, want_lse = attention_with_lse_math(q, k, v, bias, 0.25)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_interleaved_rope_pairs_are_reordered_and_rerotated_like_the_models_own_rope():
+    """GLM-4 pairs rotary dims (2i, 2i+1) over part of each head: rotating by transformers' own GLM code at p + d
+    equals rotating at p and then moving by d through longreach's re-ordering + half-split re-rotation."""
+    from transformers.models.glm4 import modeling_glm4
+
+    from longreach.models import tiny_family
+    from longreach.position.rotary import half_split, rope_info
+
+    model = tiny_family("glm4")
+    rope = rope_info(model)
+    assert rope.interleaved and rope.rotated_dims < 16  # partial rotary: the pass-through dims stay last
+    q = torch.randn(1, 4, 6, 16)
+    p, d = torch.arange(6).view(1, 6), torch.tensor([3, 40, 7, 100, 0, 1234]).view(1, 6)
+
+    def at(pos: torch.Tensor) -> torch.Tensor:
+        return modeling_glm4.apply_rotary_pos_emb(q, q, *model.model.rotary_emb(q, pos))[0]
+
+    moved = rerotate(half_split(at(p), rope.rotated_dims), d[0].double(), rope.inv_freq)
+    assert (moved - half_split(at(p + d), rope.rotated_dims)).abs().max().item() < 1e-4
+    assert not torch.allclose(half_split(at(p), rope.rotated_dims), half_split(at(p + d), rope.rotated_dims))
+
+
+@pytest.mark.parametrize("spec", ["selfextend:group=4,window=8", "string:shift=16,local=8", "gali:window=16"])
+def test_position_methods_leave_nope_layers_alone(spec, monkeypatch):
+    """Llama 4's NoPE layers have no positions to re-map: the method re-maps only the RoPE layer (layer 0 here) and
+    changes the output past the trained window; on a model with no RoPE layer to act on it is refused (it would
+    change nothing)."""
+    from longreach.errors import UnsupportedModelError
+    from longreach.models import tiny_family
+
+    ids = torch.randint(3, 128, (1, 80))
+    full = ["full_attention", "full_attention"]
+    model = tiny_family("llama4", max_positions=32, no_rope_layers=[1, 0], layer_types=full)
+    method = type(longreach.parse_spec(spec).methods[0])
+    seen: list[int] = []
+    real_view = method.view
+
+    def view(self, q, k, rope, state):
+        seen.append(state["layer_idx"])
+        return real_view(self, q, k, rope, state)
+
+    monkeypatch.setattr(method, "view", view)
+    with torch.no_grad():
+        want = model(ids).logits
+        with longreach.apply(model, spec):
+            got = model(ids).logits
+    assert set(seen) == {0} and (got - want).abs().max().item() > 1e-4
+    nope_only = tiny_family("llama4", max_positions=32, no_rope_layers=[0, 0], layer_types=full)
+    with pytest.raises(UnsupportedModelError, match="would change nothing"):
+        longreach.apply(nope_only, spec)

@@ -64,3 +64,4 @@ def own_attention_layers(model: nn.Module) -> set[int]:
     text = getattr(config, "text_config", None) or config
     types = getattr(text, "layer_types", None) or []
     return {i for i, t in enumerate(types) if t == "chunked_attention"}
+

@@ -20,6 +20,7 @@ from .compat import cache_from_kwargs, can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
 from .features import latent_cache, own_attention_layers, sliding_everywhere, softmax_extras
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
+from .position.rotary import nope_layers
 from .procedure import Procedure
 from .runtime.density import DensityStats
 from .runtime.layer import LayerRuntime
@@ -255,14 +256,20 @@ def apply(
         m.check_model(model)  # e.g. a head profile made for another model: refuse before any work
     _register()
     handle.n_layers = len(modules)
+    own, no_rope = own_attention_layers(model), nope_layers(model)
     if handle.remap is not None:
         handle.rope = rope_info(model)
+        if all(int(m.layer_idx or 0) in own | no_rope for m in modules):
+            raise UnsupportedModelError(
+                f"{handle.remap.name} re-maps RoPE positions, but every layer of {name} it would act on uses no "
+                "position embedding (NoPE) or keeps its own chunked attention (as in Llama 4, whose RoPE layers are "
+                "its chunked local ones): it would change nothing. Use a rope scaling method (yarn, linear, ...)")
     if handle.position is not None:
         handle._undo.append(handle.position.install(model))
-    own = own_attention_layers(model)
     for m in modules:
         runtime = _RUNTIMES[m] = LayerRuntime(handle, m, int(m.layer_idx or 0))
         runtime.own_attention = runtime.layer_idx in own
+        runtime.no_rope = runtime.layer_idx in no_rope
         handle._hooks.append(m.register_forward_pre_hook(runtime.before_forward, with_kwargs=True))
     if handle.procedure is not None:
         guard = _procedure_guard(model, handle.procedure)

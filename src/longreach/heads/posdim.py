@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedModelError
 from ..position import rerotate, rope_info
 from ..position.posdim import PositionDims, model_shape, position_scores
+from ..position.rotary import nope_layers
 from .profile import model_name
 
 
 class _Scorer:
     """Observer for ``Handle.observer``: each global layer's score, q heads and k heads weighing alike."""
 
-    def __init__(self, layers: int, head_dim: int, skip: int, inv_freq: Tensor) -> None:
-        self.skip, self.inv_freq = skip, inv_freq
+    def __init__(self, layers: int, head_dim: int, skip: int, inv_freq: Tensor, no_rope: set[int]) -> None:
+        self.skip, self.inv_freq, self.no_rope = skip, inv_freq, no_rope
         self.scores = torch.zeros(layers, head_dim, dtype=torch.float64)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, sliding: int | None,
@@ -29,8 +30,11 @@ class _Scorer:
         if sliding is not None or layer >= self.scores.shape[0] or q.shape[-1] != self.scores.shape[1]:
             return
         pos = torch.arange(k.shape[2], device=k.device)
-        q0 = rerotate(q, -pos[-q.shape[2]:], self.inv_freq)
-        k0 = rerotate(k, -pos, self.inv_freq)
+        if layer in self.no_rope:  # a NoPE layer's q/k were never rotated
+            q0, k0 = q, k
+        else:
+            q0 = rerotate(q, -pos[-q.shape[2]:], self.inv_freq)
+            k0 = rerotate(k, -pos, self.inv_freq)
         self.scores[layer] = ((position_scores(q0, self.skip) + position_scores(k0, self.skip)) / 2).cpu()
 
 
@@ -44,7 +48,11 @@ def find_position_dims(model: nn.Module, tokenizer, text: str, length: int = 102
     if len(ids) < min(length, skip + 16):
         raise InputError(f"the probe text has {len(ids)} tokens; give at least {min(length, skip + 16)}")
     layers, head_dim = model_shape(model)
-    scorer = _Scorer(layers, head_dim, skip, rope_info(model).inv_freq)
+    rope = rope_info(model)
+    if rope.interleaved:
+        raise UnsupportedModelError(f"{type(model).__name__} pairs rotary dims (2i, 2i+1): position dims are found "
+                                    "and scaled in half-split order, which this model does not use")
+    scorer = _Scorer(layers, head_dim, skip, rope.inv_freq, nope_layers(model))
     with apply(model, "dense", track_density=False) as handle:
         handle.observer = scorer
         model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)

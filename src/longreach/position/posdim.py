@@ -184,10 +184,14 @@ class PosDim(RemapPositions):
             raise SpecError("posdim: say which dims to scale: file=PATH (make one with `longreach heads posdim "
                             "--model M --out dims.json`) or dims=D|D|...")
         try:
-            rope_info(model)
+            rope = rope_info(model)
         except UnsupportedModelError as err:
             raise UnsupportedModelError(f"posdim runs in longreach's position stage, which acts on RoPE models: "
                                         f"{err}") from None
+        if rope.interleaved:
+            raise UnsupportedModelError(f"posdim: {type(model).__name__} pairs rotary dims (2i, 2i+1); posdim "
+                                        "scales dims in half-split order, which this model does not use; use "
+                                        "buckets or a rope scaling method (yarn, ...)")
         if self.file:
             load_dims(self.file).check_model(model, where=f"posdim: {self.file}")
             return

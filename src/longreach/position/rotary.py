@@ -24,6 +24,9 @@ class RopeInfo:
     inv_freq: Tensor  # (D_rot / 2,) float64
     trained: int  # the pretraining context length (max_position_embeddings)
     theta: float = 10000.0  # the RoPE base of those layers (``buckets`` changes it)
+    # the model pairs rotary dims (2i, 2i+1) (GLM-4), not (i, i + D_rot/2): the runtime re-orders q/k dims into
+    # half-split order before a position method sees them (``half_split``)
+    interleaved: bool = False
 
     @property
     def rotated_dims(self) -> int:
@@ -66,7 +69,7 @@ def rope_info(model: nn.Module) -> RopeInfo:
             "mspoe) would not match its RoPE. Use a rope scaling method (yarn, linear, dynamic, llama3, "
             "longrope), which transformers applies with the model's own rotary code")
     trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
-    return RopeInfo(freq.detach().double().cpu(), trained, rope_theta(config, freq))
+    return RopeInfo(freq.detach().double().cpu(), trained, rope_theta(config, freq), interleaved_pairs(model))
 
 
 def rope_theta(config: object, inv_freq: Tensor) -> float:
@@ -81,22 +84,40 @@ def rope_theta(config: object, inv_freq: Tensor) -> float:
 
 
 def rerotation_problem(model: nn.Module, config: object) -> str | None:
-    """Why ``rerotate`` (half-split pairs, rotary dims first, every global layer rotated) would not match this
-    model's RoPE; None when it does. Read from the config and the attention modules' own ``rotate_half``."""
-    if 0 in (getattr(config, "no_rope_layers", None) or []):
-        return "some of its layers use no position embedding at all (NoPE layers, as in Llama 4)"
+    """Why ``rerotate`` (rotary dims first, pairs half-split or re-ordered so) would not match this model's RoPE;
+    None when it does. NoPE layers (Llama 4) are left alone by the runtime, interleaved pairs (GLM-4) re-ordered."""
     if getattr(config, "qk_rope_head_dim", None):
         return ("its rotary part is the last qk_rope_head_dim dims of each head (multi-head latent attention, "
                 "as in DeepSeek-V3)")
+    return None
+
+
+def nope_layers(model: nn.Module) -> set[int]:
+    """Layers that use no position embedding (Llama 4's NoPE layers: ``no_rope_layers[i] == 0``): a position
+    method has nothing to re-map there and the runtime leaves them as they are."""
+    flags = getattr(text_config(model), "no_rope_layers", None) or []
+    return {i for i, uses_rope in enumerate(flags) if not uses_rope}
+
+
+def interleaved_pairs(model: nn.Module) -> bool:
+    """Whether the model's ``rotate_half`` pairs dims (2i, 2i+1), as GLM-4's does, instead of (i, i + D/2); read
+    from the attention modules' own function, so a renamed family is still read right."""
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
             rotate_half = getattr(sys.modules.get(type(module).__module__), "rotate_half", None)
             if rotate_half is not None:
                 probe = torch.arange(1.0, 5.0)
-                if not torch.equal(rotate_half(probe), torch.tensor([-3.0, -4.0, 1.0, 2.0])):
-                    return "it pairs rotary dimensions interleaved (2i, 2i+1), as GLM-4 does, not half-split"
+                return torch.equal(rotate_half(probe), torch.tensor([-2.0, 1.0, -4.0, 3.0]))
             break
-    return None
+    return False
+
+
+def half_split(x: Tensor, rotated: int) -> Tensor:
+    """x (..., D) with interleaved rotary pairs (2i, 2i+1) in its first ``rotated`` dims -> the same vectors
+    with those dims re-ordered to half-split pairs (i, i + rotated/2). q and k re-ordered alike keep every q.k,
+    so attention is unchanged, and ``rerotate`` then applies as to any half-split model."""
+    order = torch.cat([torch.arange(0, rotated, 2), torch.arange(1, rotated, 2), torch.arange(rotated, x.shape[-1])])
+    return x[..., order.to(x.device)]
 
 
 def rerotate(x: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:

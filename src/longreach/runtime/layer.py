@@ -23,6 +23,7 @@ from ..compat import cache_from_kwargs
 from ..errors import InputError
 from ..methods.base import SelectContext
 from ..methods.summaries import BlockSummaries
+from ..position.rotary import half_split
 from ..selection import Selection
 from ..stages import CachePolicy, LayerCall, SoftmaxExtras
 from .allocator import release_free_memory
@@ -47,6 +48,8 @@ class LayerRuntime:
         # a layer kind no method acts on and no Selection expresses (chunked local attention): ``hf`` runs the
         # model's own attention for it
         self.own_attention = False
+        # a layer without position embedding (Llama 4's NoPE layers): position methods leave it alone
+        self.no_rope = False
         # this call's attention features, set by ``hf`` per call: Gemma 2's logit softcap, GPT-OSS's learned
         # sink logits (Hq,); every kernel call of the layer passes them on
         self.softcap: float | None = None
@@ -107,7 +110,7 @@ class LayerRuntime:
                          if handle.track_density else None, self.softcap, self.sinks)
         # 1. position map
         far, branches = None, ()
-        if controlled and handle.remap is not None:
+        if controlled and handle.remap is not None and not self.no_rope:
             q, k, far, branches = self.remap_positions(q, k, key_mask, scale, new_sequence)
         # 2-3. selector and kernel (a head policy attends its split parts itself)
         ctx = SelectContext(self.layer_idx, key_mask, None, self.select_state, scale, self.extras)
@@ -160,7 +163,10 @@ class LayerRuntime:
         if new_sequence:
             self.position_state.clear()
             self.position_state.update(layer_idx=self.layer_idx, scale=scale, extras=self.extras)
-        view = remap.view(q, k, self.handle.rope, self.position_state)
+        rope = self.handle.rope
+        if rope.interleaved:  # GLM-4's (2i, 2i+1) pairs, re-ordered alike in q and k: every q.k is unchanged
+            q, k = half_split(q, rope.rotated_dims), half_split(k, rope.rotated_dims)
+        view = remap.view(q, k, rope, self.position_state)
         return view.q, view.k, view.far, view.branches
 
     def average_branches(self, out: Tensor, branches: tuple, v: Tensor, sel: Selection, scale: float) -> Tensor:
