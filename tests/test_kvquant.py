@@ -267,3 +267,19 @@ def test_a_chunked_prompt_alone_is_quantized_as_it_arrives():
     layer = output_cache(out).layers[0]
     assert isinstance(layer, QuantizedLayer) and layer.get_seq_length() == 96 and layer.quantized_tokens == 80
     assert float((out.logits[:, -1] - whole[0]).abs().max()) < 0.01
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("axis", "n", "d", "group", "in_place"), [
+    (-2, 64, 16, 32, True), (-1, 40, 16, 8, True),  # groups tile the tensor: written in place
+    (-2, 50, 16, 32, False), (-1, 40, 12, 8, False)])  # a short last group: the general path
+def test_dequantizing_into_a_buffer_equals_the_general_path(bits, axis, n, d, group, in_place):
+    """The decode path writes codes x scales + zero points straight into the joined buffer; it must give exactly
+    what ``dequantize`` gives, or decline (a short last group)."""
+    x = torch.randn(2, 3, n, d)
+    q = quantize(x, bits=bits, group=group, axis=axis)
+    buf = torch.full((2, 3, n + 5, d), float("nan"))
+    assert q.dequantize_into(buf[..., :n, :]) is in_place
+    if in_place:
+        assert torch.allclose(buf[..., :n, :], q.dequantize(), atol=1e-6)
+        assert torch.isnan(buf[..., n:, :]).all()  # nothing written past its rows

@@ -45,6 +45,27 @@ class Quantized:
         """Bytes the codes, scales and zero points hold."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
+    def dequantize_into(self, out: Tensor) -> bool:
+        """Write the approximation into ``out`` (B, H, n, D), rows of D contiguous values, in two passes (codes times
+        scales straight into ``out``, then the zero points added in place), when the groups tile ``out`` exactly;
+        False otherwise (the caller falls back to ``dequantize``). Decode calls this every step on the whole
+        cache: the general path below makes about five full-size fp32 temporaries."""
+        n, d, g = self.tokens, self.dim, self.group
+        if out.shape[-2:] != (n, d):
+            return False
+        codes = unpack_int4(self.codes, d) if self.bits == 4 else self.codes
+        if self.axis == -2 and n % g == 0:  # groups of tokens: (B, H, n/g, g, D), one scale per group and channel
+            view, codes = out.unflatten(-2, (n // g, g)), codes.unflatten(-2, (n // g, g))
+            scale, zero = self.scale.unsqueeze(-2), self.zero.unsqueeze(-2)
+        elif self.axis == -1 and d % g == 0:  # groups of channels: (B, H, n, D/g, g), one scale per token and group
+            view, codes = out.unflatten(-1, (d // g, g)), codes.unflatten(-1, (d // g, g))
+            scale, zero = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
+        else:
+            return False
+        torch.mul(codes, scale, out=view)
+        view.add_(zero)
+        return True
+
     def dequantize(self) -> Tensor:
         """The (B, H, n, D) approximation, in the scales' dtype (a temporary: nothing keeps it)."""
         codes = unpack_int4(self.codes, self.dim) if self.bits == 4 else self.codes

@@ -77,8 +77,7 @@ class QuantizedLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None
         if self.qkeys is None or self.qvalues is None:
             return self.keys, self.values
-        return (torch.cat([self.qkeys.dequantize(), self.keys], dim=-2),
-                torch.cat([self.qvalues.dequantize(), self.values], dim=-2))
+        return _joined(self.qkeys, self.keys), _joined(self.qvalues, self.values)
 
     def truncate(self, n: int) -> None:
         """Give back the last ``n`` tokens (the runtime holds a prompt's last token back): they are in the
@@ -142,3 +141,14 @@ class QuantizedLayer(DynamicLayer):
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.qkeys is not None and self.qvalues is not None:
             self.qkeys, self.qvalues = self.qkeys.edit(fn), self.qvalues.edit(fn)
+
+
+def _joined(quantized: Quantized, residual: Tensor) -> Tensor:
+    """The quantized rows dequantized and the full-precision residual after them, in one new tensor: the
+    quantized part written in place where its groups allow, so a decode step makes no other full-size copy."""
+    n = quantized.tokens
+    out = residual.new_empty(*residual.shape[:-2], n + residual.shape[-2], residual.shape[-1])
+    if not quantized.dequantize_into(out[..., :n, :]):
+        out[..., :n, :] = quantized.dequantize()
+    out[..., n:, :] = residual
+    return out
