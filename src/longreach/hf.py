@@ -19,6 +19,7 @@ from . import kernels
 from .compat import cache_from_kwargs, can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
 from .features import latent_cache, own_attention_layers, sliding_everywhere, softmax_extras
+from .kernels import rowlinear
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
 from .position.rotary import nope_layers
 from .procedure import Procedure
@@ -266,6 +267,7 @@ def apply(
                 "its chunked local ones): it would change nothing. Use a rope scaling method (yarn, linear, ...)")
     if handle.position is not None:
         handle._undo.append(handle.position.install(model))
+    handle._undo.append(rowlinear.install(model))  # decode's one-row projections on every thread (where faster)
     for m in modules:
         runtime = _RUNTIMES[m] = LayerRuntime(handle, m, int(m.layer_idx or 0))
         runtime.own_attention = runtime.layer_idx in own

@@ -11,7 +11,8 @@ row shows what longreach's own runtime (the in-place growing cache) gives before
 Decode is also put against this machine's memory bandwidth: a token must read the weights once (the tied
 LM head included) and the KV it attends (the cache times the measured decode density), so
 ``bandwidth / bytes`` is the most tokens/s any implementation reaches here in this precision.
-``llama-cpp-python`` on the same GGUF, when installed, is a peer column; without it the run says so.
+llama.cpp, when installed, is a peer column (:mod:`.peer`): on the bundled GGUF and on an F32 copy of it, which
+holds the weights longreach runs, so that dense is compared with dense.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -36,6 +37,7 @@ from ..generation import generate
 from ..plan import MiB, peak_resident_bytes, reset_peak_resident, weight_bytes
 from ..plotting import pyplot
 from ._plot import speedup_axis
+from .peer import Peer
 
 
 @dataclass
@@ -115,25 +117,33 @@ def measure_row(model, tokenizer, text: str, length: int, spec: str | None, new_
 
 def run_rows(model: str, text: str, lengths: list[int], specs: list[str], new_tokens: int = 32,
              chunk: int | None = None, hf_generate: bool = False, repeats: int = 3,
-             progress: Callable[[str], None] | None = None) -> list[E2ERow]:
+             progress: Callable[[str], None] | None = None, peers: Sequence[Peer] = ()) -> list[E2ERow]:
     """Every (length, method) row ``repeats`` times, each run in a fresh process (see the module docstring).
     ``model`` is what ``load_model`` takes; with ``hf_generate`` each spec also runs through ``model.generate()``
-    under ``apply`` (the README's path: it must cost what ``longreach.generate`` does)."""
-    plan = [(n, spec, False) for n in lengths for spec in [None, *specs]]
-    if hf_generate:
-        plan += [(n, spec, True) for n in lengths for spec in specs]
+    under ``apply`` (the README's path: it must cost what ``longreach.generate`` does). ``peers`` are llama.cpp
+    rows (:mod:`.peer`), run the same way."""
+    jobs = [dict(spec=spec, hf_generate=False) for spec in [None, *specs]]
+    jobs += [dict(spec=spec, hf_generate=True) for spec in specs if hf_generate]
+    jobs += [dict(peer=p.job()) for p in peers]
+    plan = [(n, i) for n in lengths for i in range(len(jobs))]
     runs: dict[tuple, list[dict]] = {key: [] for key in plan}
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(tmp) / "text.txt"
         text_file.write_text(text)
         for rep in range(repeats):
-            for n, spec, hf in plan:
+            for n, i in plan:
+                job = dict(jobs[i], model=model, text_file=str(text_file), length=n, new_tokens=new_tokens,
+                           chunk=chunk)
                 if progress:
-                    progress(f"repeat {rep + 1}/{repeats}: {n} tokens, {spec or BASELINE}{HF_PATH if hf else ''}")
-                runs[(n, spec, hf)].append(_fresh_process(dict(model=model, text_file=str(text_file), length=n,
-                                                               spec=spec, new_tokens=new_tokens, chunk=chunk,
-                                                               hf_generate=hf)))
+                    progress(f"repeat {rep + 1}/{repeats}: {n} tokens, {_job_name(job)}")
+                runs[(n, i)].append(_fresh_process(job))
     return [E2ERow.from_runs(runs[key]) for key in plan]
+
+
+def _job_name(job: dict) -> str:
+    if "peer" in job:
+        return Peer.from_job(job["peer"]).label
+    return (job["spec"] or BASELINE) + (HF_PATH if job["hf_generate"] else "")
 
 
 def _fresh_process(job: dict) -> dict:
@@ -142,7 +152,7 @@ def _fresh_process(job: dict) -> dict:
     done = subprocess.run([sys.executable, "-m", "longreach.bench.e2e_row", json.dumps(job)], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"the benchmark row {job['length']} tokens, {job['spec'] or BASELINE} failed in its "
+        raise RuntimeError(f"the benchmark row {job['length']} tokens, {_job_name(job)} failed in its "
                            f"process:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -173,49 +183,6 @@ def _hf_generate_row(model, ids: dict, length: int, spec: str, new_tokens: int) 
     return {"length": length, "method": spec + HF_PATH, "ttft_s": first - start,
             "decode_tok_s": decoded / (last - first) if last > first else 0.0, "decode_tokens": decoded,
             "peak_rss_mb": peak_resident_bytes() / MiB, "kv_bytes": kv, "decode_bytes": None}
-
-
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def run_llama_cpp(gguf: Path, text: str, lengths: list[int], new_tokens: int = 32) -> list[E2ERow]:
-    """The same measurements through llama.cpp (its own tokenizer on the same text, same thread count),
-    with its flash attention off (llama-cpp-python's default) and on (the llama.cpp CLI's choice on CPU)."""
-    rows = []
-    for length in lengths:
-        for flash in (False, True):
-            rows.append(_llama_cpp_row(gguf, text, length, new_tokens, flash))
-    return rows
-
-
-def _llama_cpp_row(gguf: Path, text: str, length: int, new_tokens: int, flash: bool) -> E2ERow:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=length + new_tokens + 8, n_threads=os.cpu_count(), flash_attn=flash,
-                verbose=False)
-    try:
-        tokens = llm.tokenize(text.encode(), add_bos=False)[:length]
-        reset_peak_resident()
-        start = time.perf_counter()
-        llm.eval(tokens)
-        ttft = time.perf_counter() - start
-        token = int(llm.sample(temp=0.0))
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = int(llm.sample(temp=0.0))
-        decode = time.perf_counter() - start
-        name = "llama.cpp (flash attn)" if flash else "llama.cpp"
-        rate, rss = (new_tokens - 1) / decode, peak_resident_bytes() / MiB
-        return E2ERow(length, name, ttft, rate, new_tokens - 1, rss, None, [ttft], [rate], [rss])
-    finally:
-        with contextlib.suppress(Exception):
-            llm.close()
 
 
 def plot(rows: list[E2ERow], path: Path) -> bool:

@@ -77,12 +77,14 @@ def bench_attention(
                           f"{u.overhead:+.1%}")
         console.print(table)
     if json_out:
-        json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
+        machine = attention.hardware()  # in every row too, so that a row copied elsewhere still names its CPU
+        json_out.write_text(json.dumps({"hardware": machine, "provenance": provenance(),
                                         "kernel_choice": choices, "roofline": peak.as_dict(),
-                                        "user_path": [{**u.__dict__, "overhead": u.overhead} for u in user_rows],
+                                        "user_path": [{**u.__dict__, "overhead": u.overhead, "machine": machine}
+                                                      for u in user_rows],
                                         "rows": [
             {**r.__dict__, "speedup": r.speedup, "roofline_fraction": r.roofline(peak),
-             "dense_roofline_fraction": r.dense_roofline(peak)} for r in rows]}, indent=1))
+             "dense_roofline_fraction": r.dense_roofline(peak), "machine": machine} for r in rows]}, indent=1))
     if plot_out and not attention.plot(rows, plot_out):
         console.print(NO_PLOT)
 
@@ -97,7 +99,9 @@ def bench_e2e(
     chunk: int = typer.Option(None, min=1, help="prefill chunk in tokens"),
     repeats: int = typer.Option(3, min=1, help="runs per row, each in a fresh process; medians and min-max"),
     corpus: str = typer.Option("canterbury", help="text source: canterbury, austen, bible or synthetic"),
-    peer: bool = typer.Option(True, "--peer/--no-peer", help="add llama.cpp on the same GGUF when installed"),
+    peer: bool = typer.Option(True, "--peer/--no-peer", help="add llama.cpp, on the model's GGUF and on an F32 copy "
+                              "of it (the weights longreach runs), when llama-cpp-python is installed (`make peer`)"),
+    peer_flash: bool = typer.Option(False, "--peer-flash", help="also run llama.cpp with its flash attention on"),
     hf_generate: bool = typer.Option(False, "--hf-generate", help="also time each spec through model.generate() "
                                      "under apply (the README's path; it should cost what longreach.generate does)"),
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
@@ -107,24 +111,15 @@ def bench_e2e(
     bytes, vs transformers; every row in fresh processes, repeated."""
     from longreach.bench import attention, e2e, roofline
     from longreach.eval import Corpus
-    from longreach.models import gguf_path
 
     with user_errors(ValueError, RuntimeError):
         specs = checked_specs(items(methods, ";"))
         tokens = token_lengths(lengths)
         text = "\n\n".join(Corpus.load(corpus).documents.values())
         bandwidth = roofline.memory_bandwidth()
+        peers, note = _peers(model, peer_flash) if peer else ([], None)
         rows = e2e.run_rows(model, text, tokens, specs, new_tokens, chunk, hf_generate, repeats,
-                            progress=lambda line: console.print(f"[dim]{line}[/dim]"))
-        note = None
-        if peer:
-            gguf = gguf_path(model)
-            if gguf is None:
-                note = "llama.cpp column skipped: the model is not a GGUF"
-            elif not e2e.llama_cpp_available():
-                note = "llama.cpp column skipped: pip install llama-cpp-python to add it"
-            else:
-                rows += e2e.run_llama_cpp(gguf, text, tokens, new_tokens)
+                            progress=lambda line: console.print(f"[dim]{line}[/dim]"), peers=peers)
     base = e2e.baselines(rows)
     table = Table(title=f"end to end: {model}, {new_tokens} new tokens, median of {repeats} fresh processes "
                         f"(min-max), read bandwidth {bandwidth / 1e9:.1f} GB/s — {attention.hardware()}")
@@ -144,14 +139,28 @@ def bench_e2e(
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")
     if json_out:
-        json_out.write_text(json.dumps({"hardware": attention.hardware(), "provenance": provenance(),
+        machine = attention.hardware()
+        json_out.write_text(json.dumps({"hardware": machine, "provenance": provenance(),
                                         "model": model, "repeats": repeats, "read_bytes_per_s": bandwidth,
-                                        "rows": [
+                                        "peer_note": note, "rows": [
             {**r.__dict__, "ttft_speedup": r.vs(base.get(r.length))[0],
-             "decode_speedup": r.vs(base.get(r.length))[1], "decode_bound_tok_s": r.decode_bound(bandwidth)}
-            for r in rows]}, indent=1))
+             "decode_speedup": r.vs(base.get(r.length))[1], "decode_bound_tok_s": r.decode_bound(bandwidth),
+             "machine": machine} for r in rows]}, indent=1))
     if plot_out and not e2e.plot(rows, plot_out):
         console.print(NO_PLOT)
+
+
+def _peers(model: str, flash: bool) -> tuple[list, str | None]:
+    """llama.cpp rows for this model (its GGUF and an F32 copy), or none and why."""
+    from longreach.bench import peer
+    from longreach.models import gguf_path
+
+    gguf = gguf_path(model)
+    if gguf is None:
+        return [], "llama.cpp column skipped: the model is not a GGUF"
+    if not peer.available():
+        return [], "llama.cpp column skipped: `make peer` (or pip install llama-cpp-python) adds it"
+    return peer.peers(gguf, flash), None
 
 
 def _spread(value: float, runs: list[float], digits: int) -> str:

@@ -38,7 +38,7 @@ def _store() -> Path:
 
 @functools.cache
 def _source_hash() -> str:
-    return hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in native.SOURCES)).hexdigest()[:12]
 
 
 def choice_key() -> str:
@@ -76,7 +76,13 @@ def _timings(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., obj
 
 def choose(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., object]) -> dict:
     """``{"path": "native" | "torch", "why": ..., timings}`` for this shape on this machine (measured once)."""
-    machine, shape = choice_key(), shape_key(n_q, n_kv, dim, decode)
+    return decide(shape_key(n_q, n_kv, dim, decode), lambda: _timings(n_q, n_kv, dim, decode, run))
+
+
+def decide(shape: str, timings: Callable[[], dict[str, float]]) -> dict:
+    """The faster of the compiled and the PyTorch path for ``shape`` (``timings`` gives each one's seconds), measured
+    once per machine and cached; ``LONGREACH_NATIVE`` forces a path, and without the compiled module it is torch."""
+    machine = choice_key()
     known = _memo.get(machine)
     if known is None:
         known = _memo[machine] = _load(machine)
@@ -87,7 +93,7 @@ def choose(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., objec
         known[shape] = {"path": path, "why": why}
         return known[shape]
     if shape not in known or not known[shape]["why"].startswith("measured"):
-        times = _timings(n_q, n_kv, dim, decode, run)
+        times = timings()
         path = "native" if times["native"] <= times["torch"] else "torch"
         known[shape] = {"path": path, "why": f"measured: compiled {times['native'] * 1e3:.1f} ms, "
                                              f"PyTorch {times['torch'] * 1e3:.1f} ms", **times}

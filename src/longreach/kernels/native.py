@@ -1,5 +1,6 @@
-"""The compiled block-sparse kernel (``csrc/block_sparse.cpp``), built once per machine with torch's
-extension API and cached; the pure-PyTorch path in ``gather`` is the fallback.
+"""The compiled block-sparse kernel (``csrc/block_sparse.cpp``; ``row_linear.cpp`` for decode's one-row linear
+layers), built once per machine with torch's extension API and cached; the pure-PyTorch path in ``gather`` is
+the fallback.
 
 Why compiled: at 32k the PyTorch path spends ~30% of its time outside the attention math (gathering
 K/V copies, masks, merging the far and near parts); the fused kernel streams the same keys with one
@@ -18,7 +19,7 @@ import torch
 
 from ..paths import cache_dir
 
-SOURCE = Path(__file__).parent / "csrc" / "block_sparse.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("block_sparse.cpp", "row_linear.cpp")]
 _module: ModuleType | None = None
 _tried = False
 
@@ -40,7 +41,7 @@ def load(verbose: bool = False) -> ModuleType | None:
         # one build folder per torch version: an extension built against another torch would not load
         where = cache_dir() / "kernels" / torch.__version__.replace("+", "_")
         where.mkdir(parents=True, exist_ok=True)
-        _module = build(name="longreach_block_sparse", sources=[str(SOURCE)], extra_cflags=flags,
+        _module = build(name="longreach_block_sparse", sources=[str(s) for s in SOURCES], extra_cflags=flags,
                         extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     except Exception as err:  # no compiler, no sgemm in this torch build, ...: the PyTorch path still works
         warnings.warn(f"longreach: compiled block-sparse kernel unavailable ({type(err).__name__}: "

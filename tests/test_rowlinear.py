@@ -1,0 +1,99 @@
+"""Decode's one-row linear layers on every thread (kernels/rowlinear.py): the compiled path against F.linear,
+and apply() routing exactly the one-row calls of large fp32 layers through it, undone on remove."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import prefill_then_steps, tiny_model
+from torch import nn
+
+import longreach
+from longreach.kernels import native, rowlinear
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="needs the compiled kernel (a C++ compiler)")
+
+
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (7, 33), (64, 64), (301, 576), (4099, 250)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_row_matches_f_linear(out_features, in_features, threads, bias):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weight = torch.randn(out_features, in_features, dtype=torch.float64)
+        b = torch.randn(out_features, dtype=torch.float64) if bias else None
+        for shape in [(in_features,), (1, in_features), (1, 1, in_features)]:
+            x = torch.randn(shape, dtype=torch.float64)
+            expected = F.linear(x, weight, b)  # float64: the oracle, not the float32 order of sums
+            got = native.load().linear_row(x.float(), weight.float(), None if b is None else b.float())
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            scale = (x.abs() @ weight.abs().T).max().item() + 1e-6
+            assert (got.double() - expected).abs().max().item() <= 1e-6 * scale
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_linear_row_refuses_what_it_does_not_compute():
+    mod = native.load()
+    with pytest.raises(RuntimeError, match="one row"):
+        mod.linear_row(torch.randn(2, 8), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        mod.linear_row(torch.randn(8), torch.randn(8, 4).T, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        mod.linear_row(torch.randn(8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), None)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every layer counts as large and faster; the compiled calls are counted."""
+    calls = []
+    real = native.load()
+
+    def linear_row(x, weight, bias):
+        calls.append(tuple(weight.shape))
+        return real.linear_row(x, weight, bias)
+
+    monkeypatch.setattr(rowlinear, "MIN_BYTES", 0)
+    monkeypatch.setattr(rowlinear, "faster", lambda out_features, in_features: True)
+    monkeypatch.setattr(rowlinear.native, "load", lambda verbose=False: SimpleNamespace(linear_row=linear_row))
+    return calls
+
+
+def test_install_takes_one_row_calls_only_and_undoes(counted):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    undo = rowlinear.install(model)
+    assert all("forward" in m.__dict__ for m in (model[0], model[2]))
+    with torch.no_grad():
+        one = torch.randn(1, 1, 16)
+        expected = F.linear(F.relu(F.linear(one, model[0].weight, model[0].bias)), model[2].weight)
+        torch.testing.assert_close(model(one), expected, rtol=1e-5, atol=1e-6)
+        assert counted == [(8, 16), (4, 8)]
+        model(torch.randn(1, 3, 16))  # a prefill's rows go to torch
+    assert len(counted) == 2
+    model(torch.randn(1, 1, 16, requires_grad=True))  # autograd needs torch's op
+    assert len(counted) == 2
+    undo()
+    assert not any("forward" in m.__dict__ for m in model)
+
+
+def test_apply_runs_decode_through_it_and_keeps_the_logits(counted):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        expected = prefill_then_steps(model, ids, 4)
+        with longreach.apply(model, "dense"):
+            got = prefill_then_steps(model, ids, 4)
+    linear_layers = sum(isinstance(m, nn.Linear) for m in model.modules())
+    # the prefill's one-row LM head call, then every linear layer in each of 4 decode steps
+    assert len(counted) >= 4 * linear_layers
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # removed with the handle
+
+
+def test_forced_torch_path_is_never_measured(monkeypatch):
+    monkeypatch.setenv("LONGREACH_NATIVE", "0")
+    assert rowlinear.faster(4096, 512) is False
