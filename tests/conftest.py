@@ -31,6 +31,13 @@ def tiny_model(arch: str, **overrides):
                                      "sliding_window": 24,
                                      "layer_types": ["sliding_attention", "full_attention"] * 2, **overrides})
         cls = tf.Gemma3ForCausalLM
+    elif arch == "deepseek-v3":  # multi-head latent attention: values 32 wide, keys 16 + 8 (rotary part last)
+        cfg = tf.DeepseekV3Config(**{**common, "num_key_value_heads": 4, "moe_intermediate_size": 32,
+                                     "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+                                     "qk_rope_head_dim": 8, "v_head_dim": 32, "n_routed_experts": 4,
+                                     "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                                     "first_k_dense_replace": 2, **overrides})
+        cls = tf.DeepseekV3ForCausalLM
     else:
         raise ValueError(arch)
     return cls(cfg).eval()

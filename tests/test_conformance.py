@@ -20,6 +20,7 @@ PLAIN_SOFTMAX: set[str] = set()  # methods whose own softmax leaves a softcap or
 REMAP = {"selfextend", "string", "gali", "mspoe", "buckets", "posdim"}  # re-rotate q/k inside the attention function
 CACHE_POLICIES = {"duo", "lserve", "razor", "headkv", "snapkv", "h2o", "tova", "streamingkv", "finch", "pyramidkv",
                   "kvquant"}
+PRESSES = {"snapkv", "h2o", "tova", "streamingkv", "finch", "pyramidkv"}
 ROPE_TYPES = {"linear", "dynamic", "yarn", "llama3", "longrope"}
 HOMER_FAMILIES = {"llama", "mistral", "qwen2"}  # the decoders homer drives layer by layer
 
@@ -28,7 +29,7 @@ def documented_refusals(family: str) -> dict[str, str]:
     """method -> a phrase of apply()'s reason: the unsupported set of docs/models.md."""
     refused: dict[str, str] = {}
     if family == "deepseek-v3":  # multi-head latent attention: a shared latent cache, the rotary part last
-        refused |= dict.fromkeys(CACHE_POLICIES, "one latent per token")
+        refused |= dict.fromkeys(CACHE_POLICIES - PRESSES, "one latent per token")  # presses drop whole tokens
         refused |= dict.fromkeys(REMAP, "last qk_rope_head_dim dims")
     if family == "gemma2":
         refused |= dict.fromkeys(PLAIN_SOFTMAX, "softcapping")
@@ -65,8 +66,8 @@ def test_the_matrix_row_of_each_family_has_no_failure_and_only_documented_refusa
 
 
 def test_the_markdown_shows_every_cell_and_each_reason_once():
-    matrix = run_matrix(["llama", "deepseek-v3"], ["dense", "quest", "snapkv", "selfextend"], sizes=SMALL)
+    matrix = run_matrix(["llama", "deepseek-v3"], ["dense", "quest", "kvquant", "selfextend"], sizes=SMALL)
     text = markdown(matrix)
     assert "| `quest` | ✓ | ✓ |" in text
-    assert "| `snapkv` | ✓ | refused [1](#r1) |" in text
+    assert "| `kvquant` | ✓ | refused [1](#r1) |" in text
     assert text.count("one latent per token") == 1  # one note, referenced from each refused cell

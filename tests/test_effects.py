@@ -192,14 +192,7 @@ def gpt_oss():
 
 
 def deepseek_v3():
-    import transformers as tf
-
-    cfg = tf.DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
-                              kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=32,
-                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-                              first_k_dense_replace=2)
-    return tf.DeepseekV3ForCausalLM(cfg).eval()
+    return tiny_model("deepseek-v3")
 
 
 def own_softmax_selector() -> Spec:
@@ -216,7 +209,7 @@ def own_softmax_selector() -> Spec:
 @pytest.mark.parametrize(("build", "spec", "reason"), [
     (gemma2, own_softmax_selector(), "softcapping"),  # the kernels cap scores; this method's softmax does not
     (gpt_oss, own_softmax_selector(), "attention-sink logits"),
-    (deepseek_v3, "snapkv:density=0.5", "one latent per token")])  # MLA: no per-head keys to drop
+    (deepseek_v3, "kvquant:bits=8", "one latent per token")])  # MLA: no per-head keys to re-store
 def test_attention_the_kernels_or_a_method_lack_is_refused_by_apply_with_its_reason(build, spec, reason):
     model = build()
     before = model.config._attn_implementation

@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import ARCHS, tiny_model
-from oracles import snapkv_keep
+from oracles import pool_1d, snapkv_keep, snapkv_votes, top_keep_oracle
 
 import longreach
 from longreach import LongreachError, SpecError
@@ -257,3 +257,48 @@ def test_every_zero_turns_decode_eviction_off():
     assert press_of("h2o:budget=40").interval == 1
     assert press_of("h2o:budget=40,every=0").interval == 0
     assert press_of("snapkv:budget=40,window=8").interval == 0
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=40,window=8", "pyramidkv:budget=40,window=8",
+                                  "h2o:budget=40,every=0", "finch:budget=40,window=8,chunk=20"])
+def test_a_press_on_latent_attention_drops_whole_tokens_and_decode_reads_only_those(spec):
+    """DeepSeek-V3's cache holds one latent (and one rotary key part) per token for every head: a press keeps the
+    same tokens for all heads, cuts both tensors at them, and the decode step equals dense attention restricted
+    to those tokens (+ the held-back prompt token, + itself) in every head."""
+    model = tiny_model("deepseek-v3")
+    ids, nxt = torch.randint(1, 128, (1, T)), torch.randint(1, 128, (1, 1))
+    with torch.no_grad(), longreach.apply(model, "dense"):
+        dense = output_cache(model(ids[:, : T - 1], use_cache=True))
+    heads = model.config.num_attention_heads
+    seen = {}
+    press = press_of(spec)
+    with torch.no_grad(), longreach.apply(model, spec) as handle:
+        handle.observer = lambda i, q, k, v, scale, *rest: seen.setdefault(i, (q, k, scale))
+        cache = output_cache(model(ids, use_cache=True))
+        handle.observer = None
+        kept = {}
+        for i, layer in enumerate(cache.layers):
+            assert layer.keys.shape[1] == 1 and layer.keys.shape[2] == press.capacity(i, len(cache.layers), T - 1) + 1
+            # a token is its latent and its rotary key part together (layer 0's latent alone repeats with the token)
+            stored = torch.cat([layer.keys, layer.values], -1)[:, :, :-1]
+            kept[i] = kept_positions(stored, torch.cat([dense.layers[i].keys, dense.layers[i].values], -1))
+        bytes_after = cache_bytes(cache)
+        ours = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
+    if press.name == "snapkv":  # one choice for all heads: their pooled window votes averaged
+        for i, (q, k, scale) in seen.items():
+            assert k.shape[1] == heads, "the press scores the heads expanded from the latent"
+            votes = snapkv_votes(q[:, :, -press.recent:], k, scale).mean(1, keepdim=True)
+            want = top_keep_oracle(pool_1d(votes, press.pool), press.capacity(i, len(kept), T - 1), press.sinks,
+                                   press.recent)
+            assert torch.equal(kept[i], want), f"layer {i} keeps other tokens than the heads' averaged votes"
+    every_head = {i: pos.expand(-1, heads, -1) for i, pos in kept.items()}
+    with torch.no_grad(), longreach.apply(model, KeepOnly()):
+        KeepOnly.kept = {}
+        ref_cache = output_cache(model(ids[:, : T - 1], use_cache=True))
+        KeepOnly.kept = every_head
+        ref_cache = output_cache(model(ids[:, T - 1:], **cache_kwargs(model, ref_cache), use_cache=True))
+        bytes_full = cache_bytes(ref_cache)
+        KeepOnly.kept = {i: torch.cat([pos, torch.full_like(pos[..., :1], T - 1)], -1) for i, pos in every_head.items()}
+        ref = model(nxt, **cache_kwargs(model, ref_cache), use_cache=True).logits
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert bytes_after < 0.5 * bytes_full

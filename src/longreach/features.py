@@ -13,11 +13,12 @@ from torch import nn
 
 
 def latent_cache(modules: list[nn.Module]) -> str | None:
-    """Why presses and head policies cannot compress this model's cache, or None. Multi-head latent attention
-    (DeepSeek-V3 in transformers) caches one shared latent per token (``kv_lora_rank`` wide, plus the shared
-    rotary key part) and expands per-head keys and values from it at every call: the kernels attend the
-    expanded heads exactly (value width != key width included), but a press picks keys per key/value head
-    and would have to cut the latent, which no head owns."""
+    """Whether this model caches a latent instead of per-head keys and values (else None), and what it holds.
+    Multi-head latent attention (DeepSeek-V3 in transformers) caches one latent per token (``kv_lora_rank``
+    wide, plus the shared rotary key part) and expands per-head keys and values from it at every call: the
+    kernels attend the expanded heads exactly (value width != key width included); a press may drop whole
+    tokens of the latent (its heads' scores averaged), but a head policy or kvquant, which work per key/value
+    head, cannot cut a latent no head owns."""
     for m in modules:
         rank = getattr(m, "kv_lora_rank", None)
         if rank is not None:

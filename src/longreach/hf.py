@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .cache.press import PressPolicy
 from .compat import cache_from_kwargs, can_set_attn_implementation
 from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
 from .features import latent_cache, own_attention_layers, sliding_everywhere, softmax_extras
@@ -59,6 +60,7 @@ class Handle:
         self.procedure: Procedure | None = next(iter(spec.of_kind("procedure")), None)  # type: ignore[arg-type]
         self.rope: RopeInfo | None = None
         self.n_layers = 0
+        self.latent = False  # multi-head latent attention: a press drops tokens of the shared latent (apply sets it)
         self._hooks: list = []
         self._undo: list = []
 
@@ -242,12 +244,14 @@ def apply(
         names = " and ".join(p.name for p in droppers)
         raise SpecError(f"cannot stack presses and head policies ({names}): each manages the KV cache; keep one "
                         "per spec (it may follow a select method, and kvquant may follow it)")
-    latent = latent_cache(modules) if owners else None
-    if latent:
+    latent = latent_cache(modules)
+    handle.latent = latent is not None
+    per_head = [p for p in owners if not isinstance(p, PressPolicy)]
+    if latent and per_head:
         raise UnsupportedModelError(
-            f"{owners[0].name} works on the KV cache per key/value head (dropping keys, or re-storing them), but "
-            f"{name}'s {latent}, which no head owns. Use a select method (quest, moba, flexprefill, ...), which "
-            "attends the expanded heads exactly, or no press")
+            f"{per_head[0].name} works on the KV cache per key/value head (dropping keys per head, or re-storing "
+            f"them), but {name}'s {latent}, which no head owns. A press (snapkv, pyramidkv, h2o, ...) drops whole "
+            "tokens of the latent and works here; so does a select method (quest, moba, flexprefill, ...)")
     remaps = [m for m in parsed.methods if isinstance(m, RemapPositions)]
     if remaps and owners:
         raise SpecError(f"cannot stack {remaps[0].name} with {owners[0].name}: {remaps[0].name} re-maps "

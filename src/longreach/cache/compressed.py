@@ -42,10 +42,10 @@ class Part:
         self.values = torch.cat([self.values, v[:, self.heads]], dim=2)
 
     def keep(self, idx: Tensor) -> None:
-        """Keep positions ``idx`` (B, h, n') of each head, in the given (ascending) order."""
-        ix = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, ix)
-        self.values = self.values.gather(2, ix)
+        """Keep positions ``idx`` (B, h, n') of each head, in the given (ascending) order (values may be narrower or
+        wider than keys: MLA's cache holds its latent and its rotary key part)."""
+        self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]))
 
     @property
     def length(self) -> int:

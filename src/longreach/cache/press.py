@@ -39,6 +39,13 @@ class Observation:
     # the model's softmax beyond q.k (softcap, learned sinks per query head): scores use the true probabilities,
     # so a query whose sink absorbs most of its attention votes little
     extras: SoftmaxExtras = PLAIN
+    # one choice for every head: multi-head latent attention (DeepSeek-V3) caches one latent per token, shared by
+    # all heads, so keys/values here are the heads expanded from it and the heads' scores are averaged
+    shared: bool = False
+
+    def per_cache_head(self, scores: Tensor) -> Tensor:
+        """(B, H, n) scores as the cache holds heads: averaged to (B, 1, n) when one latent serves them all."""
+        return scores.mean(dim=1, keepdim=True) if self.shared else scores
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class Press(Method):
         n = obs.keys.shape[2]
         if capacity >= n:
             return None
-        scores = self.scores(obs).float()
+        scores = obs.per_cache_head(self.scores(obs).float())
         return top_keep(scores, capacity, self.sinks, self.recent)
 
 
@@ -163,15 +170,20 @@ class PressPolicy:
         layer = shrinkable_layer(layers, call.layer_idx, press.name)  # here: a layer kvquant holds is refused
         seen = layer.get_seq_length()
         capacity = press.capacity(call.layer_idx, call.n_layers, seen)
-        obs = Observation(call.layer_idx, call.n_layers, seen, st["queries"], layer.keys, layer.values, call.scale,
-                          st.get("history"), call.extras)
+        # a latent cache (MLA) stores no per-head keys: score the heads the layer expanded from it this call
+        shared = getattr(self.owner, "latent", False)
+        keys, values = (call.k, call.v) if shared else (layer.keys, layer.values)
+        obs = Observation(call.layer_idx, call.n_layers, seen, st["queries"], keys, values, call.scale,
+                          st.get("history"), call.extras, shared)
         keep = press.keep_indices(obs, capacity)
         if keep is None:
             return False
         compressed = CompressedLayer.from_layer(layer, self.owner)
         compressed.keep(keep)
+        if shared:  # the runtime's held-back prompt token attends these tokens' expanded heads (runtime.layer)
+            st["kept"] = keep
         assert layers is not None
         layers[call.layer_idx] = compressed
         if "history" in st:
-            st["history"] = st["history"].gather(2, keep)
+            st["history"] = st["history"].gather(2, keep.expand(-1, st["history"].shape[1], -1))
         return True

@@ -110,7 +110,7 @@ class H2O(Press):
             return None
         assert obs.history is not None
         recent = self.window if self.window is not None else (capacity - self.sinks) // 2
-        return top_keep(obs.history, capacity, self.sinks, recent)
+        return top_keep(obs.per_cache_head(obs.history), capacity, self.sinks, recent)
 
 
 @register
@@ -160,7 +160,7 @@ class Finch(WindowVotePress):
         n = obs.keys.shape[2]
         if capacity >= n:
             return None
-        scores = self.scores(obs).float()
+        scores = obs.per_cache_head(self.scores(obs).float())
         lo, hi = min(self.sinks, n), max(n - self.recent, self.sinks)
         free = capacity - lo - (n - hi)
         edges = [*range(lo, hi, self.chunk), hi]

@@ -88,9 +88,16 @@ class LayerRuntime:
         layers = getattr(self.cache, "layers", None)
         if layers is None:
             return self.run(q, k, v, None, scale, None)
+        latent = self.handle.latent
+        if latent:  # the cache holds the module's latent, not k/v: give back the last token's latent
+            last = layers[self.layer_idx].keys[:, :, -1:].clone(), layers[self.layer_idx].values[:, :, -1:].clone()
         truncate_layer(layers[self.layer_idx], 1)
         head = self.run(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], None, scale, None)
-        keys, values = layers[self.layer_idx].update(k[:, :, -1:], v[:, :, -1:])
+        if latent:
+            layers[self.layer_idx].update(*last)
+            keys, values = kept_heads(k, v, self.policy_state.pop("kept", None))
+        else:
+            keys, values = layers[self.layer_idx].update(k[:, :, -1:], v[:, :, -1:])
         tail = self.run(q[:, :, -1:], keys, values, None, scale, None)
         return torch.cat([head, tail], dim=1)
 
@@ -177,3 +184,15 @@ class LayerRuntime:
             total = total + kernels.attend(view.q, view.k, v, sel, scale, self.handle.kernel, far=view.far,
                                            softcap=self.softcap, sinks=self.sinks).float()
         return (total / (len(branches) + 1)).to(out.dtype)
+
+
+def kept_heads(k: Tensor, v: Tensor, kept: Tensor | None) -> tuple[Tensor, Tensor]:
+    """This forward's expanded keys/values (B, H, T, D) of the tokens a press kept of the first T - 1, then the
+    last token's: what the module would expand from the shrunk latent cache (each token's heads come from its own
+    latent). ``kept`` (B, 1, n) positions, or None when the press kept every token."""
+    if kept is None:
+        return k, v
+    idx = kept.expand(-1, k.shape[1], -1)[..., None]
+    keys = torch.cat([k[:, :, :-1].gather(2, idx.expand(-1, -1, -1, k.shape[-1])), k[:, :, -1:]], dim=2)
+    values = torch.cat([v[:, :, :-1].gather(2, idx.expand(-1, -1, -1, v.shape[-1])), v[:, :, -1:]], dim=2)
+    return keys, values
