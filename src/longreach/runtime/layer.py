@@ -124,6 +124,8 @@ class LayerRuntime:
         out = policy.attend(call) if policy is not None else None
         if out is None:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
+            if t_q > 1:  # the projections' and the selector's freed scratch leave before the output is allocated
+                release_free_memory()
             if handle.track_density and controlled:
                 handle.stats.add(phase, sel)
             out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far, softcap=self.softcap, sinks=self.sinks)
