@@ -97,6 +97,20 @@ NO_DECODE_EVICTION = [s if "h2o" not in s and "tova" not in s and "streamingkv" 
                       for s in PRESSES]
 
 
+def restricted_decode(model, ids: torch.Tensor, nxt: torch.Tensor, kept: dict[int, torch.Tensor]):
+    """The reference: a dense prefill of all but the prompt's last token, then that token and ``nxt`` each attending
+    exactly the ``kept`` positions per head (+ the held-back token, + itself). Returns (logits of ``nxt``, the
+    reference cache's bytes after the prompt)."""
+    with torch.no_grad(), longreach.apply(model, KeepOnly()):
+        KeepOnly.kept = {}
+        ref_cache = output_cache(model(ids[:, : T - 1], use_cache=True))
+        KeepOnly.kept = kept
+        ref_cache = output_cache(model(ids[:, T - 1:], **cache_kwargs(model, ref_cache), use_cache=True))
+        prompt_bytes = cache_bytes(ref_cache)
+        KeepOnly.kept = {i: torch.cat([pos, torch.full_like(pos[..., :1], T - 1)], -1) for i, pos in kept.items()}
+        return model(nxt, **cache_kwargs(model, ref_cache), use_cache=True).logits, prompt_bytes
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("spec", NO_DECODE_EVICTION)
 def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, spec):
@@ -124,14 +138,7 @@ def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, sp
                                sinks=press.sinks, pool=press.pool)
             assert torch.equal(kept[i], want), f"layer {i} keeps other keys than the window votes for"
             kept[i] = want
-    with torch.no_grad(), longreach.apply(model, KeepOnly()):
-        KeepOnly.kept = {}
-        ref_cache = output_cache(model(ids[:, : T - 1], use_cache=True))
-        KeepOnly.kept = kept
-        ref_cache = output_cache(model(ids[:, T - 1:], **cache_kwargs(model, ref_cache), use_cache=True))
-        bytes_full = cache_bytes(ref_cache)
-        KeepOnly.kept = {i: torch.cat([pos, torch.full_like(pos[..., :1], T - 1)], -1) for i, pos in kept.items()}
-        ref = model(nxt, **cache_kwargs(model, ref_cache), use_cache=True).logits
+    ref, bytes_full = restricted_decode(model, ids, nxt, kept)
     assert (ours - ref).abs().max().item() < 1e-4
     assert bytes_after < bytes_full
 
@@ -291,14 +298,6 @@ def test_a_press_on_latent_attention_drops_whole_tokens_and_decode_reads_only_th
             want = top_keep_oracle(pool_1d(votes, press.pool), press.capacity(i, len(kept), T - 1), press.sinks,
                                    press.recent)
             assert torch.equal(kept[i], want), f"layer {i} keeps other tokens than the heads' averaged votes"
-    every_head = {i: pos.expand(-1, heads, -1) for i, pos in kept.items()}
-    with torch.no_grad(), longreach.apply(model, KeepOnly()):
-        KeepOnly.kept = {}
-        ref_cache = output_cache(model(ids[:, : T - 1], use_cache=True))
-        KeepOnly.kept = every_head
-        ref_cache = output_cache(model(ids[:, T - 1:], **cache_kwargs(model, ref_cache), use_cache=True))
-        bytes_full = cache_bytes(ref_cache)
-        KeepOnly.kept = {i: torch.cat([pos, torch.full_like(pos[..., :1], T - 1)], -1) for i, pos in every_head.items()}
-        ref = model(nxt, **cache_kwargs(model, ref_cache), use_cache=True).logits
+    ref, bytes_full = restricted_decode(model, ids, nxt, {i: pos.expand(-1, heads, -1) for i, pos in kept.items()})
     assert (ours - ref).abs().max().item() < 1e-4
     assert bytes_after < 0.5 * bytes_full
