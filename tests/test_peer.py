@@ -6,7 +6,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from longreach.bench import peer
+from longreach.bench import peer, peer_row
 
 LAYERS, HEADS, KV_HEADS, WIDTH = 2, 4, 2, 64
 
@@ -47,7 +47,8 @@ def test_full_precision_copy_holds_the_dequantized_weights_and_the_metadata(tmp_
     assert peer.weight_type(source) == "Q8_0"
 
     copy = peer.full_precision(source)
-    assert copy.name == "tiny.Q8_0.F32.gguf" and copy.parent == tmp_path / "cache" / "gguf"
+    assert copy.name.startswith("tiny.Q8_0.") and copy.name.endswith(".F32.gguf")
+    assert copy.parent == tmp_path / "cache" / "gguf"
     reader = gguf.GGUFReader(copy)
     assert {t.name: t.tensor_type.name for t in reader.tensors} == dict.fromkeys(originals, "F32")
     for tensor in reader.tensors:
@@ -61,12 +62,19 @@ def test_full_precision_copy_holds_the_dequantized_weights_and_the_metadata(tmp_
     assert fields["llama.attention.head_count_kv"].contents() == KV_HEADS
     assert peer.weight_type(copy) == "F32"
     assert peer.full_precision(source) == copy  # written once, then found in the cache
+    other = tmp_path / "elsewhere" / source.name  # the same name, another file: its own copy
+    other.parent.mkdir()
+    _quantized_file(other, np.random.default_rng(5))
+    assert peer.full_precision(other) != copy
+    assert [p.gguf for p in peer.peers(copy)] == [copy]  # an F32 file is its own full-precision peer
+    assert [(p.weights, p.flash) for p in peer.peers(source, flash=True)] == [
+        ("F32", False), ("F32", True), ("Q8_0", False), ("Q8_0", True)]
 
 
 def test_footprint_counts_every_tensor_and_an_f16_cache_per_token(tmp_path):
     source = tmp_path / "tiny.gguf"
     _quantized_file(source, np.random.default_rng(1))
-    weights, per_token = peer.footprint(source)
+    weights, per_token = peer_row.footprint(source)
     q8_bytes = (8 * WIDTH + WIDTH * WIDTH) // 32 * 34  # Q8_0: 32 int8 values and one f16 scale a block
     assert weights == q8_bytes + WIDTH * 4
     head_dim = WIDTH // HEADS
@@ -88,3 +96,16 @@ def test_e2e_says_how_to_add_the_peer_column(monkeypatch, tiny_lm_folder):
     assert rows == [] and "make peer" in note
     rows, note = _peers(str(tiny_lm_folder), flash=False)
     assert rows == [] and "not a GGUF" in note
+
+
+def test_the_llama_cpp_row_script_loads_neither_torch_nor_longreach():
+    """Its peak RSS must be llama.cpp's own: run as a file, the script imports only the standard library (gguf and
+    llama_cpp inside its functions)."""
+    import subprocess
+    import sys
+
+    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'longreach', 'gguf')))")
+    done = subprocess.run([sys.executable, "-c", probe, str(peer.ROW_SCRIPT)], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"

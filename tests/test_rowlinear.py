@@ -37,10 +37,21 @@ def test_linear_row_matches_f_linear(out_features, in_features, threads, bias):
         torch.set_num_threads(previous)
 
 
+def test_linear_row_reads_a_strided_row_and_a_temporary_bias():
+    weight, bias = torch.randn(37, 20), torch.randn(74)[::2]
+    x = torch.randn(20, 3)[:, 1]  # a column: not contiguous
+    torch.testing.assert_close(native.load().linear_row(x, weight, bias * 1.0), F.linear(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_linear_row_refuses_what_it_does_not_compute():
     mod = native.load()
     with pytest.raises(RuntimeError, match="one row"):
         mod.linear_row(torch.randn(2, 8), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="last dimension"):
+        mod.linear_row(torch.randn(8, 1), torch.randn(4, 8), None)  # 8 values, but not a row of 8
+    with pytest.raises(RuntimeError, match="last dimension"):
+        mod.linear_row(torch.tensor(1.0), torch.randn(4, 1), None)
     with pytest.raises(RuntimeError, match="contiguous"):
         mod.linear_row(torch.randn(8), torch.randn(8, 4).T, None)
     with pytest.raises(RuntimeError, match="float32"):
@@ -58,7 +69,7 @@ def counted(monkeypatch):
         return real.linear_row(x, weight, bias)
 
     monkeypatch.setattr(rowlinear, "MIN_BYTES", 0)
-    monkeypatch.setattr(rowlinear, "faster", lambda out_features, in_features: True)
+    monkeypatch.setattr(rowlinear, "faster", lambda weight: True)
     monkeypatch.setattr(rowlinear.native, "load", lambda verbose=False: SimpleNamespace(linear_row=linear_row))
     return calls
 
@@ -75,9 +86,22 @@ def test_install_takes_one_row_calls_only_and_undoes(counted):
         model(torch.randn(1, 3, 16))  # a prefill's rows go to torch
     assert len(counted) == 2
     model(torch.randn(1, 1, 16, requires_grad=True))  # autograd needs torch's op
+    model[0].weight.requires_grad_(False)  # a trainable bias alone still needs it
+    model(torch.randn(1, 1, 16))
+    assert len(counted) == 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 1, 16)).dtype == torch.bfloat16  # autocast's dtype, as F.linear gives
     assert len(counted) == 2
     undo()
     assert not any("forward" in m.__dict__ for m in model)
+
+
+def test_undo_leaves_a_forward_someone_else_installed_later(counted):
+    model = nn.Sequential(nn.Linear(16, 8))
+    undo = rowlinear.install(model)
+    theirs = model[0].forward = lambda x: x  # e.g. a profiler's wrapper, set after apply()
+    undo()
+    assert model[0].forward is theirs
 
 
 def test_apply_runs_decode_through_it_and_keeps_the_logits(counted):
@@ -95,5 +119,21 @@ def test_apply_runs_decode_through_it_and_keeps_the_logits(counted):
 
 
 def test_forced_torch_path_is_never_measured(monkeypatch):
+    def measured(weight):
+        raise AssertionError("timed although LONGREACH_NATIVE=0")
+
     monkeypatch.setenv("LONGREACH_NATIVE", "0")
-    assert rowlinear.faster(4096, 512) is False
+    monkeypatch.setattr(rowlinear, "_timings", measured)
+    assert rowlinear.faster(torch.empty(4096, 512)) is False
+
+
+def test_a_large_weight_is_timed_in_place_and_small_ones_on_at_most_the_stream_budget(monkeypatch):
+    large, small = torch.randn(512, 1024), torch.randn(64, 256)
+    made = []
+    real_randn = torch.randn
+    monkeypatch.setattr(rowlinear.torch, "randn", lambda *a, **k: made.append(a) or real_randn(*a, **k))
+    monkeypatch.setattr(rowlinear, "STREAM_BYTES", 1 << 20)
+    rowlinear._timings(large)  # 2 MiB: itself, no copy
+    assert [a for a in made if len(a) == 2] == []
+    rowlinear._timings(small)  # 64 KiB: 16 copies make the 1 MiB budget
+    assert len([a for a in made if len(a) == 2]) == 16

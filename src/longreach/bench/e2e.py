@@ -37,7 +37,7 @@ from ..generation import generate
 from ..plan import MiB, peak_resident_bytes, reset_peak_resident, weight_bytes
 from ..plotting import pyplot
 from ._plot import speedup_axis
-from .peer import Peer
+from .peer import ROW_SCRIPT, Peer
 
 
 @dataclass
@@ -147,9 +147,12 @@ def _job_name(job: dict) -> str:
 
 
 def _fresh_process(job: dict) -> dict:
-    """Run :func:`measure_row` in a new interpreter (same threads) and read its one JSON line."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run([sys.executable, "-m", "longreach.bench.e2e_row", json.dumps(job)], capture_output=True,
+    """Run :func:`measure_row` (a llama.cpp row: ``peer_row.py``) in a new interpreter with the same threads, and
+    read its one JSON line."""
+    threads = torch.get_num_threads()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    row = [str(ROW_SCRIPT)] if "peer" in job else ["-m", "longreach.bench.e2e_row"]
+    done = subprocess.run([sys.executable, *row, json.dumps({**job, "threads": threads})], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the benchmark row {job['length']} tokens, {_job_name(job)} failed in its "

@@ -10,18 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from ..models import load_model
-from . import peer
 from .e2e import measure_row
 
 
 def main(job: dict) -> dict:
     text = Path(job["text_file"]).read_text()
-    if "peer" in job:
-        return peer.measure(peer.Peer.from_job(job["peer"]), text, job["length"], job["new_tokens"],
-                            torch.get_num_threads())
     model, tokenizer = load_model(job["model"])
     return measure_row(model, tokenizer, text, job["length"], job["spec"],
                        job["new_tokens"], job["chunk"], job["hf_generate"])

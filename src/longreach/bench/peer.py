@@ -1,26 +1,25 @@
 """llama.cpp as the peer column of ``bench e2e``, compared like for like.
 
 longreach runs a bundled model in fp32, dequantized from its GGUF (SmolLM2's is Q4_1). llama.cpp on that
-quantized file reads about a seventh of the weight bytes per decode token, so it is a different computation,
-not a faster implementation of the same one. :func:`full_precision` writes an F32 copy holding exactly the
-weights longreach runs (every quantized tensor dequantized, the metadata and every other byte of meaning kept),
-so the e2e table puts dense against dense. Each peer row is labelled with its weights' type.
+quantized file reads 5.6x fewer tensor bytes per decode token (96.6 against 538.1 MB), so it is a different
+computation, not a faster implementation of the same one. :func:`full_precision` writes an F32 copy holding
+exactly the weights longreach runs (every quantized tensor dequantized, the metadata kept), so the e2e table puts
+dense against dense. Each peer row is labelled with its weights' type, and runs in a process of its own that
+imports neither torch nor longreach (``peer_row.py``), so its peak RSS is llama.cpp's.
 
 llama-cpp-python compiles llama.cpp when installed (``make peer``); without it the run says so.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import cache_dir
-from ..plan import MiB, peak_resident_bytes, reset_peak_resident
 
-KV_BYTES = 2  # llama.cpp's default cache type is f16 for both K and V
+ROW_SCRIPT = Path(__file__).with_name("peer_row.py")  # run as a file: its process never imports torch
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,8 @@ class Peer:
         return f"llama.cpp {self.weights}" + (" (flash attn)" if self.flash else "")
 
     def job(self) -> dict:
-        """As JSON, for the row's fresh process."""
-        return {"gguf": str(self.gguf), "weights": self.weights, "flash": self.flash}
+        """As JSON, for the row's fresh process (``peer_row.py``)."""
+        return {"gguf": str(self.gguf), "weights": self.weights, "flash": self.flash, "label": self.label}
 
     @classmethod
     def from_job(cls, job: dict) -> Peer:
@@ -62,11 +61,15 @@ def weight_type(gguf_file: Path) -> str:
 
 
 def full_precision(gguf_file: Path) -> Path:
-    """An F32 GGUF with ``gguf_file``'s weights dequantized (what longreach runs), written once into the cache."""
+    """An F32 GGUF with ``gguf_file``'s weights dequantized (what longreach runs), written once into the cache
+    under a name that holds the source's path, size and modification time (another file, or this one changed,
+    gets its own copy)."""
     import gguf
     import numpy as np
 
-    target = cache_dir() / "gguf" / f"{gguf_file.stem}.F32.gguf"
+    stat = gguf_file.stat()
+    source = f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    target = cache_dir() / "gguf" / f"{gguf_file.stem}.{hashlib.sha256(source.encode()).hexdigest()[:10]}.F32.gguf"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,55 +100,5 @@ def full_precision(gguf_file: Path) -> Path:
 def peers(gguf_file: Path, flash: bool = False) -> list[Peer]:
     """The F32 copy and the bundled file, with llama.cpp's flash attention off (llama-cpp-python's default); with
     ``flash`` each also with it on (the llama.cpp CLI's choice on CPU, slower on our 2-core runs)."""
-    files = [full_precision(gguf_file), gguf_file]
+    files = [gguf_file] if weight_type(gguf_file) == "F32" else [full_precision(gguf_file), gguf_file]
     return [Peer(f, weight_type(f), on) for f in files for on in ((False, True) if flash else (False,))]
-
-
-def footprint(gguf_file: Path) -> tuple[int, int]:
-    """(bytes of all tensors, bytes of llama.cpp's f16 KV cache per token): a decode step reads every tensor
-    once and the whole cache."""
-    import gguf
-
-    reader = gguf.GGUFReader(gguf_file)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-
-    def meta(key: str, default: int | None = None) -> int:
-        field = reader.fields.get(f"{arch}.{key}")
-        return int(field.contents()) if field is not None else default
-
-    heads = meta("attention.head_count")
-    key_len = meta("attention.key_length", meta("embedding_length") // heads)
-    value_len = meta("attention.value_length", key_len)
-    per_token = meta("block_count") * meta("attention.head_count_kv", heads) * (key_len + value_len) * KV_BYTES
-    return sum(int(t.n_bytes) for t in reader.tensors), per_token
-
-
-def measure(peer: Peer, text: str, length: int, new_tokens: int, threads: int) -> dict:
-    """One row in this process, with the keys of ``e2e.measure_row``: llama.cpp's own tokenizer on the same text,
-    greedy decoding of ``new_tokens`` (the first from the prefill)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(peer.gguf), n_ctx=length + new_tokens + 8, n_threads=threads,
-                flash_attn=peer.flash, verbose=False)
-    try:
-        tokens = llm.tokenize(text.encode(), add_bos=False)
-        if len(tokens) < length:
-            raise ValueError(f"the text has {len(tokens)} llama.cpp tokens, fewer than the {length} asked for")
-        reset_peak_resident()
-        start = time.perf_counter()
-        llm.eval(tokens[:length])
-        ttft = time.perf_counter() - start
-        token = int(llm.sample(temp=0.0))
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = int(llm.sample(temp=0.0))
-        decode = time.perf_counter() - start
-        weights, per_token = footprint(peer.gguf)
-        kv = per_token * (length + new_tokens - 1)
-        return {"length": length, "method": peer.label, "ttft_s": ttft, "decode_tok_s": (new_tokens - 1) / decode,
-                "decode_tokens": new_tokens - 1, "peak_rss_mb": peak_resident_bytes() / MiB, "kv_bytes": kv,
-                "decode_bytes": weights + kv}
-    finally:
-        with contextlib.suppress(Exception):
-            llm.close()

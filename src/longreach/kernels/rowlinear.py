@@ -2,15 +2,15 @@
 LM head.
 
 Why: torch's fp32 GEMV (a linear layer applied to one row) runs on one thread on our CPUs. On the 2-core AMD
-EPYC, SmolLM2's LM head (49152 x 576, 113 MB) took 7.2-7.4 ms with 1 thread and with 2 (15 GB/s), its 30
-layers' weights 27-29 ms, so a decode token streamed its 540 MB at one core's bandwidth; llama.cpp on the same
-weights in F32 decodes about 3.5x faster on that machine. The compiled ``linear_row`` (``csrc/row_linear.cpp``)
-splits the output rows over the threads (the LM head: 4.1 ms, 28 GB/s, with two threads).
+EPYC, SmolLM2's LM head (49152 x 576, 113 MB) took 7.2-7.4 ms with 1 thread and with 2 (15 GB/s), and its 30
+layers' weights 27-29 ms, so a decode token streamed its 540 MB at one core's bandwidth. The compiled
+``linear_row`` (``csrc/row_linear.cpp``) splits the output rows over the threads: the same LM head in 3.5 ms.
 
-It is used only where it measured faster on this machine (``choice.decide``, per weight shape, timed while
-streaming more weights than a CPU cache holds, as decode does), and only for weights of at least ``MIN_BYTES``
-(smaller ones sit in cache and do not pay for the fork). Sums run in another order than MKL's, so outputs
-differ from ``F.linear`` by rounding (tests/test_rowlinear.py bounds it); no method's selection depends on it.
+It is used only where it measured faster on this machine (``choice.decide``, per weight shape, timed on weights
+that come from memory as in decode: the layer's own weight when it is at least ``STREAM_BYTES``, else random
+copies adding up to that), only for weights of at least ``MIN_BYTES`` (smaller ones sit in cache and do not pay
+for the fork), and never under autograd or autocast. Sums run in another order than MKL's, so outputs differ
+from ``F.linear`` by rounding (tests/test_rowlinear.py bounds it); no method's selection depends on it.
 """
 
 from __future__ import annotations
@@ -28,14 +28,18 @@ from torch import nn
 from . import choice, native
 
 MIN_BYTES = 1 << 20
-STREAM_BYTES = 64 << 20  # timed over copies adding up to this, so the weights come from memory as in decode
+STREAM_BYTES = 64 << 20
 REPEAT = 3
 
 
-def _timings(out_features: int, in_features: int) -> dict[str, float]:
-    copies = max(2, math.ceil(STREAM_BYTES / (out_features * in_features * 4)))
+def _timings(weight: torch.Tensor) -> dict[str, float]:
+    """Seconds per call of each path, best of ``REPEAT`` passes over weights that do not fit a CPU cache: the
+    layer's own weight when it is large enough, else random ones of its shape (at most ``STREAM_BYTES`` in all)."""
+    out_features, in_features = weight.shape
+    nbytes = weight.numel() * weight.element_size()
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(out_features, in_features, generator=gen) for _ in range(copies)]
+    weights = [weight] if nbytes >= STREAM_BYTES else [
+        torch.randn(out_features, in_features, generator=gen) for _ in range(max(2, STREAM_BYTES // nbytes))]
     x = torch.randn(1, 1, in_features, generator=gen)
     compiled = native.load()
     paths = {"native": lambda w: compiled.linear_row(x, w, None), "torch": lambda w: F.linear(x, w)}
@@ -46,7 +50,7 @@ def _timings(out_features: int, in_features: int) -> dict[str, float]:
             start = time.perf_counter()
             for w in weights:
                 run(w)
-            best = min(best, (time.perf_counter() - start) / copies)
+            best = min(best, (time.perf_counter() - start) / len(weights))
         found[path] = best
     return found
 
@@ -54,39 +58,45 @@ def _timings(out_features: int, in_features: int) -> dict[str, float]:
 _memo: dict[tuple, bool] = {}  # every decode call asks: a dict look-up, not the choice file's key
 
 
-def faster(out_features: int, in_features: int) -> bool:
-    """Whether the threaded one-row path beats ``F.linear`` for this weight shape on this machine."""
+def faster(weight: torch.Tensor) -> bool:
+    """Whether the threaded one-row path beats ``F.linear`` for this weight's shape on this machine."""
+    out_features, in_features = weight.shape
     key = (out_features, in_features, torch.get_num_threads(), os.environ.get("LONGREACH_NATIVE"))
     if key not in _memo:
         shape = f"linear_row/{out_features}/{in_features}"
-        _memo[key] = choice.decide(shape, lambda: _timings(out_features, in_features))["path"] == "native"
+        _memo[key] = choice.decide(shape, lambda: _timings(weight.detach()))["path"] == "native"
     return _memo[key]
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
-    if (x.numel() == module.in_features and x.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and faster(*weight.shape)):
+    if (x.numel() == module.in_features and x.shape[-1] == module.in_features and x.dtype == torch.float32
+            and x.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and faster(weight)):
         return native.load().linear_row(x, weight, module.bias)
     return nn.Linear.forward(module, x)
+
+
+def _large(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module) is nn.Linear and "forward" not in module.__dict__ and weight is not None
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() * 4 >= MIN_BYTES)
 
 
 def install(model: nn.Module) -> Callable[[], None]:
     """Route one-row calls of ``model``'s large fp32 CPU linear layers through the threaded path where it measured
     faster; returns the undo. Layers already given a forward of their own (hooks of other libraries) are left
-    alone."""
-    patched: list[nn.Linear] = []
-    if native.load() is None:
+    alone, and the undo removes only the forwards it installed."""
+    candidates = [m for m in model.modules() if _large(m)]
+    if not candidates or native.load() is None:  # a CUDA or bf16 model never builds the extension for this
         return lambda: None
-    for module in model.modules():
-        if (type(module) is nn.Linear and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
-                and module.weight.dtype == torch.float32 and module.weight.numel() * 4 >= MIN_BYTES):
-            module.forward = types.MethodType(_forward, module)
-            patched.append(module)
+    mine = {}
+    for module in candidates:
+        module.forward = mine[module] = types.MethodType(_forward, module)
 
     def undo() -> None:
-        for module in patched:
-            module.__dict__.pop("forward", None)
+        for module, forward in mine.items():
+            if module.__dict__.get("forward") is forward:
+                del module.forward
 
     return undo

@@ -10,7 +10,7 @@ two or three on an AMD EPYC: moba 10% peaked at 2534 MiB untrimmed and 2213 MiB 
 The runtime trims twice per layer of a prefill: before the layer (what the previous one freed) and between the
 selector and the kernel (the q/k/v projections' and the selector's scratch, which would otherwise sit under
 the attention output): on a 4-layer SmolLM2-shaped model at 16k the second trim lowered the peak from 1105.5
-to 1063.5 MiB for dense and from 1113 to 1067 MiB for moba 10%.
+to 1063.5 MiB for dense and from 1113.1 to 1067.0 MiB for moba 10% (docs/benchmarks/issue20/peak-probe.txt).
 
 ``LONGREACH_TRIM=0`` switches it off (to measure what it buys).
 """

@@ -89,6 +89,7 @@ class LayerRuntime:
         if layers is None:
             return self.run(q, k, v, None, scale, None)
         latent = self.handle.latent
+        self.policy_state.pop("kept", None)  # what an earlier press call kept is not this forward's
         if latent:  # the cache holds the module's latent, not k/v: give back the last token's latent
             last = layers[self.layer_idx].keys[:, :, -1:].clone(), layers[self.layer_idx].values[:, :, -1:].clone()
         truncate_layer(layers[self.layer_idx], 1)

@@ -254,6 +254,10 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
 torch::Tensor linear_row(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend", &attend, "fused block-sparse attention for a Selection (float32, CPU)");
-  m.def("linear_row", &linear_row, "one row through a linear layer, output rows over the threads (row_linear.cpp)");
+  // Neither touches a Python object: release the GIL, as torch's own ops do (the server's event loop runs beside
+  // the model's thread).
+  m.def("attend", &attend, "fused block-sparse attention for a Selection (float32, CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_row", &linear_row, "one row through a linear layer, output rows over the threads (row_linear.cpp)",
+        py::call_guard<py::gil_scoped_release>());
 }

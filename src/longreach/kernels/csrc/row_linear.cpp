@@ -11,14 +11,17 @@
 
 torch::Tensor linear_row(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "linear_row: float32 only");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_row: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_row: weight must be a contiguous matrix");
   const int64_t out = weight.size(0), in = weight.size(1);
-  TORCH_CHECK(x.numel() == in, "linear_row: x must hold exactly one row of ", in, " values");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in && x.numel() == in,
+              "linear_row: x must hold exactly one row of ", in, " values in its last dimension");
   const torch::Tensor xc = x.contiguous();
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == out, "linear_row: bias must hold ", out, " floats");
+    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.device().is_cpu() && b.numel() == out,
+                "linear_row: bias must hold ", out, " CPU floats");
   }
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = out;
