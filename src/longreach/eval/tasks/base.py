@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...configurable import Configurable
+from ...documents import Documents
 from ...errors import SpecError
-from ...sorting import Documents
 from ..corpus import Corpus
 from ..fit import uses_chat
 

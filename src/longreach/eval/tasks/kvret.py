@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass
 
 from ...configurable import param
+from ...documents import Documents
 from ...errors import SpecError
-from ...sorting import Documents
 from ..corpus import Corpus
 from ..fit import Frame, fit, render
 from .base import Sample, Task, distinct_values
