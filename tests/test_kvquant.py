@@ -283,3 +283,35 @@ def test_dequantizing_into_a_buffer_equals_the_general_path(bits, axis, n, d, gr
     if in_place:
         assert torch.allclose(buf[..., :n, :], q.dequantize(), atol=1e-6)
         assert torch.isnan(buf[..., n:, :]).all()  # nothing written past its rows
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_plan_counts_the_quantized_cache_that_a_prefill_leaves(bits):
+    """``longreach plan`` counts codes, scales, zero points and the exact residual, not the full width: equal to the
+    bytes a prefill under the spec really holds (100 tokens: the held-back last one joins the residual without
+    completing a group)."""
+    from longreach.plan import plan_memory
+
+    model, spec, n = tiny_model("llama"), f"kvquant:bits={bits},group=16,residual=8", 100
+    with torch.no_grad(), longreach.apply(model, spec):
+        cache = output_cache(model(torch.randint(1, 128, (1, n)), use_cache=True))
+    dense = plan_memory(model, longreach.parse_spec("dense"), n, available=2**40)
+    plan = plan_memory(model, longreach.parse_spec(spec), n, available=2**40)
+    assert plan.kv_kept == cache_bytes(cache) < dense.kv_cache
+    assert plan.kv_cache == dense.kv_cache  # the full-width cache exists during the prefill, before quantizing
+
+
+def test_plan_counts_a_press_then_kvquant_as_the_press_keeps_and_kvquant_stores():
+    from longreach.plan import plan_memory
+
+    model, n = tiny_model("llama"), 120
+    spec = "snapkv:budget=40,window=8+kvquant:bits=4,group=8,residual=4"
+    with torch.no_grad(), longreach.apply(model, spec):
+        cache = output_cache(model(torch.randint(1, 128, (1, n)), use_cache=True))
+    plan = plan_memory(model, longreach.parse_spec(spec), n, available=2**40)
+    press = plan_memory(model, longreach.parse_spec("snapkv:budget=40,window=8"), n, available=2**40)
+    config = model.config
+    token = 2 * config.num_key_value_heads * config.hidden_size // config.num_attention_heads * 4
+    # the plan counts the press's 40 tokens per layer; the prefill also holds the prompt's last token (held back to
+    # attend the pressed cache) in the exact residual
+    assert cache_bytes(cache) - config.num_hidden_layers * token == plan.kv_kept <= 0.5 * press.kv_kept

@@ -138,13 +138,14 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
         return _procedure_plan(procedure, model, cfg, length, per_token, weights, available, runtime)
     # presses and head policies (razor, headkv, duo, lserve) say what they keep per layer
     policy = stack_policies([p for m in spec.methods if (p := m.cache_policy(None)) is not None])
+    store = getattr(policy, "stored_bytes", None)  # kvquant: codes, scales and an exact residual
     kv = 0
     for i, kind in enumerate(layer_types):
         if kind == "sliding_attention" and window:
-            held = min(length, window - 1)  # transformers' sliding-window cache layers keep the last window - 1
-        else:
-            held = policy.kept_tokens(i, n_layers, length, n_kv) if policy is not None else length
-        kv += round(held * per_token)
+            kv += round(min(length, window - 1) * per_token)  # transformers' sliding layers keep window - 1
+            continue
+        held = policy.kept_tokens(i, n_layers, length, n_kv) if policy is not None else length
+        kv += store(round(held), n_kv, head_dim, param.dtype) if store is not None else round(held * per_token)
     if policy is not None and chunk is None:
         notes.append(f"{policy.name} shrinks the cache after the prefill: the full {length}-token cache exists "
                      "during it; --chunk lets it compress chunk by chunk")

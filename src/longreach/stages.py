@@ -90,7 +90,9 @@ class CachePolicy(Protocol):
     cache and says whether the stored keys changed (block summaries kept beside them are then rebuilt).
     ``kept_tokens`` is the stored tokens per KV head (averaged over heads) once ``seen`` tokens arrived:
     what ``longreach plan`` counts. ``stores_only`` marks a policy that keeps every key it is given and changes
-    only how they are held (``kvquant``): it may follow one press or head policy in a spec, and runs after it.
+    only how they are held (``kvquant``): it may follow one press or head policy in a spec, and runs after it;
+    such a policy may also say how many bytes a layer's stored tokens take (``stored_bytes(tokens, n_kv,
+    head_dim, dtype)``), which ``plan`` then counts instead of the full width.
     """
 
     name: str
@@ -111,6 +113,9 @@ class StackedPolicy:
         self.policies = tuple(policies)
         self.name = "+".join(p.name for p in policies)
         self.stores_only = all(p.stores_only for p in policies)
+        storing = [p.stored_bytes for p in policies if hasattr(p, "stored_bytes")]
+        if storing:  # how the last storing policy (kvquant) holds what the others keep: what ``plan`` counts
+            self.stored_bytes = storing[-1]
 
     def attend(self, call: LayerCall) -> Tensor | None:
         for policy in self.policies:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..configurable import param
@@ -21,7 +22,7 @@ from ..methods.registry import register
 from ..stages import CachePolicy, LayerCall
 from .compressed import CompressedLayer, shrinkable_layer
 from .press import Press
-from .quant import BITS
+from .quant import BITS, quantize
 from .quantized import QuantizedLayer
 
 
@@ -66,6 +67,16 @@ class QuantPolicy:
 
     def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float:
         return seen
+
+    def stored_bytes(self, tokens: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one layer holds for ``tokens`` stored tokens (what ``longreach plan`` counts): the whole groups
+        past the exact residual as codes, scales and zero points (measured on one group of zeros: every group of
+        a shape takes the same bytes), the rest at full width, as ``QuantizedLayer`` stores them."""
+        m = self.method
+        take = max(0, (tokens - m.residual) // m.group * m.group)
+        one = torch.zeros(1, n_kv, m.group, head_dim, dtype=dtype)
+        per_group = quantize(one, m.bits, m.group, axis=-2).nbytes + quantize(one, m.bits, m.group, axis=-1).nbytes
+        return take // m.group * per_group + (tokens - take) * 2 * n_kv * head_dim * one.element_size()
 
     def after_forward(self, call: LayerCall) -> bool:
         layers = call.cache_layers
