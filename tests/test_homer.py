@@ -145,15 +145,23 @@ def test_plan_matches_the_hand_computed_memory():
 def test_generate_under_apply_runs_homer_and_refuses_the_dense_prefill():
     model = tiny_model("llama", num_hidden_layers=4)
     ids = {"input_ids": torch.randint(1, 128, (1, N)), "attention_mask": torch.ones(1, N, dtype=torch.long)}
+    seen = []  # the positions every forward's rotary embedding is given
+    hook = model.model.rotary_emb.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append((args[1] if len(args) > 1 else kwargs["position_ids"])[0].tolist()),
+        with_kwargs=True)
     with torch.no_grad():
         done, _ = prefill(model, ids["input_ids"])
+        seen.clear()
         with longreach.apply(model, MULTI):
             run = longreach.generate(model, ids, 4)
             with pytest.raises(InputError, match="replaces the prefill"):
                 model.generate(**ids, max_new_tokens=2)
             model(input_ids=ids["input_ids"][:, :32])  # a prompt inside one chunk is the model's own prefill
     assert run.tokens[0] == int(done.logits[0, -1].argmax())
+    hook.remove()
     assert run.cache.get_seq_length() == 64 + 3  # the merged chunk, then the decoded tokens
+    # each decode step continues from the merged chunk's length (64), not from the prompt's (200)
+    assert done.length == 64 and [p for p in seen if len(p) == 1][-3:] == [[64], [65], [66]]
     assert run.prompt_kv_bytes == 64 * 4 * 2 * 2 * 16 * 4
 
 
