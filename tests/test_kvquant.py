@@ -286,19 +286,26 @@ def test_dequantizing_into_a_buffer_equals_the_general_path(bits, axis, n, d, gr
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_plan_counts_the_quantized_cache_that_a_prefill_leaves(bits):
+@pytest.mark.parametrize("n", [100, 104, 105, 120])  # 104 - 8 and 120 - 8 fill whole groups of 16
+def test_plan_counts_the_quantized_cache_that_a_prefill_leaves(bits, n):
     """``longreach plan`` counts codes, scales, zero points and the exact residual, not the full width: equal to the
-    bytes a prefill under the spec really holds (100 tokens: the held-back last one joins the residual without
-    completing a group)."""
+    bytes a prefill under the spec really holds, the held-back last token included (it joins the residual after
+    the others are quantized)."""
     from longreach.plan import plan_memory
 
-    model, spec, n = tiny_model("llama"), f"kvquant:bits={bits},group=16,residual=8", 100
+    model, spec = tiny_model("llama"), f"kvquant:bits={bits},group=16,residual=8"
     with torch.no_grad(), longreach.apply(model, spec):
         cache = output_cache(model(torch.randint(1, 128, (1, n)), use_cache=True))
     dense = plan_memory(model, longreach.parse_spec("dense"), n, available=2**40)
     plan = plan_memory(model, longreach.parse_spec(spec), n, available=2**40)
     assert plan.kv_kept == cache_bytes(cache) < dense.kv_cache
-    assert plan.kv_cache == dense.kv_cache  # the full-width cache exists during the prefill, before quantizing
+    # the peak: the full-width cache during the prefill, before quantizing, or the quantized cache and the full-width
+    # copy one layer attends
+    per_layer = dense.kv_cache // model.config.num_hidden_layers
+    assert plan.kv_cache == max(dense.kv_cache, plan.kv_kept + per_layer)
+    chunked = plan_memory(model, longreach.parse_spec(spec), n, chunk=32, available=2**40)
+    assert chunked.kv_cache == plan.kv_kept + per_layer  # chunk by chunk, the full cache never exists
+    assert any(label == "KV cache after kvquant" for label, _ in plan.rows())
 
 
 def test_plan_counts_a_press_then_kvquant_as_the_press_keeps_and_kvquant_stores():
@@ -310,8 +317,6 @@ def test_plan_counts_a_press_then_kvquant_as_the_press_keeps_and_kvquant_stores(
         cache = output_cache(model(torch.randint(1, 128, (1, n)), use_cache=True))
     plan = plan_memory(model, longreach.parse_spec(spec), n, available=2**40)
     press = plan_memory(model, longreach.parse_spec("snapkv:budget=40,window=8"), n, available=2**40)
-    config = model.config
-    token = 2 * config.num_key_value_heads * config.hidden_size // config.num_attention_heads * 4
-    # the plan counts the press's 40 tokens per layer; the prefill also holds the prompt's last token (held back to
-    # attend the pressed cache) in the exact residual
-    assert cache_bytes(cache) - config.num_hidden_layers * token == plan.kv_kept <= 0.5 * press.kv_kept
+    # the press's 40 tokens of the first 119 quantized, then the prompt's last token (held back to attend the pressed
+    # cache) in the exact residual
+    assert cache_bytes(cache) == plan.kv_kept < press.kv_kept

@@ -98,14 +98,51 @@ def test_e2e_says_how_to_add_the_peer_column(monkeypatch, tiny_lm_folder):
     assert rows == [] and "not a GGUF" in note
 
 
-def test_the_llama_cpp_row_script_loads_neither_torch_nor_longreach():
-    """Its peak RSS must be llama.cpp's own: run as a file, the script imports only the standard library (gguf and
-    llama_cpp inside its functions)."""
+STUB = """
+import sys
+
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, flash_attn, verbose):
+        self.threads = (n_threads, n_threads_batch)
+
+    def tokenize(self, text, add_bos):
+        return list(range(len(text)))
+
+    def eval(self, tokens):
+        pass
+
+    def sample(self, temp):
+        return 7
+
+    def close(self):
+        loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "longreach", "transformers"})
+        print("LOADED", loaded, "THREADS", self.threads)
+"""
+
+
+def test_the_llama_cpp_row_runs_in_a_process_without_torch_or_longreach(tmp_path):
+    """Its peak RSS must be llama.cpp's plus a bare interpreter's: run as e2e runs it (``python -P`` on the file),
+    with a stand-in llama_cpp that reports, when closed, which heavy packages the process had loaded."""
+    import json
+    import os
     import subprocess
     import sys
 
-    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); "
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'longreach', 'gguf')))")
-    done = subprocess.run([sys.executable, "-c", probe, str(peer.ROW_SCRIPT)], capture_output=True, text=True,
-                          check=True)
-    assert done.stdout.strip() == "[]"
+    (tmp_path / "stub" / "llama_cpp").mkdir(parents=True)
+    (tmp_path / "stub" / "llama_cpp" / "__init__.py").write_text(STUB)
+    model = tmp_path / "tiny.gguf"
+    _quantized_file(model, np.random.default_rng(2))
+    text = tmp_path / "text.txt"
+    text.write_text("x" * 500)
+    job = {"peer": peer.Peer(model, "Q8_0", False).job(), "text_file": str(text), "length": 64, "new_tokens": 4,
+           "threads": 2}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stub")}
+    done = subprocess.run([sys.executable, "-P", str(peer.ROW_SCRIPT), json.dumps(job)], capture_output=True,
+                          text=True, env=env, check=True)
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "LOADED [] THREADS (2, 2)"  # prefill and decode on the same threads
+    row = json.loads(lines[-1])
+    weights, per_token = peer_row.footprint(model)
+    assert row["method"] == "llama.cpp Q8_0" and row["decode_tokens"] == 3
+    assert row["kv_bytes"] == per_token * (64 + 3) and row["decode_bytes"] == weights + row["kv_bytes"]

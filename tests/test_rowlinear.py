@@ -40,8 +40,11 @@ def test_linear_row_matches_f_linear(out_features, in_features, threads, bias):
 def test_linear_row_reads_a_strided_row_and_a_temporary_bias():
     weight, bias = torch.randn(37, 20), torch.randn(74)[::2]
     x = torch.randn(20, 3)[:, 1]  # a column: not contiguous
-    torch.testing.assert_close(native.load().linear_row(x, weight, bias * 1.0), F.linear(x, weight, bias),
+    assert not bias.is_contiguous() and not x.is_contiguous()
+    torch.testing.assert_close(native.load().linear_row(x, weight, bias), F.linear(x, weight, bias),
                                rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.load().linear_row(x, weight, bias * 2.0), F.linear(x, weight, bias * 2.0),
+                               rtol=1e-5, atol=1e-5)  # a temporary bias, freed once the call returns
 
 
 def test_linear_row_refuses_what_it_does_not_compute():
@@ -128,12 +131,15 @@ def test_forced_torch_path_is_never_measured(monkeypatch):
 
 
 def test_a_large_weight_is_timed_in_place_and_small_ones_on_at_most_the_stream_budget(monkeypatch):
-    large, small = torch.randn(512, 1024), torch.randn(64, 256)
+    """Timing never allocates more than ``STREAM_BYTES`` of copies, nor a copy of a large weight."""
+    large, middle, small = torch.randn(512, 1024), torch.randn(192, 1024), torch.randn(64, 256)
     made = []
     real_randn = torch.randn
     monkeypatch.setattr(rowlinear.torch, "randn", lambda *a, **k: made.append(a) or real_randn(*a, **k))
     monkeypatch.setattr(rowlinear, "STREAM_BYTES", 1 << 20)
     rowlinear._timings(large)  # 2 MiB: itself, no copy
+    assert [a for a in made if len(a) == 2] == []
+    rowlinear._timings(middle)  # 0.75 MiB, over half the budget: itself
     assert [a for a in made if len(a) == 2] == []
     rowlinear._timings(small)  # 64 KiB: 16 copies make the 1 MiB budget
     assert len([a for a in made if len(a) == 2]) == 16

@@ -144,14 +144,20 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
         if kind == "sliding_attention" and window:
             kv += round(min(length, window - 1) * per_token)  # transformers' sliding layers keep window - 1
             continue
-        held = policy.kept_tokens(i, n_layers, length, n_kv) if policy is not None else length
-        kv += store(round(held), n_kv, head_dim, param.dtype) if store is not None else round(held * per_token)
+        if policy is None:
+            kv += length * per_token
+            continue
+        # a cache policy acts on all but the prompt's last token, which then joins what it kept (at full width)
+        held = round(policy.kept_tokens(i, n_layers, length - 1, n_kv)) if length > 1 else 0
+        kv += (store(held, n_kv, head_dim, param.dtype) if store is not None else held * per_token) + per_token
     if policy is not None and chunk is None:
         notes.append(f"{policy.name} shrinks the cache after the prefill: the full {length}-token cache exists "
                      "during it; --chunk lets it compress chunk by chunk")
         kv_peak = max(kv, length * per_token * n_layers)
     else:
         kv_peak = kv
+    if store is not None:  # a quantized layer attends a dequantized full-width copy of itself, one layer at a time
+        kv_peak = max(kv_peak, kv + length * per_token)
 
     acts = forward_bytes(cfg, step, width)
     attn = CHUNK_BYTES
@@ -172,7 +178,7 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
         notes.append(f"string shifts relative positions >= {position.shift_for(length, trained)}")
     avail = available if available is not None else available_bytes()
     return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes), runtime,
-                      kv if kv != kv_peak else None)
+                      kv if kv != kv_peak else None, kept_by=policy.name if store is not None else "the press")
 
 
 def forward_bytes(cfg: object, step: int, width: int) -> int:

@@ -151,7 +151,7 @@ def _fresh_process(job: dict) -> dict:
     read its one JSON line."""
     threads = torch.get_num_threads()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    row = [str(ROW_SCRIPT)] if "peer" in job else ["-m", "longreach.bench.e2e_row"]
+    row = ["-P", str(ROW_SCRIPT)] if "peer" in job else ["-m", "longreach.bench.e2e_row"]
     done = subprocess.run([sys.executable, *row, json.dumps({**job, "threads": threads})], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:

@@ -5,7 +5,7 @@ quantized file reads 5.6x fewer tensor bytes per decode token (96.6 against 538.
 computation, not a faster implementation of the same one. :func:`full_precision` writes an F32 copy holding
 exactly the weights longreach runs (every quantized tensor dequantized, the metadata kept), so the e2e table puts
 dense against dense. Each peer row is labelled with its weights' type, and runs in a process of its own that
-imports neither torch nor longreach (``peer_row.py``), so its peak RSS is llama.cpp's.
+imports neither torch nor longreach (``peer_row.py``), so its peak RSS is llama.cpp's plus a bare interpreter's.
 
 llama-cpp-python compiles llama.cpp when installed (``make peer``); without it the run says so.
 """

@@ -1,6 +1,7 @@
 """One llama.cpp row of ``bench e2e`` in a fresh interpreter that imports neither torch nor longreach:
-``python .../peer_row.py '<job json>'`` (a file path, not ``-m``, so that the ``longreach`` package, which
-imports torch, is never loaded and the peak RSS is llama.cpp's own). The last line of stdout is the row.
+``python -P .../peer_row.py '<job json>'`` (a file path, not ``-m``, so that the ``longreach`` package, which
+imports torch, is never loaded: the peak RSS is llama.cpp's plus a bare interpreter's; ``-P`` keeps the script's
+folder off ``sys.path``). The last line of stdout is the row.
 
 Self-contained on purpose: standard library, ``gguf`` (numpy) and ``llama_cpp``.
 """
@@ -72,13 +73,14 @@ def measure(gguf_file: Path, label: str, flash: bool, text: str, length: int, ne
             llm.eval([token])
             token = int(llm.sample(temp=0.0))
         decode = time.perf_counter() - start
+        peak = _peak_bytes()  # before footprint() reads the file
     finally:
         with contextlib.suppress(Exception):
             llm.close()
     weights, per_token = footprint(gguf_file)
     kv = per_token * (length + new_tokens - 1)
     return {"length": length, "method": label, "ttft_s": ttft, "decode_tok_s": (new_tokens - 1) / decode,
-            "decode_tokens": new_tokens - 1, "peak_rss_mb": _peak_bytes() / MiB, "kv_bytes": kv,
+            "decode_tokens": new_tokens - 1, "peak_rss_mb": peak / MiB, "kv_bytes": kv,
             "decode_bytes": weights + kv}
 
 

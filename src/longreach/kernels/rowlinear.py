@@ -7,10 +7,10 @@ layers' weights 27-29 ms, so a decode token streamed its 540 MB at one core's ba
 ``linear_row`` (``csrc/row_linear.cpp``) splits the output rows over the threads: the same LM head in 3.5 ms.
 
 It is used only where it measured faster on this machine (``choice.decide``, per weight shape, timed on weights
-that come from memory as in decode: the layer's own weight when it is at least ``STREAM_BYTES``, else random
-copies adding up to that), only for weights of at least ``MIN_BYTES`` (smaller ones sit in cache and do not pay
-for the fork), and never under autograd or autocast. Sums run in another order than MKL's, so outputs differ
-from ``F.linear`` by rounding (tests/test_rowlinear.py bounds it); no method's selection depends on it.
+that come from memory as in decode: the layer's own weight when it holds over half of ``STREAM_BYTES``, else
+random copies adding up to at most that), only for weights of at least ``MIN_BYTES`` (smaller ones sit in cache
+and do not pay for the fork), and never under autograd or autocast. Sums run in another order than MKL's, so
+outputs differ from ``F.linear`` by rounding (tests/test_rowlinear.py bounds it); no selection depends on it.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ REPEAT = 3
 
 def _timings(weight: torch.Tensor) -> dict[str, float]:
     """Seconds per call of each path, best of ``REPEAT`` passes over weights that do not fit a CPU cache: the
-    layer's own weight when it is large enough, else random ones of its shape (at most ``STREAM_BYTES`` in all)."""
+    layer's own weight when it holds over half of ``STREAM_BYTES``, else random ones of its shape (at least two,
+    at most ``STREAM_BYTES`` in all)."""
     out_features, in_features = weight.shape
     nbytes = weight.numel() * weight.element_size()
     gen = torch.Generator().manual_seed(0)
-    weights = [weight] if nbytes >= STREAM_BYTES else [
-        torch.randn(out_features, in_features, generator=gen) for _ in range(max(2, STREAM_BYTES // nbytes))]
+    weights = [weight] if 2 * nbytes > STREAM_BYTES else [
+        torch.randn(out_features, in_features, generator=gen) for _ in range(STREAM_BYTES // nbytes)]
     x = torch.randn(1, 1, in_features, generator=gen)
     compiled = native.load()
     paths = {"native": lambda w: compiled.linear_row(x, w, None), "torch": lambda w: F.linear(x, w)}
