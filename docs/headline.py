@@ -142,6 +142,9 @@ def main() -> None:
         "method - dense (95% CI, Newcombe 10) | pairs: both / only method / only dense / neither |"
     )
     print("|---|---|---|---|---|---|")
+    for task in ("passkey", "niah"):  # longreach tune's choice, on its held-back reporting prompts (docs/tuned.md)
+        accuracy(f"tuned KV press, 10% cache, 4k, {task}", "snapkv:density=0.1,pool=31",
+                 "tuned/smollm2-4k/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     accuracy(
         "KV press, 25% cache, 4k + 8k",
         "snapkv:density=0.25,pool=31",
