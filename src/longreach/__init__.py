@@ -10,6 +10,7 @@
 
 from . import builtin  # noqa: F401  (registers every method that ships with longreach)
 from .cache.compressed import cache_bytes
+from .documents import Documents
 from .errors import InputError, LongreachError, ModelLoadError, SpecError, UnsupportedModelError
 from .generation import Generation, generate
 from .hf import Handle, apply
@@ -18,7 +19,7 @@ from .kernels import attend, kernel_names
 from .methods import Method, SelectContext, SelectionMethod, method_class, method_names, register
 from .models import load_model
 from .selection import Selection
-from .sorting import Documents, SortedDocuments, sort_documents
+from .sorting import SortedDocuments, sort_documents
 from .spec import Spec, parse_spec
 from .version import __version__
 

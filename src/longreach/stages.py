@@ -66,6 +66,8 @@ class LayerCall:
     record: Callable[[Selection, int, int], None] | None = None
     softcap: float | None = None  # Gemma 2: scores pass through cap * tanh(s / cap) (kernels.attend)
     sinks: Tensor | None = None  # GPT-OSS: one learned sink logit per query head, (Hq,) (kernels.attend)
+    # DeepSeek-V3's multi-head latent attention: the cache holds one latent per token, k/v are its expanded heads
+    latent: bool = False
 
     @property
     def t_q(self) -> int:

@@ -142,7 +142,7 @@ def run_rows(model: str, text: str, lengths: list[int], specs: list[str], new_to
 
 def _job_name(job: dict) -> str:
     if "peer" in job:
-        return Peer.from_job(job["peer"]).label
+        return job["peer"]["label"]
     return (job["spec"] or BASELINE) + (HF_PATH if job["hf_generate"] else "")
 
 

@@ -38,10 +38,6 @@ class Peer:
         """As JSON, for the row's fresh process (``peer_row.py``)."""
         return {"gguf": str(self.gguf), "weights": self.weights, "flash": self.flash, "label": self.label}
 
-    @classmethod
-    def from_job(cls, job: dict) -> Peer:
-        return cls(Path(job["gguf"]), job["weights"], job["flash"])
-
 
 def available() -> bool:
     try:
@@ -100,5 +96,6 @@ def full_precision(gguf_file: Path) -> Path:
 def peers(gguf_file: Path, flash: bool = False) -> list[Peer]:
     """The F32 copy and the bundled file, with llama.cpp's flash attention off (llama-cpp-python's default); with
     ``flash`` each also with it on (the llama.cpp CLI's choice on CPU, slower on our 2-core runs)."""
-    files = [gguf_file] if weight_type(gguf_file) == "F32" else [full_precision(gguf_file), gguf_file]
-    return [Peer(f, weight_type(f), on) for f in files for on in ((False, True) if flash else (False,))]
+    own = weight_type(gguf_file)
+    files = [(gguf_file, own)] if own == "F32" else [(full_precision(gguf_file), "F32"), (gguf_file, own)]
+    return [Peer(f, kind, on) for f, kind in files for on in ((False, True) if flash else (False,))]

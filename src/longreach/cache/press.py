@@ -171,7 +171,7 @@ class PressPolicy:
         seen = layer.get_seq_length()
         capacity = press.capacity(call.layer_idx, call.n_layers, seen)
         # a latent cache (MLA) stores no per-head keys: score the heads the layer expanded from it this call
-        shared = getattr(self.owner, "latent", False)
+        shared = call.latent
         keys, values = (call.k, call.v) if shared else (layer.keys, layer.values)
         obs = Observation(call.layer_idx, call.n_layers, seen, st["queries"], keys, values, call.scale,
                           st.get("history"), call.extras, shared)

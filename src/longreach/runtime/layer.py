@@ -115,7 +115,7 @@ class LayerRuntime:
         policy = handle.policy if controlled else None
         call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, self.cache, self.policy_state,
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
-                         if handle.track_density else None, self.softcap, self.sinks)
+                         if handle.track_density else None, self.softcap, self.sinks, handle.latent)
         # 1. position map
         far, branches = None, ()
         if controlled and handle.remap is not None and not self.no_rope:
