@@ -59,3 +59,19 @@ def test_exact_last_changes_only_the_last_block_and_stays_in_budget(method):
                 for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
     assert torch.equal(new.indices[:, :, :-1], old.indices[:, :, :-1])
     assert int((new.indices[:, :, -1] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
+
+
+@pytest.mark.parametrize("exact_last", [True, False])
+def test_flexprefill_chooses_the_same_blocks_when_its_estimate_runs_a_few_kv_heads_at_a_time(monkeypatch, exact_last):
+    """Long prompts take the last queries' probabilities a few KV heads per pass (the memory cap, PASS_BYTES); the
+    choice must be the one a single pass over all heads makes (SmolLM2 at 8k took two passes, and the second read
+    the first pass's result in place of the queries)."""
+    from longreach.methods import flexprefill
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 6, 512, 64, generator=g), torch.randn(1, 3, 512, 64, generator=g)
+    spec = f"flexprefill:density=0.3,exact_last={str(exact_last).lower()}"
+    one_pass = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
+    monkeypatch.setattr(flexprefill, "PASS_BYTES", 4 * 2 * 64 * 512)  # one KV head's probabilities per pass
+    per_head = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
+    assert torch.equal(one_pass.indices, per_head.indices)

@@ -137,7 +137,7 @@ class FlexPrefill(BudgetedMethod):
             true_dist = block_sums(probs.mean(2), bk)
             vs = vertical_slash_scores(probs, quota, self.block, bk)
             own = keys_share(probs) if sinks else probs  # in the estimates' unit: the keys' shares
-            last = last_block_exact(own, quota.t_q, self.block, bk) if self.exact_last else true_dist
-            parts.append((keys_share(true_dist) if sinks else true_dist, vs, last))
+            ranked = last_block_exact(own, quota.t_q, self.block, bk) if self.exact_last else true_dist
+            parts.append((keys_share(true_dist) if sinks else true_dist, vs, ranked))
             del probs, own
         return tuple(torch.cat(p, dim=1) for p in zip(*parts, strict=True))  # type: ignore[return-value]
