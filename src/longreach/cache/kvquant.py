@@ -19,6 +19,7 @@ from ..configurable import param
 from ..errors import LongreachError, SpecError
 from ..methods.base import Method, check_int
 from ..methods.registry import register
+from ..selection import Selection
 from ..stages import CachePolicy, LayerCall
 from .compressed import CompressedLayer, shrinkable_layer
 from .press import Press
@@ -63,7 +64,17 @@ class QuantPolicy:
                 _check_partner(other)
 
     def attend(self, call: LayerCall) -> Tensor | None:
-        return None  # one uniform cache: the runtime's selector + kernel path
+        """A decode step whose update left the quantized part out (the runtime armed it: dense selection, see
+        ``LayerRuntime.reads_codes``) attends it here; any other call takes the runtime's selector + kernel path."""
+        layers = call.cache_layers
+        layer = layers[call.layer_idx] if layers is not None else None
+        if not isinstance(layer, QuantizedLayer) or not layer.deferred:
+            return None
+        out = layer.attend_deferred(call.q, call.k, call.v, call.scale, call.kernel, call.softcap, call.sinks)
+        if call.record is not None:
+            call.record(Selection.dense(call.q.shape[0], call.t_q, layer.stored, device=call.q.device),
+                        call.q.shape[1], layer.seen)
+        return out
 
     def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float:
         return seen

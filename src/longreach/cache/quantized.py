@@ -7,25 +7,37 @@ and appended to the quantized part (so key groups always fill). Quantizing happe
 the tokens a forward brings are attended exactly as given (and can be given back: ``truncate``).
 
 Nothing full-precision is kept but the residual: ``update`` returns a dequantized copy of the quantized part
-joined to the residual, which lives only as long as the layer's attention uses it. The layer reports the
-tokens it was given as its length (a press may have dropped some before it was quantized, as
+joined to the residual, which lives only as long as the layer's attention uses it. A decode step the runtime
+attends from the codes (``defer_next``) gets the residual alone, and ``attend_deferred`` reads the quantized part
+in place (``kernels.quantdecode``) where that measured faster on this machine, so no dequantized copy is made.
+The layer reports the tokens it was given as its length (a press may have dropped some before it was quantized, as
 ``CompressedLayer`` does) and sizes the attention mask to the keys it returns, so any attention can read it.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
+from .. import kernels
 from ..errors import LongreachError
+from ..kernels import choice, quantdecode
+from ..selection import Selection
 from .quant import Quantized, quantize
 
 
 class QuantizedLayer(DynamicLayer):
     is_croppable = False
+    # set by the runtime just before a decode step it attends from the codes (one-shot): that update returns the
+    # residual alone and records in ``deferred`` how many quantized tokens it left out
+    defer_next = False
+    deferred = 0
 
     def __init__(self, keys: Tensor, values: Tensor, seen: int, bits: int, group: int, residual: int) -> None:
         """Hold ``keys`` / ``values`` (B, H, n, D), the stored part of ``seen`` tokens, quantized."""
@@ -102,7 +114,23 @@ class QuantizedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        return self.dequantized()
+        defer, self.defer_next = self.defer_next and key_states.shape[-2] == 1 and self.qkeys is not None, False
+        self.deferred = self.quantized_tokens if defer else 0
+        return (self.keys, self.values) if defer else self.dequantized()
+
+    def attend_deferred(self, q: Tensor, k_rest: Tensor, v_rest: Tensor, scale: float, kernel: str,
+                        softcap: float | None, sinks: Tensor | None) -> Tensor:
+        """Attention of the decode step whose update returned only the residual (``k_rest``/``v_rest``, the new
+        token included) over every stored key: from the codes where the compiled kernel measured faster for this
+        shape (``kernel`` auto or gather), else dequantized as ``update`` would have, then ``kernels.attend``."""
+        assert self.qkeys is not None and self.qvalues is not None and self.deferred
+        self.deferred = 0
+        if kernel in ("auto", "gather") and quantdecode.usable(q, self.qkeys, self.qvalues) and codes_faster(
+                q.shape[1], k_rest.shape[1], q.shape[-1], self.bits, self.group):
+            return quantdecode.attend(q, self.qkeys, self.qvalues, k_rest, v_rest, scale, softcap, sinks)
+        keys, values = _joined(self.qkeys, k_rest), _joined(self.qvalues, v_rest)
+        sel = Selection.dense(q.shape[0], q.shape[2], keys.shape[2], device=q.device)
+        return kernels.attend(q, keys, values, sel, scale, kernel, softcap=softcap, sinks=sinks)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -116,7 +144,8 @@ class QuantizedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.qkeys = self.qvalues = None
-        self.seen = 0
+        self.seen = self.deferred = 0
+        self.defer_next = False
         super().reset()
 
     # beam search, batch edits and offloading: the same edit on every stored tensor
@@ -152,3 +181,60 @@ def _joined(quantized: Quantized, residual: Tensor) -> Tensor:
         out[..., :n, :] = quantized.dequantize()
     out[..., n:, :] = residual
     return out
+
+
+def defer_next(cache: object, layer_idx: int) -> None:
+    """Arm ``layer_idx``'s next update to leave the quantized part to ``attend_deferred`` (the runtime's pre-hook,
+    before a decode step it attends from the codes); a layer that is not quantized is left alone."""
+    layer = _layer(cache, layer_idx)
+    if isinstance(layer, QuantizedLayer):
+        layer.defer_next = True
+
+
+def deferred_tokens(cache: object, layer_idx: int) -> int:
+    """Keys of this call that its update left out of the returned tensors (attended by ``attend_deferred``)."""
+    layer = _layer(cache, layer_idx)
+    return layer.deferred if isinstance(layer, QuantizedLayer) else 0
+
+
+def _layer(cache: object, layer_idx: int) -> object | None:
+    layers = getattr(cache, "layers", None)
+    return layers[layer_idx] if layers is not None and 0 <= layer_idx < len(layers) else None
+
+
+_faster: dict[tuple, bool] = {}  # every decode step asks: a dict look-up, not the choice file's key
+
+CHOICE_TOKENS = 16384  # the representative cache: the length long-context decode runs at
+
+
+def codes_faster(n_q: int, n_kv: int, dim: int, bits: int, group: int) -> bool:
+    """Whether attending the codes beat dequantize-then-attend for this head shape on this machine (measured
+    once on a random cache of ``CHOICE_TOKENS`` tokens, best of 3 each, cached with the kernel choices)."""
+    key = (n_q, n_kv, dim, bits, group, torch.get_num_threads(), os.environ.get("LONGREACH_NATIVE"))
+    if key not in _faster:
+        shape = f"quant_decode/{n_q}/{n_kv}/{dim}/{bits}/{group}"
+        _faster[key] = choice.decide(shape, lambda: _timings(n_q, n_kv, dim, bits, group))["path"] == "native"
+    return _faster[key]
+
+
+def _timings(n_q: int, n_kv: int, dim: int, bits: int, group: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    n = CHOICE_TOKENS // group * group
+    k, v = (torch.randn(1, n_kv, n + 1, dim, generator=gen) for _ in range(2))
+    qk, qv = quantize(k[:, :, :n], bits, group, axis=-2), quantize(v[:, :, :n], bits, group, axis=-1)
+    q = torch.randn(1, n_q, 1, dim, generator=gen)
+    rest_k, rest_v = k[:, :, n:], v[:, :, n:]
+    sel = Selection.dense(1, 1, n + 1)
+    paths = {
+        "native": lambda: quantdecode.attend(q, qk, qv, rest_k, rest_v, dim**-0.5),
+        "torch": lambda: kernels.attend(q, _joined(qk, rest_k), _joined(qv, rest_v), sel, dim**-0.5),
+    }
+    found = {}
+    for path, run in paths.items():
+        best = math.inf
+        for _ in range(choice.REPEAT + 1):  # the first call warms up
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        found[path] = best
+    return found

@@ -38,7 +38,7 @@ def _store() -> Path:
 
 @functools.cache
 def _source_hash() -> str:
-    return hashlib.sha256(b"".join(path.read_bytes() for path in native.SOURCES)).hexdigest()[:12]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in (*native.SOURCES, *native.HEADERS))).hexdigest()[:12]
 
 
 def choice_key() -> str:

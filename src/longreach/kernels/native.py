@@ -1,6 +1,6 @@
-"""The compiled block-sparse kernel (``csrc/block_sparse.cpp``; ``row_linear.cpp`` for decode's one-row linear
-layers), built once per machine with torch's extension API and cached; the pure-PyTorch path in ``gather`` is
-the fallback.
+"""The compiled kernels, built once per machine with torch's extension API and cached: block-sparse attention
+(``csrc/block_sparse.cpp``), decode's one-row linear layers (``row_linear.cpp``) and decode over a kvquant cache's
+codes (``quant_decode.cpp``). The pure-PyTorch paths are the fallback.
 
 Why compiled: at 32k the PyTorch path spends ~30% of its time outside the attention math (gathering
 K/V copies, masks, merging the far and near parts); the fused kernel streams the same keys with one
@@ -10,6 +10,7 @@ online softmax. Set ``LONGREACH_NATIVE=0`` to force the fallback. The build need
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -19,7 +20,9 @@ import torch
 
 from ..paths import cache_dir
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("block_sparse.cpp", "row_linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("block_sparse.cpp", "row_linear.cpp", "quant_decode.cpp")]
+# included by the sources: torch rebuilds when a source or a flag changes, not a header, so their hash is a flag
+HEADERS = [Path(__file__).parent / "csrc" / "fast_math.h"]
 _module: ModuleType | None = None
 _tried = False
 
@@ -35,7 +38,7 @@ def load(verbose: bool = False) -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as build
 
-        flags = ["-O3", "-ffast-math", "-fopenmp"]
+        flags = ["-O3", "-ffast-math", "-fopenmp", f"-DLONGREACH_HEADERS={headers_hash()}"]
         if os.environ.get("LONGREACH_NATIVE_PORTABLE") != "1":
             flags.append("-march=native")  # built where it runs: the cache is per machine
         # one build folder per torch version: an extension built against another torch would not load
@@ -49,6 +52,10 @@ def load(verbose: bool = False) -> ModuleType | None:
                       RuntimeWarning, stacklevel=2)
         _module = None
     return _module
+
+
+def headers_hash() -> str:
+    return hashlib.sha256(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:12]
 
 
 def usable(q: torch.Tensor) -> bool:

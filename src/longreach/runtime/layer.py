@@ -19,9 +19,11 @@ from torch import Tensor
 
 from .. import kernels
 from ..cache.growing import grow_in_place, truncate_layer
+from ..cache.quantized import defer_next, deferred_tokens
 from ..compat import cache_from_kwargs
-from ..errors import InputError
+from ..errors import InputError, LongreachError
 from ..methods.base import SelectContext
+from ..methods.dense import Dense
 from ..methods.summaries import BlockSummaries
 from ..position.rotary import half_split
 from ..selection import Selection
@@ -68,12 +70,22 @@ class LayerRuntime:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(hidden, Tensor) and hidden.dim() == 3 and hidden.shape[1] > 1:
             release_free_memory()  # a prefill: what the layer before freed leaves the process (see allocator)
+        elif isinstance(hidden, Tensor) and hidden.dim() == 3 and self.reads_codes():
+            defer_next(self.cache, self.layer_idx)  # a kvquant layer's update leaves its codes to the policy
+
+    def reads_codes(self) -> bool:
+        """Whether a decode step may attend a quantized (kvquant) cache from its codes: every stored key is
+        attended (no select method), positions are not re-mapped and no observer wants the keys."""
+        handle = self.handle
+        return (handle.policy is not None and isinstance(handle.spec.selector, Dense) and handle.remap is None
+                and handle.observer is None and not self.own_attention)
 
     # -- the entry point -----------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                 sliding_window: int | None) -> Tensor:
         batch, _, t_q, _ = q.shape
-        key_mask = self.handle.masks.get(mask, batch, t_q, k.shape[2], sliding_window)
+        t_k = k.shape[2] + deferred_tokens(self.cache, self.layer_idx)  # a kvquant update may leave its codes out
+        key_mask = self.handle.masks.get(mask, batch, t_q, t_k, sliding_window)
         policy = self.handle.policy if sliding_window is None else None
         if policy is not None and key_mask is not None:
             raise InputError(f"{policy.name} compresses unpadded sequences: run one sequence per batch (or batch "
@@ -107,7 +119,7 @@ class LayerRuntime:
             sliding_window: int | None) -> Tensor:
         handle, t_q = self.handle, q.shape[2]
         controlled = sliding_window is None  # the layers the method acts on
-        new_sequence = k.shape[2] == t_q
+        new_sequence = k.shape[2] + deferred_tokens(self.cache, self.layer_idx) == t_q
         if new_sequence and controlled:
             self.select_state.clear()
             self.policy_state.clear()
@@ -123,6 +135,9 @@ class LayerRuntime:
         # 2-3. selector and kernel (a head policy attends its split parts itself)
         ctx = SelectContext(self.layer_idx, key_mask, None, self.select_state, scale, self.extras)
         out = policy.attend(call) if policy is not None else None
+        if out is None and deferred_tokens(self.cache, self.layer_idx):
+            raise LongreachError(f"layer {self.layer_idx}: a kvquant cache left its codes to a policy that did not "
+                                 "attend them (please report this)")
         if out is None:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
             if t_q > 1:  # the projections' and the selector's freed scratch leave before the output is allocated

@@ -14,6 +14,8 @@
 #include <limits>
 #include <vector>
 
+#include "fast_math.h"
+
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
@@ -30,24 +32,7 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr float MASKED = -1e30f;
 constexpr float EMPTY = -1e29f;  // a running max below this means the row has seen no key yet
 
-// exp(x) for x <= 0 as 2^n * 2^f with a degree-6 polynomial for 2^f on [0, 1) (relative error ~2e-7).
-// Plain arithmetic so that loops calling it vectorise; libm's expf made the kernel 1.8x slower.
-inline float fast_exp(float x) {
-  const float t = std::max(x, -87.f) * 1.4426950409f;
-  const float n = std::floor(t);
-  const float f = t - n;
-  float p = 1.535336188e-4f;
-  p = p * f + 1.339887440e-3f;
-  p = p * f + 9.618437357e-3f;
-  p = p * f + 5.550332471e-2f;
-  p = p * f + 2.402264791e-1f;
-  p = p * f + 6.931472028e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+using longreach::fast_exp;
 
 // Row-major S (rows x n, leading dim TILE) = scale * Q (rows x d) . K (n x d)^T, written as the column-major
 // product S^T = K . Q^T that BLAS computes.
@@ -252,6 +237,11 @@ void attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_
 }
 
 torch::Tensor linear_row(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
+std::vector<torch::Tensor> quant_decode(torch::Tensor q, const torch::Tensor& k_codes, const torch::Tensor& k_scale,
+                                        const torch::Tensor& k_zero, const torch::Tensor& v_codes,
+                                        const torch::Tensor& v_scale, const torch::Tensor& v_zero,
+                                        torch::Tensor k_rest, torch::Tensor v_rest, int64_t bits, int64_t group,
+                                        double softcap);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Neither touches a Python object: release the GIL, as torch's own ops do (the server's event loop runs beside
@@ -259,5 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "fused block-sparse attention for a Selection (float32, CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_row", &linear_row, "one row through a linear layer, output rows over the threads (row_linear.cpp)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quant_decode", &quant_decode, "decode attention over a kvquant cache's codes and residual (quant_decode.cpp)",
         py::call_guard<py::gil_scoped_release>());
 }
