@@ -246,15 +246,42 @@ def test_a_head_policy_under_it_is_refused_by_apply(tmp_path):
         longreach.apply(model, f"razor:profile={profile},ratio=0.5+kvquant")
 
 
-def test_no_cache_and_a_chunked_prompt_under_a_press_are_refused_not_ignored():
+def test_no_cache_is_refused_not_ignored():
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 64))
     with torch.no_grad(), longreach.apply(model, "kvquant"), pytest.raises(LongreachError, match="no cache"):
         model(ids, use_cache=False)
-    with torch.no_grad(), longreach.apply(model, "snapkv:density=0.5+kvquant:residual=8"):
-        out = model(ids[:, :32], use_cache=True)
-        with pytest.raises(LongreachError, match="kvquant already holds it"):
-            model(ids[:, 32:], use_cache=True, **cache_kwargs(model, output_cache(out)))
+
+
+def _chunked(model, spec, ids, cut, steps):
+    """The prompt in two forwards (``cut``), then teacher-forced decode steps: last-token logits and the cache."""
+    with torch.no_grad(), longreach.apply(model, spec):
+        out = model(ids[:, :cut], use_cache=True)
+        out = model(ids[:, cut:], use_cache=True, **cache_kwargs(model, output_cache(out)))
+        logits = [out.logits[:, -1]]
+        for i in range(steps.shape[1]):
+            out = model(steps[:, i:i + 1], use_cache=True, **cache_kwargs(model, output_cache(out)))
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits), output_cache(out)
+
+
+def test_a_chunked_prompt_under_a_press_keeps_the_press_tokens_quantized():
+    """snapkv + kvquant on a prompt in two forwards: the second chunk's press drops tokens kvquant already holds
+    (they are quantized again in new groups). The kept tokens are snapkv's own, within int8's error."""
+    model = tiny_model("llama")
+    ids, steps = torch.randint(1, 128, (1, 160)), torch.randint(1, 128, (1, 3))
+    press = "snapkv:density=0.5,window=8"
+    plain, plain_cache = _chunked(model, press, ids, 96, steps)
+    got, cache = _chunked(model, f"{press}+kvquant:bits=8,group=16,residual=8", ids, 96, steps)
+    for layer, ref in zip(cache.layers, plain_cache.layers, strict=True):
+        assert isinstance(layer, QuantizedLayer) and layer.quantized_tokens > 0
+        assert layer.stored == ref.keys.shape[2] and layer.seen == ref.get_seq_length()  # the press's count
+        keys, _ = layer.dequantized()
+        step = (ref.keys.amax() - ref.keys.amin()) / 255  # the widest int8 step any group can have
+        assert float((keys - ref.keys).abs().max()) <= 2 * step  # quantized twice at most: half a step each
+        assert layer.nbytes < 0.6 * (ref.keys.nbytes + ref.values.nbytes)
+    assert float((got - plain).abs().max()) < 0.05
+    assert float((got[1:] - got[:1]).abs().max()) > 0.05  # the steps differ from each other: a real comparison
 
 
 def test_a_chunked_prompt_alone_is_quantized_as_it_arrives():

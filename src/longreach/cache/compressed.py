@@ -226,19 +226,16 @@ def cache_bytes(cache: object) -> int | None:
 
 def shrinkable_layer(layers: list | None, layer_idx: int, who: str) -> DynamicLayer:
     """This layer's cache entry, if a press or head policy can shrink it; refuses a forward without a cache
-    (the policy would silently keep everything) and caches it cannot shrink (static, quantized, offloaded)."""
+    (the policy would silently keep everything) and caches it cannot shrink (static, transformers' quantized,
+    offloaded). A layer kvquant holds (a chunked prompt under a press stacked with kvquant) shrinks by
+    ``QuantizedLayer.keep``."""
     if layers is None:
         raise LongreachError(
             f"{who} compresses the KV cache, but this forward has no cache (use_cache=False, or a transformers "
             "version that passes the cache under a name longreach does not know); call the model with "
             "use_cache=True, or apply a select method instead of a press")
     layer = layers[layer_idx]
-    if isinstance(layer, QuantizedLayer):
-        raise LongreachError(
-            f"{who} cannot drop keys from layer {layer_idx}: kvquant already holds it quantized (a press stacked with "
-            "kvquant compresses once, after the prompt); feed the prompt in one forward (no chunked prefill), or "
-            "use kvquant alone")
-    if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer):
+    if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer, QuantizedLayer):
         raise LongreachError(
             f"{who} needs a DynamicCache; layer {layer_idx} of this cache is a {type(layer).__name__} (static / "
             "quantized caches are not supported)")

@@ -22,6 +22,7 @@ from ..methods.base import Method, check_budget, check_int
 from ..methods.scoring import causal_probs, chunk_rows
 from ..stages import PLAIN, CachePolicy, LayerCall, SoftmaxExtras
 from .compressed import CompressedLayer, shrinkable_layer
+from .quantized import QuantizedLayer, stored_keys
 
 
 @dataclass
@@ -172,12 +173,15 @@ class PressPolicy:
         capacity = press.capacity(call.layer_idx, call.n_layers, seen)
         # a latent cache (MLA) stores no per-head keys: score the heads the layer expanded from it this call
         shared = call.latent
-        keys, values = (call.k, call.v) if shared else (layer.keys, layer.values)
+        keys, values = (call.k, call.v) if shared else stored_keys(layer)
         obs = Observation(call.layer_idx, call.n_layers, seen, st["queries"], keys, values, call.scale,
                           st.get("history"), call.extras, shared)
         keep = press.keep_indices(obs, capacity)
         if keep is None:
             return False
+        if isinstance(layer, QuantizedLayer):  # a later chunk of the prompt, kvquant stacked after this press
+            layer.keep(keep)
+            return True
         compressed = CompressedLayer.from_layer(layer, self.owner)
         compressed.keep(keep)
         if shared:  # the runtime's held-back prompt token attends these tokens' expanded heads (runtime.layer)

@@ -91,6 +91,20 @@ class QuantizedLayer(DynamicLayer):
             return self.keys, self.values
         return _joined(self.qkeys, self.keys), _joined(self.qvalues, self.values)
 
+    def keep(self, idx: Tensor) -> None:
+        """Keep the stored tokens at ``idx`` (B, H, m) per head, in their order: a press stacked before kvquant,
+        on a prompt fed in several forwards, shrinks a layer kvquant already holds. Token groups cannot lose
+        members, so the kept tokens are dequantized and quantized again in new groups; a token kept from the
+        quantized part so carries the error of both grids (at most half a step of each), and a chunk adds at
+        most one more. The residual's tokens stay exact."""
+        keys, values = self.dequantized()
+        at = idx[..., None]
+        keys = keys.gather(2, at.expand(-1, -1, -1, keys.shape[-1]))
+        values = values.gather(2, at.expand(-1, -1, -1, values.shape[-1]))
+        self.qkeys = self.qvalues = None
+        self.keys, self.values = keys, values
+        self._flush()
+
     def truncate(self, n: int) -> None:
         """Give back the last ``n`` tokens (the runtime holds a prompt's last token back): they are in the
         residual, since quantizing waits for the next update."""
@@ -181,6 +195,14 @@ def _joined(quantized: Quantized, residual: Tensor) -> Tensor:
         out[..., :n, :] = quantized.dequantize()
     out[..., n:, :] = residual
     return out
+
+
+def stored_keys(layer: DynamicLayer) -> tuple[Tensor, Tensor]:
+    """Every key and value a cache layer holds, (B, H, n, D): a quantized layer's dequantized (a temporary)."""
+    if isinstance(layer, QuantizedLayer):
+        return layer.dequantized()
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def defer_next(cache: object, layer_idx: int) -> None:
