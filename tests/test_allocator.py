@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 
 import longreach
+from longreach.compat import cache_kwargs, output_cache
 from longreach.runtime import allocator, layer
 
 FRAGMENT = """
@@ -22,7 +23,7 @@ parts = [torch.ones(1_000_000) for _ in range(64)]   # 64 x 4 MB now come from t
 pin = torch.ones(250_000)                       # a long-lived 1 MB tensor above them (a layer's KV)
 del parts
 before = rss()
-ok = release_free_memory()
+ok = release_free_memory(1 << 20)
 print(ok, before, rss())
 """
 
@@ -37,21 +38,32 @@ def test_release_gives_the_heaps_free_pages_back():
 
 def test_the_runtime_trims_twice_per_layer_in_prefill_and_never_in_decode(monkeypatch):
     """Before each layer (what the previous one freed) and between its selector and kernel (the projections' and
-    the selector's scratch); a decode step never trims."""
+    the selector's scratch); a decode step never trims. Each call says how many keys the forward attends."""
     calls = []
-    monkeypatch.setattr(layer, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(layer, "release_free_memory", lambda keys: calls.append(keys) or True)
     model = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(0, 128, (1, 40))
     with torch.no_grad(), longreach.apply(model, "quest:density=0.5"):
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert len(calls) == 2 * 3
+        out = model(ids[:, :24], use_cache=True)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                       **cache_kwargs(model, output_cache(out)))
+    assert calls == [24] * 6 + [40] * 6  # a later chunk counts the keys cached before it
+
+
+def test_short_prompts_do_not_trim(monkeypatch):
+    """A trim costs about the same at any length (refaulting what the next layer allocates): below MIN_KEYS it is
+    not worth it, and nothing is trimmed."""
+    trims = []
+    monkeypatch.setattr(allocator, "_malloc_trim", lambda: (lambda pad: trims.append(pad) or 1))
+    assert allocator.release_free_memory(allocator.MIN_KEYS - 1) is False and not trims
+    assert allocator.release_free_memory(allocator.MIN_KEYS) is True and trims == [0]
 
 
 def test_trim_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("LONGREACH_TRIM", "0")
     allocator._malloc_trim.cache_clear()
     try:
-        assert allocator.release_free_memory() is False
+        assert allocator.release_free_memory(1 << 20) is False
     finally:
         monkeypatch.delenv("LONGREACH_TRIM")
         allocator._malloc_trim.cache_clear()

@@ -227,3 +227,37 @@ def test_cli_generate_sorts_documents_then_answers_under_the_method(tiny_lm_fold
     no_docs = CliRunner().invoke(app, ["generate", "--model", str(tiny_lm_folder), "--input", str(path),
                                        "--sort-documents", "1"])
     assert no_docs.exit_code == 2 and "--documents" in no_docs.output
+
+
+def test_a_sweep_sorts_each_prompt_once_and_a_later_method_reads_the_stored_order(tiny_lm_folder, tmp_path,
+                                                                                   monkeypatch):
+    """Sorted prompts are kept in the eval folder (``sorted/``): a resumed sweep, or another Ray worker, answers
+    the stored order instead of sorting again, and records the first sorting's cost."""
+    from longreach.eval import runner
+
+    calls = []
+    real = runner.sort_documents
+    monkeypatch.setattr(runner, "sort_documents", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = tmp_path / "run"
+    base = ["eval", "--model", str(tiny_lm_folder), "--tasks", "kvret:docs=1", "--lengths", "512", "--samples", "2",
+            "--depths", "0,1", "--corpus", "synthetic", "--out", str(out), "--quiet", "--sort-documents", "1"]
+    cli = CliRunner()
+    for methods in ("dense", "dense;streaming:window=64"):  # the second run adds a method: a resume
+        result = cli.invoke(app, [*base, "--methods", methods])
+        assert result.exit_code == 0, result.output
+    assert len(calls) == 2  # two prompts, each sorted once across both runs and both methods
+    stored = sorted((out / "sorted").glob("*.json"))
+    assert len(stored) == 2 and all(p.name.endswith("-1.json") for p in stored)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for seed in (0, 1):
+        dense, other = (r for r in rows if r["seed"] == seed)
+        assert dense["method"] != other["method"]
+        for field in ("sort_s", "sorted_prompt_sha", "gold_document_sorted", "sort_tokens"):
+            assert dense[field] == other[field]
+    # a damaged file is sorted again and rewritten, not trusted
+    stored[0].write_text("{not json")
+    (out / "results.jsonl").write_text("")
+    result = cli.invoke(app, [*base, "--methods", "dense"])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 3 and json.loads(stored[0].read_text())["order"]

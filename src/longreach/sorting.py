@@ -55,6 +55,20 @@ class SortedDocuments:
         """Where original document ``index`` ended up (0 = first)."""
         return self.order.index(index)
 
+    def record(self) -> dict:
+        """What a sorting found, as JSON (the documents themselves are the prompt's: ``from_record`` takes them)."""
+        return {"order": list(self.order), "attention": [list(a) for a in self.attention], "seconds": self.seconds,
+                "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_record(cls, original: Documents, record: dict) -> SortedDocuments:
+        order = tuple(int(i) for i in record["order"])
+        if sorted(order) != list(range(len(original.documents))):
+            raise ValueError(f"a sorting of {len(order)} documents does not fit a prompt of "
+                             f"{len(original.documents)}")
+        return cls(original, order, tuple(tuple(float(x) for x in a) for a in record["attention"]),
+                   float(record["seconds"]), tuple(int(t) for t in record["tokens"]))
+
 
 def token_spans(tokenizer, docs: Documents, add_special_tokens: bool = True) -> tuple[Tensor, list[tuple[int, int]]]:
     """``(input_ids (1, T), [(lo, hi) per document])``: each document's tokens in the tokenized prompt.

@@ -127,3 +127,11 @@ def truncate_layer(layer: DynamicLayer, n: int) -> None:
         layer.truncate(n)
     else:
         layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]
+
+
+def cached_tokens(cache: object, layer_idx: int) -> int:
+    """Tokens layer ``layer_idx`` of a transformers cache has been given (0 without a cache or that layer)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or layer_idx >= len(layers):
+        return 0
+    return int(layers[layer_idx].get_seq_length())

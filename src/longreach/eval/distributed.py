@@ -25,21 +25,21 @@ def check_ray() -> None:
 class CellWorker:
     """Holds one loaded model; runs cells on request (wrapped as a Ray actor by :func:`run_ray`)."""
 
-    def __init__(self, sweep, threads: int):
+    def __init__(self, sweep, threads: int, out=None):
         import torch
 
         from ..models import load_model
         from .corpus import Corpus
 
         torch.set_num_threads(threads)
-        self.sweep = sweep
+        self.sweep, self.out = sweep, out  # the eval folder: workers sharing it share attention-sorted prompts
         self.model, self.tokenizer = load_model(sweep.model)
         self.corpus = Corpus.load(sweep.corpus)
 
     def run(self, cell, points) -> list[dict]:
         from .runner import run_cells
 
-        return list(run_cells(self.sweep, {cell: points}, self.model, self.tokenizer, self.corpus))
+        return list(run_cells(self.sweep, {cell: points}, self.model, self.tokenizer, self.corpus, out=self.out))
 
 
 def run_ray(sweep, out, todo: dict, workers: int = 2, quiet: bool = False, console=None) -> int:
@@ -53,7 +53,7 @@ def run_ray(sweep, out, todo: dict, workers: int = 2, quiet: bool = False, conso
     cpus = int(ray.available_resources().get("CPU", 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
     actor = ray.remote(num_cpus=min(1, cpus))(CellWorker)
-    pool = ActorPool([actor.remote(sweep, threads) for _ in range(workers)])
+    pool = ActorPool([actor.remote(sweep, threads, out) for _ in range(workers)])
     written = 0
     cells = list(todo)
     with ResultsWriter(out / "results.jsonl") as writer:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import os
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..documents import Documents
 from ..errors import InputError
 from ..sorting import SortedDocuments, sort_documents
 from ..spec import parse_spec
@@ -24,6 +27,7 @@ from .results import ResultsWriter, read_rows, row_key
 from .tasks import Sample, Task, parse_tasks
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SORTED = "sorted"  # the eval folder's attention-sorted prompts (SampleBank)
 SORT_LABEL = " · sort-documents="  # method label suffix of rows answered after attention sorting
 MAX_LENGTH = 1 << 20
 
@@ -170,10 +174,15 @@ def pending(sweep: Sweep, out: Path) -> tuple[dict[Cell, list[tuple[float | None
 
 
 class SampleBank:
-    """Prompts are built once per (task, length, depth, seed) and shared by every method."""
+    """Prompts are built once per (task, length, depth, seed) and shared by every method.
 
-    def __init__(self, tokenizer, corpus: Corpus, chat: bool):
+    Attention-sorted prompts are also kept in ``store`` (the eval folder's ``sorted/``), one JSON per prompt and
+    rounds: a resumed sweep, and Ray workers sharing the folder, answer the order sorted first instead of sorting
+    again (the rows' ``sort_s`` is that sorting's time)."""
+
+    def __init__(self, tokenizer, corpus: Corpus, chat: bool, store: Path | None = None):
         self.tokenizer, self.corpus, self.chat = tokenizer, corpus, chat
+        self.store = store
         self._cache: dict[tuple, Sample] = {}
         self._sorted: dict[tuple, SortedDocuments] = {}
 
@@ -193,10 +202,31 @@ class SampleBank:
             docs = sample.documents
             if docs is None:
                 raise InputError(f"task {task.spec()} built a prompt without documents: nothing to sort")
-            self._sorted[key] = sort_documents(model, self.tokenizer, docs.documents, docs.prefix, docs.question,
-                                               separator=docs.separator, rounds=rounds,
-                                               add_special_tokens=not sample.chat, chunk=chunk, kernel=kernel)
+            path = None if self.store is None else self.store / f"{prompt_sha(sample)}-{rounds}.json"
+            found = _read_sorted(path, docs) if path is not None else None
+            if found is None:
+                found = sort_documents(model, self.tokenizer, docs.documents, docs.prefix, docs.question,
+                                       separator=docs.separator, rounds=rounds,
+                                       add_special_tokens=not sample.chat, chunk=chunk, kernel=kernel)
+                if path is not None:
+                    _write_sorted(path, found)
+            self._sorted[key] = found
         return self._sorted[key]
+
+
+def _read_sorted(path: Path, docs: Documents) -> SortedDocuments | None:
+    """A stored sorting of this prompt, or None (none yet, or unreadable: it is sorted again and rewritten)."""
+    try:
+        return SortedDocuments.from_record(docs, json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_sorted(path: Path, found: SortedDocuments) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the same prompt: whole files only
+    tmp.write_text(json.dumps(found.record()))
+    tmp.replace(path)
 
 
 def sorting_fields(sample: Sample, result: SortedDocuments | None) -> dict:
@@ -222,12 +252,13 @@ def preflight(sweep: Sweep, todo: dict[Cell, list], tokenizer, corpus: Corpus) -
 
 
 def run_cells(sweep: Sweep, todo: dict[Cell, list], model, tokenizer, corpus: Corpus,
-              on_sample: Callable[[Cell], None] | None = None) -> Iterator[dict]:
-    """Run the given cells, yielding finished rows (methods applied one at a time)."""
+              on_sample: Callable[[Cell], None] | None = None, out: Path | None = None) -> Iterator[dict]:
+    """Run the given cells, yielding finished rows (methods applied one at a time); attention-sorted prompts are
+    kept in ``out/sorted`` when ``out`` is given."""
     from .. import __version__, apply
     from ..provenance import provenance
 
-    bank = SampleBank(tokenizer, corpus, sweep.chat)
+    bank = SampleBank(tokenizer, corpus, sweep.chat, store=out / SORTED if out is not None else None)
     model_id = sweep.model
     for method in sweep.methods:
         cells = [c for c in todo if c.method == method]
@@ -269,7 +300,7 @@ def run_local(sweep: Sweep, out: Path, todo: dict[Cell, list], model, tokenizer,
     """Append every row of ``todo`` to ``out/results.jsonl``; returns how many were written."""
     written = 0
     with ResultsWriter(out / "results.jsonl") as writer:
-        for row in run_cells(sweep, todo, model, tokenizer, corpus, on_sample=progress):
+        for row in run_cells(sweep, todo, model, tokenizer, corpus, on_sample=progress, out=out):
             writer.append(row)
             written += 1
     return written

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..cache.growing import grow_in_place, truncate_layer
+from ..cache.growing import cached_tokens, grow_in_place, truncate_layer
 from ..cache.quantized import defer_next, deferred_tokens
 from ..compat import cache_from_kwargs
 from ..errors import InputError, LongreachError
@@ -69,7 +69,8 @@ class LayerRuntime:
         grow_in_place(self.cache, self.layer_idx)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(hidden, Tensor) and hidden.dim() == 3 and hidden.shape[1] > 1:
-            release_free_memory()  # a prefill: what the layer before freed leaves the process (see allocator)
+            # a prefill: what the layer before freed leaves the process (see allocator)
+            release_free_memory(hidden.shape[1] + cached_tokens(self.cache, self.layer_idx))
         elif isinstance(hidden, Tensor) and hidden.dim() == 3 and self.reads_codes():
             defer_next(self.cache, self.layer_idx)  # a kvquant layer's update leaves its codes to the policy
 
@@ -141,7 +142,7 @@ class LayerRuntime:
         if out is None:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
             if t_q > 1:  # the projections' and the selector's freed scratch leave before the output is allocated
-                release_free_memory()
+                release_free_memory(k.shape[2])
             if handle.track_density and controlled:
                 handle.stats.add(phase, sel)
             out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far, softcap=self.softcap, sinks=self.sinks)
