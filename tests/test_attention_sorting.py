@@ -255,9 +255,10 @@ def test_a_sweep_sorts_each_prompt_once_and_a_later_method_reads_the_stored_orde
         assert dense["method"] != other["method"]
         for field in ("sort_s", "sorted_prompt_sha", "gold_document_sorted", "sort_tokens"):
             assert dense[field] == other[field]
-    # a damaged file is sorted again and rewritten, not trusted
+    # a damaged file, or another model's sorting, is sorted again and rewritten, not trusted
     stored[0].write_text("{not json")
+    stored[1].write_text(json.dumps({**json.loads(stored[1].read_text()), "model": "another-model"}))
     (out / "results.jsonl").write_text("")
     result = cli.invoke(app, [*base, "--methods", "dense"])
     assert result.exit_code == 0, result.output
-    assert len(calls) == 3 and json.loads(stored[0].read_text())["order"]
+    assert len(calls) == 4 and all(json.loads(p.read_text())["model"] == str(tiny_lm_folder) for p in stored)

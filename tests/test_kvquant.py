@@ -246,6 +246,16 @@ def test_a_head_policy_under_it_is_refused_by_apply(tmp_path):
         longreach.apply(model, f"razor:profile={profile},ratio=0.5+kvquant")
 
 
+def test_only_a_press_may_shrink_a_layer_kvquant_holds():
+    from longreach.cache.compressed import shrinkable_layer
+
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    layers = [QuantizedLayer(k, v, 40, 8, 16, 8)]
+    assert shrinkable_layer(layers, 0, "snapkv", quantized=True) is layers[0]
+    with pytest.raises(LongreachError, match="kvquant holds it"):
+        shrinkable_layer(layers, 0, "razor")
+
+
 def test_no_cache_is_refused_not_ignored():
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 64))
@@ -347,3 +357,29 @@ def test_plan_counts_a_press_then_kvquant_as_the_press_keeps_and_kvquant_stores(
     # the press's 40 tokens of the first 119 quantized, then the prompt's last token (held back to attend the pressed
     # cache) in the exact residual
     assert cache_bytes(cache) == plan.kv_kept < press.kv_kept
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_each_keep_adds_at_most_half_a_step_of_error(bits):
+    """``QuantizedLayer.keep`` quantizes the kept tokens again in new groups: after c keeps a key was quantized at
+    most c + 1 times and is within c + 1 half steps (of the widest group) of its original; the residual stays
+    exact."""
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
+    layer = QuantizedLayer(k, v, 200, bits, 16, 8)
+    step = float((k.amax() - k.amin()) / (2**bits - 1))
+    kept = torch.arange(200)
+    errors = []
+    for c in range(1, 6):
+        drop = torch.randperm(len(kept), generator=g)[:10]
+        mask = torch.ones(len(kept), dtype=torch.bool)
+        mask[drop] = False
+        mask[-8:] = True  # the newest tokens, in the residual: kept, and exact
+        layer.keep(torch.nonzero(mask).flatten().view(1, 1, -1).expand(1, 2, -1))
+        kept = kept[mask]
+        keys, _ = layer.dequantized()
+        err = float((keys - k[:, :, kept]).abs().max())
+        assert err <= (c + 1) * step / 2 + 1e-6, (c, err, step)
+        assert torch.equal(keys[:, :, -8:], k[:, :, kept[-8:]])
+        errors.append(err)
+    assert errors[0] > 0 and layer.stored == len(kept) < 160

@@ -13,6 +13,7 @@ from longreach.cache.quant import quantize
 from longreach.cache.quantized import QuantizedLayer
 from longreach.compat import cache_kwargs, output_cache
 from longreach.kernels import native, quantdecode, reference
+from longreach.runtime.layer import LayerRuntime
 from longreach.selection import Selection
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="needs the compiled kernels (a C++ compiler)")
@@ -114,7 +115,57 @@ def test_decode_from_the_codes_equals_decode_from_the_dequantized_cache(monkeypa
     fallback, _ = _decode_logits(model, spec, ids, steps)
     assert not count_codes
     assert torch.allclose(fused, fallback, atol=1e-4, rtol=1e-4)
+    # and the path that never defers: the update dequantizes and the runtime's selector + kernel attend
+    monkeypatch.setattr(LayerRuntime, "reads_codes", lambda self: False)
+    plain, _ = _decode_logits(model, spec, ids, steps)
+    assert not count_codes
+    assert torch.allclose(fused, plain, atol=1e-4, rtol=1e-4)
     assert (fused[1:] - fused[:1]).abs().max() > 1e-2  # the steps differ from each other: a real comparison
+
+
+def test_a_press_reading_every_key_while_decoding_keeps_the_dequantized_path(count_codes):
+    """h2o's history adds each decode query's attention to every stored key: its stack attends dequantized keys."""
+    model = tiny_model("llama")
+    ids, steps = torch.randint(1, 128, (1, 80)), torch.randint(1, 128, (1, 3))
+    got, cache = _decode_logits(model, "h2o:density=0.5,every=0+kvquant:bits=8,group=16,residual=8", ids, steps)
+    assert not count_codes and torch.isfinite(got).all()
+    assert all(isinstance(layer, QuantizedLayer) and layer.quantized_tokens for layer in cache.layers)
+
+
+def test_decode_density_counts_every_stored_key_once_per_step(count_codes):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (2, 80))  # a batch of two
+    densities = {}
+    for spec in ("kvquant:bits=8,group=16,residual=8", "snapkv:density=0.5", "snapkv:density=0.5+kvquant:bits=8"
+                 ",group=16,residual=8"):
+        with torch.no_grad(), longreach.apply(model, spec, track_density=True) as handle:
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            densities[spec] = handle.density("decode")
+    assert count_codes  # the kvquant specs read the codes
+    assert densities["kvquant:bits=8,group=16,residual=8"] == pytest.approx(1.0)
+    assert densities["snapkv:density=0.5+kvquant:bits=8,group=16,residual=8"] == pytest.approx(
+        densities["snapkv:density=0.5"])
+
+
+def test_an_armed_layer_returns_every_key_once_its_handle_is_removed():
+    """A forward that failed between the pre-hook and the update leaves the layer armed; without longreach the
+    next update must still return every stored key."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 80))
+    with torch.no_grad(), longreach.apply(model, "kvquant:bits=8,group=16,residual=8") as handle:
+        cache = output_cache(model(ids, use_cache=True))
+        layer = cache.layers[0]
+        quantized.defer_next(cache, 0, handle)
+    k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    keys, _ = layer.update(k, v)
+    assert keys.shape[2] == 81 and layer.deferred == 0
+    class Applied:  # an applied handle: its arming does defer (the assertion above can fail)
+        active = True
+
+    owner = Applied()
+    quantized.defer_next(cache, 0, owner)
+    keys, _ = layer.update(k, v)
+    assert keys.shape[2] == layer.residual_tokens < 82 and layer.deferred == layer.quantized_tokens
 
 
 def test_the_reference_kernel_a_select_method_or_an_observer_keep_the_dequantized_path(count_codes):

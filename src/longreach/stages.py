@@ -94,11 +94,17 @@ class CachePolicy(Protocol):
     what ``longreach plan`` counts. ``stores_only`` marks a policy that keeps every key it is given and changes
     only how they are held (``kvquant``): it may follow one press or head policy in a spec, and runs after it;
     such a policy may also say how many bytes a layer's stored tokens take (``stored_bytes(tokens, n_kv,
-    head_dim, dtype)``), which ``plan`` then counts instead of the full width.
+    head_dim, dtype)``), which ``plan`` then counts instead of the full width. ``attends_codes`` marks the one
+    whose decode steps read a quantized cache's codes (kvquant); a policy whose ``after_forward`` reads every stored
+    key at decode steps says so with ``reads_decode_keys``, and a stack holding one attends dequantized keys.
     """
 
     name: str
     stores_only: bool
+    # a decode step may attend a quantized cache from its codes (kvquant, and no policy in the stack that reads
+    # every stored key while decoding): the runtime then arms the layer so its update skips dequantizing
+    attends_codes: bool
+    reads_decode_keys: bool  # after_forward reads every stored key at decode steps (h2o's history)
 
     def attend(self, call: LayerCall) -> Tensor | None: ...
 
@@ -115,6 +121,9 @@ class StackedPolicy:
         self.policies = tuple(policies)
         self.name = "+".join(p.name for p in policies)
         self.stores_only = all(p.stores_only for p in policies)
+        # kvquant attends its codes unless a policy before it reads every stored key while decoding (h2o's history)
+        self.attends_codes = any(p.attends_codes for p in policies) and not any(p.reads_decode_keys for p in policies)
+        self.reads_decode_keys = any(p.reads_decode_keys for p in policies)
         storing = [p.stored_bytes for p in policies if hasattr(p, "stored_bytes")]
         if storing:  # how the last storing policy (kvquant) holds what the others keep: what ``plan`` counts
             self.stored_bytes = storing[-1]

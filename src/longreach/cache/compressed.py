@@ -224,17 +224,20 @@ def cache_bytes(cache: object) -> int | None:
     return total
 
 
-def shrinkable_layer(layers: list | None, layer_idx: int, who: str) -> DynamicLayer:
+def shrinkable_layer(layers: list | None, layer_idx: int, who: str, quantized: bool = False) -> DynamicLayer:
     """This layer's cache entry, if a press or head policy can shrink it; refuses a forward without a cache
     (the policy would silently keep everything) and caches it cannot shrink (static, transformers' quantized,
-    offloaded). A layer kvquant holds (a chunked prompt under a press stacked with kvquant) shrinks by
-    ``QuantizedLayer.keep``."""
+    offloaded). A layer kvquant holds (a chunked prompt under a press stacked with kvquant) is returned only to a
+    press (``quantized=True``), which shrinks it by ``QuantizedLayer.keep``."""
     if layers is None:
         raise LongreachError(
             f"{who} compresses the KV cache, but this forward has no cache (use_cache=False, or a transformers "
             "version that passes the cache under a name longreach does not know); call the model with "
             "use_cache=True, or apply a select method instead of a press")
     layer = layers[layer_idx]
+    if isinstance(layer, QuantizedLayer) and not quantized:
+        raise LongreachError(f"{who} cannot shrink layer {layer_idx}: kvquant holds it quantized, and its heads "
+                             "hold the same keys; run this cache under the spec that quantized it")
     if type(layer) not in (DynamicLayer, GrowingLayer, CompressedLayer, QuantizedLayer):
         raise LongreachError(
             f"{who} needs a DynamicCache; layer {layer_idx} of this cache is a {type(layer).__name__} (static / "

@@ -19,7 +19,6 @@ from ..configurable import param
 from ..errors import LongreachError, SpecError
 from ..methods.base import Method, check_int
 from ..methods.registry import register
-from ..selection import Selection
 from ..stages import CachePolicy, LayerCall
 from .compressed import CompressedLayer, shrinkable_layer
 from .press import Press
@@ -54,6 +53,8 @@ class QuantPolicy:
     a quantized layer then quantizes what arrives itself."""
 
     stores_only = True  # keeps every key: may follow one press in a spec, and runs after it
+    attends_codes = True  # a decode step reads the codes (attend), unless the runtime did not arm the layer
+    reads_decode_keys = False
 
     def __init__(self, method: KVQuant, owner: object) -> None:
         self.method = method
@@ -70,11 +71,7 @@ class QuantPolicy:
         layer = layers[call.layer_idx] if layers is not None else None
         if not isinstance(layer, QuantizedLayer) or not layer.deferred:
             return None
-        out = layer.attend_deferred(call.q, call.k, call.v, call.scale, call.kernel, call.softcap, call.sinks)
-        if call.record is not None:
-            call.record(Selection.dense(call.q.shape[0], call.t_q, layer.stored, device=call.q.device),
-                        call.q.shape[1], layer.seen)
-        return out
+        return layer.attend_deferred(call.q, call.k, call.v, call.scale, call.kernel, call.softcap, call.sinks)
 
     def kept_tokens(self, layer_idx: int, n_layers: int, seen: int, n_kv: int) -> float:
         return seen

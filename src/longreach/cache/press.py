@@ -139,11 +139,14 @@ class PressPolicy:
     decode steps)."""
 
     stores_only = False  # it chooses which keys stay
+    attends_codes = False
 
     def __init__(self, press: Press, owner: object) -> None:
         self.press = press
         self.name = press.name
         self.owner = owner  # the handle: a compressed layer refuses updates once it is removed
+        # the attention every decode query pays every stored key (h2o): a decode step must see them all
+        self.reads_decode_keys = press.wants_history
 
     def attend(self, call: LayerCall) -> Tensor | None:
         return None  # every head keeps the same number of keys: the runtime's selector + kernel path
@@ -155,7 +158,7 @@ class PressPolicy:
         press, st, t_q = self.press, call.state, call.t_q
         layers = call.cache_layers
         if layers is None or t_q > 1:
-            shrinkable_layer(layers, call.layer_idx, press.name)  # refuse a forward with no cache to compress
+            shrinkable_layer(layers, call.layer_idx, press.name, quantized=True)  # refuse a forward with no cache
         queries = st.get("queries")
         q = call.q
         st["queries"] = (q if queries is None or t_q > 1 else torch.cat([queries, q], dim=2))[:, :, -press.observe:]
@@ -168,7 +171,7 @@ class PressPolicy:
         st["steps"] = st.get("steps", 0) + (t_q == 1)
         if not (t_q > 1 or (press.interval > 0 and st["steps"] % press.interval == 0)):
             return False
-        layer = shrinkable_layer(layers, call.layer_idx, press.name)  # here: a layer kvquant holds is refused
+        layer = shrinkable_layer(layers, call.layer_idx, press.name, quantized=True)
         seen = layer.get_seq_length()
         capacity = press.capacity(call.layer_idx, call.n_layers, seen)
         # a latent cache (MLA) stores no per-head keys: score the heads the layer expanded from it this call
@@ -179,6 +182,8 @@ class PressPolicy:
         keep = press.keep_indices(obs, capacity)
         if keep is None:
             return False
+        if "history" in st:
+            st["history"] = st["history"].gather(2, keep.expand(-1, st["history"].shape[1], -1))
         if isinstance(layer, QuantizedLayer):  # a later chunk of the prompt, kvquant stacked after this press
             layer.keep(keep)
             return True
@@ -188,6 +193,4 @@ class PressPolicy:
             st["kept"] = keep
         assert layers is not None
         layers[call.layer_idx] = compressed
-        if "history" in st:
-            st["history"] = st["history"].gather(2, keep.expand(-1, st["history"].shape[1], -1))
         return True

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,9 +35,10 @@ from .quant import Quantized, quantize
 
 class QuantizedLayer(DynamicLayer):
     is_croppable = False
-    # set by the runtime just before a decode step it attends from the codes (one-shot): that update returns the
-    # residual alone and records in ``deferred`` how many quantized tokens it left out
-    defer_next = False
+    # set by the runtime just before a decode step it attends from the codes (one-shot, and only while the handle
+    # that armed it is applied): that update returns the residual alone and records in ``deferred`` how many
+    # quantized tokens it left out
+    defer_next: Callable[[], object | None] | None = None  # a weak reference to the arming handle
     deferred = 0
 
     def __init__(self, keys: Tensor, values: Tensor, seen: int, bits: int, group: int, residual: int) -> None:
@@ -128,7 +130,8 @@ class QuantizedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        defer, self.defer_next = self.defer_next and key_states.shape[-2] == 1 and self.qkeys is not None, False
+        armed, self.defer_next = self.defer_next() if self.defer_next is not None else None, None
+        defer = getattr(armed, "active", False) and key_states.shape[-2] == 1 and self.qkeys is not None
         self.deferred = self.quantized_tokens if defer else 0
         return (self.keys, self.values) if defer else self.dequantized()
 
@@ -159,7 +162,7 @@ class QuantizedLayer(DynamicLayer):
     def reset(self) -> None:
         self.qkeys = self.qvalues = None
         self.seen = self.deferred = 0
-        self.defer_next = False
+        self.defer_next = None
         super().reset()
 
     # beam search, batch edits and offloading: the same edit on every stored tensor
@@ -205,12 +208,14 @@ def stored_keys(layer: DynamicLayer) -> tuple[Tensor, Tensor]:
     return layer.keys, layer.values
 
 
-def defer_next(cache: object, layer_idx: int) -> None:
+def defer_next(cache: object, layer_idx: int, owner: object) -> None:
     """Arm ``layer_idx``'s next update to leave the quantized part to ``attend_deferred`` (the runtime's pre-hook,
-    before a decode step it attends from the codes); a layer that is not quantized is left alone."""
+    before a decode step it attends from the codes); a layer that is not quantized is left alone. The arming
+    holds while ``owner`` (the handle) is active: a forward that failed before its update, then ran without
+    longreach, still gets every key."""
     layer = _layer(cache, layer_idx)
     if isinstance(layer, QuantizedLayer):
-        layer.defer_next = True
+        layer.defer_next = weakref.ref(owner)
 
 
 def deferred_tokens(cache: object, layer_idx: int) -> int:

@@ -177,12 +177,12 @@ class SampleBank:
     """Prompts are built once per (task, length, depth, seed) and shared by every method.
 
     Attention-sorted prompts are also kept in ``store`` (the eval folder's ``sorted/``), one JSON per prompt and
-    rounds: a resumed sweep, and Ray workers sharing the folder, answer the order sorted first instead of sorting
-    again (the rows' ``sort_s`` is that sorting's time)."""
+    rounds, naming the ``model`` that sorted them: a resumed sweep, and Ray workers sharing the folder, answer the
+    order sorted first instead of sorting again (the rows' ``sort_s`` is that sorting's time)."""
 
-    def __init__(self, tokenizer, corpus: Corpus, chat: bool, store: Path | None = None):
+    def __init__(self, tokenizer, corpus: Corpus, chat: bool, store: Path | None = None, model: str = ""):
         self.tokenizer, self.corpus, self.chat = tokenizer, corpus, chat
-        self.store = store
+        self.store, self.model = store, model
         self._cache: dict[tuple, Sample] = {}
         self._sorted: dict[tuple, SortedDocuments] = {}
 
@@ -203,29 +203,31 @@ class SampleBank:
             if docs is None:
                 raise InputError(f"task {task.spec()} built a prompt without documents: nothing to sort")
             path = None if self.store is None else self.store / f"{prompt_sha(sample)}-{rounds}.json"
-            found = _read_sorted(path, docs) if path is not None else None
+            found = _read_sorted(path, docs, self.model) if path is not None else None
             if found is None:
                 found = sort_documents(model, self.tokenizer, docs.documents, docs.prefix, docs.question,
                                        separator=docs.separator, rounds=rounds,
                                        add_special_tokens=not sample.chat, chunk=chunk, kernel=kernel)
                 if path is not None:
-                    _write_sorted(path, found)
+                    _write_sorted(path, found, self.model)
             self._sorted[key] = found
         return self._sorted[key]
 
 
-def _read_sorted(path: Path, docs: Documents) -> SortedDocuments | None:
-    """A stored sorting of this prompt, or None (none yet, or unreadable: it is sorted again and rewritten)."""
+def _read_sorted(path: Path, docs: Documents, model: str) -> SortedDocuments | None:
+    """A stored sorting of this prompt by this model, or None (none yet, another model's, or unreadable: it is
+    sorted again and rewritten)."""
     try:
-        return SortedDocuments.from_record(docs, json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(path.read_text())
+        return SortedDocuments.from_record(docs, record) if record.get("model") == model else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def _write_sorted(path: Path, found: SortedDocuments) -> None:
+def _write_sorted(path: Path, found: SortedDocuments, model: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the same prompt: whole files only
-    tmp.write_text(json.dumps(found.record()))
+    tmp.write_text(json.dumps({"model": model, **found.record()}))
     tmp.replace(path)
 
 
@@ -258,7 +260,8 @@ def run_cells(sweep: Sweep, todo: dict[Cell, list], model, tokenizer, corpus: Co
     from .. import __version__, apply
     from ..provenance import provenance
 
-    bank = SampleBank(tokenizer, corpus, sweep.chat, store=out / SORTED if out is not None else None)
+    bank = SampleBank(tokenizer, corpus, sweep.chat, store=out / SORTED if out is not None else None,
+                      model=sweep.model)
     model_id = sweep.model
     for method in sweep.methods:
         cells = [c for c in todo if c.method == method]

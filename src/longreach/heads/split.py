@@ -29,6 +29,8 @@ def query_heads(kv_heads: Tensor, group: int, device: torch.device) -> Tensor:
 
 class SplitPolicy:
     stores_only = False  # it chooses which keys each head keeps
+    attends_codes = False
+    reads_decode_keys = True
 
     def __init__(self, policy: HeadPolicy, owner: object) -> None:
         self.policy = policy

@@ -72,14 +72,15 @@ class LayerRuntime:
             # a prefill: what the layer before freed leaves the process (see allocator)
             release_free_memory(hidden.shape[1] + cached_tokens(self.cache, self.layer_idx))
         elif isinstance(hidden, Tensor) and hidden.dim() == 3 and self.reads_codes():
-            defer_next(self.cache, self.layer_idx)  # a kvquant layer's update leaves its codes to the policy
+            defer_next(self.cache, self.layer_idx, self.handle)  # a kvquant layer's update leaves its codes to it
 
     def reads_codes(self) -> bool:
-        """Whether a decode step may attend a quantized (kvquant) cache from its codes: every stored key is
-        attended (no select method), positions are not re-mapped and no observer wants the keys."""
+        """Whether a decode step may attend a quantized (kvquant) cache from its codes: the cache policy does
+        (``attends_codes``: kvquant, no press reading every key while decoding), every stored key is attended (no
+        select method), positions are not re-mapped and no observer wants the keys."""
         handle = self.handle
-        return (handle.policy is not None and isinstance(handle.spec.selector, Dense) and handle.remap is None
-                and handle.observer is None and not self.own_attention)
+        return (handle.policy is not None and handle.policy.attends_codes and isinstance(handle.spec.selector, Dense)
+                and handle.remap is None and handle.observer is None and not self.own_attention)
 
     # -- the entry point -----------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
@@ -120,7 +121,8 @@ class LayerRuntime:
             sliding_window: int | None) -> Tensor:
         handle, t_q = self.handle, q.shape[2]
         controlled = sliding_window is None  # the layers the method acts on
-        new_sequence = k.shape[2] + deferred_tokens(self.cache, self.layer_idx) == t_q
+        deferred = deferred_tokens(self.cache, self.layer_idx)  # keys a kvquant update left to its codes
+        new_sequence = k.shape[2] + deferred == t_q
         if new_sequence and controlled:
             self.select_state.clear()
             self.policy_state.clear()
@@ -136,9 +138,11 @@ class LayerRuntime:
         # 2-3. selector and kernel (a head policy attends its split parts itself)
         ctx = SelectContext(self.layer_idx, key_mask, None, self.select_state, scale, self.extras)
         out = policy.attend(call) if policy is not None else None
-        if out is None and deferred_tokens(self.cache, self.layer_idx):
+        if deferred and (out is None or deferred_tokens(self.cache, self.layer_idx)):
             raise LongreachError(f"layer {self.layer_idx}: a kvquant cache left its codes to a policy that did not "
                                  "attend them (please report this)")
+        if deferred and handle.track_density:  # every stored key, as the dense selection the runtime skipped
+            handle.stats.add(phase, Selection.dense(q.shape[0], t_q, k.shape[2] + deferred, device=q.device))
         if out is None:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
             if t_q > 1:  # the projections' and the selector's freed scratch leave before the output is allocated
