@@ -95,3 +95,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if BUNDLED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
+
+
+def decode_logits(model, spec, ids: torch.Tensor, steps: torch.Tensor, cut: int | None = None, **apply_kw):
+    """Last-token logits of a prompt (fed in two forwards at ``cut``, else one) and of teacher-forced decode
+    ``steps`` after it, stacked, and the final cache; ``spec=None``: transformers alone."""
+    import contextlib
+
+    import longreach
+    from longreach.compat import cache_kwargs, output_cache
+
+    with torch.no_grad(), (longreach.apply(model, spec, **apply_kw) if spec else contextlib.nullcontext()):
+        out = model(ids[:, :cut] if cut else ids, use_cache=True)
+        if cut:
+            out = model(ids[:, cut:], use_cache=True, **cache_kwargs(model, output_cache(out)))
+        logits = [out.logits[:, -1]]
+        for i in range(steps.shape[1]):
+            out = model(steps[:, i:i + 1], use_cache=True, **cache_kwargs(model, output_cache(out)))
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits), output_cache(out)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, decode_logits, tiny_model
 
 import longreach
 from longreach.cache.compressed import CompressedLayer, cache_bytes
@@ -150,27 +150,14 @@ def test_truncate_gives_back_the_newest_tokens_and_mask_sizes_follow_what_is_sto
 
 # -- on models ------------------------------------------------------------------------------------
 
-def logits_of(model, spec, ids, steps):
-    """Logits of a prompt and of teacher-forced decode steps, and the cache (``spec=None``: transformers alone)."""
-    import contextlib
-
-    with torch.no_grad(), (longreach.apply(model, spec) if spec else contextlib.nullcontext()):
-        out = model(ids, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for i in range(steps.shape[1]):
-            out = model(steps[:, i:i + 1], use_cache=True, **cache_kwargs(model, output_cache(out)))
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits), output_cache(out)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_holds_full_attention_layers_quantized_and_int8_keeps_greedy_tokens(arch):
     model = tiny_model(arch)
     ids, steps = torch.randint(1, 128, (1, 80)), torch.randint(1, 128, (1, 4))
-    dense, dense_cache = logits_of(model, None, ids, steps)
+    dense, dense_cache = decode_logits(model, None, ids, steps)
     errors = {}
     for bits in (8, 4):
-        got, cache = logits_of(model, f"kvquant:bits={bits},group=16,residual=8", ids, steps)
+        got, cache = decode_logits(model, f"kvquant:bits={bits},group=16,residual=8", ids, steps)
         errors[bits] = float((got - dense).abs().max())
         for layer, plain in zip(cache.layers, dense_cache.layers, strict=True):
             if getattr(layer, "is_sliding", False):  # the model's own sliding-window layers stay as they are
@@ -196,10 +183,10 @@ def test_generate_holds_full_attention_layers_quantized_and_int8_keeps_greedy_to
 def test_stacked_after_snapkv_it_keeps_snapkvs_tokens_in_fewer_bytes():
     model = tiny_model("llama")
     ids, steps = torch.randint(1, 128, (1, 120)), torch.randint(1, 128, (1, 3))
-    _, pressed = logits_of(model, "snapkv:density=0.25", ids, steps)
+    _, pressed = decode_logits(model, "snapkv:density=0.25", ids, steps)
     for spec in ("snapkv:density=0.25+kvquant:bits=4,group=8,residual=4", "kvquant:bits=4,group=8,residual=4"
                  "+snapkv:density=0.25"):  # the press runs first whichever is written first
-        _, both = logits_of(model, spec, ids, steps)
+        _, both = decode_logits(model, spec, ids, steps)
         for alone, quant in zip(pressed.layers, both.layers, strict=True):
             assert isinstance(alone, CompressedLayer) and isinstance(quant, QuantizedLayer)
             assert quant.stored == alone.keys.shape[2] and quant.get_seq_length() == alone.get_seq_length() == 123
@@ -263,26 +250,14 @@ def test_no_cache_is_refused_not_ignored():
         model(ids, use_cache=False)
 
 
-def _chunked(model, spec, ids, cut, steps):
-    """The prompt in two forwards (``cut``), then teacher-forced decode steps: last-token logits and the cache."""
-    with torch.no_grad(), longreach.apply(model, spec):
-        out = model(ids[:, :cut], use_cache=True)
-        out = model(ids[:, cut:], use_cache=True, **cache_kwargs(model, output_cache(out)))
-        logits = [out.logits[:, -1]]
-        for i in range(steps.shape[1]):
-            out = model(steps[:, i:i + 1], use_cache=True, **cache_kwargs(model, output_cache(out)))
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits), output_cache(out)
-
-
 def test_a_chunked_prompt_under_a_press_keeps_the_press_tokens_quantized():
     """snapkv + kvquant on a prompt in two forwards: the second chunk's press drops tokens kvquant already holds
     (they are quantized again in new groups). The kept tokens are snapkv's own, within int8's error."""
     model = tiny_model("llama")
     ids, steps = torch.randint(1, 128, (1, 160)), torch.randint(1, 128, (1, 3))
     press = "snapkv:density=0.5,window=8"
-    plain, plain_cache = _chunked(model, press, ids, 96, steps)
-    got, cache = _chunked(model, f"{press}+kvquant:bits=8,group=16,residual=8", ids, 96, steps)
+    plain, plain_cache = decode_logits(model, press, ids, steps, cut=96)
+    got, cache = decode_logits(model, f"{press}+kvquant:bits=8,group=16,residual=8", ids, steps, cut=96)
     for layer, ref in zip(cache.layers, plain_cache.layers, strict=True):
         assert isinstance(layer, QuantizedLayer) and layer.quantized_tokens > 0
         assert layer.stored == ref.keys.shape[2] and layer.seen == ref.get_seq_length()  # the press's count
@@ -297,7 +272,7 @@ def test_a_chunked_prompt_under_a_press_keeps_the_press_tokens_quantized():
 def test_a_chunked_prompt_alone_is_quantized_as_it_arrives():
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 96))
-    whole, _ = logits_of(model, "kvquant:bits=8,group=16,residual=8", ids, ids[:, :0])
+    whole, _ = decode_logits(model, "kvquant:bits=8,group=16,residual=8", ids, ids[:, :0])
     with torch.no_grad(), longreach.apply(model, "kvquant:bits=8,group=16,residual=8"):
         out = model(ids[:, :48], use_cache=True)
         out = model(ids[:, 48:], use_cache=True, **cache_kwargs(model, output_cache(out)))

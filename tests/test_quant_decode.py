@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import decode_logits, tiny_model
 
 import longreach
 from longreach.cache import quantized
@@ -80,16 +80,6 @@ def test_layouts_the_kernel_does_not_read_are_not_usable():
 
 # -- the decode path of kvquant -----------------------------------------------------------------------------
 
-def _decode_logits(model, spec, ids, steps, **kw):
-    with torch.no_grad(), longreach.apply(model, spec, **kw):
-        out = model(ids, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for i in range(steps.shape[1]):
-            out = model(steps[:, i:i + 1], use_cache=True, **cache_kwargs(model, output_cache(out)))
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits), output_cache(out)
-
-
 @pytest.fixture
 def count_codes(monkeypatch):
     """Count the decode steps attended from the codes, with the compiled path chosen (as where it measured faster)."""
@@ -105,19 +95,19 @@ def test_decode_from_the_codes_equals_decode_from_the_dequantized_cache(monkeypa
     model = tiny_model(arch)
     ids, steps = torch.randint(1, 128, (1, 80)), torch.randint(1, 128, (1, 5))
     spec = "kvquant:bits=4,group=16,residual=8"
-    fused, cache = _decode_logits(model, spec, ids, steps)
+    fused, cache = decode_logits(model, spec, ids, steps)
     full_layers = sum(not getattr(layer, "is_sliding", False) for layer in cache.layers)
     assert len(count_codes) == 5 * full_layers  # every decode step of every quantized layer read the codes
     assert all(layer.deferred == 0 and not layer.defer_next for layer in cache.layers
                if isinstance(layer, QuantizedLayer))
     monkeypatch.setattr(quantized, "codes_faster", lambda *a: False)  # the fallback: dequantize, then attend
     count_codes.clear()
-    fallback, _ = _decode_logits(model, spec, ids, steps)
+    fallback, _ = decode_logits(model, spec, ids, steps)
     assert not count_codes
     assert torch.allclose(fused, fallback, atol=1e-4, rtol=1e-4)
     # and the path that never defers: the update dequantizes and the runtime's selector + kernel attend
     monkeypatch.setattr(LayerRuntime, "reads_codes", lambda self: False)
-    plain, _ = _decode_logits(model, spec, ids, steps)
+    plain, _ = decode_logits(model, spec, ids, steps)
     assert not count_codes
     assert torch.allclose(fused, plain, atol=1e-4, rtol=1e-4)
     assert (fused[1:] - fused[:1]).abs().max() > 1e-2  # the steps differ from each other: a real comparison
@@ -127,7 +117,7 @@ def test_a_press_reading_every_key_while_decoding_keeps_the_dequantized_path(cou
     """h2o's history adds each decode query's attention to every stored key: its stack attends dequantized keys."""
     model = tiny_model("llama")
     ids, steps = torch.randint(1, 128, (1, 80)), torch.randint(1, 128, (1, 3))
-    got, cache = _decode_logits(model, "h2o:density=0.5,every=0+kvquant:bits=8,group=16,residual=8", ids, steps)
+    got, cache = decode_logits(model, "h2o:density=0.5,every=0+kvquant:bits=8,group=16,residual=8", ids, steps)
     assert not count_codes and torch.isfinite(got).all()
     assert all(isinstance(layer, QuantizedLayer) and layer.quantized_tokens for layer in cache.layers)
 
@@ -171,8 +161,8 @@ def test_an_armed_layer_returns_every_key_once_its_handle_is_removed():
 def test_the_reference_kernel_a_select_method_or_an_observer_keep_the_dequantized_path(count_codes):
     model = tiny_model("llama")
     ids, steps = torch.randint(1, 128, (1, 80)), torch.randint(1, 128, (1, 2))
-    _decode_logits(model, "kvquant:bits=8,group=16,residual=8", ids, steps, kernel="reference")
-    _decode_logits(model, "quest:density=0.5+kvquant:bits=8,group=16,residual=8", ids, steps)
+    decode_logits(model, "kvquant:bits=8,group=16,residual=8", ids, steps, kernel="reference")
+    decode_logits(model, "quest:density=0.5+kvquant:bits=8,group=16,residual=8", ids, steps)
     assert not count_codes
     with torch.no_grad(), longreach.apply(model, "kvquant:bits=8,group=16,residual=8") as handle:
         seen = []
