@@ -262,3 +262,15 @@ def test_a_sweep_sorts_each_prompt_once_and_a_later_method_reads_the_stored_orde
     result = cli.invoke(app, [*base, "--methods", "dense"])
     assert result.exit_code == 0, result.output
     assert len(calls) == 4 and all(json.loads(p.read_text())["model"] == str(tiny_lm_folder) for p in stored)
+
+
+def test_a_folder_that_cannot_keep_a_sorting_warns_and_the_sweep_goes_on(tmp_path):
+    from longreach.eval.runner import _write_sorted
+    from longreach.sorting import SortedDocuments
+
+    blocked = tmp_path / "sorted"
+    blocked.write_text("a file where the folder would be")
+    found = SortedDocuments(None, (1, 0), ((0.2, 0.1),), 0.5, (100,))
+    with pytest.warns(RuntimeWarning, match="could not keep the attention sorting"):
+        _write_sorted(blocked / "abc-1.json", found, "m")
+    assert blocked.read_text().startswith("a file")

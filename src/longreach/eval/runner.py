@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,10 +226,15 @@ def _read_sorted(path: Path, docs: Documents, model: str) -> SortedDocuments | N
 
 
 def _write_sorted(path: Path, found: SortedDocuments, model: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Keep a sorting for later runs; a folder that cannot take it only costs sorting again (a warning)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the same prompt: whole files only
-    tmp.write_text(json.dumps({"model": model, **found.record()}))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"model": model, **found.record()}))
+        tmp.replace(path)
+    except OSError as err:
+        warnings.warn(f"longreach: could not keep the attention sorting in {path.parent} ({err}); a resumed run "
+                      "sorts this prompt again", RuntimeWarning, stacklevel=2)
 
 
 def sorting_fields(sample: Sample, result: SortedDocuments | None) -> dict:
