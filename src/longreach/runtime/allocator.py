@@ -13,10 +13,11 @@ the attention output): on a 4-layer SmolLM2-shaped model at 16k the second trim 
 to 1063.5 MiB for dense and from 1113.1 to 1067.0 MiB for moba 10% (docs/benchmarks/issue20/peak-probe.txt).
 
 Only forwards that attend at least ``MIN_KEYS`` keys trim. A trim's price is mostly refaulting the pages the next
-layer allocates again, about the same at any length (~1 s per SmolLM2 prefill here), so it is a large share of a
-short prefill and a small one of a long prefill, where the peak matters. SmolLM2, `bench e2e`, 2 fresh processes
-each, same AMD EPYC (docs/benchmarks.md, "Heap trims by length"): at 4k trimming cost +16% time to first token
-(9.93 vs 8.58 s) for −16% peak RSS (1270 vs 1504 MiB); at 8k +4% (25.42 vs 24.45 s) for −10% (1552 vs 1733 MiB).
+layer allocates again, about a second per SmolLM2 prefill here (1.35 s at 4k, 0.97 s at 8k, ~3% of a 16k prefill),
+so it is a large share of a short prefill and a small one of a long prefill, where the peak matters. SmolLM2,
+`bench e2e`, 2 fresh processes each, same AMD EPYC (docs/benchmarks.md, "Heap trims by length"): at 4k trimming
+cost +16% time to first token (9.93 vs 8.58 s) for −16% peak RSS (1270 vs 1504 MiB); at 8k +4% (25.42 vs
+24.45 s) for −10% (1552 vs 1733 MiB).
 
 ``LONGREACH_TRIM=0`` switches it off (to measure what it buys).
 """
