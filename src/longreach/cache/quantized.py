@@ -16,9 +16,7 @@ The layer reports the tokens it was given as its length (a press may have droppe
 
 from __future__ import annotations
 
-import math
 import os
-import time
 import weakref
 from collections.abc import Callable
 
@@ -252,16 +250,6 @@ def _timings(n_q: int, n_kv: int, dim: int, bits: int, group: int) -> dict[str, 
     q = torch.randn(1, n_q, 1, dim, generator=gen)
     rest_k, rest_v = k[:, :, n:], v[:, :, n:]
     sel = Selection.dense(1, 1, n + 1)
-    paths = {
-        "native": lambda: quantdecode.attend(q, qk, qv, rest_k, rest_v, dim**-0.5),
-        "torch": lambda: kernels.attend(q, _joined(qk, rest_k), _joined(qv, rest_v), sel, dim**-0.5),
-    }
-    found = {}
-    for path, run in paths.items():
-        best = math.inf
-        for _ in range(choice.REPEAT + 1):  # the first call warms up
-            start = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - start)
-        found[path] = best
-    return found
+    return {"native": choice.best_seconds(lambda: quantdecode.attend(q, qk, qv, rest_k, rest_v, dim**-0.5)),
+            "torch": choice.best_seconds(
+                lambda: kernels.attend(q, _joined(qk, rest_k), _joined(qv, rest_v), sel, dim**-0.5))}

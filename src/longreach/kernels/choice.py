@@ -63,15 +63,19 @@ def _timings(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., obj
     take = max(1, int(DENSITY * n_kb))
     idx = torch.rand(1, n_kv, n_qb, n_kb, generator=gen).argsort(-1)[..., :take]
     sel = Selection(idx, t_q, t_k, BLOCK, BLOCK, 4, BLOCK)
-    out = {}
-    for path, native_on in (("native", True), ("torch", False)):
-        best = math.inf
-        for _ in range(REPEAT + 1):  # the first call warms up
-            start = time.perf_counter()
-            run(q, k, v, sel, dim**-0.5, use_native=native_on)
-            best = min(best, time.perf_counter() - start)
-        out[path] = best
-    return out
+    return {path: best_seconds(lambda native_on=native_on: run(q, k, v, sel, dim**-0.5, use_native=native_on))
+            for path, native_on in (("native", True), ("torch", False))}
+
+
+def best_seconds(run: Callable[[], object]) -> float:
+    """The fastest of ``REPEAT`` timed calls of ``run``, after one untimed warm-up: what every choice compares."""
+    run()
+    best = math.inf
+    for _ in range(REPEAT):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def choose(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., object]) -> dict:

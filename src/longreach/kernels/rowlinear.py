@@ -15,9 +15,7 @@ outputs differ from ``F.linear`` by rounding (tests/test_rowlinear.py bounds it)
 
 from __future__ import annotations
 
-import math
 import os
-import time
 import types
 from collections.abc import Callable
 
@@ -29,11 +27,9 @@ from . import choice, native
 
 MIN_BYTES = 1 << 20
 STREAM_BYTES = 64 << 20
-REPEAT = 3
-
 
 def _timings(weight: torch.Tensor) -> dict[str, float]:
-    """Seconds per call of each path, best of ``REPEAT`` passes over weights that do not fit a CPU cache: the
+    """Seconds per call of each path, best of ``choice.REPEAT`` passes over weights that do not fit a CPU cache: the
     layer's own weight when it holds over half of ``STREAM_BYTES``, else random ones of its shape (at least two,
     at most ``STREAM_BYTES`` in all)."""
     out_features, in_features = weight.shape
@@ -44,16 +40,8 @@ def _timings(weight: torch.Tensor) -> dict[str, float]:
     x = torch.randn(1, 1, in_features, generator=gen)
     compiled = native.load()
     paths = {"native": lambda w: compiled.linear_row(x, w, None), "torch": lambda w: F.linear(x, w)}
-    found = {}
-    for path, run in paths.items():
-        best = math.inf
-        for _ in range(REPEAT + 1):  # the first pass warms up
-            start = time.perf_counter()
-            for w in weights:
-                run(w)
-            best = min(best, (time.perf_counter() - start) / len(weights))
-        found[path] = best
-    return found
+    return {path: choice.best_seconds(lambda run=run: [run(w) for w in weights]) / len(weights)
+            for path, run in paths.items()}
 
 
 _memo: dict[tuple, bool] = {}  # every decode call asks: a dict look-up, not the choice file's key
