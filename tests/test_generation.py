@@ -49,3 +49,20 @@ def test_bench_times_model_generate_on_the_same_path():
         ours = longreach.generate(model, ids, 6)
     assert row["method"] == "snapkv:density=0.3" + HF_PATH and row["decode_tokens"] == 5
     assert row["kv_bytes"] == longreach.cache_bytes(ours.cache) and row["ttft_s"] > 0 and row["decode_tok_s"] > 0
+
+
+def test_generate_takes_a_tensor_of_ids():
+    """A plain tensor of ids, (n,) or (1, n), decodes exactly as the tokenizer-shaped input does (greedy, without
+    apply: transformers' own generate is the oracle); a batch or an empty prompt is refused with the shape."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 40))
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                                do_sample=False)
+    assert longreach.generate(model, ids, 6).tokens == theirs[0, 40:].tolist()
+    assert longreach.generate(model, ids[0], 6).tokens == theirs[0, 40:].tolist()
+    for bad in (ids.repeat(2, 1), ids[:, :0]):
+        with pytest.raises(longreach.errors.InputError, match="one non-empty prompt"):
+            longreach.generate(model, bad, 6)
+    with pytest.raises(longreach.errors.InputError, match="tokenizer's output"):
+        longreach.generate(model, [1, 2, 3], 6)

@@ -52,11 +52,27 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {ids} if isinstance(ids, int) else set(ids or [])
 
 
+def as_batch(ids: dict | Tensor) -> dict:
+    """A tokenizer's output as it is, or a tensor of ids ((n,) or (1, n)) with an all-ones attention mask."""
+    if isinstance(ids, Tensor):
+        ids = {"input_ids": ids.unsqueeze(0) if ids.dim() == 1 else ids}
+    if not hasattr(ids, "keys") or "input_ids" not in ids:
+        raise InputError(f"ids must be a tokenizer's output (with input_ids) or a tensor of token ids, got "
+                         f"{type(ids).__name__}")
+    input_ids = ids["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise InputError(f"generate takes one non-empty prompt (token ids shaped (n,) or (1, n)), got shape "
+                         f"{tuple(input_ids.shape)}")
+    if ids.get("attention_mask") is None:
+        ids = {**ids, "attention_mask": torch.ones_like(input_ids)}
+    return ids
+
+
 @torch.no_grad()
-def generate(model, ids: dict, max_new_tokens: int, eos: set[int] | None = None, chunk: int | None = None,
+def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | None = None, chunk: int | None = None,
              cache: str = "growing") -> Generation:
-    """Prefill ``ids`` (a tokenizer's output, batch of one), then one token at a time until EOS or
-    ``max_new_tokens``.
+    """Prefill ``ids`` (a tokenizer's output, or a tensor of token ids; batch of one), then one token at a time
+    until EOS or ``max_new_tokens``.
 
     ``chunk`` prefills that many tokens per forward, so activations stay O(chunk) instead of O(prompt).
     ``cache``: ``growing`` appends decode tokens in place (``cache.growing``); ``dynamic`` is transformers'
@@ -67,6 +83,7 @@ def generate(model, ids: dict, max_new_tokens: int, eos: set[int] | None = None,
         raise InputError(f"chunk must be >= 1 token, got {chunk}")
     if cache not in ("growing", "dynamic"):
         raise InputError(f"cache must be 'growing' or 'dynamic', got {cache!r}")
+    ids = as_batch(ids)
     eos = eos or set()
     handle = applied(model)
     procedure = handle.procedure if handle is not None else None  # homer: builds the cache itself

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..compat import attention_with_lse
 from ..errors import InputError
 from ..selection import Selection
-from . import choice, native
+from . import choice, decode, native
 from ._heads import map_heads
 from .band import band_attention_with_lse
 from .dense import causal_attention, causal_attention_with_lse
@@ -50,6 +50,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
     if far is not None and sel.window < far.distance and not sel.full:
         raise InputError(f"a two-piece position method needs the selection window ({sel.window}) to cover its "
                          f"near piece ({far.distance} keys)")
+    if sel.full and sel.key_mask is None and far is None and decode.serves(q, k, v):  # a decode step over all keys
+        out, lse = decode.attend(q, k, v, scale, softcap)
+        return (out if sinks is None else with_sink(out, lse, sinks)).to(out_dtype)
     if softcap is not None or sinks is not None:
         out, lse = attend_with_lse(q, k, v, sel, scale, far, use_native=False, softcap=softcap)
         return (out if sinks is None else with_sink(out, lse, sinks)).to(out_dtype)

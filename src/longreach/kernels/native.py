@@ -1,6 +1,6 @@
 """The compiled kernels, built once per machine with torch's extension API and cached: block-sparse attention
-(``csrc/block_sparse.cpp``), decode's one-row linear layers (``row_linear.cpp``) and decode over a kvquant cache's
-codes (``quant_decode.cpp``). The pure-PyTorch paths are the fallback.
+(``csrc/block_sparse.cpp``), decode's one-row linear layers (``row_linear.cpp``), decode over a float cache
+(``dense_decode.cpp``) and over a kvquant cache's codes (``quant_decode.cpp``). The pure-PyTorch paths are the fallback.
 
 Why compiled: at 32k the PyTorch path spends ~30% of its time outside the attention math (gathering
 K/V copies, masks, merging the far and near parts); the fused kernel streams the same keys with one
@@ -20,9 +20,10 @@ import torch
 
 from ..paths import cache_dir
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("block_sparse.cpp", "row_linear.cpp", "quant_decode.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("block_sparse.cpp", "row_linear.cpp", "quant_decode.cpp", "dense_decode.cpp")]
 # included by the sources: torch rebuilds when a source or a flag changes, not a header, so their hash is a flag
-HEADERS = [Path(__file__).parent / "csrc" / "fast_math.h"]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("fast_math.h", "decode.h")]
 _module: ModuleType | None = None
 _tried = False
 

@@ -242,6 +242,8 @@ std::vector<torch::Tensor> quant_decode(torch::Tensor q, const torch::Tensor& k_
                                         const torch::Tensor& v_scale, const torch::Tensor& v_zero,
                                         torch::Tensor k_rest, torch::Tensor v_rest, int64_t bits, int64_t group,
                                         double softcap);
+std::vector<torch::Tensor> dense_decode(torch::Tensor q, const torch::Tensor& k, const torch::Tensor& v,
+                                        double softcap);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Neither touches a Python object: release the GIL, as torch's own ops do (the server's event loop runs beside
@@ -251,5 +253,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_row", &linear_row, "one row through a linear layer, output rows over the threads (row_linear.cpp)",
         py::call_guard<py::gil_scoped_release>());
   m.def("quant_decode", &quant_decode, "decode attention over a kvquant cache's codes and residual (quant_decode.cpp)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("dense_decode", &dense_decode, "split-K decode attention over a float32 cache (dense_decode.cpp)",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -19,11 +19,14 @@
 #include <limits>
 #include <vector>
 
-#include "fast_math.h"
+#include "decode.h"
 
 namespace {
 
-using longreach::fast_exp;
+using longreach::axpy;
+using longreach::dot;
+using longreach::softcap_rows;
+using longreach::softmax_rows;
 
 constexpr int64_t CHUNK = 256;  // tokens per task (rounded up to whole key groups)
 
@@ -40,45 +43,6 @@ inline void decode_row(const uint8_t* __restrict c, float* __restrict out, int64
     out[2 * i + 1] = static_cast<float>(b >> 4);
   }
   if (d % 2) out[d - 1] = static_cast<float>(c[pairs] & 0x0F);
-}
-
-constexpr int64_t LANES = 16;  // one AVX-512 register (two AVX2 ones) of floats: inner loops of this constant length
-
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float part[LANES] = {};
-  const int64_t main = d - d % LANES;
-  for (int64_t i = 0; i < main; i += LANES)
-    for (int64_t u = 0; u < LANES; ++u) part[u] += a[i + u] * b[i + u];
-  float s = 0.f;
-  for (int64_t u = 0; u < LANES; ++u) s += part[u];
-  for (int64_t i = main; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// a[lo, hi) += w * x[lo, hi)
-inline void axpy(float* __restrict a, const float* __restrict x, float w, int64_t lo, int64_t hi) {
-  int64_t i = lo;
-  for (; i + LANES <= hi; i += LANES)
-    for (int64_t u = 0; u < LANES; ++u) a[i + u] += w * x[i + u];
-  for (; i < hi; ++i) a[i] += w * x[i];
-}
-
-// Scores of one task's rows (G x n, leading dim ld) -> probabilities against each row's max; returns the maxima
-// and sums through m and l.
-void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float* m, float* l) {
-  for (int64_t g = 0; g < rows; ++g) {
-    float* row = s + g * ld;
-    float mx = row[0];
-    for (int64_t i = 1; i < n; ++i) mx = std::max(mx, row[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
-      const float p = fast_exp(row[i] - mx);
-      row[i] = p;
-      sum += p;
-    }
-    m[g] = mx;
-    l[g] = sum;
-  }
 }
 
 void check_codes(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero, const char* what) {
@@ -148,23 +112,11 @@ std::vector<torch::Tensor> quant_decode(torch::Tensor q, const torch::Tensor& k_
       float* m = part_m.data() + task * g_heads;
       float* l = part_l.data() + task * g_heads;
       float* acc = part_acc.data() + task * g_heads * d;
-      std::fill(acc, acc + g_heads * d, 0.f);
       if (c == n_chunks) {  // the full-precision residual
-        const float* keys = kr + bh * r * d;
-        const float* vals = vr + bh * r * d;
-        for (int64_t t = 0; t < r; ++t)
-          for (int64_t g = 0; g < g_heads; ++g) s[g * width + t] = dot(qh + g * d, keys + t * d, d);
-        if (cap > 0.f)
-          for (int64_t g = 0; g < g_heads; ++g)
-            for (int64_t t = 0; t < r; ++t) s[g * width + t] = cap * std::tanh(s[g * width + t] / cap);
-        softmax_rows(s.data(), g_heads, r, width, m, l);
-        for (int64_t t = 0; t < r; ++t)
-          for (int64_t g = 0; g < g_heads; ++g) {
-            const float p = s[g * width + t];
-            axpy(acc + g * d, vals + t * d, p, 0, d);
-          }
+        longreach::float_task(qh, g_heads, kr + bh * r * d, vr + bh * r * d, r, d, cap, s.data(), width, m, l, acc);
         continue;
       }
+      std::fill(acc, acc + g_heads * d, 0.f);
       const int64_t t0 = c * chunk, t1 = std::min(n, t0 + chunk), len = t1 - t0;
       // scores: per key group, the query scaled by the group's per-channel scales and a bias from its zeros
       for (int64_t t = t0; t < t1; t += group) {
@@ -182,9 +134,7 @@ std::vector<torch::Tensor> quant_decode(torch::Tensor q, const torch::Tensor& k_
           for (int64_t g = 0; g < g_heads; ++g) s[g * width + (u - t0)] = bias[g] + dot(qs.data() + g * d, row.data(), d);
         }
       }
-      if (cap > 0.f)
-        for (int64_t g = 0; g < g_heads; ++g)
-          for (int64_t t = 0; t < len; ++t) s[g * width + t] = cap * std::tanh(s[g * width + t] / cap);
+      softcap_rows(s.data(), g_heads, len, width, cap);
       softmax_rows(s.data(), g_heads, len, width, m, l);
       // values: per token, each channel group's probability-weighted scale on the codes, the zeros summed apart
       std::fill(zacc.begin(), zacc.end(), 0.f);
@@ -214,26 +164,8 @@ std::vector<torch::Tensor> quant_decode(torch::Tensor q, const torch::Tensor& k_
   // merge each query head's tasks by log-sum-exp
   torch::Tensor out = torch::zeros({nb, hq, d}, q.options());
   torch::Tensor lse = torch::full({nb, hq}, -std::numeric_limits<float>::infinity(), q.options());
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
   if (per_head == 0) return {out, lse};  // no key at all
-  for (int64_t bh = 0; bh < nb * h; ++bh) {
-    for (int64_t g = 0; g < g_heads; ++g) {
-      const int64_t first = bh * per_head;
-      float top = part_m[first * g_heads + g];
-      for (int64_t c = 1; c < per_head; ++c) top = std::max(top, part_m[(first + c) * g_heads + g]);
-      float total = 0.f;
-      float* o = op + (bh * g_heads + g) * d;
-      for (int64_t c = 0; c < per_head; ++c) {
-        const int64_t at = (first + c) * g_heads + g;
-        const float w = std::exp(part_m[at] - top);
-        total += w * part_l[at];
-        const float* a = part_acc.data() + at * d;
-        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
-      }
-      for (int64_t i = 0; i < d; ++i) o[i] /= total;
-      lp[bh * g_heads + g] = top + std::log(total);
-    }
-  }
+  longreach::merge_tasks(part_m.data(), part_l.data(), part_acc.data(), nb * h, per_head, g_heads, d,
+                         out.data_ptr<float>(), lse.data_ptr<float>());
   return {out, lse};
 }
