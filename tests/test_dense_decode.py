@@ -14,12 +14,13 @@ from longreach.selection import Selection
 pytestmark = pytest.mark.skipif(native.load() is None, reason="needs the compiled kernels (a C++ compiler)")
 
 
-def _case(batch, n_q, n_kv, dim, n, seed=0, spare=0):
+def _case(batch, n_q, n_kv, dim, n, seed=0, spare=0, batch_step=1):
     """q and the filled part of k/v buffers holding ``spare`` more rows (a growing cache's views: heads not
-    contiguous with each other)."""
+    contiguous with each other); ``batch_step`` > 1 takes every other sequence of a larger batch (a batch stride
+    that is not heads x head stride)."""
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(batch, n_kv, n + spare, dim, generator=g)[:, :, :n]
-    v = torch.randn(batch, n_kv, n + spare, dim, generator=g)[:, :, :n]
+    k = torch.randn(batch * batch_step, n_kv, n + spare, dim, generator=g)[::batch_step, :, :n]
+    v = torch.randn(batch * batch_step, n_kv, n + spare, dim, generator=g)[::batch_step, :, :n]
     return torch.randn(batch, n_q, 1, dim, generator=g) * 2, k, v
 
 
@@ -29,16 +30,17 @@ def _oracle(q, k, v, scale, softcap=None, sinks=None):
                             sinks=None if sinks is None else sinks.double())
 
 
-@pytest.mark.parametrize("batch, n_q, n_kv, dim, n, spare", [
-    (1, 9, 3, 64, 1000, 0),   # SmolLM2's heads: several 256-token tasks per head, a short last one
-    (1, 9, 3, 64, 700, 37),   # views into a buffer with spare room
-    (2, 4, 4, 40, 300, 5),    # batch of two, no GQA, a head dim that is not a multiple of 16
-    (1, 8, 1, 72, 256, 0),    # one KV head for 8 query heads, exactly one task
-    (1, 4, 2, 16, 1, 3),      # one key
-    (1, 6, 2, 128, 513, 0),   # one token past two whole tasks
+@pytest.mark.parametrize("batch, n_q, n_kv, dim, n, spare, batch_step", [
+    (1, 9, 3, 64, 1000, 0, 1),   # SmolLM2's heads: several 256-token tasks per head, a short last one
+    (1, 9, 3, 64, 700, 37, 1),   # views into a buffer with spare room
+    (2, 4, 4, 40, 300, 5, 1),    # batch of two, no GQA, a head dim that is not a multiple of 16
+    (2, 6, 2, 40, 300, 7, 2),    # batch of two with GQA, every other sequence of a batch of four
+    (1, 8, 1, 72, 256, 0, 1),    # one KV head for 8 query heads, exactly one task
+    (1, 4, 2, 16, 1, 3, 1),      # one key
+    (1, 6, 2, 128, 513, 0, 1),   # one token past two whole tasks
 ])
-def test_split_k_decode_equals_the_reference_kernel(batch, n_q, n_kv, dim, n, spare):
-    q, k, v = _case(batch, n_q, n_kv, dim, n, spare=spare)
+def test_split_k_decode_equals_the_reference_kernel(batch, n_q, n_kv, dim, n, spare, batch_step):
+    q, k, v = _case(batch, n_q, n_kv, dim, n, spare=spare, batch_step=batch_step)
     out, lse = decode.attend(q, k, v, dim**-0.5)
     want = _oracle(q, k, v, dim**-0.5)
     assert out.shape == want.shape == (batch, 1, n_q, dim)
@@ -49,14 +51,50 @@ def test_split_k_decode_equals_the_reference_kernel(batch, n_q, n_kv, dim, n, sp
     assert torch.allclose(lse[:, 0].double(), scores.logsumexp(-1), atol=1e-5)
 
 
-def test_softcap_and_learned_sinks_join_the_softmax_as_in_the_reference():
+def test_softcap_and_learned_sinks_join_the_softmax_as_in_the_reference(monkeypatch):
     q, k, v = _case(1, 4, 2, 16, 600, seed=1)
     q = q * 6  # scores large enough for the cap to bend them
     sinks = torch.randn(4)
+    monkeypatch.setattr(decode, "faster", lambda *shape: True)
+    calls, real = [], decode.attend
+    monkeypatch.setattr(decode, "attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = gather.attend(q, k, v, Selection.dense(1, 1, 600), 0.25, softcap=5.0, sinks=sinks)
+    assert len(calls) == 1, "the kernel computed it"
     want = _oracle(q, k, v, 0.25, softcap=5.0, sinks=sinks)
-    assert torch.allclose(got.double(), want, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
     assert (_oracle(q, k, v, 0.25) - want).abs().max() > 1e-2  # the extras change the answer: this can fail
+    # the capped rows' log-sum-exp, which the sinks are merged with
+    _, lse = real(q, k, v, 0.25, 5.0)
+    scores = 5.0 * torch.tanh(torch.einsum("bhd,bhnd->bhn", q[:, :, 0].double() * 0.25,
+                                           k.double().repeat_interleave(2, dim=1)) / 5.0)
+    assert torch.allclose(lse[:, 0].double(), scores.logsumexp(-1), atol=1e-5)
+
+
+def test_no_stored_key_gives_zero_output_and_an_empty_log_sum_exp():
+    q, k, v = _case(1, 4, 2, 16, 0)
+    out, lse = decode.attend(q, k, v, 0.25)
+    assert out.abs().max() == 0 and torch.isneginf(lse).all()
+
+
+def test_padding_and_two_piece_positions_keep_their_own_paths(monkeypatch):
+    """A key mask (padded batch) or a far piece (two-piece position methods) never reaches the kernel, which
+    attends every key with one set of scores."""
+    from longreach.kernels.far import FarKeys
+
+    monkeypatch.setattr(decode, "faster", lambda *shape: True)
+    monkeypatch.setattr(decode, "attend", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("kernel ran")))
+    q, k, v = _case(2, 4, 2, 16, 64)
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    keep[1, :10] = False  # the second sequence is left-padded
+    sel = Selection.dense(2, 1, 64, key_mask=keep)
+    want = reference.attend(q.double(), k.double(), v.double(), sel, 0.25)
+    assert torch.allclose(gather.attend(q, k, v, sel, 0.25).double(), want, atol=2e-6)
+    q1, k1, v1 = q[:1], k[:1], v[:1]
+    far = FarKeys(q1 * 0.5, k1 * 0.5, 16)
+    sel = Selection.dense(1, 1, 64)
+    want = reference.attend(q1.double(), k1.double(), v1.double(), sel, 0.25,
+                            FarKeys(far.q.double(), far.k.double(), far.distance))
+    assert torch.allclose(gather.attend(q1, k1, v1, sel, 0.25, far).double(), want, atol=2e-6)
 
 
 def test_the_kernel_runs_only_where_it_can_and_measured_faster(monkeypatch):
@@ -68,12 +106,13 @@ def test_the_kernel_runs_only_where_it_can_and_measured_faster(monkeypatch):
     assert torch.allclose(gather.attend(q, k, v, Selection.dense(1, 1, 64), 0.25).double(), want, atol=2e-6)
     assert not calls  # measured slower here: SDPA runs
     monkeypatch.setattr(decode, "faster", lambda *shape: True)
-    assert decode.serves(q, k, v)
-    assert not decode.serves(q.double(), k.double(), v.double())
-    assert not decode.serves(torch.randn(1, 4, 2, 16), k, v)  # two query rows: not a decode step
-    assert not decode.serves(q, k[..., :8], v[..., :8])  # narrower keys than queries
+    fallback = gather._without_decode_kernel
+    assert decode.serves(q, k, v, None, fallback)
+    assert not decode.serves(q.double(), k.double(), v.double(), None, fallback)
+    assert not decode.serves(torch.randn(1, 4, 2, 16), k, v, None, fallback)  # two query rows: not a decode step
+    assert not decode.serves(q, k[..., :8], v[..., :8], None, fallback)  # narrower keys than queries
     with torch.enable_grad():
-        assert not decode.serves(q.requires_grad_(), k, v)
+        assert not decode.serves(q, k.requires_grad_(), v, None, fallback)
 
 
 def test_decoding_on_the_kernel_gives_the_tokens_sdpa_gives(monkeypatch):

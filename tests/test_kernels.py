@@ -351,3 +351,14 @@ def test_value_heads_wider_or_narrower_than_key_heads(dv, tq, gather_path):
         out = kernels.attend(q, k, v, sel, 0.3, kernel)
         assert out.shape == (1, tq, 6, dv)
         assert (out - want).abs().max().item() <= TOL, kernel
+
+
+def test_the_paths_are_timed_in_turns_after_a_warm_up_of_each():
+    """A slow spell of the machine must fall on every path, not on whichever is timed first: one untimed call of
+    each, then REPEAT rounds in which each path runs once."""
+    from longreach.kernels import choice
+
+    order = []
+    best = choice.best_seconds({"native": lambda: order.append("n"), "torch": lambda: order.append("t")})
+    assert order == ["n", "t"] * (1 + choice.REPEAT)
+    assert set(best) == {"native", "torch"} and all(0 <= s < 1 for s in best.values())

@@ -250,6 +250,6 @@ def _timings(n_q: int, n_kv: int, dim: int, bits: int, group: int) -> dict[str, 
     q = torch.randn(1, n_q, 1, dim, generator=gen)
     rest_k, rest_v = k[:, :, n:], v[:, :, n:]
     sel = Selection.dense(1, 1, n + 1)
-    return {"native": choice.best_seconds(lambda: quantdecode.attend(q, qk, qv, rest_k, rest_v, dim**-0.5)),
-            "torch": choice.best_seconds(
-                lambda: kernels.attend(q, _joined(qk, rest_k), _joined(qv, rest_v), sel, dim**-0.5))}
+    return choice.best_seconds({
+        "native": lambda: quantdecode.attend(q, qk, qv, rest_k, rest_v, dim**-0.5),
+        "torch": lambda: kernels.attend(q, _joined(qk, rest_k), _joined(qv, rest_v), sel, dim**-0.5)})

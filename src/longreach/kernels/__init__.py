@@ -47,8 +47,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, kernel
 
     ``far``: two-piece position methods (keys at distance >= far.distance scored with far.q / far.k);
     the flex kernel has no such path, so those calls run on ``gather``. ``softcap`` (Gemma 2's
-    cap * tanh(s / cap)) and learned ``sinks`` (GPT-OSS: one logit per query head, (Hq,)) run on ``gather``'s
-    PyTorch path (or the reference kernel when asked for).
+    cap * tanh(s / cap)) and learned ``sinks`` (GPT-OSS: one logit per query head, (Hq,)) run on ``gather``
+    (its PyTorch path, or its split-K decode kernel for a decode step over every key; or the reference kernel
+    when asked for).
     """
     if v.shape[-1] != q.shape[-1]:
         return _unequal_widths(q, k, v, sel, scale, kernel, far, softcap, sinks)

@@ -3,8 +3,8 @@
 On an AMD EPYC (AVX2-era tuning) the compiled kernel was 7x faster than dense attention at 16k; on an Intel
 Xeon with AVX-512 the same kernel lost to the PyTorch path (2.2x vs 3.5x). So neither is the default: at
 first use for a head shape and phase, both paths attend the same random 10%-density selection at a
-representative length (prefill: 4096 queries; decode: one query over 16384 keys), best of 3 each, and the
-faster one is used from then on. The result is cached per CPU model, torch version and kernel source
+representative length (prefill: 4096 queries; decode: one query over 16384 keys), best of 3 each (taking
+turns), and the faster one is used from then on. The result is cached per CPU model, torch version and kernel source
 (``$LONGREACH_CACHE/kernels/<torch>/choice.json``), so it is measured once per machine; ``LONGREACH_NATIVE=0``
 or ``=1`` forces a path. Both paths equal the reference kernel (tests/test_kernels.py), so the choice never
 changes a result, only the time.
@@ -63,18 +63,23 @@ def _timings(n_q: int, n_kv: int, dim: int, decode: bool, run: Callable[..., obj
     take = max(1, int(DENSITY * n_kb))
     idx = torch.rand(1, n_kv, n_qb, n_kb, generator=gen).argsort(-1)[..., :take]
     sel = Selection(idx, t_q, t_k, BLOCK, BLOCK, 4, BLOCK)
-    return {path: best_seconds(lambda native_on=native_on: run(q, k, v, sel, dim**-0.5, use_native=native_on))
-            for path, native_on in (("native", True), ("torch", False))}
+    return best_seconds({path: lambda native_on=native_on: run(q, k, v, sel, dim**-0.5, use_native=native_on)
+                         for path, native_on in (("native", True), ("torch", False))})
 
 
-def best_seconds(run: Callable[[], object]) -> float:
-    """The fastest of ``REPEAT`` timed calls of ``run``, after one untimed warm-up: what every choice compares."""
-    run()
-    best = math.inf
-    for _ in range(REPEAT):
-        start = time.perf_counter()
+def best_seconds(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Each run's fastest of ``REPEAT`` timed calls, after one untimed warm-up call of each: what every choice
+    compares. The runs take turns in every round, so a slow spell of the machine (another process being
+    preempted, a clock ramping up: on a busy 2-core VM the first ~100 ms of a process ran 15x slower) falls on all
+    of them instead of on whichever was timed first."""
+    for run in runs.values():
         run()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(REPEAT):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 

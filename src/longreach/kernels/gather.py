@@ -40,7 +40,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
     With ``far``, keys at distance >= far.distance are scored with far.q / far.k; the selection's window
     must cover the near piece (window >= far.distance), so the far part never holds a near key.
     ``softcap`` (scores -> cap * tanh(s / cap)) and learned ``sinks`` (Hq,) logits run the PyTorch blocked
-    path: the fused kernels cannot cap scores, and a sink joins the softmax through the rows' lse.
+    path, or for a decode step over every key the split-K kernel (``decode``); a sink joins the softmax through
+    the rows' lse.
     """
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype != torch.float32:
@@ -50,8 +51,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
     if far is not None and sel.window < far.distance and not sel.full:
         raise InputError(f"a two-piece position method needs the selection window ({sel.window}) to cover its "
                          f"near piece ({far.distance} keys)")
-    if sel.full and sel.key_mask is None and far is None and decode.serves(q, k, v):  # a decode step over all keys
-        out, lse = decode.attend(q, k, v, scale, softcap)
+    if sel.full and sel.key_mask is None and far is None and decode.serves(q, k, v, softcap, _without_decode_kernel):
+        out, lse = decode.attend(q, k, v, scale, softcap)  # a decode step over every key: the split-K kernel
         return (out if sinks is None else with_sink(out, lse, sinks)).to(out_dtype)
     if softcap is not None or sinks is not None:
         out, lse = attend_with_lse(q, k, v, sel, scale, far, use_native=False, softcap=softcap)
@@ -62,6 +63,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: F
         return two_piece_causal(q, k, v, far, scale).to(out_dtype)
     out, _ = attend_with_lse(q, k, v, sel, scale, far)
     return out.to(out_dtype)
+
+
+def _without_decode_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """What a decode step over every key runs when the split-K kernel does not (``decode`` times it): SDPA with the
+    GQA group folded into the query rows, or with a softcap the blocked PyTorch path."""
+    if softcap is None:
+        return causal_attention(q, k, v, scale)
+    sel = Selection.dense(q.shape[0], 1, k.shape[2], device=q.device)
+    return attend_with_lse(q, k, v, sel, scale, use_native=False, softcap=softcap)[0]
 
 
 def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, far: FarKeys | None = None,

@@ -42,8 +42,8 @@ def _timings(weight: torch.Tensor) -> dict[str, float]:
     x = torch.randn(1, 1, in_features, generator=gen)
     compiled = native.load()
     paths = {"native": lambda w: compiled.linear_row(x, w, None), "torch": lambda w: F.linear(x, w)}
-    return {path: choice.best_seconds(lambda run=run: [run(w) for w in weights]) / len(weights)
-            for path, run in paths.items()}
+    timed = choice.best_seconds({path: lambda run=run: [run(w) for w in weights] for path, run in paths.items()})
+    return {path: seconds / len(weights) for path, seconds in timed.items()}
 
 
 _memo: dict[tuple, bool] = {}  # every decode call asks: a dict look-up, not the choice file's key

@@ -38,7 +38,7 @@ inline void axpy(float* __restrict a, const float* __restrict x, float w, int64_
 inline void softcap_rows(float* s, int64_t rows, int64_t n, int64_t ld, float cap) {
   if (cap <= 0.f) return;
   for (int64_t g = 0; g < rows; ++g)
-    for (int64_t t = 0; t < n; ++t) s[g * ld + t] = cap * std::tanh(s[g * ld + t] / cap);
+    for (int64_t t = 0; t < n; ++t) s[g * ld + t] = cap * fast_tanh(s[g * ld + t] / cap);
 }
 
 // Scores of one task's rows (rows x n, leading dim ld) -> probabilities against each row's max; the maxima and
