@@ -35,6 +35,23 @@ def test_not_a_gguf_file(tmp_path, monkeypatch):
         longreach.load_model(bad)
 
 
+def test_a_conversion_is_found_by_the_file_it_came_from_not_its_path(tmp_path, monkeypatch):
+    """The same GGUF bytes installed in two environments share one converted folder; a file that differs in its
+    header, its last tensors or its size gets its own."""
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path / "cache"))
+    body = bytes(range(256)) * 20_000  # 5 MB: more than the two ends read
+    folders = {}
+    for name, data in {"a": body, "b": body, "header": b"X" + body[1:], "tail": body[:-1] + b"X",
+                       "middle": body[:2_500_000] + b"X" + body[2_500_001:], "longer": body + b"X"}.items():
+        path = tmp_path / name / "model.gguf"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        folders[name] = models_mod._converted_folder(path)
+    assert folders["a"] == folders["b"] and folders["a"].parent == tmp_path / "cache" / "converted"
+    assert len({folders[k] for k in ("a", "header", "tail", "longer")}) == 4
+    assert folders["middle"] == folders["a"]  # the middle is not read: what the name says, and no more
+
+
 @pytest.mark.model  # cuts the bundled SmolLM2 file
 def test_truncated_gguf_is_reported_before_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path / "cache"))

@@ -188,11 +188,24 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({err}); download or reinstall it") from err
 
 
+IDENTITY_BYTES = 1 << 20  # read from each end of a GGUF file to tell one file from another
+
+
 def _converted_folder(gguf_path: Path) -> Path:
+    """The cache folder of a GGUF file's conversion, named by what the file holds (its size, its first and last
+    MiB: the header with the metadata, and the last tensors) and by the transformers version that converts it,
+    not by where it lies. Each virtual environment installs the bundled packages at its own path; keyed by path,
+    every new environment converted and stored the same model again (14 GB of SmolLM2 copies on one machine)."""
+    import transformers
+
     gguf_path = gguf_path.resolve()
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "converted" / f"{gguf_path.stem}-{digest}"
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(f"{size}|{transformers.__version__}".encode())
+    with gguf_path.open("rb") as f:
+        digest.update(f.read(IDENTITY_BYTES))
+        f.seek(max(0, size - IDENTITY_BYTES))
+        digest.update(f.read(IDENTITY_BYTES))
+    return cache_dir() / "converted" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}"
 
 
 def _converted(gguf_path: Path) -> Path:
