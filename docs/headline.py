@@ -142,9 +142,10 @@ def main() -> None:
         "method - dense (95% CI, Newcombe 10) | pairs: both / only method / only dense / neither |"
     )
     print("|---|---|---|---|---|---|")
-    for task in ("passkey", "niah"):  # longreach tune's choice, on its held-back reporting prompts (docs/tuned.md)
-        accuracy(f"tuned KV press, 10% cache, 4k, {task}", "snapkv:density=0.1,pool=31",
-                 "tuned/smollm2-4k/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    for length in ("4k", "8k"):  # longreach tune's choices, on their held-back reporting prompts (docs/tuned.md)
+        for task in ("passkey", "niah"):
+            accuracy(f"tuned KV press, 10% cache, {length}, {task}", "snapkv:density=0.1,pool=31",
+                     f"tuned/smollm2-{length}/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     accuracy(
         "KV press, 25% cache, 4k + 8k",
         "snapkv:density=0.25,pool=31",
