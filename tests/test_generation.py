@@ -32,7 +32,9 @@ def test_model_generate_under_apply_equals_longreach_generate(spec, arch, tmp_pa
                                 return_dict_in_generate=True)
     assert theirs.sequences[0, 150:].tolist() == ours.tokens
     cache = output_cache(theirs)
-    assert longreach.cache_bytes(cache) == longreach.cache_bytes(ours.cache)
+    # the same tokens held per layer; longreach.generate() reserved exactly its length, model.generate() could not
+    assert [layer.get_seq_length() for layer in cache.layers] == [layer.get_seq_length() for layer in ours.cache.layers]
+    assert longreach.cache_bytes(ours.cache) <= longreach.cache_bytes(cache)
     full_layers = [layer for layer in cache.layers if not layer.is_sliding]
     assert all(isinstance(layer, GrowingLayer) for layer in full_layers), "decode appends in place"
 
@@ -48,7 +50,10 @@ def test_bench_times_model_generate_on_the_same_path():
         row = _hf_generate_row(model, ids, 150, "snapkv:density=0.3", 6)
         ours = longreach.generate(model, ids, 6)
     assert row["method"] == "snapkv:density=0.3" + HF_PATH and row["decode_tokens"] == 5
-    assert row["kv_bytes"] == longreach.cache_bytes(ours.cache) and row["ttft_s"] > 0 and row["decode_tok_s"] > 0
+    # the same tokens: model.generate()'s cache keeps the room it grew by, longreach.generate() reserved exactly
+    held = longreach.cache_bytes(ours.cache)
+    assert held == longreach.cache_bytes(ours.cache, room=False) <= row["kv_bytes"] < 1.5 * held
+    assert row["ttft_s"] > 0 and row["decode_tok_s"] > 0
 
 
 def test_generate_takes_a_tensor_of_ids():

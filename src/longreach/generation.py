@@ -26,7 +26,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     cache: object  # the transformers cache after the last step
-    prompt_kv_bytes: int | None = None  # bytes the cache held right after the prompt (after any press)
+    prompt_kv_bytes: int | None = None  # bytes of the tokens cached right after the prompt (after any press)
 
 
 def prefill_chunks(module, input_ids: Tensor, chunk: int | None, cache: object | None = None,
@@ -90,7 +90,9 @@ def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | Non
     if procedure is not None and chunk is not None:
         raise InputError(f"{procedure.name} prefills in its own chunks (its chunk= parameter): drop chunk / --chunk")
     start = time.perf_counter()
-    past = growing_cache(model.config) if cache == "growing" or procedure is not None else None
+    # the cache will be given the prompt and every new token but the last: allocated once at that size
+    expected = ids["input_ids"].shape[1] + max_new_tokens - 1 if procedure is None else None
+    past = growing_cache(model.config, expected) if cache == "growing" or procedure is not None else None
     if procedure is not None:
         done = procedure.prefill(model, ids["input_ids"], past)
         logits, mask = done.logits, ids["attention_mask"].new_ones(1, done.length)  # the cache's rows, not the prompt's
@@ -100,7 +102,7 @@ def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | Non
         logits, mask = out.logits, ids["attention_mask"]
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
-    prompt_bytes = cache_bytes(past)
+    prompt_bytes = cache_bytes(past, room=False)  # the prompt's tokens, not the room reserved for new ones
     new = [int(token)]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] not in eos:

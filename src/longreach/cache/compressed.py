@@ -93,21 +93,24 @@ class CompressedLayer(GrowingLayer):
 
     min_spare = 16  # a press keeps few keys: room in proportion to them, not a dense prompt's 256 tokens
 
-    def __init__(self, keys: Tensor, values: Tensor, seen: int, owner: object) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, seen: int, owner: object, expected: int | None = None) -> None:
         super().__init__()
         self.lazy_initialization(keys, values)
-        self._store(keys, values)
         self.seen = seen  # tokens this layer has been given: the next token's position
+        self.expected = expected  # tokens it will be given in all, when the caller said (``growing.reserve``)
+        self._store(keys, values)
         self.long_heads: Tensor | None = None
         self.short: Part | None = None
         self._owner = weakref.ref(owner)
 
     def _store(self, keys: Tensor, values: Tensor) -> None:
-        """Replace the stored keys, with room for one more token (the prompt's held-back last token) and no
-        other spare: a press just freed memory."""
+        """Replace the stored keys, with room for the tokens still to come when the caller said how many
+        (``growing.reserve``), else for one more (the prompt's held-back last token) and no other spare: a press just
+        freed memory."""
         n = keys.shape[-2]
-        self._k = keys.new_empty(*keys.shape[:-2], n + 1, keys.shape[-1])
-        self._v = values.new_empty(*values.shape[:-2], n + 1, values.shape[-1])
+        room = n + max(1, (self.expected or 0) - self.seen)
+        self._k = keys.new_empty(*keys.shape[:-2], room, keys.shape[-1])
+        self._v = values.new_empty(*values.shape[:-2], room, values.shape[-1])
         self._k[..., :n, :], self._v[..., :n, :] = keys, values
         self._len = n
         self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
@@ -122,7 +125,7 @@ class CompressedLayer(GrowingLayer):
     def from_layer(cls, layer: DynamicLayer, owner: object) -> CompressedLayer:
         if isinstance(layer, CompressedLayer):
             return layer
-        return cls(layer.keys, layer.values, layer.get_seq_length(), owner)
+        return cls(layer.keys, layer.values, layer.get_seq_length(), owner, getattr(layer, "expected", None))
 
     # -- what transformers calls -------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
@@ -207,15 +210,16 @@ class CompressedLayer(GrowingLayer):
         return super().nbytes + short
 
 
-def cache_bytes(cache: object) -> int | None:
-    """Bytes held by a transformers cache's keys and values (compressed layers counted as they are stored)."""
+def cache_bytes(cache: object, room: bool = True) -> int | None:
+    """Bytes held by a transformers cache's keys and values (compressed layers counted as they are stored);
+    ``room=False`` leaves out the growing layers' room that holds no token yet (reserved or added by growth)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return None
     total = 0
     for layer in layers:
         if isinstance(layer, GrowingLayer | QuantizedLayer):  # as stored: spare room, codes and scales included
-            total += layer.nbytes
+            total += layer.nbytes - (0 if room or not isinstance(layer, GrowingLayer) else layer.room_bytes)
             continue
         for name in ("keys", "values"):
             t = getattr(layer, name, None)

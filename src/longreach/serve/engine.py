@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.growing import growing_cache
+from ..cache.growing import growing_cache, reserve
 from ..compat import cache_kwargs, output_cache
 from ..errors import SpecError
 from ..generation import eos_ids, prefill_chunks
@@ -215,6 +215,7 @@ class Engine:
         reusable = self.reuse_blocker(job.spec) is None
         entry, reused = self.prefix.lookup(key, tokens, n - 1) if reusable else (None, 0)
         cache = self.prefix.restore(entry, reused, handle) if entry is not None else growing_cache(self.model.config)
+        reserve(cache, n + job.sampling.max_tokens - 1)  # allocated once for the whole request, not copied as it grows
         last = (n - 1) // block * block
         stores = {b for b in (last, last - block) if b > reused} if reusable else set()
         ids = torch.tensor([tokens[reused:]], dtype=torch.long)
