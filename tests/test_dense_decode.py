@@ -38,6 +38,11 @@ def _oracle(q, k, v, scale, softcap=None, sinks=None):
     (1, 8, 1, 72, 256, 0, 1),    # one KV head for 8 query heads, exactly one task
     (1, 4, 2, 16, 1, 3, 1),      # one key
     (1, 6, 2, 128, 513, 0, 1),   # one token past two whole tasks
+    # compiled for its group and width (groups of 1-8 heads, d = 64 or 128; the rows above with d = 64 or 128 are
+    # too, the others take the loop for any shape)
+    (1, 8, 1, 128, 300, 0, 1),   # a group of 8, the largest compiled
+    (2, 4, 4, 64, 257, 2, 1),    # groups of one
+    (1, 9, 1, 64, 300, 0, 1),    # a group of 9: the loop for any shape
 ])
 def test_split_k_decode_equals_the_reference_kernel(batch, n_q, n_kv, dim, n, spare, batch_step):
     q, k, v = _case(batch, n_q, n_kv, dim, n, spare=spare, batch_step=batch_step)

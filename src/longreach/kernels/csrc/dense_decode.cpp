@@ -58,7 +58,7 @@ std::vector<torch::Tensor> dense_decode(torch::Tensor q, const torch::Tensor& k,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / per_head, c = task % per_head, b = bh / h, head = bh % h;
       const int64_t t0 = c * CHUNK, len = std::min(n, t0 + CHUNK) - t0;
-      longreach::float_task(qp + bh * g_heads * d, g_heads, kp + b * kb + head * kh + t0 * d, vp + b * vb + head * vh + t0 * d,
+      longreach::any_float_task(qp + bh * g_heads * d, g_heads, kp + b * kb + head * kh + t0 * d, vp + b * vb + head * vh + t0 * d,
                  len, d, cap, s.data(), CHUNK, part_m.data() + task * g_heads, part_l.data() + task * g_heads,
                  part_acc.data() + task * g_heads * d);
     }

@@ -113,7 +113,7 @@ std::vector<torch::Tensor> quant_decode(torch::Tensor q, const torch::Tensor& k_
       float* l = part_l.data() + task * g_heads;
       float* acc = part_acc.data() + task * g_heads * d;
       if (c == n_chunks) {  // the full-precision residual
-        longreach::float_task(qh, g_heads, kr + bh * r * d, vr + bh * r * d, r, d, cap, s.data(), width, m, l, acc);
+        longreach::any_float_task(qh, g_heads, kr + bh * r * d, vr + bh * r * d, r, d, cap, s.data(), width, m, l, acc);
         continue;
       }
       std::fill(acc, acc + g_heads * d, 0.f);
