@@ -216,8 +216,14 @@ def test_bench_e2e_smoke(tiny_lm_folder, tmp_path):
             assert math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 and r["ttft_s"] > 0
             assert r["ttft_speedup"] == pytest.approx(base["ttft_s"] / r["ttft_s"], rel=1e-9)
             assert r["decode_speedup"] == pytest.approx(r["decode_tok_s"] / base["decode_tok_s"], rel=1e-9)
+            # the bandwidth measured right after each run: the bound is their median, the share the median of each
+            # run's tokens/s against its own bound
+            assert len(r["bandwidth_runs"]) == 2 and all(bw > 1e8 for bw in r["bandwidth_runs"])
             if r["decode_bytes"]:
-                assert r["decode_bound_tok_s"] == pytest.approx(report["read_bytes_per_s"] / r["decode_bytes"])
+                assert r["decode_bound_tok_s"] == pytest.approx(median(r["bandwidth_runs"]) / r["decode_bytes"])
+                pairs = zip(r["decode_runs"], r["bandwidth_runs"], strict=True)
+                shares = [t / (bw / r["decode_bytes"]) for t, bw in pairs]
+                assert r["decode_bound_share"] == pytest.approx(median(shares))
     # the printed table: the same rows, medians with their spread, speedups and KV MiB
     printed = _table_rows(result.output)
     assert [(c[0], c[1], c[4], c[5], c[8]) for c in printed] == [

@@ -10,7 +10,10 @@ row shows what longreach's own runtime (the in-place growing cache) gives before
 
 Decode is also put against this machine's memory bandwidth: a token must read the weights once (the tied
 LM head included) and the KV it attends (the cache times the measured decode density), so
-``bandwidth / bytes`` is the most tokens/s any implementation reaches here in this precision.
+``bandwidth / bytes`` is the most tokens/s any implementation reaches here in this precision. The bandwidth is
+measured again right after every run and paired with it: on a shared VM it moved between 38 and 61 GB/s from one
+run of this benchmark to the next (AMD EPYC, 2 cores), so one figure taken at the start could not say what share
+of the bound a run 40 minutes later reached.
 llama.cpp, when installed, is a peer column (:mod:`.peer`): on the bundled GGUF and on an F32 copy of it, which
 holds the weights longreach runs, so that dense is compared with dense.
 """
@@ -38,6 +41,7 @@ from ..plan import MiB, peak_resident_bytes, reset_peak_resident, weight_bytes
 from ..plotting import pyplot
 from ._plot import speedup_axis
 from .peer import ROW_SCRIPT, Peer
+from .roofline import memory_bandwidth
 
 
 @dataclass
@@ -53,6 +57,7 @@ class E2ERow:
     decode_runs: list[float] = field(default_factory=list)
     rss_runs: list[float] = field(default_factory=list)
     decode_bytes: int | None = None  # what one decode step reads: weights + the KV it attends
+    bandwidth_runs: list[float] = field(default_factory=list)  # read bytes/s measured right after each repeat
 
     def vs(self, base: E2ERow | None) -> tuple[float | None, float | None]:
         """(TTFT speedup, decode speedup) against the baseline measured in the same run."""
@@ -60,9 +65,25 @@ class E2ERow:
             return None, None
         return base.ttft_s / self.ttft_s, self.decode_tok_s / base.decode_tok_s
 
-    def decode_bound(self, bytes_per_s: float) -> float | None:
-        """The most decode tokens/s this machine's read bandwidth allows for this row's bytes per token."""
-        return bytes_per_s / self.decode_bytes if self.decode_bytes else None
+    def decode_bound(self, bytes_per_s: float | None = None) -> float | None:
+        """The most decode tokens/s this machine's read bandwidth allows for this row's bytes per token: the median
+        over the repeats of the bandwidth measured after each (``bytes_per_s`` for rows without them)."""
+        if not self.decode_bytes:
+            return None
+        if self.bandwidth_runs:
+            return median(self.bandwidth_runs) / self.decode_bytes
+        return bytes_per_s / self.decode_bytes if bytes_per_s else None
+
+    def bound_share(self, bytes_per_s: float | None = None) -> float | None:
+        """The share of the bound decode reached: the median over the repeats of each run's tokens/s against the
+        bound of the bandwidth measured right after it (``bytes_per_s`` for rows without them)."""
+        if not self.decode_bytes:
+            return None
+        if self.bandwidth_runs:
+            return median(t * self.decode_bytes / bw for t, bw in zip(self.decode_runs, self.bandwidth_runs,
+                                                                        strict=True))
+        bound = self.decode_bound(bytes_per_s)
+        return self.decode_tok_s / bound if bound else None
 
     @classmethod
     def from_runs(cls, runs: list[dict]) -> E2ERow:
@@ -72,7 +93,7 @@ class E2ERow:
                    median(r["decode_tok_s"] for r in runs), first["decode_tokens"],
                    median(r["peak_rss_mb"] for r in runs), first["kv_bytes"],
                    [r["ttft_s"] for r in runs], [r["decode_tok_s"] for r in runs], [r["peak_rss_mb"] for r in runs],
-                   first.get("decode_bytes"))
+                   first.get("decode_bytes"), [r["read_bytes_per_s"] for r in runs if "read_bytes_per_s" in r])
 
 
 BASELINE = "transformers"
@@ -136,7 +157,9 @@ def run_rows(model: str, text: str, lengths: list[int], specs: list[str], new_to
                            chunk=chunk)
                 if progress:
                     progress(f"repeat {rep + 1}/{repeats}: {n} tokens, {_job_name(job)}")
-                runs[(n, i)].append(_fresh_process(job))
+                done = _fresh_process(job)
+                done["read_bytes_per_s"] = memory_bandwidth()  # the machine as the run left it (module docstring)
+                runs[(n, i)].append(done)
     return [E2ERow.from_runs(runs[key]) for key in plan]
 
 

@@ -121,18 +121,20 @@ def bench_e2e(
         rows = e2e.run_rows(model, text, tokens, specs, new_tokens, chunk, hf_generate, repeats,
                             progress=lambda line: console.print(f"[dim]{line}[/dim]"), peers=peers)
     base = e2e.baselines(rows)
+    after = [bw for r in rows for bw in r.bandwidth_runs]
     table = Table(title=f"end to end: {model}, {new_tokens} new tokens, median of {repeats} fresh processes "
-                        f"(min-max), read bandwidth {bandwidth / 1e9:.1f} GB/s — {attention.hardware()}")
+                        f"(min-max), read bandwidth {bandwidth / 1e9:.1f} GB/s at the start, "
+                        f"{min(after) / 1e9:.1f}-{max(after) / 1e9:.1f} after the runs — {attention.hardware()}")
     for col in ("T", "method", "TTFT s", "decode tok/s", "TTFT vs transformers", "decode vs transformers",
                 "decode bound tok/s", "peak RSS MiB", "KV MiB"):
         table.add_column(col, no_wrap=col == "method")
     for r in rows:
         ttft_x, dec_x = r.vs(base.get(r.length))
-        bound = r.decode_bound(bandwidth)
+        bound, share = r.decode_bound(bandwidth), r.bound_share(bandwidth)
         table.add_row(str(r.length), r.method, _spread(r.ttft_s, r.ttft_runs, 2),
                       _spread(r.decode_tok_s, r.decode_runs, 2),
                       f"{ttft_x:.2f}x" if ttft_x else "-", f"{dec_x:.2f}x" if dec_x else "-",
-                      f"{bound:.1f} ({r.decode_tok_s / bound:.0%})" if bound else "-",
+                      f"{bound:.1f} ({share:.0%})" if bound and share else "-",
                       _spread(r.peak_rss_mb, r.rss_runs, 0),
                       f"{r.kv_bytes / 2**20:.1f}" if r.kv_bytes is not None else "-")
     console.print(table)
@@ -145,6 +147,7 @@ def bench_e2e(
                                         "peer_note": note, "rows": [
             {**r.__dict__, "ttft_speedup": r.vs(base.get(r.length))[0],
              "decode_speedup": r.vs(base.get(r.length))[1], "decode_bound_tok_s": r.decode_bound(bandwidth),
+             "decode_bound_share": r.bound_share(bandwidth),
              "machine": machine} for r in rows]}, indent=1))
     if plot_out and not e2e.plot(rows, plot_out):
         console.print(NO_PLOT)
