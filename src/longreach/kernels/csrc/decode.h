@@ -19,8 +19,8 @@ constexpr int64_t PREFETCH_ROWS = 8;  // keys requested this many rows ahead of 
 
 // Ask for a row of d floats to be brought into the caches (a hint: no fault past the end of a buffer). A decode task
 // streams two buffers, its keys and then its values; with only the hardware's prefetch, two threads read the cache at
-// 30-36 GB/s on the AMD EPYC against 53 GB/s for a plain sum, and with these requests at 42-49 GB/s
-// (docs/benchmarks.md).
+// 30-42 GB/s on the AMD EPYC against 53 GB/s for a plain sum, and with these requests at 40-49 GB/s in the same
+// alternated runs (44.7 GB/s in docs/benchmarks.md's run at 16k).
 inline void prefetch_row(const float* row, int64_t d) {
   for (int64_t i = 0; i < d; i += 64 / static_cast<int64_t>(sizeof(float))) __builtin_prefetch(row + i, 0, 2);
 }
