@@ -223,3 +223,26 @@ def test_a_wording_out_of_range_is_refused():
     for spec in ("passkey:wording=3", "niah:wording=-1", "passkey:wording=1.5"):
         with pytest.raises(SpecError, match="wording"):
             parse_task(spec)
+
+
+def test_the_landmark_needle_restates_the_key_not_the_answer_prefix(smol_tokenizer, corpus):
+    """passkey:needle=1 (Landmark Attention's form): the key appears twice and the needle never says "the number
+    above", so a model that continues the answer prefix by pattern cannot score from the needle's wording; the
+    default prompt is the one the committed rows were built from (its second sentence, the key once)."""
+    default = parse_task("passkey").build(smol_tokenizer, corpus, 1500, 0.5, seed=3, chat=False)
+    landmark = parse_task("passkey:needle=1").build(smol_tokenizer, corpus, 1500, 0.5, seed=3, chat=False)
+    key = default.gold[0]
+    assert landmark.gold == default.gold
+    assert default.prompt.count(key) == 1 and "The pass key is the number above." in default.prompt
+    assert landmark.prompt.count(key) == 2 and f"Remember it. {key} is the pass key." in landmark.prompt
+    assert "the number above" not in landmark.prompt
+    assert abs(landmark.tokens - 1500) <= tolerance(1500)
+    assert str(parse_task("passkey:needle=1")) == "passkey:needle=1"
+    for spec in ("passkey:needle=2", "passkey:needle=-1"):
+        with pytest.raises(SpecError, match=r"needle must be an integer in 0\.\.1"):
+            parse_task(spec)
+
+
+def test_passkey_leaves_room_to_restate_the_question_only_without_an_answer_prefix():
+    """Without an answer prefix a model may write "The pass key is" (4 tokens) before a key Gemma-3 spells in 5."""
+    assert [parse_task(f"passkey:wording={w}").max_new_tokens for w in (0, 1, 2)] == [10, 10, 16]

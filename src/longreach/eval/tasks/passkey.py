@@ -7,12 +7,18 @@ import re
 from dataclasses import dataclass
 
 from ...configurable import param
+from ...errors import SpecError
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
 from .base import Sample, Task, check_wording, insert_at
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "\nThe pass key is {key}. Remember it. The pass key is the number above.\n"
+# needle=0 is the form the project's committed rows use. Its second sentence restates the answer prefix, and a
+# model that continues the prefix by pattern ("The pass key is" -> "the number above.") scores 0 whatever it
+# retrieved: Gemma-3-270M does so at 8k. needle=1 is Landmark Attention's form (also LongLM's and LongLoRA's).
+NEEDLES = ("\nThe pass key is {key}. Remember it. The pass key is the number above.\n",
+           "\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
+NEEDLE = NEEDLES[0]
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about it.\n\n")
 # wording=0 is the classic passkey prompt; the others ask as a user might, so a method's defaults are checked
@@ -35,17 +41,26 @@ def filler_pieces(n: int, text: str = FILLER) -> list[str]:
 class Passkey(Task):
     name = "passkey"
     summary = "a 5-digit pass key hidden in repetitive filler; exact match of the first number"
-    max_new_tokens = 10
 
     wording: int = param(0, WORDINGS)
+    needle: int = param(0, "0: '...Remember it. The pass key is the number above.'; "
+                           "1: Landmark Attention's '...Remember it. {key} is the pass key.'")
 
     def __post_init__(self) -> None:
         check_wording(self.name, self.wording, len(FRAMES))
+        if isinstance(self.needle, bool) or self.needle not in range(len(NEEDLES)):
+            raise SpecError(f"passkey: needle must be an integer in 0..{len(NEEDLES) - 1}, got {self.needle!r}")
+
+    @property
+    def max_new_tokens(self) -> int:  # type: ignore[override]
+        """10 after an answer prefix; 16 without one, where a model may restate "The pass key is" first (Gemma-3
+        then spends one token a digit: "The pass key is 4054" was cut off at 10, gold 40548)."""
+        return 10 if FRAMES[self.wording].answer else 16
 
     def build(self, tokenizer, corpus: Corpus, length: int, depth: float | None, seed: int, chat: bool) -> Sample:
         depth = 0.5 if depth is None else depth
         key = str(random.Random(seed).randint(10000, 99999))
-        needle = NEEDLE.format(key=key)
+        needle = NEEDLES[self.needle].format(key=key)
 
         filler = filler_pieces(2 * length + 64)
         ends = sentence_ends(filler)  # once: insert_at ignores those past n
