@@ -195,6 +195,7 @@ def test_the_json_holds_the_choices_and_the_evidence_behind_them(tuned):
     assert data["press"]["spec"] == "streamingkv:budget=8" and data["press"]["cache_ratio"] < 0.1
     assert data["prefill"]["cache_ratio"] == pytest.approx(1.0)  # a sparse prefill keeps every key
     assert set(data["provenance"]) >= {"commit", "torch", "threads"}
+    assert data["chat"] and data["chat_applied"] is True  # SmolLM2's tokenizer has a chat template
     rows, bad = read_rows(tuned.path.with_suffix("") / "reporting" / "results.jsonl")
     assert not bad
     for e in (e for e in data["evidence"] if e["stage"] == "reporting"):  # recount from the rows

@@ -17,11 +17,25 @@ def fmt(x: float | None, digits: int = 1, sign: bool = True) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
+def template(d: dict, path: Path) -> str:
+    """Whether a chat template was applied: asked for (``chat``) is not applied when the tokenizer has none. Files
+    written before the JSON recorded ``chat_applied`` are read from their reporting rows beside them."""
+    if not d["chat"]:
+        return "off"
+    applied = d.get("chat_applied")
+    if applied is None:
+        rows = path.with_suffix("") / "reporting" / "results.jsonl"
+        seen = {json.loads(line).get("chat_applied") for line in rows.read_text().splitlines() if line.strip()} \
+            if rows.exists() else set()
+        applied = seen.pop() if len(seen) == 1 else None
+    return {True: "on", False: "asked for, but not applied (the tokenizer has none)"}.get(applied, "on (as asked)")
+
+
 def summarise(path: Path) -> str:
     d = json.loads(path.read_text())
     prov = d["provenance"]
     out = [f"### {d['model']} at {d['length']} tokens ({path.name})", "",
-           f"Tasks {', '.join(d['tasks'])}; chat template {'on' if d['chat'] else 'off'}; trained length "
+           f"Tasks {', '.join(d['tasks'])}; chat template {template(d, path)}; trained length "
            f"{d['trained_length']}; rule: observed difference ≥ −{d['rule']['max_drop']:g} points on every task, "
            f"and on the reporting prompts the 95% interval's lower end > {d['rule']['min_lower']:g} points "
            f"({d['rule']['interval']}). Machine: {prov.get('cpu')} ({prov.get('isa')}), {prov.get('threads')} "

@@ -427,7 +427,8 @@ def describe(plan: TunePlan, settings: TuneSettings, trained: int | None, screen
     rule = settings.rule
     return {
         "schema": SCHEMA, "model": plan.model, "length": plan.length, "tasks": plan.tasks.split(";"),
-        "chat": settings.chat, "kernel": settings.kernel, "trained_length": trained,
+        "chat": settings.chat, "chat_applied": chat_applied(tuned.rows + reported.rows),
+        "kernel": settings.kernel, "trained_length": trained,
         "past_trained_length": trained is not None and plan.length > trained,
         "rule": {**asdict(rule), "level": 0.95, "unit": "points (percent of prompts)",
                  "tuning": "observed candidate - baseline difference >= -max_drop on every task (prefill: faster "
@@ -444,6 +445,13 @@ def describe(plan: TunePlan, settings: TuneSettings, trained: int | None, screen
         "folders": folders,
         "provenance": provenance(),
     }
+
+
+def chat_applied(rows: list[dict]) -> bool | str | None:
+    """Whether the rows' prompts went through a chat template: ``chat`` only asks for one, and a tokenizer without
+    a template (Gemma-3-270M's GGUF) leaves the prompt plain. "mixed" if the rows differ; None without rows."""
+    applied = {bool(r.get("chat_applied")) for r in rows}
+    return None if not applied else applied.pop() if len(applied) == 1 else "mixed"
 
 
 def prompt_sets(plan: TunePlan, settings: TuneSettings, tune_rows: list[dict], report_rows: list[dict],
