@@ -143,6 +143,7 @@ def insert_at(pieces: list[str], inserts: list[tuple[float, str]], boundaries: l
     return "".join(out)
 
 
-def check_wording(task: str, wording: object, n: int) -> None:
-    if isinstance(wording, bool) or not isinstance(wording, int) or not 0 <= wording < n:
-        raise SpecError(f"{task}: wording must be an integer in 0..{n - 1}, got {wording!r}")
+def check_variant(task: str, value: object, n: int, field: str = "wording") -> None:
+    """A numbered prompt variant (``wording``, passkey's ``needle``) must be one of the ``n`` that exist."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+        raise SpecError(f"{task}: {field} must be an integer in 0..{n - 1}, got {value!r}")

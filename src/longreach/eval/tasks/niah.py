@@ -15,7 +15,7 @@ from ...configurable import param
 from ...errors import SpecError
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
-from .base import VALUE_TYPES, Sample, Task, check_wording, distinct_values, insert_at, spread
+from .base import VALUE_TYPES, Sample, Task, check_variant, distinct_values, insert_at, spread
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 SINGULAR = {"numbers": "number", "words": "word", "uuids": "uuid"}
@@ -45,7 +45,7 @@ class Niah(Task):
         for field in ("distractors", "values", "queries"):
             if getattr(self, field) < 1:
                 raise SpecError(f"niah: {field} must be >= 1")
-        check_wording(self.name, self.wording, 3)
+        check_variant(self.name, self.wording, 3)
 
     @property
     def metric(self) -> str:  # type: ignore[override]

@@ -7,10 +7,9 @@ import re
 from dataclasses import dataclass
 
 from ...configurable import param
-from ...errors import SpecError
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
-from .base import Sample, Task, check_wording, insert_at
+from .base import Sample, Task, check_variant, insert_at
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # needle=0 is the form the project's committed rows use. Its second sentence restates the answer prefix, and a
@@ -47,9 +46,8 @@ class Passkey(Task):
                            "1: Landmark Attention's '...Remember it. {key} is the pass key.'")
 
     def __post_init__(self) -> None:
-        check_wording(self.name, self.wording, len(FRAMES))
-        if isinstance(self.needle, bool) or self.needle not in range(len(NEEDLES)):
-            raise SpecError(f"passkey: needle must be an integer in 0..{len(NEEDLES) - 1}, got {self.needle!r}")
+        check_variant(self.name, self.wording, len(FRAMES))
+        check_variant(self.name, self.needle, len(NEEDLES), "needle")
 
     @property
     def max_new_tokens(self) -> int:  # type: ignore[override]
