@@ -513,13 +513,13 @@ def test_the_cli_refuses_a_bad_method_before_loading():
 @pytest.mark.model
 @pytest.mark.slow
 def test_smollm2_answers_a_passkey_question_about_a_4k_document_twice():
-    from longreach.eval.tasks.passkey import FILLER, INSTRUCTION, NEEDLE
+    from longreach.eval.tasks.passkey import FILLER, INSTRUCTION, NEEDLES
 
     model, tok = longreach.load_model("smollm2-135m")
     words = FILLER.split(" ")
     filler = " ".join(words[i % len(words)] for i in range(3100))
     half = len(filler) // 2
-    doc = INSTRUCTION + filler[:half] + NEEDLE.format(key="71432") + filler[half:]
+    doc = INSTRUCTION + filler[:half] + NEEDLES[0].format(key="71432") + filler[half:]
     engine = Engine(model, tok, "smollm2-135m", chunk=512)
     with serving(engine) as url:
         c = client(url, timeout=900)

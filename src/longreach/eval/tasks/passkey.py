@@ -17,7 +17,6 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 # retrieved: Gemma-3-270M does so at 8k. needle=1 is Landmark Attention's form (also LongLM's and LongLoRA's).
 NEEDLES = ("\nThe pass key is {key}. Remember it. The pass key is the number above.\n",
            "\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
-NEEDLE = NEEDLES[0]
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about it.\n\n")
 # wording=0 is the classic passkey prompt; the others ask as a user might, so a method's defaults are checked
