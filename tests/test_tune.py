@@ -264,6 +264,51 @@ def test_past_the_trained_length_it_picks_a_position_method(smol_tokenizer, tmp_
     assert {e["baseline"] for e in got["evidence"] if e["kind"] == "position"} == {"dense"}
 
 
+def test_inside_the_trained_length_position_methods_run_only_when_given_and_must_beat_dense(tiny, tmp_path):
+    """A random model finds no passkey under any method, so no position method beats dense: none is chosen, the
+    candidates run alone against dense, and the position rows are still in the evidence."""
+    lm, tok = tiny
+    got = tune("tiny", 256, tmp_path / "t.json", settings(positions="selfextend:group=2,window=64;yarn",
+                                                          candidates="streaming:window=4096;snapkv:density=0.5"),
+               lm=lm, tokenizer=tok, log=lambda _: None).data
+    assert not got["past_trained_length"]
+    assert got["position"]["spec"] is None and "more accurate than dense" in got["position"]["reason"]
+    assert {e["spec"] for e in got["evidence"] if e["kind"] == "position"} == {"selfextend:group=2,window=64",
+                                                                            "yarn"}
+    assert got["prefill"]["baseline"] == got["press"]["baseline"] == "dense"
+    assert got["press"]["spec"] == "snapkv:density=0.5"
+    assert "position" not in tune("tiny", 256, tmp_path / "u.json", settings(), lm=lm, tokenizer=tok,
+                                  log=lambda _: None).data  # not asked: no position stage
+
+
+def test_inside_the_trained_length_a_position_method_that_beats_dense_becomes_the_baseline(tiny, tmp_path,
+                                                                                       monkeypatch):
+    """The rows are real runs with their scores replaced: every spec with Self-Extend in it is right, dense and
+    YaRN are wrong. Self-Extend is chosen; the select candidate runs under it and is judged against it; the press
+    cannot follow a re-mapping method, so it runs alone against dense (inside the window that is allowed)."""
+    import longreach.eval.tune as tune_module
+
+    real = tune_module.run_stage
+
+    def rescored(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        for r in rows:
+            r["score"] = 1.0 if "selfextend" in r["method"] or r["method"] == "snapkv:density=0.5" else 0.0
+        return rows
+
+    monkeypatch.setattr(tune_module, "run_stage", rescored)
+    lm, tok = tiny
+    got = tune("tiny", 256, tmp_path / "t.json", settings(positions="selfextend:group=2,window=64;yarn",
+                                                          candidates="streaming:window=4096;snapkv:density=0.5"),
+               lm=lm, tokenizer=tok, log=lambda _: None).data
+    se = "selfextend:group=2,window=64"
+    assert got["position"]["spec"] == se and got["position"]["baseline"] == "dense"
+    assert got["prefill"]["spec"] == f"{se}+streaming:window=4096" and got["prefill"]["baseline"] == se
+    assert got["press"]["spec"] == "snapkv:density=0.5" and got["press"]["baseline"] == "dense"
+    reporting = {e["spec"]: e for e in got["evidence"] if e["stage"] == "reporting"}
+    assert reporting[se]["correct"] == 2 and reporting[se]["baseline_correct"] == 0
+
+
 def test_cli_says_when_no_candidate_passes(tiny_lm_folder, tmp_path):
     """One reporting prompt cannot put the interval's lower end above -10 points: nothing is claimed, and the
     output says so instead of falling back to dense silently."""

@@ -23,8 +23,9 @@ def tune(
     min_speedup: float = typer.Option(1.0, help="a prefill spec must be faster than the baseline by more than this"),
     candidates: str = typer.Option(None, help="';'-separated select and press specs (default: a grid of methods "
                                    "× densities; see docs/tuning.md)"),
-    positions: str = typer.Option(None, help="';'-separated position specs tried past the trained length "
-                                  "(default: selfextend, string, gali, yarn, dynamic, linear)"),
+    positions: str = typer.Option(None, help="';'-separated position specs, tried against dense (default past the "
+                                  "trained length: selfextend, string, gali, yarn, dynamic, linear; inside it: "
+                                  "none, and one given is used only if more accurate than dense)"),
     screen_prompts: int = typer.Option(4, help="tuning prompts (in all, spread over the tasks) the screen runs on"),
     tune_samples: int = typer.Option(20, help="tuning prompts per task"),
     report_samples: int = typer.Option(50, help="reporting prompts per task"),

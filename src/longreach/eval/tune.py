@@ -10,7 +10,10 @@ Three stages, each resumable from its folder next to the output JSON:
 2. **tune** (``WORK/tuning/results.jsonl``) — the survivors and the baseline on the tuning prompts (seeds from
    ``tune_seed``, corpus ``tune_corpus``), through the eval runner. Past the trained length the position methods
    run first, against dense; the most accurate becomes the baseline the others are composed with and judged
-   against. Per kind, the ``finalists`` best that pass the observed-difference rule go on.
+   against. Inside the trained length position methods run only when given (``--positions``), and one becomes
+   the baseline only if it was more accurate than dense (a model can miss what lies far from the question even
+   inside its window); else the others run alone. Per kind, the ``finalists`` best that pass the
+   observed-difference rule go on.
 3. **report** (``WORK/reporting/results.jsonl``) — the finalists and the baseline on disjoint reporting prompts
    (other seeds, another corpus where one loads). The chosen spec of each kind is the first finalist, in tuning
    order, that passes the full rule (:func:`tunerules.judge`) there.
@@ -156,7 +159,8 @@ def plan_tune(model: str, length: int | str, settings: TuneSettings) -> TunePlan
     prefill = [c for c in given if kind_of(c) == "prefill"] if given else default_prefill()
     press = [c for c in given if kind_of(c) == "press"] if given else default_press()
     if given and any(kind_of(c) == "position" for c in given):
-        raise InputError("position methods go in --positions (tuned only past the model's trained length)")
+        raise InputError("position methods go in --positions (tried past the model's trained length by default, "
+                         "inside it when given)")
     positions = None
     if s.positions:
         positions = [str(parse_spec(c)) for c in split_items(s.positions)]
@@ -344,11 +348,8 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
         lm, tokenizer = load_model(model)
     trained = trained_length(lm)
     past = trained is not None and plan.length > trained
-    if plan.positions and not past:
-        raise InputError(f"--positions: {plan.length} tokens is within the trained {trained}; position methods are "
-                         "tuned only past it")
     given = bool(settings.candidates)
-    positions = runnable(lm, (plan.positions or default_positions(plan.length, trained)) if past else [],
+    positions = runnable(lm, plan.positions or (default_positions(plan.length, trained) if past else []),
                          bool(plan.positions), settings.kernel, log)
     plan = replace(plan, prefill=runnable(lm, plan.prefill, given, settings.kernel, log),
                    press=runnable(lm, plan.press, given, settings.kernel, log))
@@ -365,17 +366,21 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
         return run_stage(plan, settings, methods, folder, samples, seed, corpus, lm, tokenizer, log)
 
     tuned = Stage()
-    ranked: list[str] = []  # position methods that passed, most accurate first
-    if past:
+    ranked: list[Standing] = []  # position methods that passed (inside the trained length: and beat dense)
+    if positions:
         tuned.judge(run(["dense", *positions], tuning, False),
                     {p: ("position", "dense", order[p]) for p in positions}, rule, False, "tuning")
-        ranked = [s.spec for s in rank(tuned.standings, "position")]
-    runs, unstackable = pair_with_positions(lm, survivors, ranked if past else [None], order, settings.kernel)
+        ranked = rank(tuned.standings, "position")
+        if not past:
+            dense = sum(r["score"] for r in tuned.rows if r["method"] == "dense")
+            ranked = [s for s in ranked if s.score > dense]
+    bases = [s.spec for s in ranked] + ([] if past else [None])  # None: the candidate alone, against dense
+    runs, unstackable = pair_with_positions(lm, survivors, bases, order, settings.kernel)
     if runs:
         baselines = list(dict.fromkeys(b for _, b, _ in runs.values()))
         tuned.judge(run([*baselines, *runs], tuning, False), runs, rule, False, "tuning")
-    finalists = {kind: rank(tuned.standings, kind)[: 1 if kind == "position" else settings.finalists]
-                 for kind in ("position", "prefill", "press")}
+    finalists = {kind: rank(tuned.standings, kind)[: settings.finalists] for kind in ("prefill", "press")}
+    finalists["position"] = ranked[:1]
 
     reported = Stage()
     final_runs = {f.spec: (f.kind, f.baseline, f.order) for fs in finalists.values() for f in fs}
@@ -387,9 +392,12 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
                     prompt_sets(plan, settings, tuned.rows, reported.rows, tune_corpus.name, report_corpus.name,
                                 corpus_note, screen_length),
                     {"screen": str(work / "screen.jsonl"), "tuning": str(tuning), "reporting": str(reporting)})
-    if past:
-        data["position"] = choose("position", finalists, reported.standings, tuned.standings, screened,
-                                  reported.evidence)
+    if positions:
+        data["position"] = (choose("position", finalists, reported.standings, tuned.standings, screened,
+                                   reported.evidence) if past or ranked else
+                            {"spec": None, "finalists": [],
+                             "reason": "no position method was more accurate than dense on the tuning prompts "
+                                       "(inside the trained length one is used only where it helps)"})
     for kind in ("prefill", "press"):
         data[kind] = choose(kind, finalists, reported.standings, tuned.standings, screened, reported.evidence,
                             blocked=past and not ranked)
