@@ -4,6 +4,8 @@ every layer keeps, and the memory plan worked out by hand."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -80,6 +82,99 @@ def test_reduction_keeps_the_top_k_by_final_token_attention(arch, final):
     assert len(first.kept) == budget == 24
 
 
+def test_attention_logits_of_any_rows_give_the_eager_probabilities():
+    """The logits the calibration ranks by, for rows anywhere in a chunk, softmax to the eager model's own
+    attention probabilities of those rows (a wrong scale, rotation, row or mask would change them)."""
+    from longreach.procedure.decoder import Decoder
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(1, 128, (1, 40))
+    rows = torch.tensor([0, 7, 20, 39])
+    decoder, positions = Decoder(model), torch.arange(40)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=True)
+        cache = output_cache(out)
+        for i in range(3):
+            hidden_in = out.hidden_states[i]
+            logits = decoder.attention_logits(i, hidden_in, cache.layers[i].keys, decoder.rope(hidden_in, positions),
+                                              rows)
+            torch.testing.assert_close(logits.softmax(-1), out.attentions[i][0][:, rows], atol=1e-6, rtol=1e-5)
+            assert torch.isinf(logits[:, 1, 8:]).all() and torch.isfinite(logits[:, 1, :8]).all()
+
+
+def test_distance_bias_removes_a_pure_distance_trend_and_leaves_the_needle():
+    """Hand-built logits: every row attends a key by its distance alone (a recency trend, constant within a
+    calibration bin), and the final row also attends one far key (the needle) 0.5 more. Uncalibrated, the top
+    keys are the nearest; calibrated, the needle is on top and every other key scores 0."""
+    from longreach.procedure.homer import distance_bias, distance_bin, sample_rows
+
+    t = 300
+    positions = torch.arange(t)
+    trend = lambda d: 5.0 - distance_bin(d).double()  # noqa: E731 -- decreasing with the bin
+    rows = sample_rows(t)
+    assert rows[-1] == t - 1 and len(rows) == 256
+    d = positions[rows][:, None] - positions[None, :]
+    sampled = trend(d.clamp(min=0)).masked_fill(d < 0, float("-inf"))
+    final = trend(t - 1 - positions)
+    final[10] += 0.5  # the needle
+    # the final row is one of the sampled rows, with the needle in it: its bin's mean moves by 0.5 / (pairs)
+    sampled[-1, 10] += 0.5
+    bias = distance_bias(sampled, rows, positions, t - 1)
+    calibrated = final - bias
+    assert final.topk(3).indices.tolist() == [299, 298, 297]
+    assert calibrated.argmax().item() == 10
+    same_bin = distance_bin(torch.tensor(t - 1 - 10))
+    pairs = int((distance_bin(d.clamp(min=0))[d >= 0] == same_bin).sum())
+    assert calibrated[10].item() == pytest.approx(0.5 - 0.5 / pairs)
+    others = torch.ones(t, dtype=torch.bool)
+    others[10] = False
+    in_needle_bin = distance_bin(t - 1 - positions) == same_bin
+    assert calibrated[others & ~in_needle_bin].abs().max().item() < 1e-9
+    assert calibrated[others & in_needle_bin].abs().max().item() == pytest.approx(0.5 / pairs)
+
+
+def test_calibrated_reduction_keeps_the_top_k_by_logit_minus_the_distance_mean():
+    """Leaf 0 with calibrate=1: the scores are the final token's logits (max over heads) minus the mean logit of
+    the sampled rows at the same distance bin, recomputed here pair by pair, and the kept tokens their top k."""
+    from longreach.procedure.decoder import Decoder
+    from longreach.procedure.homer import distance_bin, sample_rows
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(1, 128, (1, N))
+    method = Homer(chunk=64, prefix=8, suffix=8, warmup=1, calibrate=1)
+    plan = method.schedule(model, N)
+    decoder = Decoder(model)
+    lo, hi = plan.bounds(0)
+    rows = torch.cat([torch.arange(8), torch.arange(lo, hi), torch.arange(N - 8, N)])
+    positions = torch.tensor(plan.positions(0))
+    with torch.no_grad():
+        done, _ = prefill(model, ids, method)
+        out = model(input_ids=ids[:, rows], position_ids=positions[None], output_hidden_states=True, use_cache=True)
+        layer = plan.span(0)[1] - 1
+        hidden_in = out.hidden_states[layer]
+        keys, rope = output_cache(out).layers[layer].keys, decoder.rope(hidden_in, positions)
+        t = len(rows)
+        sampled = sample_rows(t)
+        logits = decoder.attention_logits(layer, hidden_in, keys, rope, sampled).amax(dim=0)
+        final = decoder.attention_logits(layer, hidden_in, keys, rope, torch.tensor([t - 1]))[:, 0].amax(dim=0)
+    sums, counts = {}, {}
+    for a, r in enumerate(sampled.tolist()):
+        for j in range(r + 1):
+            b = int(distance_bin(positions[r] - positions[j]))
+            sums[b] = sums.get(b, 0.0) + float(logits[a, j])
+            counts[b] = counts.get(b, 0) + 1
+    want = torch.tensor([float(final[j]) - sums[b] / counts[b]
+                         for j, b in enumerate(distance_bin(positions[-1] - positions).tolist())])
+    first = next(r for r in done.trace if (r.level, r.index) == (0, 0))
+    torch.testing.assert_close(first.scores, want.float(), atol=1e-4, rtol=1e-4)
+    context = want[8:8 + hi - lo]
+    budget = plan.budget(0, 0)
+    assert first.kept.tolist() == rows[8 + context.topk(budget).indices].sort().values.tolist()
+    assert first.kept.tolist() != next(r for r in prefill(model, ids)[0].trace if (r.level, r.index) == (0, 0)
+                                       ).kept.tolist(), "calibration changed nothing: the test would not see it"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_merged_cache_positions_and_rows_in_every_layer(arch):
     """Positions stay inside the chunk (so inside the trained window); the cache has the planned length in every
@@ -140,6 +235,9 @@ def test_plan_matches_the_hand_computed_memory():
     assert got.activations == forward + CHUNK_BYTES + (40 + 40) * 64 * 4 + 4 * 64 * 4
     done, _ = prefill(model, torch.randint(1, 128, (1, N)))
     assert done.length * 4 * per_token == got.kv_kept
+    # calibrated: the logits of every row of the longest chunk (64 <= 256 sampled rows) per head, besides the final's
+    calibrated = plan_memory(model, longreach.parse_spec(str(replace(MULTI, calibrate=1))), N, available=1 << 40)
+    assert calibrated.activations - got.activations == 4 * 64 * 64 * 4
 
 
 def test_generate_under_apply_runs_homer_and_refuses_the_dense_prefill():
@@ -173,6 +271,8 @@ def test_specs_and_refusals():
         longreach.parse_spec("homer+quest:density=0.1")
     with pytest.raises(SpecError, match="no room"):
         Homer(chunk=16, prefix=8, suffix=8)
+    with pytest.raises(SpecError, match="calibrate is 0"):
+        Homer(calibrate=2)
     with pytest.raises(SpecError, match="use a rope scaling"):  # refused when parsed: before any sweep runs
         longreach.parse_spec("selfextend+homer")
     with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, qwen2"):

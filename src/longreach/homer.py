@@ -19,14 +19,16 @@ from .procedure import Homer
 
 def homer_generate(model: nn.Module, tokenizer: object, prompt: object, max_new_tokens: int = 32, *,
                    chunk: int | None = None, warmup: int | None = None, final: int = 1, prefix: int = 64,
-                   suffix: int = 64, position: str | None = None, add_special_tokens: bool = True) -> Generation:
+                   suffix: int = 64, position: str | None = None, add_special_tokens: bool = True,
+                   calibrate: int = 0) -> Generation:
     """Greedy generation with HOMER's prefill; ``Generation.tokens`` are the new ids (decode with the tokenizer).
 
     ``prompt``: ``(prefix, context, question)`` (each a string or a (1, n) id tensor; their lengths set the
     shared prefix and suffix), or the whole prompt (a string, a (1, n) id tensor or a tokenizer's output) with
     ``prefix``/``suffix`` tokens shared. ``chunk``: longest chunk and final cache length (default half the trained
-    window). ``position``: a rope scaling spec to stack (e.g. ``"yarn:factor=2"``). ``tokenizer`` may be None for
-    id inputs (then generation stops only at ``max_new_tokens``).
+    window). ``position``: a rope scaling spec to stack (e.g. ``"yarn:factor=2"``). ``calibrate=1``: rank tokens by
+    the calibrated logits (docs/homer.md). ``tokenizer`` may be None for id inputs (then generation stops only at
+    ``max_new_tokens``).
     """
     if isinstance(prompt, tuple):
         if len(prompt) != 3:
@@ -36,7 +38,7 @@ def homer_generate(model: nn.Module, tokenizer: object, prompt: object, max_new_
         prefix, suffix = pieces[0].shape[1], pieces[2].shape[1]
     else:
         ids = _ids(tokenizer, prompt, add_special_tokens)
-    method = Homer(chunk=chunk, prefix=prefix, suffix=suffix, warmup=warmup, final=final)
+    method = Homer(chunk=chunk, prefix=prefix, suffix=suffix, warmup=warmup, final=final, calibrate=calibrate)
     spec = str(method) if position is None else f"{method}+{position}"
     device = next(model.parameters()).device
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}

@@ -197,13 +197,13 @@ def forward_bytes(cfg: object, step: int, width: int) -> int:
 def _procedure_plan(procedure: Procedure, model: nn.Module, cfg: object, length: int, per_token: int,
                     weights: int, available: int | None, runtime: int) -> MemoryPlan:
     """A procedure (homer) that builds the cache itself: its prefill's KV peak, its final cache, one forward of
-    its longest chunk, plus the hidden states of the finished subtrees waiting for a sibling (and the final
-    token's attention row per head it ranks tokens by, float32)."""
+    its longest chunk, plus the hidden states of the finished subtrees waiting for a sibling (and the attention
+    rows per head it ranks tokens by, float32: the final token's, and with homer's calibration the sampled rows')."""
     got = procedure.plan(model, length)
     width = next(model.parameters()).element_size()
     step = got.forward_max
     waiting = got.waiting_rows * cfg.hidden_size * width  # type: ignore[attr-defined]
-    ranking = cfg.num_attention_heads * step * 4  # type: ignore[attr-defined]
+    ranking = cfg.num_attention_heads * got.ranking_rows * step * 4  # type: ignore[attr-defined]
     activations = forward_bytes(cfg, step, width) + CHUNK_BYTES + waiting + ranking
     avail = available if available is not None else available_bytes()
     return MemoryPlan(length, step, weights, got.kv_peak * per_token, activations, avail, got.notes, runtime,

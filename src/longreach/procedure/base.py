@@ -36,6 +36,7 @@ class ProcedurePlan:
     waiting_rows: int  # most hidden-state rows held besides the chunk being run
     forward_max: int  # the longest sequence one layer forward sees
     notes: tuple[str, ...] = ()
+    ranking_rows: int = 1  # rows whose float32 attention over the longest chunk, per head, ranks its tokens
 
 
 @dataclass(frozen=True)

@@ -107,28 +107,35 @@ class Decoder:
         assert capture.keys is not None and capture.values is not None
         return out, capture.keys, capture.values
 
-    def last_queries(self, i: int, hidden_in: Tensor, rope: tuple[Tensor, Tensor], n: int) -> Tensor:
-        """Layer ``i``'s rotated queries of the last ``n`` rows, (1, Hq, n, D): recomputed from the layer's input
-        the way the layer computes them (pre-norm, q projection, RoPE)."""
+    def queries(self, i: int, hidden_in: Tensor, rope: tuple[Tensor, Tensor], rows: Tensor) -> Tensor:
+        """Layer ``i``'s rotated queries of ``rows`` (R,), (1, Hq, R, D): recomputed from the layer's input the way
+        the layer computes them (pre-norm, q projection, RoPE)."""
         attn = self.base.layers[i].self_attn
-        x = self.base.layers[i].input_layernorm(hidden_in[:, -n:])
-        q = attn.q_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # (1, Hq, n, D)
-        cos, sin = (r[:, -n:].unsqueeze(1) for r in rope)  # (1, 1, n, D)
+        x = self.base.layers[i].input_layernorm(hidden_in[:, rows])
+        q = attn.q_proj(x).view(1, rows.numel(), -1, attn.head_dim).transpose(1, 2)  # (1, Hq, R, D)
+        cos, sin = (r[:, rows].unsqueeze(1) for r in rope)  # (1, 1, R, D)
         half = q.shape[-1] // 2
         rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
         return q * cos + rotated * sin
+
+    def attention_logits(self, i: int, hidden_in: Tensor, keys: Tensor, rope: tuple[Tensor, Tensor], rows: Tensor
+                         ) -> Tensor:
+        """Scaled attention logits of ``rows`` (R,) of layer ``i`` over all its keys, in float32: (Hq, R, T), -inf
+        where a key comes after the row (causal in row order)."""
+        attn = self.base.layers[i].self_attn
+        q = self.queries(i, hidden_in, rope, rows).float()
+        k = keys.float().repeat_interleave(attn.num_key_value_groups, dim=1)  # (1, Hq, T, D)
+        scores = (q @ k.transpose(-1, -2))[0] * attn.scaling  # (Hq, R, T)
+        future = torch.arange(k.shape[2], device=k.device)[None, :] > rows[:, None]
+        return scores.masked_fill(future, float("-inf"))
 
     def attention_from_last(self, i: int, hidden_in: Tensor, keys: Tensor, rope: tuple[Tensor, Tensor], n: int
                             ) -> Tensor:
         """Softmax attention probabilities of the last ``n`` rows of layer ``i`` over all its keys, in float32:
         (Hq, n, T), causal among those rows."""
-        attn = self.base.layers[i].self_attn
-        q = self.last_queries(i, hidden_in, rope, n).float()
-        k = keys.float().repeat_interleave(attn.num_key_value_groups, dim=1)  # (1, Hq, T, D)
-        scores = (q @ k.transpose(-1, -2))[0] * attn.scaling  # (Hq, n, T)
-        t = k.shape[2]
-        future = torch.arange(t, device=k.device)[None, :] > (t - n + torch.arange(n, device=k.device))[:, None]
-        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        t = keys.shape[2]
+        return self.attention_logits(i, hidden_in, keys, rope, torch.arange(t - n, t, device=keys.device)
+                                     ).softmax(dim=-1)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits of the last row, (1, 1, V)."""

@@ -9,9 +9,13 @@ propagative refinement drops the pruned tokens from the chunk's lower-layer cach
 caches the same ``final_length <= chunk`` tokens: a normal KV cache that the model decodes from.
 
 The plan (chunks, layer spans, budgets, positions, memory) is ``schedule.HomerSchedule``; this module runs it.
-Simplifications against the paper and its code (docs/homer.md): no calibration of the significance scores
-(their code subtracts a per-layer bias by relative position, measured on calibration data), an even context
-split, and positions shifted so that decoding continues at the cache length.
+Calibration (``calibrate=1``): the final token's attention favours recent and initial tokens whatever they say, so
+a needle far from the chunk's end can lose to filler near it. The authors subtract from the final token's logits a
+per-layer bias by relative distance, measured beforehand on calibration text; here the bias is measured on the
+chunk itself: the mean logit, over a few hundred of the chunk's rows, of the keys at each distance (in
+quarter-octave bins), so what is left is how much more the final token attends a key than rows in general attend
+keys that far away. Other simplifications (docs/homer.md): an even context split, and positions shifted so that
+decoding continues at the cache length.
 """
 
 from __future__ import annotations
@@ -30,6 +34,35 @@ from .decoder import Decoder
 from .schedule import HomerSchedule
 
 WARMUP_FRACTION = 3 / 8  # the paper's Llama-2 setting: 12 of 32 layers run on the chunks alone
+BINS_PER_OCTAVE = 4  # distance bins of the calibration: [0], [1], ... finer near the token, a quarter octave far
+SAMPLE_ROWS = 256  # rows whose logits measure the bias (evenly spaced, the last always in)
+
+
+def distance_bin(distance: Tensor) -> Tensor:
+    """Calibration bin of each distance >= 0: floor(4 log2(d + 1)), so 0, 1, 2, ... and about 4 bins an octave."""
+    return (torch.log2(distance.double() + 1) * BINS_PER_OCTAVE).floor().long()
+
+
+def sample_rows(t: int, device: torch.device | None = None) -> Tensor:
+    """At most ``SAMPLE_ROWS`` evenly spaced rows of ``t``, the last included (its distances are the ones ranked)."""
+    return torch.linspace(0, t - 1, min(t, SAMPLE_ROWS), device=device).round().long().unique()
+
+
+def distance_bias(logits: Tensor, rows: Tensor, positions: Tensor, final_position: int) -> Tensor:
+    """Per key, the mean of ``logits`` (R, T: the sampled rows' logits over the keys, max over heads; -inf where a
+    row cannot see a key) over the (row, key) pairs whose position distance falls in the same bin as the key's
+    distance from ``final_position``. Pairs at a negative distance (a merged chunk's right context looking back
+    at its left, which shares its positions) are left out. Every bin the final row needs is filled when the final
+    row is among ``rows``."""
+    d = positions[rows][:, None] - positions[None, :]
+    seen = torch.isfinite(logits) & (d >= 0)
+    bins = distance_bin(d[seen])
+    wanted = distance_bin(final_position - positions)
+    n = int(max(bins.max(), wanted.max())) + 1
+    sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, bins, logits[seen].double())
+    counts = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(
+        0, bins, torch.ones_like(bins, dtype=torch.float64))
+    return (sums / counts.clamp(min=1))[wanted].to(logits.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +104,9 @@ class Homer(Procedure):
     warmup: int | None = param(None, "layers every chunk runs alone before merging starts (default 3/8 of the "
                                      "layers: the paper's 12 of 32)")
     final: int = param(1, "final tokens of a chunk whose attention ranks its tokens (the paper: 1)")
+    calibrate: int = param(0, "1: rank by the final token's attention logits minus the chunk's mean logit at the "
+                              "same distance (the paper's calibration, measured on the chunk itself); 0: by its "
+                              "attention probabilities as they are")
 
     def __post_init__(self) -> None:
         if self.chunk is not None:
@@ -80,6 +116,8 @@ class Homer(Procedure):
         if self.warmup is not None:
             check_int(self, "warmup", self.warmup, minimum=0)
         check_int(self, "final", self.final, minimum=1)
+        if self.calibrate not in (0, 1):
+            raise SpecError(f"homer: calibrate is 0 (off) or 1 (on), got {self.calibrate}")
         if self.final > max(self.suffix, 1):
             raise SpecError(f"homer: final={self.final} ranks by more tokens than the suffix={self.suffix} holds; "
                             "the ranking tokens are the question's last ones")
@@ -116,7 +154,8 @@ class Homer(Procedure):
             note = (f"homer: {s.leaves} chunks of <= {s.leaf_length} tokens run layers {lo}-{hi - 1} alone, then "
                     f"{s.height} merge levels of {s.span(1)[1] - s.span(1)[0]} layers; the final cache holds "
                     f"{s.final_length} tokens at positions {s.shift}..{s.final_length - 1} (chunk {s.chunk})")
-        return ProcedurePlan(mem.kv_peak, mem.kv_final, mem.waiting_rows, mem.forward_max, (note,))
+        rows = self.final + (len(sample_rows(mem.forward_max)) if self.calibrate and not s.single else 0)
+        return ProcedurePlan(mem.kv_peak, mem.kv_final, mem.waiting_rows, mem.forward_max, (note,), rows)
 
     # -- the run ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,7 +163,8 @@ class Homer(Procedure):
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise InputError(f"homer reads one prompt at a time: input_ids of shape (1, n), got "
                              f"{tuple(input_ids.shape)}")
-        run = _Run(Decoder.of(model, "homer"), self.schedule(model, input_ids.shape[1]), input_ids[0], self.final)
+        run = _Run(Decoder.of(model, "homer"), self.schedule(model, input_ids.shape[1]), input_ids[0], self.final,
+                   bool(self.calibrate))
         root = run.walk(run.plan.height, 0)
         for i in range(run.decoder.n_layers):
             cache.update(root.keys[i], root.values[i], i)  # type: ignore[attr-defined]
@@ -137,8 +177,8 @@ class _Run:
     """One prompt's depth-first walk of the merge tree (left subtree, right subtree, merge: the order the paper
     proposes, so at most one finished subtree per level waits for its sibling)."""
 
-    def __init__(self, decoder: Decoder, plan: HomerSchedule, ids: Tensor, final: int) -> None:
-        self.decoder, self.plan, self.ids, self.final = decoder, plan, ids, final
+    def __init__(self, decoder: Decoder, plan: HomerSchedule, ids: Tensor, final: int, calibrate: bool) -> None:
+        self.decoder, self.plan, self.ids, self.final, self.calibrate = decoder, plan, ids, final, calibrate
         self.reductions: list[Reduction] = []
 
     def walk(self, level: int, index: int) -> _Node:
@@ -193,11 +233,23 @@ class _Run:
             node.keys.append(k)
             node.values.append(v)
             if i == stop - 1 and context > budget:
-                probs = self.decoder.attention_from_last(i, hidden_in, k, rope, self.final)  # (Hq, f, T)
-                scores = probs.mean(dim=1).amax(dim=0)  # (T,)
+                scores = self.significance(i, hidden_in, k, rope, node.positions)
         if scores is None:
             return node
         return self.reduce(node, scores, budget, level, index, stop - 1)
+
+    def significance(self, i: int, hidden_in: Tensor, keys: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor
+                     ) -> Tensor:
+        """(T,) how much the final token(s) attend each row at layer ``i``: the mean over the final rows, max over
+        heads, of the probabilities, or with ``calibrate`` of the logits minus their distance bias."""
+        if not self.calibrate:
+            return self.decoder.attention_from_last(i, hidden_in, keys, rope, self.final).mean(dim=1).amax(dim=0)
+        t = keys.shape[2]
+        final = torch.arange(t - self.final, t, device=keys.device)
+        logits = self.decoder.attention_logits(i, hidden_in, keys, rope, final).mean(dim=1).amax(dim=0)
+        rows = sample_rows(t, keys.device)
+        sampled = self.decoder.attention_logits(i, hidden_in, keys, rope, rows).amax(dim=0)  # (R, T)
+        return logits - distance_bias(sampled, rows, positions, int(positions[-1]))
 
     def reduce(self, node: _Node, scores: Tensor, budget: int, level: int, index: int, layer: int) -> _Node:
         """Keep the prefix, the suffix and the ``budget`` context rows with the highest scores (in order), in the
