@@ -277,15 +277,14 @@ def test_inside_the_trained_length_position_methods_run_only_when_given_and_must
                                                                             "yarn"}
     assert got["prefill"]["baseline"] == got["press"]["baseline"] == "dense"
     assert got["press"]["spec"] == "snapkv:density=0.5"
+    tied = [s for s in got["standings"]["tuning"] if s["kind"] == "position"]
+    assert tied and all(not s["passed"] and "not more accurate than dense" in s["reasons"][-1] for s in tied)
     assert "position" not in tune("tiny", 256, tmp_path / "u.json", settings(), lm=lm, tokenizer=tok,
                                   log=lambda _: None).data  # not asked: no position stage
 
 
-def test_inside_the_trained_length_a_position_method_that_beats_dense_becomes_the_baseline(tiny, tmp_path,
-                                                                                       monkeypatch):
-    """The rows are real runs with their scores replaced: every spec with Self-Extend in it is right, dense and
-    YaRN are wrong. Self-Extend is chosen; the select candidate runs under it and is judged against it; the press
-    cannot follow a re-mapping method, so it runs alone against dense (inside the window that is allowed)."""
+def rescore(monkeypatch, right) -> None:
+    """Rows from real runs, with each score replaced by ``right(row)``: the tune's decisions on known tables."""
     import longreach.eval.tune as tune_module
 
     real = tune_module.run_stage
@@ -293,10 +292,20 @@ def test_inside_the_trained_length_a_position_method_that_beats_dense_becomes_th
     def rescored(*args, **kwargs):
         rows = real(*args, **kwargs)
         for r in rows:
-            r["score"] = 1.0 if "selfextend" in r["method"] or r["method"] == "snapkv:density=0.5" else 0.0
+            r["score"] = 1.0 if right(r) else 0.0
         return rows
 
     monkeypatch.setattr(tune_module, "run_stage", rescored)
+
+
+def test_inside_the_trained_length_a_position_method_that_beats_dense_becomes_the_baseline(tiny, tmp_path,
+                                                                                       monkeypatch):
+    """Every spec with Self-Extend or YaRN in it is right, and the press alone; dense is wrong. Self-Extend (first
+    in grid order of the two tied) is chosen; the select candidate runs under it and is judged against it; the
+    press cannot follow a re-mapping method, so it runs alone against dense, not under YaRN, which was not
+    chosen."""
+    rescore(monkeypatch, lambda r: "selfextend" in r["method"] or r["method"].startswith("yarn")
+            or r["method"] == "snapkv:density=0.5")
     lm, tok = tiny
     got = tune("tiny", 256, tmp_path / "t.json", settings(positions="selfextend:group=2,window=64;yarn",
                                                           candidates="streaming:window=4096;snapkv:density=0.5"),
@@ -307,6 +316,21 @@ def test_inside_the_trained_length_a_position_method_that_beats_dense_becomes_th
     assert got["press"]["spec"] == "snapkv:density=0.5" and got["press"]["baseline"] == "dense"
     reporting = {e["spec"]: e for e in got["evidence"] if e["stage"] == "reporting"}
     assert reporting[se]["correct"] == 2 and reporting[se]["baseline_correct"] == 0
+    assert not any(e["spec"].startswith("yarn+") for e in got["evidence"])
+
+
+def test_a_stack_on_a_position_method_rejected_on_the_reporting_prompts_is_not_chosen(tiny, tmp_path, monkeypatch):
+    """Self-Extend and the stack under it are right on the tuning prompts (seeds 0-1) and wrong on the reporting
+    ones (100-101), where dense is right: Self-Extend fails there, and the stack, though no worse than
+    Self-Extend alone, is not recommended."""
+    rescore(monkeypatch, lambda r: ("selfextend" in r["method"]) == (r["seed"] < 100))
+    lm, tok = tiny
+    got = tune("tiny", 256, tmp_path / "t.json", settings(positions="selfextend:group=2,window=64",
+                                                          candidates="streaming:window=4096"),
+               lm=lm, tokenizer=tok, log=lambda _: None).data
+    assert got["position"]["spec"] is None and "more than 2 below" in got["position"]["reason"]
+    assert got["prefill"]["spec"] is None
+    assert "selfextend:group=2,window=64 did not pass on the reporting prompts" in got["prefill"]["reason"]
 
 
 def test_cli_says_when_no_candidate_passes(tiny_lm_folder, tmp_path):

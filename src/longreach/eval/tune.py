@@ -65,7 +65,7 @@ class TuneSettings:
 
     tasks: str = "passkey,niah"
     candidates: str | None = None  # ';'-separated select / press specs (default: tunerules' grid)
-    positions: str | None = None  # ';'-separated position specs past the trained length (default: the grid)
+    positions: str | None = None  # ';'-separated position specs (default: the grid past the trained length)
     rule: Rule = field(default_factory=Rule)
     screen: ScreenRule = field(default_factory=ScreenRule)
     screen_prompts: int = 4  # in all, spread over the tasks
@@ -366,38 +366,41 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
         return run_stage(plan, settings, methods, folder, samples, seed, corpus, lm, tokenizer, log)
 
     tuned = Stage()
-    ranked: list[Standing] = []  # position methods that passed (inside the trained length: and beat dense)
-    if positions:
+    ranked: list[Standing] = []  # position methods that passed, most accurate first
+    if past or positions:
         tuned.judge(run(["dense", *positions], tuning, False),
                     {p: ("position", "dense", order[p]) for p in positions}, rule, False, "tuning")
-        ranked = rank(tuned.standings, "position")
         if not past:
-            dense = sum(r["score"] for r in tuned.rows if r["method"] == "dense")
-            ranked = [s for s in ranked if s.score > dense]
-    bases = [s.spec for s in ranked] + ([] if past else [None])  # None: the candidate alone, against dense
+            require_gain(tuned.standings, tuned.rows)
+        ranked = rank(tuned.standings, "position")
+    # past the trained length a candidate runs under a position method or not at all; inside it, under the chosen
+    # one where it can be stacked with it, else alone against dense (None)
+    bases = [s.spec for s in ranked] if past else [*(s.spec for s in ranked[:1]), None]
     runs, unstackable = pair_with_positions(lm, survivors, bases, order, settings.kernel)
     if runs:
         baselines = list(dict.fromkeys(b for _, b, _ in runs.values()))
         tuned.judge(run([*baselines, *runs], tuning, False), runs, rule, False, "tuning")
-    finalists = {kind: rank(tuned.standings, kind)[: settings.finalists] for kind in ("prefill", "press")}
-    finalists["position"] = ranked[:1]
+    finalists = {kind: rank(tuned.standings, kind)[: 1 if kind == "position" else settings.finalists]
+                 for kind in ("position", "prefill", "press")}
 
     reported = Stage()
     final_runs = {f.spec: (f.kind, f.baseline, f.order) for fs in finalists.values() for f in fs}
     if final_runs:
         baselines = ["dense", *dict.fromkeys(b for _, b, _ in final_runs.values())]
         reported.judge(run([*baselines, *final_runs], reporting, True), final_runs, rule, True, "reporting")
+        drop_rejected_stacks(reported.standings)
 
     data = describe(plan, settings, trained, screen_length, screened, tuned, reported, unstackable,
                     prompt_sets(plan, settings, tuned.rows, reported.rows, tune_corpus.name, report_corpus.name,
                                 corpus_note, screen_length),
                     {"screen": str(work / "screen.jsonl"), "tuning": str(tuning), "reporting": str(reporting)})
-    if positions:
+    if past or positions:
         data["position"] = (choose("position", finalists, reported.standings, tuned.standings, screened,
                                    reported.evidence) if past or ranked else
                             {"spec": None, "finalists": [],
                              "reason": "no position method was more accurate than dense on the tuning prompts "
-                                       "(inside the trained length one is used only where it helps)"})
+                                       "without losing more than the rule allows on a task (inside the trained "
+                                       "length one is used only where it helps)"})
     for kind in ("prefill", "press"):
         data[kind] = choose(kind, finalists, reported.standings, tuned.standings, screened, reported.evidence,
                             blocked=past and not ranked)
@@ -408,11 +411,32 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     return TuneResult(data, out)
 
 
+def require_gain(standings: list[Standing], rows: list[dict]) -> None:
+    """Inside the trained length dense is a valid answer, and a position method costs prefill time: one that
+    passed the rule but is not more accurate than dense on the tuning prompts (all tasks together) fails."""
+    dense = sum(r["score"] for r in rows if r["method"] == "dense")
+    for s in standings:
+        if s.kind == "position" and s.passed and not s.score > dense:
+            s.passed = False
+            s.reasons.append(f"not more accurate than dense on the tuning prompts ({s.score:g} against {dense:g} "
+                             "right); inside the trained length a position method must be")
+
+
+def drop_rejected_stacks(standings: list[Standing]) -> None:
+    """A candidate stacked on a position method that failed on the reporting prompts fails too: the stack would
+    recommend a method the evidence turned down."""
+    rejected = {s.spec for s in standings if s.kind == "position" and not s.passed}
+    for s in standings:
+        if s.kind != "position" and s.passed and s.baseline in rejected:
+            s.passed = False
+            s.reasons.append(f"its position method {s.baseline} did not pass on the reporting prompts")
+
+
 def pair_with_positions(model, survivors: list[Screened], positions: list[str | None], order: dict[str, int],
                         kernel: str) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
-    """Each screen survivor as it will run: under the most accurate position method it can be stacked with (a
-    re-mapping one cannot carry a press; None within the trained window), judged against that position method
-    alone. Returns spec as run -> (kind, baseline, grid order), and survivor -> why it has no position method."""
+    """Each screen survivor as it will run: under the first of ``positions`` it can be stacked with (a re-mapping
+    one cannot carry a press; None: alone), judged against that position method alone (None: against dense).
+    Returns spec as run -> (kind, baseline, grid order), and survivor -> why it has no position method."""
     runs, unstackable = {}, {}
     for s in survivors:
         for position in positions:
