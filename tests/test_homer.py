@@ -120,7 +120,7 @@ def test_distance_bias_removes_a_pure_distance_trend_and_leaves_the_needle():
     final[10] += 0.5  # the needle
     # the final row is one of the sampled rows, with the needle in it: its bin's mean moves by 0.5 / (pairs)
     sampled[-1, 10] += 0.5
-    bias = distance_bias(sampled, rows, positions, t - 1)
+    bias = distance_bias(sampled, rows, positions, torch.zeros(t, dtype=torch.long), t - 1)
     calibrated = final - bias
     assert final.topk(3).indices.tolist() == [299, 298, 297]
     assert calibrated.argmax().item() == 10
@@ -132,6 +132,80 @@ def test_distance_bias_removes_a_pure_distance_trend_and_leaves_the_needle():
     in_needle_bin = distance_bin(t - 1 - positions) == same_bin
     assert calibrated[others & ~in_needle_bin].abs().max().item() < 1e-9
     assert calibrated[others & in_needle_bin].abs().max().item() == pytest.approx(0.5 / pairs)
+
+
+def test_distance_bins_by_hand():
+    """floor(4 log2(d + 1)), worked out by hand: one bin per distance up to 6, then about four per octave."""
+    from longreach.procedure.homer import distance_bin
+
+    d = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 15, 16, 22, 23, 1000])
+    assert distance_bin(d).tolist() == [0, 4, 6, 8, 9, 10, 11, 12, 12, 16, 16, 18, 18, 39]
+
+
+def test_calibration_in_a_merged_chunk_counts_only_pairs_within_one_leaf(monkeypatch):
+    """At a merge level the chunk holds two leaves' kept tokens at overlapping positions. The bias is recomputed
+    pair by pair from the arguments the run passed, with each row's leaf worked out here from its prompt index
+    (prefix and suffix rows shared), and the reduction's scores are the final row's logits minus it."""
+    import longreach.procedure.homer as homer
+    from longreach.procedure.homer import distance_bin
+
+    calls = []
+    real = homer.distance_bias
+
+    def spy(logits, rows, positions, leaves, final_position):
+        calls.append((logits, rows, positions, leaves, final_position))
+        return real(logits, rows, positions, leaves, final_position)
+
+    monkeypatch.setattr(homer, "distance_bias", spy)
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(1, 128, (1, N))
+    method = replace(MULTI, calibrate=1)
+    plan = method.schedule(model, N)
+    with torch.no_grad():
+        done, _ = prefill(model, ids, method)
+    merged = [k for k, r in enumerate(done.trace) if r.level == 1]
+    assert len(calls) == len(done.trace) == 6 and merged
+    k = merged[0]
+    logits, rows, positions, leaves, final_position = calls[k]
+    r = done.trace[k]
+    kept = {(x.level, x.index): x.kept.tolist() for x in done.trace}
+    tokens = (list(range(8)) + kept[(0, 2 * r.index)] + kept[(0, 2 * r.index + 1)] + list(range(N - 8, N)))
+    bounds = [plan.bounds(leaf) for leaf in range(plan.leaves)]
+    want_leaves = [-1 if t < 8 or t >= N - 8 else next(i for i, (lo, hi) in enumerate(bounds) if lo <= t < hi)
+                   for t in tokens]
+    assert leaves.tolist() == want_leaves and len(set(want_leaves) - {-1}) == 2
+    assert (positions - positions[0]).tolist() == plan_positions(plan, tokens)  # up to the shift all share
+    sums, counts, skipped = {}, {}, 0
+    for a, row in enumerate(rows.tolist()):
+        for j in range(row + 1):
+            same = want_leaves[row] == want_leaves[j] or -1 in (want_leaves[row], want_leaves[j])
+            dist = int(positions[row] - positions[j])
+            if not same or dist < 0:
+                skipped += 1
+                continue
+            b = int(distance_bin(torch.tensor(dist)))
+            sums[b] = sums.get(b, 0.0) + float(logits[a, j])
+            counts[b] = counts.get(b, 0) + 1
+    assert skipped > 0, "no cross-leaf pair: the test would not see the rule"
+    bins = distance_bin(final_position - positions).tolist()
+    want = torch.tensor([float(logits[-1, j]) - sums[b] / counts[b] for j, b in enumerate(bins)])
+    torch.testing.assert_close(r.scores, want.float(), atol=1e-4, rtol=1e-4)
+
+
+def plan_positions(plan, tokens) -> list[int]:
+    """Leaf-layout positions of prompt indices: prefix 0.., each leaf's context from the prefix on, the suffix
+    after the longest leaf context (docs/homer.md, Positions)."""
+    out = []
+    longest = max(hi - lo for lo, hi in (plan.bounds(i) for i in range(plan.leaves)))
+    for t in tokens:
+        if t < 8:
+            out.append(t)
+        elif t >= N - 8:
+            out.append(8 + longest + t - (N - 8))
+        else:
+            lo = next(lo for lo, hi in (plan.bounds(i) for i in range(plan.leaves)) if lo <= t < hi)
+            out.append(8 + t - lo)
+    return out
 
 
 def test_calibrated_reduction_keeps_the_top_k_by_logit_minus_the_distance_mean():

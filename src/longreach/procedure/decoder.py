@@ -125,9 +125,9 @@ class Decoder:
         attn = self.base.layers[i].self_attn
         q = self.queries(i, hidden_in, rope, rows).float()
         k = keys.float().repeat_interleave(attn.num_key_value_groups, dim=1)  # (1, Hq, T, D)
-        scores = (q @ k.transpose(-1, -2))[0] * attn.scaling  # (Hq, R, T)
+        scores = (q @ k.transpose(-1, -2))[0].mul_(attn.scaling)  # (Hq, R, T), in place: one such tensor at a time
         future = torch.arange(k.shape[2], device=k.device)[None, :] > rows[:, None]
-        return scores.masked_fill(future, float("-inf"))
+        return scores.masked_fill_(future, float("-inf"))
 
     def attention_from_last(self, i: int, hidden_in: Tensor, keys: Tensor, rope: tuple[Tensor, Tensor], n: int
                             ) -> Tensor:

@@ -39,7 +39,8 @@ SAMPLE_ROWS = 256  # rows whose logits measure the bias (evenly spaced, the last
 
 
 def distance_bin(distance: Tensor) -> Tensor:
-    """Calibration bin of each distance >= 0: floor(4 log2(d + 1)), so 0, 1, 2, ... and about 4 bins an octave."""
+    """Calibration bin of each distance >= 0: floor(4 log2(d + 1)). Distances 0-6 have a bin each (0, 4, 6, 8, 9,
+    10, 11); from 7 on, about four bins an octave."""
     return (torch.log2(distance.double() + 1) * BINS_PER_OCTAVE).floor().long()
 
 
@@ -48,14 +49,16 @@ def sample_rows(t: int, device: torch.device | None = None) -> Tensor:
     return torch.linspace(0, t - 1, min(t, SAMPLE_ROWS), device=device).round().long().unique()
 
 
-def distance_bias(logits: Tensor, rows: Tensor, positions: Tensor, final_position: int) -> Tensor:
+def distance_bias(logits: Tensor, rows: Tensor, positions: Tensor, leaves: Tensor, final_position: int) -> Tensor:
     """Per key, the mean of ``logits`` (R, T: the sampled rows' logits over the keys, max over heads; -inf where a
     row cannot see a key) over the (row, key) pairs whose position distance falls in the same bin as the key's
-    distance from ``final_position``. Pairs at a negative distance (a merged chunk's right context looking back
-    at its left, which shares its positions) are left out. Every bin the final row needs is filled when the final
-    row is among ``rows``."""
+    distance from ``final_position``. Only pairs within one leaf chunk count (``leaves``: each row's leaf, -1 for
+    the shared prefix and suffix, which go with any leaf): in a merged chunk the leaves share one position range,
+    so a distance between two leaves' tokens measures nothing. Every bin the final row needs is filled when the
+    final row, a suffix row, is among ``rows``."""
     d = positions[rows][:, None] - positions[None, :]
-    seen = torch.isfinite(logits) & (d >= 0)
+    mine, theirs = leaves[rows][:, None], leaves[None, :]
+    seen = torch.isfinite(logits) & (d >= 0) & ((mine == theirs) | (mine < 0) | (theirs < 0))
     bins = distance_bin(d[seen])
     wanted = distance_bin(final_position - positions)
     n = int(max(bins.max(), wanted.max())) + 1
@@ -233,15 +236,16 @@ class _Run:
             node.keys.append(k)
             node.values.append(v)
             if i == stop - 1 and context > budget:
-                scores = self.significance(i, hidden_in, k, rope, node.positions)
+                scores = self.significance(i, hidden_in, k, rope, node)
         if scores is None:
             return node
         return self.reduce(node, scores, budget, level, index, stop - 1)
 
-    def significance(self, i: int, hidden_in: Tensor, keys: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor
+    def significance(self, i: int, hidden_in: Tensor, keys: Tensor, rope: tuple[Tensor, Tensor], node: _Node
                      ) -> Tensor:
         """(T,) how much the final token(s) attend each row at layer ``i``: the mean over the final rows, max over
-        heads, of the probabilities, or with ``calibrate`` of the logits minus their distance bias."""
+        heads, of the probabilities, or with ``calibrate`` of the logits minus their distance bias (measured from
+        the last row's position, also for ``final > 1``)."""
         if not self.calibrate:
             return self.decoder.attention_from_last(i, hidden_in, keys, rope, self.final).mean(dim=1).amax(dim=0)
         t = keys.shape[2]
@@ -249,7 +253,15 @@ class _Run:
         logits = self.decoder.attention_logits(i, hidden_in, keys, rope, final).mean(dim=1).amax(dim=0)
         rows = sample_rows(t, keys.device)
         sampled = self.decoder.attention_logits(i, hidden_in, keys, rope, rows).amax(dim=0)  # (R, T)
-        return logits - distance_bias(sampled, rows, positions, int(positions[-1]))
+        bias = distance_bias(sampled, rows, node.positions, self.leaves(node.tokens), int(node.positions[-1]))
+        return logits - bias
+
+    def leaves(self, tokens: Tensor) -> Tensor:
+        """The leaf chunk each row's prompt index came from; -1 for the shared prefix and suffix."""
+        p, n = self.plan, self.ids.shape[0]
+        starts = torch.tensor([p.bounds(leaf)[0] for leaf in range(p.leaves)], device=tokens.device)
+        leaf = torch.searchsorted(starts, tokens, right=True) - 1
+        return leaf.masked_fill((tokens < p.head) | (tokens >= n - p.tail), -1)
 
     def reduce(self, node: _Node, scores: Tensor, budget: int, level: int, index: int, layer: int) -> _Node:
         """Keep the prefix, the suffix and the ``budget`` context rows with the highest scores (in order), in the
