@@ -146,6 +146,9 @@ def main() -> None:
         for task in ("passkey", "niah"):
             accuracy(f"tuned KV press, 10% cache, {length}, {task}", "snapkv:density=0.1,pool=31",
                      f"tuned/smollm2-{length}/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    for task in ("passkey", "niah"):  # inside the trained length, tune --positions chose Self-Extend
+        accuracy(f"tuned position method, 8k, {task}", "selfextend:group=2",
+                 "tuned/smollm2-8k-positions/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     for task in ("niah", "passkey"):  # Gemma-3-270M: passkey under the default needle does not measure retrieval
         accuracy(f"tuned KV press, Gemma-3-270M, 8k, {task}", "snapkv:density=0.1,pool=31",
                  "tuned/gemma3-8k/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
