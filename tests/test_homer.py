@@ -147,7 +147,6 @@ def test_calibration_in_a_merged_chunk_counts_only_pairs_within_one_leaf(monkeyp
     pair by pair from the arguments the run passed, with each row's leaf worked out here from its prompt index
     (prefix and suffix rows shared), and the reduction's scores are the final row's logits minus it."""
     import longreach.procedure.homer as homer
-    from longreach.procedure.homer import distance_bin
 
     calls = []
     real = homer.distance_bias
@@ -175,21 +174,30 @@ def test_calibration_in_a_merged_chunk_counts_only_pairs_within_one_leaf(monkeyp
                    for t in tokens]
     assert leaves.tolist() == want_leaves and len(set(want_leaves) - {-1}) == 2
     assert (positions - positions[0]).tolist() == plan_positions(plan, tokens)  # up to the shift all share
+    bias, skipped = bias_by_pairs(logits, rows, positions, int(final_position), lambda row, key: (
+        want_leaves[row] == want_leaves[key] or -1 in (want_leaves[row], want_leaves[key])))
+    assert skipped > 0, "no cross-leaf pair: the test would not see the rule"
+    torch.testing.assert_close(r.scores, logits[-1] - bias, atol=1e-4, rtol=1e-4)
+
+
+def bias_by_pairs(logits, rows, positions, final_position: int, counted=lambda row, key: True):
+    """The calibration's bias recomputed pair by pair: for each key, the mean logit over the sampled (row, key)
+    pairs that ``counted`` admits, at a distance >= 0, whose distance falls in the bin of the key's distance from
+    ``final_position``. Returns (bias per key, float32; how many causal pairs were left out)."""
+    from longreach.procedure.homer import distance_bin
+
     sums, counts, skipped = {}, {}, 0
     for a, row in enumerate(rows.tolist()):
-        for j in range(row + 1):
-            same = want_leaves[row] == want_leaves[j] or -1 in (want_leaves[row], want_leaves[j])
-            dist = int(positions[row] - positions[j])
-            if not same or dist < 0:
+        for key in range(row + 1):
+            dist = int(positions[row] - positions[key])
+            if not counted(row, key) or dist < 0:
                 skipped += 1
                 continue
             b = int(distance_bin(torch.tensor(dist)))
-            sums[b] = sums.get(b, 0.0) + float(logits[a, j])
+            sums[b] = sums.get(b, 0.0) + float(logits[a, key])
             counts[b] = counts.get(b, 0) + 1
-    assert skipped > 0, "no cross-leaf pair: the test would not see the rule"
     bins = distance_bin(final_position - positions).tolist()
-    want = torch.tensor([float(logits[-1, j]) - sums[b] / counts[b] for j, b in enumerate(bins)])
-    torch.testing.assert_close(r.scores, want.float(), atol=1e-4, rtol=1e-4)
+    return torch.tensor([sums[b] / counts[b] for b in bins], dtype=torch.float32), skipped
 
 
 def plan_positions(plan, tokens) -> list[int]:
@@ -212,7 +220,7 @@ def test_calibrated_reduction_keeps_the_top_k_by_logit_minus_the_distance_mean()
     """Leaf 0 with calibrate=1: the scores are the final token's logits (max over heads) minus the mean logit of
     the sampled rows at the same distance bin, recomputed here pair by pair, and the kept tokens their top k."""
     from longreach.procedure.decoder import Decoder
-    from longreach.procedure.homer import distance_bin, sample_rows
+    from longreach.procedure.homer import sample_rows
 
     model = tiny_model("llama", num_hidden_layers=4)
     ids = torch.randint(1, 128, (1, N))
@@ -232,16 +240,11 @@ def test_calibrated_reduction_keeps_the_top_k_by_logit_minus_the_distance_mean()
         sampled = sample_rows(t)
         logits = decoder.attention_logits(layer, hidden_in, keys, rope, sampled).amax(dim=0)
         final = decoder.attention_logits(layer, hidden_in, keys, rope, torch.tensor([t - 1]))[:, 0].amax(dim=0)
-    sums, counts = {}, {}
-    for a, r in enumerate(sampled.tolist()):
-        for j in range(r + 1):
-            b = int(distance_bin(positions[r] - positions[j]))
-            sums[b] = sums.get(b, 0.0) + float(logits[a, j])
-            counts[b] = counts.get(b, 0) + 1
-    want = torch.tensor([float(final[j]) - sums[b] / counts[b]
-                         for j, b in enumerate(distance_bin(positions[-1] - positions).tolist())])
+    bias, skipped = bias_by_pairs(logits, sampled, positions, int(positions[-1]))
+    assert skipped == 0  # one leaf: every causal pair is at a distance >= 0
+    want = final - bias
     first = next(r for r in done.trace if (r.level, r.index) == (0, 0))
-    torch.testing.assert_close(first.scores, want.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first.scores, want, atol=1e-4, rtol=1e-4)
     context = want[8:8 + hi - lo]
     budget = plan.budget(0, 0)
     assert first.kept.tolist() == rows[8 + context.topk(budget).indices].sort().values.tolist()

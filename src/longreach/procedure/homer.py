@@ -62,9 +62,8 @@ def distance_bias(logits: Tensor, rows: Tensor, positions: Tensor, leaves: Tenso
     bins = distance_bin(d[seen])
     wanted = distance_bin(final_position - positions)
     n = int(max(bins.max(), wanted.max())) + 1
-    sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, bins, logits[seen].double())
-    counts = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(
-        0, bins, torch.ones_like(bins, dtype=torch.float64))
+    sums = torch.bincount(bins, weights=logits[seen].double(), minlength=n)
+    counts = torch.bincount(bins, minlength=n)
     return (sums / counts.clamp(min=1))[wanted].to(logits.dtype)
 
 
