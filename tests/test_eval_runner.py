@@ -177,8 +177,11 @@ def test_report_table_and_html(tmp_path):
             "no difference observed (n = 4) |") in report.markdown
     assert "| dense | < 2048 |" in report.markdown and "| quest:density=0.1 | < 2048 |" in report.markdown  # 75% < 85%
     assert "| dense | ≥ 2048 |" in build_report(tmp_path, threshold=0.75).markdown
+    assert "| dense | 2048 | 2/2 | 1/2 |" in report.markdown  # by depth: seeds 0, 2 at depth 0; 1, 3 at depth 1
+    assert "| quest:density=0.1 | 2048 | 1/2, -50.0 [" in report.markdown
     page = report.html_path.read_text()
-    assert page.count("data:image/png;base64,") >= 2 and page.count("<table>") == 3  # scores, paired, effective length
+    assert page.count("data:image/png;base64,") >= 2 and page.count("<table>") == 4  # scores, paired, by depth,
+    # effective length
     assert (tmp_path / "plots").is_dir() and any((tmp_path / "plots").glob("*.png"))
 
 

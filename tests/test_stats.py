@@ -3,6 +3,7 @@ brute-force implementations, the report's verdict wording and RULER's effective 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from fractions import Fraction
@@ -10,7 +11,8 @@ from itertools import product
 
 import pytest
 
-from longreach.eval.report import Paired, markdown, verdict
+from longreach.errors import LongreachError
+from longreach.eval.report import Paired, build_report, markdown, verdict
 from longreach.eval.stats import (
     Z95,
     effective_length,
@@ -262,6 +264,60 @@ def test_pairing_needs_the_same_prompt():
     assert cells[("vslash", 1000)][2:] == ["3", f"{100 * diff:+.1f}", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]",
                                            "bootstrap", "–", "no difference observed (n = 3)"]
     assert "| dense | 1000 |" not in "\n".join(line for line in text.splitlines() if "Newcombe" in line)
+
+
+def depth_cells(text: str) -> dict[str, list[str]]:
+    """method -> the cells of its line in the (single) by-depth table."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("By depth"))
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([x.strip() for x in line.strip("|").split("|")])
+    return {c[0]: c for c in table[2:]}  # after the header and its rule
+
+
+def test_depth_table_pairs_each_depth_on_its_own_prompts():
+    # dense finds the needle at depth 0.5 only; the method at both depths but one prompt lost at 0.5
+    dense = rows_of("dense", 1000, [0] * 10) + rows_of("dense", 1000, [1] * 10, first_seed=10)
+    mine = rows_of("m", 1000, [1] * 10) + rows_of("m", 1000, [1] * 9 + [0], first_seed=10)
+    for r in dense[:10] + mine[:10]:
+        r["depth"] = 0.0
+    cells = depth_cells(markdown(dense + mine))
+    assert cells["dense"] == ["dense", "1000", "0/10", "10/10"]
+    # each depth's interval as Newcombe's method 10 gives it on that depth's table alone (independent of the
+    # overall one, which pools both depths: +45.0)
+    d0 = newcombe_paired(0, 10, 0, 0)
+    d5 = newcombe_paired(9, 0, 1, 0)
+    assert cells["m"] == ["m", "1000", f"10/10, {100 * d0[0]:+.1f} [{100 * d0[1]:+.1f}, {100 * d0[2]:+.1f}]",
+                          f"9/10, {100 * d5[0]:+.1f} [{100 * d5[1]:+.1f}, {100 * d5[2]:+.1f}]"]
+    assert cells["m"][2].startswith("10/10, +100.0 [+") and cells["m"][3].startswith("9/10, -10.0 [-")
+    assert paired_cells(markdown(dense + mine))[("m", 1000)][3] == "+45.0"
+    assert "By depth" not in markdown(rows_of("dense", 1000, [1] * 3) + rows_of("m", 1000, [1] * 3))  # one depth
+
+
+def test_another_baseline_pairs_and_names_it():
+    # past the trained length dense has no rows: pair with a position method instead
+    rows = rows_of("selfextend", 16384, [1] * 10) + rows_of("homer", 16384, [1] * 5 + [0] * 5)
+    assert paired_cells(markdown(rows))[("homer", 16384)][-1] == "no paired dense rows"
+    text = markdown(rows, baseline="selfextend")
+    cells = paired_cells(text)
+    diff, lo, hi = newcombe_paired(5, 0, 5, 0)  # both right on 5 prompts, only selfextend on 5
+    assert ("selfextend", 16384) not in cells
+    assert cells[("homer", 16384)][2:5] == ["10", f"{100 * diff:+.1f}", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"]
+    assert cells[("homer", 16384)][-1] == "worse"
+    assert "| method | length | n paired | method − selfextend |" in text and "speed vs selfextend" in text
+    assert verdict(Paired(50, 0.0, -0.01, 0.01, "bootstrap", None, None, 0, 0), "recall",
+                   baseline="yarn") == "within 5 points of yarn"
+
+
+def test_report_refuses_a_baseline_without_rows(tmp_path):
+    rows = rows_of("dense", 1000, [1, 0]) + rows_of("quest", 1000, [1, 1])
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LongreachError, match=r"baseline 'selfextend' has no rows .* its methods are: dense, quest"):
+        build_report(tmp_path, baseline="selfextend")
+    assert "| quest | 1000 | 2 |" in build_report(tmp_path, baseline="dense").markdown
 
 
 # ---- effective context length -----------------------------------------------------------------------------------

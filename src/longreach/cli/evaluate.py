@@ -122,12 +122,12 @@ class _SweepProgress:
         self.progress.__exit__(*exc)
 
 
-def _report(out: Path, quiet: bool, margin: float = 5.0, threshold: float = 0.85) -> None:
+def _report(out: Path, quiet: bool, margin: float = 5.0, threshold: float = 0.85, baseline: str = "dense") -> None:
     """Print the Markdown table of OUT (to stdout, pipeable) and name the HTML report next to it."""
     from longreach.eval import build_report
 
     with user_errors():
-        result = build_report(out, margin=margin, threshold=threshold)
+        result = build_report(out, margin=margin, threshold=threshold, baseline=baseline)
     for line in result.bad_lines:
         console.print(f"[yellow]warning:[/yellow] {out / 'results.jsonl'} {line}")
     print(result.markdown)
@@ -141,12 +141,15 @@ def report(
                                  "lower end is above -X"),
     threshold: float = typer.Option(0.85, help="effective context length: the longest length scoring at least "
                                     "this (and every shorter one too)"),
+    baseline: str = typer.Option("dense", help="the method every other is paired with, as written in the rows "
+                                 "(past a model's trained length, where dense fails, e.g. 'selfextend')"),
 ) -> None:
-    """Markdown tables of an eval folder (mean ± 95% CI, density, speed vs dense; the paired difference from
-    dense with its interval and verdict; effective context length) and OUT/report.html with plots."""
+    """Markdown tables of an eval folder (mean ± 95% CI, density, speed vs the baseline; the paired difference
+    from the baseline, dense unless told, with its interval and verdict, overall and at each depth; effective
+    context length) and OUT/report.html with plots."""
     if not (out / "results.jsonl").is_file():
         fail(f"{out} has no results.jsonl; run 'longreach eval --out {out}' first")
-    _report(out, quiet=False, margin=margin, threshold=threshold)
+    _report(out, quiet=False, margin=margin, threshold=threshold, baseline=baseline)
 
 
 def demo(

@@ -2,10 +2,11 @@
 
 Per task, method and length: the score (mean with a 95% confidence interval — Wilson for
 exact-match accuracy, Student t for recall and perplexity), attention density actually used,
-prefill time and its ratio to ``dense`` measured in the same sweep, decode time per token,
-KV-cache size and peak RSS. Then, per task, each method set against ``dense`` on the same prompts: the paired
-difference with its 95% interval (Newcombe's method 10 for right/wrong scores, a paired bootstrap otherwise),
-McNemar's exact p, and a verdict worded by the interval (:func:`verdict`). Last, each method's effective
+prefill time and its ratio to the baseline's (``dense`` unless told) measured in the same sweep, decode time
+per token, KV-cache size and peak RSS. Then, per task, each method set against the baseline on the same prompts:
+the paired difference with its 95% interval (Newcombe's method 10 for right/wrong scores, a paired bootstrap
+otherwise), McNemar's exact p, and a verdict worded by the interval (:func:`verdict`); where the rows sweep
+depths, the same difference at each depth (:func:`depth_table`). Last, each method's effective
 context length as RULER defines it (:func:`longreach.eval.stats.effective_length`). The statistics themselves
 live in :mod:`longreach.eval.stats`. ``report.html`` embeds PNG plots (matplotlib) so it opens offline.
 """
@@ -69,10 +70,10 @@ def group(rows: list[dict]) -> dict[tuple[str, str, int], ScoreCell]:
     return cells
 
 
-def ordered_methods(rows: list[dict]) -> list[str]:
+def ordered_methods(rows: list[dict], baseline: str = BASELINE) -> list[str]:
     """The baseline first, then methods in the order they first appear."""
     seen = list(dict.fromkeys(r["method"] for r in rows))
-    return sorted(seen, key=lambda m: (m != BASELINE, seen.index(m)))
+    return sorted(seen, key=lambda m: (m != baseline, seen.index(m)))
 
 
 def fmt_score(cell: ScoreCell) -> str:
@@ -87,9 +88,10 @@ def fmt_score(cell: ScoreCell) -> str:
 MIXED = "†"  # marks a ratio whose rows came from more than one machine, commit or thread count
 
 
-def speed_ratio(cells: dict, cell: ScoreCell) -> str:
-    """Dense prefill time over this cell's, flagged when the two sides' rows were not all measured alike."""
-    base = cells.get((cell.task, BASELINE, cell.length))
+def speed_ratio(cells: dict, cell: ScoreCell, baseline: str = BASELINE) -> str:
+    """The baseline's prefill time over this cell's, flagged when the two sides' rows were not all measured
+    alike."""
+    base = cells.get((cell.task, baseline, cell.length))
     t, t0 = cell.avg("prefill_s"), base.avg("prefill_s") if base else None
     if not (t and t0):
         return "–"
@@ -112,14 +114,16 @@ def provenance_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESHOLD) -> str:
-    """The report's text: per task a table of every cell, then the paired comparison with dense; last the
-    effective context lengths. ``margin`` (points) words the verdicts, ``threshold`` sets the effective length."""
+def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESHOLD,
+             baseline: str = BASELINE) -> str:
+    """The report's text: per task a table of every cell, then the paired comparison with ``baseline`` (dense
+    unless told) and, where the rows sweep depths, the scores by depth; last the effective context lengths.
+    ``margin`` (points) words the verdicts, ``threshold`` sets the effective length."""
     cells = group(rows)
-    methods = ordered_methods(rows)
+    methods = ordered_methods(rows, baseline)
     models = sorted({r["model"] for r in rows})
     out = [f"Model: {', '.join(models)} · {len(rows)} samples · score = mean (95% CI) · "
-           "speed = dense prefill time / method prefill time, same sweep", "", "Measured on:",
+           f"speed = {baseline} prefill time / method prefill time, same sweep", "", "Measured on:",
            *provenance_lines(rows)]
     if len({machine_key(r) for r in rows}) > 1:
         out += ["", f"{MIXED} this speed ratio divides times measured on different machines, commits or thread "
@@ -128,7 +132,7 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
         metric = next(c.metric for c in cells.values() if c.task == task)
         what = {"accuracy": "accuracy", "recall": "recall", "ppl": "perplexity (lower is better)"}[metric]
         out += ["", f"### {task} — {what}", "",
-                "| method | length | n | score | density | prefill s | speed vs dense | decode ms/tok | KV MiB "
+                f"| method | length | n | score | density | prefill s | speed vs {baseline} | decode ms/tok | KV MiB "
                 "| peak RSS MiB |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for method in methods:
@@ -142,10 +146,10 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
                 out.append(
                     f"| {method} | {length} | {len(cell.rows)} | {fmt_score(cell)} | "
                     f"{'–' if dens is None else f'{dens:.3f}'} | {cell.avg('prefill_s'):.2f} | "
-                    f"{speed_ratio(cells, cell)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
+                    f"{speed_ratio(cells, cell, baseline)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
                     f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
-        out += paired_table(cells, task, methods, margin)
-        out += position_table(cells, task, methods)
+        out += paired_table(cells, task, methods, margin, baseline)
+        out += depth_table(cells, task, methods, baseline)
     out += effective_table(cells, methods, threshold)
     return "\n".join(out)
 
@@ -161,8 +165,9 @@ def scored(row: dict) -> bool:
 
 @dataclass(frozen=True)
 class Paired:
-    """A method cell set against dense on the same prompts. ``diff``, ``lo`` and ``hi`` are method - dense, as a
-    proportion for accuracy and recall (shown in points) and in the metric's unit for perplexity."""
+    """A method cell set against the baseline (dense unless told) on the same prompts. ``diff``, ``lo`` and ``hi``
+    are method - baseline, as a proportion for accuracy and recall (shown in points) and in the metric's unit for
+    perplexity."""
 
     n: int
     diff: float
@@ -170,26 +175,25 @@ class Paired:
     hi: float
     interval: str  # how the interval was computed: "Newcombe 10", "bootstrap" or "" (no pairs)
     p: float | None  # McNemar's exact p (right/wrong scores only)
-    table: tuple[int, int, int, int] | None  # both right / only method / only dense / neither
+    table: tuple[int, int, int, int] | None  # both right / only method / only the baseline / neither
     sha_differs: int  # candidate pairs left out because the two rows' prompt_sha differ
-    unpaired: int  # method rows with no dense row on the same prompt
+    unpaired: int  # method rows with no baseline row on the same prompt
 
 
-def pair_with_dense(cells: dict, cell: ScoreCell) -> Paired:
-    """Pair each scored row of ``cell`` with dense's row on the same prompt (:data:`PROMPT_FIELDS` equal and, when
-    both rows record ``prompt_sha``, equal hashes), then compare the pairs."""
-    base = cells.get((cell.task, BASELINE, cell.length))
-    dense: dict[tuple, dict] = {}
-    for r in base.rows if base else []:
+def pair_rows(rows: list[dict], base_rows: list[dict], metric: str) -> Paired:
+    """Pair each scored row of ``rows`` with the baseline's row on the same prompt (:data:`PROMPT_FIELDS` equal
+    and, when both rows record ``prompt_sha``, equal hashes), then compare the pairs."""
+    base: dict[tuple, dict] = {}
+    for r in base_rows:
         if scored(r):
-            dense.setdefault(prompt_key(r), r)
+            base.setdefault(prompt_key(r), r)
     pairs, seen, differs, unpaired = [], set(), 0, 0
-    for r in cell.rows:
+    for r in rows:
         key = prompt_key(r)
         if not scored(r) or key in seen:  # a resumed run never duplicates a prompt; count each once anyway
             continue
         seen.add(key)
-        o = dense.get(key)
+        o = base.get(key)
         if o is None:
             unpaired += 1
         elif r.get("prompt_sha") and o.get("prompt_sha") and r["prompt_sha"] != o["prompt_sha"]:
@@ -199,7 +203,7 @@ def pair_with_dense(cells: dict, cell: ScoreCell) -> Paired:
     if not pairs:
         return Paired(0, math.nan, -math.inf, math.inf, "", None, None, differs, unpaired)
     x, y = [m for m, _ in pairs], [d for _, d in pairs]
-    if cell.metric == "accuracy" and all(s in (0.0, 1.0) for s in x + y):
+    if metric == "accuracy" and all(s in (0.0, 1.0) for s in x + y):
         a = sum(m == 1 and d == 1 for m, d in pairs)
         b = sum(m == 1 and d == 0 for m, d in pairs)
         c = sum(m == 0 and d == 1 for m, d in pairs)
@@ -210,18 +214,25 @@ def pair_with_dense(cells: dict, cell: ScoreCell) -> Paired:
                   differs, unpaired)
 
 
-def verdict(p: Paired, metric: str, margin: float = MARGIN) -> str:
+def pair_cells(cells: dict, cell: ScoreCell, baseline: str = BASELINE) -> Paired:
+    """``cell`` against the baseline's cell of the same task and length (:func:`pair_rows`)."""
+    base = cells.get((cell.task, baseline, cell.length))
+    return pair_rows(cell.rows, base.rows if base else [], cell.metric)
+
+
+def verdict(p: Paired, metric: str, margin: float = MARGIN, baseline: str = BASELINE) -> str:
     """What the paired interval supports, in words.
 
-    Scores in [0, 1] (accuracy, recall), with the interval [lo, hi] of method - dense in points:
+    Scores in [0, 1] (accuracy, recall), with the interval [lo, hi] of method - baseline in points:
     "better" when lo > 0; "worse" when hi < 0 ("worse, but within X points of dense" when also lo > -X);
-    else "within X points of dense" when lo > -X; else "no difference observed (n = …)". X = ``margin``.
+    else "within X points of dense" when lo > -X; else "no difference observed (n = …)". X = ``margin``; the
+    words name ``baseline`` where they say dense.
     Perplexity (lower is better; a margin in points does not apply): "better" when hi < 0, "worse" when lo > 0,
     else "no difference observed (n = …)". No pairs: "no paired dense rows". Each comparison is strict by more
     than :data:`EPS`, so float noise on a boundary never tips a verdict towards the claim.
     """
     if p.n == 0:
-        return "no paired dense rows"
+        return f"no paired {baseline} rows"
     lo, hi = p.lo, p.hi  # a bound within EPS of a boundary counts as on it (0.8 - 0.9 is -0.09999999999999998)
     if metric == "ppl":
         return "better" if hi < -EPS else "worse" if lo > EPS else f"no difference observed (n = {p.n})"
@@ -229,8 +240,8 @@ def verdict(p: Paired, metric: str, margin: float = MARGIN) -> str:
     if lo > EPS:
         return "better"
     if hi < -EPS:
-        return f"worse, but within {margin:g} points of dense" if within else "worse"
-    return f"within {margin:g} points of dense" if within else f"no difference observed (n = {p.n})"
+        return f"worse, but within {margin:g} points of {baseline}" if within else "worse"
+    return f"within {margin:g} points of {baseline}" if within else f"no difference observed (n = {p.n})"
 
 
 def fmt_diff(x: float, metric: str) -> str:
@@ -239,64 +250,93 @@ def fmt_diff(x: float, metric: str) -> str:
     return f"{round(x, 2) + 0.0:+.2f}" if metric == "ppl" else f"{round(100 * x, 1) + 0.0:+.1f}"
 
 
-def paired_table(cells: dict, task: str, methods: list[str], margin: float) -> list[str]:
-    """The paired comparison with dense for every non-dense cell of ``task``."""
-    keys = [(task, m, length) for m in methods if m != BASELINE
+def fmt_interval(p: Paired, metric: str) -> str:
+    return f"[{fmt_diff(p.lo, metric)}, {fmt_diff(p.hi, metric)}]" if math.isfinite(p.lo + p.hi) else "–"
+
+
+def paired_table(cells: dict, task: str, methods: list[str], margin: float, baseline: str = BASELINE) -> list[str]:
+    """The paired comparison with the baseline for every other cell of ``task``."""
+    keys = [(task, m, length) for m in methods if m != baseline
             for length in sorted({c.length for c in cells.values() if c.task == task}) if (task, m, length) in cells]
     if not keys:
         return []
     metric = cells[keys[0]].metric
     unit = "perplexity (lower is better)" if metric == "ppl" else "points"
     claim = ("" if metric == "ppl" else
-             f"; \"within {margin:g} points of dense\" only where the interval's lower end is above −{margin:g}")
-    out = ["", f"Paired with dense on the same prompts (task, length, depth, seed, chat and corpus equal, and the "
-           f"prompt hash where both rows record it): method − dense in {unit}, 95% CI by Newcombe's method 10 for "
-           f"right/wrong scores or a paired percentile bootstrap ({RESAMPLES} resamples, seed 0) otherwise; McNemar's "
-           f"exact p on the discordant pairs{claim}.", "",
-           "| method | length | n paired | method − dense | 95% CI | CI by | McNemar p | verdict |",
+             f"; \"within {margin:g} points of {baseline}\" only where the interval's lower end is above −{margin:g}")
+    out = ["", f"Paired with {baseline} on the same prompts (task, length, depth, seed, chat and corpus equal, and "
+           f"the prompt hash where both rows record it): method − {baseline} in {unit}, 95% CI by Newcombe's method "
+           f"10 for right/wrong scores or a paired percentile bootstrap ({RESAMPLES} resamples, seed 0) otherwise; "
+           f"McNemar's exact p on the discordant pairs{claim}.", "",
+           f"| method | length | n paired | method − {baseline} | 95% CI | CI by | McNemar p | verdict |",
            "|---|---|---|---|---|---|---|---|"]
     for key in keys:
         cell = cells[key]
-        p = pair_with_dense(cells, cell)
-        ci = f"[{fmt_diff(p.lo, metric)}, {fmt_diff(p.hi, metric)}]" if math.isfinite(p.lo + p.hi) else "–"
+        p = pair_cells(cells, cell, baseline)
         mcn = "–" if p.p is None else "< 0.001" if p.p < 0.001 else f"{p.p:.3f}"
-        notes = [verdict(p, metric, margin)]
+        notes = [verdict(p, metric, margin, baseline)]
         if p.sha_differs:
-            notes.append(f"{p.sha_differs} left out: prompt_sha differs from dense's")
+            notes.append(f"{p.sha_differs} left out: prompt_sha differs from {baseline}'s")
         if p.unpaired and p.n:
-            notes.append(f"{p.unpaired} without a dense row on the same prompt")
-        out.append(f"| {cell.method} | {cell.length} | {p.n} | {fmt_diff(p.diff, metric)} | {ci} | {p.interval or '–'} "
-                   f"| {mcn} | {'; '.join(notes)} |")
+            notes.append(f"{p.unpaired} without a {baseline} row on the same prompt")
+        out.append(f"| {cell.method} | {cell.length} | {p.n} | {fmt_diff(p.diff, metric)} | {fmt_interval(p, metric)} "
+                   f"| {p.interval or '–'} | {mcn} | {'; '.join(notes)} |")
     return out
 
 
-def position_table(cells: dict, task: str, methods: list[str]) -> list[str]:
-    """Tasks with documents (rows with ``gold_document``): the score at each position of the gold document, and
-    for rows answered after attention sorting, where the gold document ended and what sorting took."""
+def fmt_depth_cell(rows: list[dict], metric: str) -> str:
+    """Right/samples for right/wrong scores, else the mean score and n."""
+    got = [float(r["score"]) for r in rows if scored(r)]
+    if not got:
+        return "–"
+    if metric == "accuracy" and all(g in (0.0, 1.0) for g in got):
+        return f"{sum(got):g}/{len(got)}"
+    return f"{sum(got) / len(got):.2f} (n = {len(got)})"
+
+
+def depth_table(cells: dict, task: str, methods: list[str], baseline: str = BASELINE) -> list[str]:
+    """Where the needle (or the gold pair, or gold document) sits, for a task whose rows sweep more than one depth:
+    each method's score at each depth and, beside the baseline's, its paired difference there (lost in the
+    middle is read off this table). Tasks with documents also show where attention sorting left the gold
+    document, and the sorting passes' time."""
     mine = [c for c in cells.values() if c.task == task]
-    if not any("gold_document" in r for c in mine for r in c.rows):
+    depths = sorted({r["depth"] for c in mine for r in c.rows if isinstance(r.get("depth"), int | float)})
+    documents = any("gold_document" in r for c in mine for r in c.rows)
+    if len(depths) < 2 and not documents:
         return []
-    depths = sorted({r["depth"] for c in mine for r in c.rows if r.get("depth") is not None})
-    out = ["", "By the gold document's position (depth: 0 = first document, 1 = last): score summed / samples. "
-           "After attention sorting: where the gold document ended, on the same scale (mean), and the sorting "
-           "passes' time per sample (not in prefill s).", "",
-           "| method | length | " + " | ".join(f"depth {d:g}" for d in depths) + " | gold ends at | sort s |",
-           "|---" * (len(depths) + 4) + "|"]
+    metric = mine[0].metric
+    what = "the gold document's position" if documents else "depth"
+    out = ["", f"By {what} (0 = the start of the context, 1 = its end): score at each depth (right/samples); for "
+           f"each method beside {baseline}, its paired difference from {baseline} at that depth, "
+           + ("in the metric's unit" if metric == "ppl" else "in points") + ", with its 95% interval."
+           + (" After attention sorting: where the gold document ended, on the same scale (mean), and the sorting "
+              "passes' time per sample (not in prefill s)." if documents else ""), "",
+           "| method | length | " + " | ".join(f"depth {d:g}" for d in depths)
+           + (" | gold ends at | sort s |" if documents else " |"),
+           "|---" * (len(depths) + 2 + 2 * documents) + "|"]
     for method in methods:
         for length in sorted({c.length for c in mine}):
             cell = cells.get((task, method, length))
             if cell is None:
                 continue
+            base = cells.get((task, baseline, length))
             cols = []
             for d in depths:
-                got = [float(r["score"]) for r in cell.rows if r.get("depth") == d and scored(r)]
-                cols.append(f"{sum(got):g}/{len(got)}" if got else "–")
-            ends = [r["gold_document_sorted"] / max(1, r["documents"] - 1) for r in cell.rows
-                    if isinstance(r.get("gold_document_sorted"), int) and isinstance(r.get("documents"), int)]
-            sort_s = cell.avg("sort_s")
-            end = f"{sum(ends) / len(ends):.2f}" if ends else "–"
-            took = "–" if sort_s is None else f"{sort_s:.2f}"
-            out.append(f"| {method} | {length} | {' | '.join(cols)} | {end} | {took} |")
+                rows = [r for r in cell.rows if r.get("depth") == d]
+                text = fmt_depth_cell(rows, metric)
+                if method != baseline and base is not None and rows:
+                    p = pair_rows(rows, [r for r in base.rows if r.get("depth") == d], metric)
+                    if p.n:
+                        text += f", {fmt_diff(p.diff, metric)} {fmt_interval(p, metric)}"
+                cols.append(text)
+            line = f"| {method} | {length} | {' | '.join(cols)} |"
+            if documents:
+                ends = [r["gold_document_sorted"] / max(1, r["documents"] - 1) for r in cell.rows
+                        if isinstance(r.get("gold_document_sorted"), int) and isinstance(r.get("documents"), int)]
+                sort_s = cell.avg("sort_s")
+                line += f" {f'{sum(ends) / len(ends):.2f}' if ends else '–'} | " \
+                        f"{'–' if sort_s is None else f'{sort_s:.2f}'} |"
+            out.append(line)
     return out
 
 
@@ -354,19 +394,25 @@ class Report:
     bad_lines: list[BadLine]
 
 
-def build_report(out: Path, margin: float = MARGIN, threshold: float = THRESHOLD) -> Report:
+def build_report(out: Path, margin: float = MARGIN, threshold: float = THRESHOLD,
+                 baseline: str = BASELINE) -> Report:
     """Read ``out/results.jsonl``, write ``out/report.html`` (and ``out/plots/``), return the Markdown. ``margin``:
     the points a "within X points of dense" verdict allows; ``threshold``: the score the effective context
-    length keeps."""
+    length keeps; ``baseline``: the method every other is paired with (dense by default; past a model's trained
+    length, where dense has no rows, a position method such as ``selfextend``)."""
     rows, bad = read_rows(out / "results.jsonl")
     if not rows:
         raise LongreachError(f"{out / 'results.jsonl'} holds no usable rows"
                              + (f" ({len(bad)} unreadable lines)" if bad else ""))
-    text = markdown(rows, margin=margin, threshold=threshold)
+    methods = ordered_methods(rows, baseline)
+    if baseline != BASELINE and baseline not in methods:
+        raise LongreachError(f"baseline {baseline!r} has no rows in {out / 'results.jsonl'}; its methods are: "
+                             + ", ".join(methods))
+    text = markdown(rows, margin=margin, threshold=threshold, baseline=baseline)
     from .plots import figures
 
     path = out / "report.html"
-    figs = figures(rows, ordered_methods(rows))
+    figs = figures(rows, methods)
     save_pngs(figs, out / "plots")
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(render_html(text, figs, bad))

@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import InputError, LongreachError
 from ..spec import parse_spec
 from .corpus import Corpus
-from .report import BASELINE, ScoreCell, pair_with_dense
+from .report import pair_rows
 from .results import read_rows, row_key
 from .runner import make_sweep, parse_lengths, pending, record_sweep, run_local
 from .tasks import parse_tasks
@@ -244,9 +244,7 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
         mine = [r for r in rows if r["method"] == spec and r["task"] == task]
         base = [r for r in rows if r["method"] == baseline and r["task"] == task]
         metric = (mine or base or [{}])[0].get("metric", "accuracy")
-        length = (mine or base)[0]["length"]
-        cells = {(task, BASELINE, length): ScoreCell(task, metric, BASELINE, length, base)}
-        p = pair_with_dense(cells, ScoreCell(task, metric, spec, length, mine))
+        p = pair_rows(mine, base, metric)
         why = judge(p, rule, final)
         if why:
             reasons.append(f"{task}: {why}")
