@@ -300,3 +300,41 @@ def tiny_model_from(folder):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_models_check_writes_the_matrix_it_prints(tmp_path):
+    """The command, as a user runs it on a subset: its page is the library's matrix for the same cells."""
+    from longreach.conformance import markdown, run_matrix
+
+    out = tmp_path / "models.md"
+    result = runner.invoke(app, ["models", "check", "--families", "llama,gemma2", "--methods", "dense,quest,homer",
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "5 ✓, 1 refused, 0 ✗ over 6 cells" in result.output
+    page = out.read_text()
+    assert page.rstrip("\n") == markdown(run_matrix(["llama", "gemma2"], ["dense", "quest", "homer"])).rstrip("\n")
+    assert "| `homer` | ✓ | refused [1](#r1) |" in page and "use a position method instead" in page
+    bad = runner.invoke(app, ["models", "check", "--families", "llama,nosuch", "--quiet"])
+    assert bad.exit_code != 0 and "unknown families nosuch" in bad.output
+
+
+def test_heads_posdim_writes_the_library_dims(tiny_lm_folder, tmp_path):
+    from longreach import load_model
+    from longreach.eval import Corpus
+    from longreach.heads.posdim import find_position_dims
+    from longreach.position.posdim import PositionDims
+
+    out = tmp_path / "dims.json"
+    result = runner.invoke(app, ["heads", "posdim", "--model", str(tiny_lm_folder), "--length", "200", "--corpus",
+                                 "synthetic", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = PositionDims.load(out)
+    lm, tok = load_model(str(tiny_lm_folder))
+    want = find_position_dims(lm, tok, "".join(Corpus.synthetic().passage(0, 400)), 200, 4)
+    assert saved.layers == want.layers == 2 and saved.head_dim == want.head_dim
+    import torch
+
+    assert torch.allclose(torch.tensor(saved.scores), torch.tensor(want.scores), atol=1e-4)  # saved to 4 decimals
+    assert f"layer  0: dim {saved.best(0)[0]} " in result.output
+    assert runner.invoke(app, ["heads", "posdim", "--model", str(tiny_lm_folder), "--out", str(tmp_path)]
+                         ).exit_code != 0  # a folder as --out is refused

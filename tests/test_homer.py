@@ -15,6 +15,7 @@ from longreach.cache.growing import growing_cache
 from longreach.compat import output_cache
 from longreach.errors import InputError, SpecError, UnsupportedModelError
 from longreach.kernels.gather import CHUNK_BYTES
+from longreach.models import tiny_family
 from longreach.plan import plan_memory
 from longreach.procedure import Homer
 
@@ -22,6 +23,14 @@ from longreach.procedure import Homer
 # merge levels; 4 layers, warmup 1: leaves run layers 0-1, level 1 layer 2, the root layer 3
 MULTI = Homer(chunk=64, prefix=8, suffix=8, warmup=1)
 N = 200
+
+
+def family_model(arch: str, **overrides):
+    """The test suite's tiny Llama / Qwen2 / Mistral, or the conformance matrix's tiny model of another family
+    homer drives (Qwen3 with its per-head query norm, the MoE families)."""
+    if arch in ("llama", "qwen2", "mistral"):
+        return tiny_model(arch, **overrides)
+    return tiny_family(arch, **overrides)
 
 
 def prefill(model, ids, method=MULTI):
@@ -38,11 +47,11 @@ def greedy_dense(model, ids, steps):
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "mixtral", "qwen3", "qwen3-moe"])
 def test_one_chunk_is_the_dense_model(arch):
     """A prompt that fits one chunk is never merged or pruned: next-token logits and the greedy continuation equal
     the plain model's (fp32)."""
-    model = tiny_model(arch)
+    model = family_model(arch)
     ids = torch.randint(1, 128, (1, 48))
     with torch.no_grad():
         dense = model(input_ids=ids).logits[0, -1]
@@ -54,11 +63,11 @@ def test_one_chunk_is_the_dense_model(arch):
         assert run.tokens == greedy_dense(model, ids, 8)
 
 
-@pytest.mark.parametrize(("arch", "final"), [("llama", 1), ("llama", 3), ("qwen2", 1)])
+@pytest.mark.parametrize(("arch", "final"), [("llama", 1), ("llama", 3), ("qwen2", 1), ("qwen3", 1), ("mixtral", 1)])
 def test_reduction_keeps_the_top_k_by_final_token_attention(arch, final):
     """Leaf 0's reduction keeps exactly the context tokens with the highest attention from the chunk's final
     token(s) (max over heads, mean over the final rows), from the eager model's own attention probabilities."""
-    model = tiny_model(arch, num_hidden_layers=4)
+    model = family_model(arch, num_hidden_layers=4)
     model.set_attn_implementation("eager")
     ids = torch.randint(1, 128, (1, N))
     method = Homer(chunk=64, prefix=8, suffix=8, warmup=1, final=final)
@@ -82,12 +91,14 @@ def test_reduction_keeps_the_top_k_by_final_token_attention(arch, final):
     assert len(first.kept) == budget == 24
 
 
-def test_attention_logits_of_any_rows_give_the_eager_probabilities():
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3-moe"])
+def test_attention_logits_of_any_rows_give_the_eager_probabilities(arch):
     """The logits the calibration ranks by, for rows anywhere in a chunk, softmax to the eager model's own
-    attention probabilities of those rows (a wrong scale, rotation, row or mask would change them)."""
+    attention probabilities of those rows (a wrong scale, rotation, row, mask or, on Qwen3, a missing query norm
+    would change them)."""
     from longreach.procedure.decoder import Decoder
 
-    model = tiny_model("llama", num_hidden_layers=3)
+    model = family_model(arch, num_hidden_layers=3)
     model.set_attn_implementation("eager")
     ids = torch.randint(1, 128, (1, 40))
     rows = torch.tensor([0, 7, 20, 39])
@@ -252,13 +263,13 @@ def test_calibrated_reduction_keeps_the_top_k_by_logit_minus_the_distance_mean()
                                        ).kept.tolist(), "calibration changed nothing: the test would not see it"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_merged_cache_positions_and_rows_in_every_layer(arch):
     """Positions stay inside the chunk (so inside the trained window); the cache has the planned length in every
     layer; and each layer's rows are the same kept tokens (propagative refinement): in the layers the leaves run,
     every cached row equals that token's row in a dense run of its leaf chunk (the shared suffix rows: the mean
     over leaves, as merging averages them)."""
-    model = tiny_model(arch, num_hidden_layers=4)
+    model = family_model(arch, num_hidden_layers=4)
     ids = torch.randint(1, 128, (1, N))
     plan = MULTI.schedule(model, N)
     with torch.no_grad():
@@ -352,7 +363,8 @@ def test_specs_and_refusals():
         Homer(calibrate=2)
     with pytest.raises(SpecError, match="use a rope scaling"):  # refused when parsed: before any sweep runs
         longreach.parse_spec("selfextend+homer")
-    with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe .* use a position method"):
         longreach.apply(tiny_model("gemma3"), "homer")
     model = tiny_model("llama")  # 2 layers, warmup 1: one layer to merge in, not enough for two merge levels
     with pytest.raises(InputError, match="merge levels"):

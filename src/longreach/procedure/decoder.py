@@ -4,7 +4,8 @@ HOMER runs chunks through different layer ranges and prunes rows between layers,
 can express; so it calls the model's own modules (embeddings, each decoder layer with its rotary embeddings and a
 causal mask, the final norm, the LM head) in its own order. That is only as exact as our knowledge of the
 family's layer contract, so it is limited to the families whose decoder layer we have checked:
-``transformers``' Llama, Mistral and Qwen2 (every layer full attention). Nothing here imports transformers: the
+``transformers``' Llama, Mistral, Mixtral, Qwen2, Qwen3 and Qwen3-MoE (every layer full attention; Qwen3's
+per-head query norm is applied where queries are recomputed). Nothing here imports transformers: the
 model object is read by its attributes.
 """
 
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from ..compat import cache_kwargs
 from ..errors import UnsupportedModelError
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
+# what to use instead: the position methods reach past the trained window on every RoPE family
+ALTERNATIVE = "for prompts past the trained window use a position method instead (selfextend or yarn)"
 # attention implementations that read ``attention_mask=None`` as causal (eager gets an explicit additive mask)
 CAUSAL_WITHOUT_MASK = ("sdpa", "longreach", "flash_attention_2", "flash_attention_3")
 
@@ -29,20 +32,23 @@ def unsupported(model: nn.Module) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED:
         return (f"{type(model).__name__} ({kind}) is not a family whose decoder layers it drives; supported: "
-                f"{', '.join(SUPPORTED)} (Llama-like layers: pre-norm attention + MLP, RoPE, no softcap or sinks)")
+                f"{', '.join(SUPPORTED)} (Llama-like layers: pre-norm attention + MLP, RoPE, no softcap or sinks); "
+                f"{ALTERNATIVE}")
     base = model.get_decoder()
     missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, a)]
     if missing or model.get_output_embeddings() is None:
-        return f"{type(model).__name__} has no {', '.join(missing) or 'output embeddings'} where {kind} models do"
+        return (f"{type(model).__name__} has no {', '.join(missing) or 'output embeddings'} where {kind} models do; "
+                f"{ALTERNATIVE}")
     types = getattr(config, "layer_types", None) or []
     window = [getattr(layer.self_attn, "sliding_window", getattr(config, "sliding_window", None))
               for layer in base.layers]
     if any(t != "full_attention" for t in types) or any(window):
         return (f"{type(model).__name__} has sliding-window layers; chunks are merged across the whole context, "
-                "which a window would cut (every layer must be full attention)")
+                f"which a window would cut (every layer must be full attention); {ALTERNATIVE}")
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
     if impl != "eager" and impl not in CAUSAL_WITHOUT_MASK:
-        return f"attention implementation '{impl}' is not one of eager, {', '.join(CAUSAL_WITHOUT_MASK)}"
+        return (f"attention implementation '{impl}' is not one of eager, {', '.join(CAUSAL_WITHOUT_MASK)}; load the "
+                "model with attn_implementation='sdpa' or 'eager'")
     return None
 
 
@@ -109,10 +115,12 @@ class Decoder:
 
     def queries(self, i: int, hidden_in: Tensor, rope: tuple[Tensor, Tensor], rows: Tensor) -> Tensor:
         """Layer ``i``'s rotated queries of ``rows`` (R,), (1, Hq, R, D): recomputed from the layer's input the way
-        the layer computes them (pre-norm, q projection, RoPE)."""
+        the layer computes them (pre-norm, q projection, Qwen3's per-head query norm, RoPE)."""
         attn = self.base.layers[i].self_attn
         x = self.base.layers[i].input_layernorm(hidden_in[:, rows])
-        q = attn.q_proj(x).view(1, rows.numel(), -1, attn.head_dim).transpose(1, 2)  # (1, Hq, R, D)
+        q = attn.q_proj(x).view(1, rows.numel(), -1, attn.head_dim)  # (1, R, Hq, D)
+        norm = getattr(attn, "q_norm", None)  # Qwen3: RMSNorm over each head's dims, before RoPE
+        q = (q if norm is None else norm(q)).transpose(1, 2)  # (1, Hq, R, D)
         cos, sin = (r[:, rows].unsqueeze(1) for r in rope)  # (1, 1, R, D)
         half = q.shape[-1] // 2
         rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
