@@ -15,6 +15,8 @@ from longreach import InputError
 from longreach.analysis import (
     LogisticDetector,
     attention_rollout,
+    auroc,
+    cross_validate,
     fit_detector,
     lookback_ratio,
     lookback_ratios,
@@ -23,6 +25,7 @@ from longreach.analysis import (
     rollout,
     span_features,
     split_indices,
+    stratified_folds,
 )
 from longreach.cli import app
 
@@ -206,6 +209,49 @@ def test_logistic_fit_is_the_penalised_optimum_and_saves_exactly(tmp_path):
         det.probability(torch.zeros(5))
 
 
+def test_auroc_is_the_share_of_positive_negative_pairs_ranked_right():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 6, (40,), generator=gen).double()  # many ties
+    labels = (torch.rand(40, generator=gen) < 0.3).long()
+    wins = 0.0
+    for sp, lp in zip(scores.tolist(), labels.tolist(), strict=True):  # every (positive, negative) pair by hand
+        for sn, ln in zip(scores.tolist(), labels.tolist(), strict=True):
+            if lp == 1 and ln == 0:
+                wins += 1.0 if sp > sn else 0.5 if sp == sn else 0.0
+    pairs = int(labels.sum()) * int((1 - labels).sum())
+    assert auroc(scores, labels) == pytest.approx(wins / pairs)
+    assert auroc([0.1, 0.9, 0.8], [0, 1, 1]) == 1.0 and auroc([0.9, 0.1], [0, 1]) == 0.0
+    assert math.isnan(auroc([0.2, 0.3], [1, 1]))
+
+
+def test_folds_are_deterministic_disjoint_covering_and_stratified():
+    labels = torch.tensor([0] * 33 + [1] * 7)
+    folds = stratified_folds(labels, 5, seed=4)
+    assert [f.tolist() for f in folds] == [f.tolist() for f in stratified_folds(labels, 5, seed=4)]
+    assert sorted(i for f in folds for i in f.tolist()) == list(range(40))
+    assert sorted(int(labels[f].sum()) for f in folds) == [1, 1, 1, 2, 2]  # 7 positives dealt over 5 folds
+    assert all(6 <= int((labels[f] == 0).sum()) <= 7 for f in folds)
+    with pytest.raises(InputError, match="at least 2 folds"):
+        stratified_folds(labels, 1)
+
+
+def test_cross_validation_scores_each_row_by_a_detector_that_never_saw_it():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(120, 5, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    cv = cross_validate(x, y, folds=4, seed=1, l2=1.0)
+    for test in stratified_folds(y, 4, seed=1):  # the oracle: refit without the fold, score the fold
+        keep = torch.tensor([i not in set(test.tolist()) for i in range(120)])
+        want = LogisticDetector.fit(x[keep], y[keep], 1.0).probability(x[test])
+        assert torch.allclose(torch.tensor(cv.probabilities, dtype=torch.float64)[test], want, atol=1e-12)
+    assert cv.rows == 120 and cv.accuracy >= 0.9 and cv.auroc >= 0.97
+    assert cv.accuracy == sum((p >= 0.5) == bool(t) for p, t in zip(cv.probabilities, y.tolist(), strict=True)) / 120
+    shuffled = cross_validate(x, y[torch.randperm(120, generator=gen)], folds=4, seed=1)
+    assert abs(shuffled.auroc - 0.5) < 0.15  # no signal left: chance, not memorisation
+    with pytest.raises(InputError, match="at least 4 rows of each label"):
+        cross_validate(x[:10], torch.tensor([1] * 3 + [0] * 7), folds=4)
+
+
 def test_fit_detector_refuses_a_single_label():
     with pytest.raises(InputError, match="need both labels"):
         fit_detector(torch.randn(10, 3), torch.ones(10))
@@ -284,6 +330,13 @@ def test_cli_lookback_fit_reports_the_held_back_accuracy_of_the_saved_detector(t
     _, test = split_indices(y, 0.25, 0)
     assert report["held_back_accuracy"] == det.accuracy(x[test], y[test]) >= 0.95
     assert report["n_held_back"] == len(test) == 50
+    assert report["held_back_auroc"] == auroc(det.probability(x[test]), y[test])
+    cv = report["cross_validation"]  # 5 folds by default, over all 200 rows
+    assert cv["folds"] == 5 and cv["rows"] == 200 and cv["right"] >= 190 and cv["auroc"] >= 0.99
+    assert "5-fold cross-validation" in result.output
+    skipped = CliRunner().invoke(app, ["lookback", "fit", str(data), "--folds", "0", "--out", str(tmp_path / "d.json")])
+    assert skipped.exit_code == 0
+    assert LogisticDetector.load(tmp_path / "d.json").meta["report"]["cross_validation"] is None
 
 
 def test_cli_lookback_dataset_labels_answers_by_the_task_scorer(tiny_lm_folder, tmp_path):

@@ -1,7 +1,11 @@
-"""A small L2-regularised logistic regression and a deterministic stratified split, in torch (no sklearn).
+"""A small L2-regularised logistic regression, a deterministic stratified split and stratified k-fold
+cross-validation, in torch (no sklearn).
 
 The Lookback Lens detector is a linear probe on a few hundred features (layers × heads); Newton's method on
-that size is exact and converges in a handful of steps, so there is nothing to tune but the penalty.
+that size is exact and converges in a handful of steps, so there is nothing to tune but the penalty. Labelled
+answers are few and expensive, so besides one held-back split the fit reports k-fold cross-validation, where
+every row is scored once by a detector that never saw it, and the AUROC (the paper's metric), which does not
+depend on a threshold or on the class balance.
 """
 
 from __future__ import annotations
@@ -34,6 +38,33 @@ def split_indices(labels: Tensor | list[int], held_back: float = 0.25, seed: int
         test.append(rows[:n_test])
         train.append(rows[n_test:])
     return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def stratified_folds(labels: Tensor | list[int], k: int = 5, seed: int = 0) -> list[Tensor]:
+    """``k`` disjoint folds covering every row: per class, a seeded shuffle dealt round-robin, so each fold keeps
+    the class balance (folds differ in size by at most one row per class)."""
+    y = torch.as_tensor(labels).long().flatten()
+    if k < 2:
+        raise InputError(f"cross-validation needs at least 2 folds, got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for cls in sorted(set(y.tolist())):
+        rows = torch.nonzero(y == cls).flatten()
+        for i, row in enumerate(rows[torch.randperm(len(rows), generator=gen)].tolist()):
+            folds[i % k].append(row)
+    return [torch.tensor(sorted(f), dtype=torch.long) for f in folds]
+
+
+def auroc(scores: Tensor | list[float], labels: Tensor | list[int]) -> float:
+    """The probability that a random positive row scores above a random negative one (ties count half): the
+    Mann-Whitney form of the area under the ROC curve. NaN when a class is missing."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels).long().flatten()
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
 @dataclass
@@ -115,6 +146,40 @@ class LogisticDetector:
 
 
 @dataclass
+class CrossValidation:
+    """Stratified k-fold: every row scored once by the detector fitted on the other folds."""
+
+    folds: int
+    right: int  # out-of-fold predictions (P >= 0.5) that matched the label, of every row
+    rows: int
+    auroc: float  # of the pooled out-of-fold probabilities
+    majority_accuracy: float  # each fold answered with its training rows' majority class
+    probabilities: list[float]  # out-of-fold P(label = 1), row by row
+
+    @property
+    def accuracy(self) -> float:
+        return self.right / self.rows
+
+
+def cross_validate(x: Tensor, y: Tensor, folds: int = 5, seed: int = 0, l2: float = 1.0) -> CrossValidation:
+    """Fit on k - 1 folds, score the k-th, for each fold in turn (:func:`stratified_folds`)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y).long().flatten()
+    if min(int(y.sum()), int((1 - y).sum())) < folds:
+        raise InputError(f"{folds}-fold cross-validation needs at least {folds} rows of each label, got "
+                         f"{int((1 - y).sum())} of label 0 and {int(y.sum())} of label 1; lower --folds or build "
+                         "more labelled rows")
+    prob = torch.empty(len(y), dtype=torch.float64)
+    majority_right = 0
+    for test in stratified_folds(y, folds, seed):
+        train = torch.ones(len(y), dtype=torch.bool)
+        train[test] = False
+        prob[test] = LogisticDetector.fit(x[train], y[train], l2).probability(x[test])
+        majority_right += int((y[test] == int(y[train].double().mean() >= 0.5)).sum())
+    right = int(((prob >= 0.5).long() == y).sum())
+    return CrossValidation(folds, right, len(y), auroc(prob, y), majority_right / len(y), prob.tolist())
+
+
+@dataclass
 class FitReport:
     """How the detector did on rows it never saw, beside the trivial baseline it must beat."""
 
@@ -125,20 +190,24 @@ class FitReport:
     train_accuracy: float
     held_back_accuracy: float
     majority_accuracy: float  # held-back accuracy of always answering the training rows' majority class
+    held_back_auroc: float = float("nan")  # NaN when the held-back rows hold one label only
+    cross_validation: CrossValidation | None = None  # over every row, when asked for
 
 
-def fit_detector(x: Tensor, y: Tensor, held_back: float = 0.25, seed: int = 0, l2: float = 1.0
+def fit_detector(x: Tensor, y: Tensor, held_back: float = 0.25, seed: int = 0, l2: float = 1.0, folds: int = 0
                  ) -> tuple[LogisticDetector, FitReport]:
-    """Split (stratified, seeded), fit on the training part, score on the held-back part."""
+    """Split (stratified, seeded), fit on the training part, score on the held-back part; with ``folds`` >= 2,
+    also cross-validate over every row (the saved detector is still the one fitted on the training part)."""
     x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y).long().flatten()
     train, test = split_indices(y, held_back, seed)
     if len(test) == 0 or len(set(y[train].tolist())) < 2:
         raise InputError(f"{len(y)} rows with labels {sorted(set(y.tolist()))}: need both labels, and at least "
                          "two rows of each, to fit a detector and hold rows back; build more labelled rows")
+    cv = cross_validate(x, y, folds, seed, l2) if folds else None
     det = LogisticDetector.fit(x[train], y[train], l2)
     majority = int(y[train].double().mean() >= 0.5)
     report = FitReport(len(train), len(test), int(y[train].sum()), int(y[test].sum()),
                        det.accuracy(x[train], y[train]), det.accuracy(x[test], y[test]),
-                       float((y[test] == majority).double().mean()))
+                       float((y[test] == majority).double().mean()), auroc(det.probability(x[test]), y[test]), cv)
     det.meta["report"] = asdict(report)
     return det, report

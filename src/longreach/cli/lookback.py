@@ -121,13 +121,17 @@ def fit(
     held_back: float = typer.Option(0.25, min=0.01, max=0.99, help="fraction of each label kept out of training"),
     seed: int = typer.Option(0, help="seed of the split"),
     l2: float = typer.Option(1.0, min=0.0, help="L2 penalty on the standardised weights"),
+    folds: int = typer.Option(5, min=0, help="also cross-validate over every row with this many stratified folds "
+                              "(0: skip; each label needs at least this many rows)"),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     out: Path = typer.Option(Path("detector.json"), help="where to save the detector (weights, scaling, report)"),
 ) -> None:
-    """Fit the logistic-regression detector (label 1 = wrong answer) and report its held-back accuracy."""
+    """Fit the logistic-regression detector (label 1 = wrong answer) and report its held-back accuracy and AUROC,
+    and the k-fold cross-validated ones over every row, each beside the majority-class baseline."""
     import torch
 
     from longreach.analysis import fit_detector
+    from longreach.eval.stats import wilson
 
     with user_errors():
         rows = read_rows(data)
@@ -137,20 +141,34 @@ def fit(
         if len({len(f) for f in features}) != 1:
             raise LongreachError(f"{data}: rows have features of different lengths; use rows from one model")
         x, y = torch.tensor(features, dtype=torch.float64), torch.tensor([int(r["label"]) for r in rows])
-        det, report = fit_detector(x, y, held_back, seed, l2)
+        if folds == 1:
+            raise LongreachError("--folds is 0 (no cross-validation) or at least 2")
+        det, report = fit_detector(x, y, held_back, seed, l2, folds)
     det.meta.update({"data": str(data), "features": x.shape[1], "held_back": held_back, "seed": seed, "l2": l2,
+                     "folds": folds,
                      "label": "1 = wrong answer (the task scorer's proxy for a contextual hallucination)",
                      "model": model or rows[0].get("model"), "layers": rows[0].get("layers"),
                      "heads": rows[0].get("heads"), "provenance": provenance()})
     det.save(out)
     table = Table(title=f"lookback detector on {len(rows)} rows, {x.shape[1]} features")
     for col in ("rows train / held back", "wrong train / held back", "train acc", "held-back acc",
-                "majority-class acc"):
+                "majority-class acc", "held-back AUROC"):
         table.add_column(col)
     table.add_row(f"{report.n_train} / {report.n_held_back}",
                   f"{report.positives_train} / {report.positives_held_back}", f"{report.train_accuracy:.3f}",
-                  f"{report.held_back_accuracy:.3f}", f"{report.majority_accuracy:.3f}")
+                  f"{report.held_back_accuracy:.3f}", f"{report.majority_accuracy:.3f}",
+                  f"{report.held_back_auroc:.3f}")
     console.print(table)
+    cv = report.cross_validation
+    if cv is not None:
+        lo, hi = wilson(cv.right, cv.rows)
+        folds_table = Table(title=f"{cv.folds}-fold cross-validation (stratified, seed {seed}): every row scored "
+                                  "once by a detector that never saw it")
+        for col in ("rows", "accuracy (Wilson 95%)", "majority-class acc", "AUROC (0.5 = chance)"):
+            folds_table.add_column(col)
+        folds_table.add_row(str(cv.rows), f"{cv.accuracy:.3f} ({lo:.3f}–{hi:.3f})", f"{cv.majority_accuracy:.3f}",
+                            f"{cv.auroc:.3f}")
+        console.print(folds_table)
     console.print(f"wrote {out}")
 
 
