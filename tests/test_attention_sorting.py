@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import longreach
 from longreach import Documents, InputError
 from longreach.cli import app
-from longreach.eval import make_sweep, parse_task
+from longreach.eval import Corpus, make_sweep, parse_task
 from longreach.eval.runner import SORT_LABEL
 from longreach.sorting import document_attention, token_spans
 
@@ -168,6 +168,30 @@ def test_kvret_documents_rebuild_the_prompt_and_the_gold_document_follows_depth(
     assert parse_task("kvret").build(smol_tokenizer, None, 512, 0.5, 0, chat).documents is None
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_niah_documents_rebuild_the_prompt_and_the_gold_document_follows_depth(smol_tokenizer, chat):
+    task = parse_task("niah:docs=5")
+    prose = Corpus.synthetic()
+    assert task.has_documents and not parse_task("niah").has_documents
+    for depth in (0.0, 0.25, 0.5, 1.0):
+        sample = task.build(smol_tokenizer, prose, 1024, depth, 3, chat)
+        d = sample.documents
+        assert d.prefix + "\n\n".join(d.documents) + d.question == sample.prompt
+        assert abs(sample.tokens - 1024) <= 10 and len(d.documents) == 5 == sample.meta["documents"]
+        gold = sample.meta["gold_document"]
+        assert gold == round(depth * 4)
+        needle = f"One of the special magic numbers for {sample.meta['keys'][0]} is: {sample.gold[0]}."
+        assert [needle in doc for doc in d.documents] == [i == gold for i in range(5)]
+        assert sample.prompt.count(sample.gold[0]) == 1
+        words = [len(doc.split()) for doc in d.documents]  # equal shares, cut at sentence ends
+        assert max(words) - min(words) <= 0.25 * sum(words) / 5 + len(needle.split())
+        assert all(doc.rstrip().endswith(".") for doc in d.documents[:-1])  # cut after a sentence
+    with pytest.raises(longreach.SpecError, match="docs is 0"):
+        parse_task("niah:docs=1")
+    with pytest.raises(longreach.SpecError, match="variant=single"):
+        parse_task("niah:docs=4,variant=multikey")
+
+
 def test_sweep_refuses_sorting_tasks_without_documents():
     with pytest.raises(InputError, match="passkey"):
         make_sweep("m", "kvret:docs=1,passkey", "dense", "512", corpus="synthetic", sort_rounds=1)
@@ -177,9 +201,10 @@ def test_sweep_refuses_sorting_tasks_without_documents():
         parse_task("kvret:docs=-1")
 
 
-def test_cli_eval_sort_documents_records_rounds_and_where_the_gold_document_went(tiny_lm_folder, tmp_path):
+@pytest.mark.parametrize("spec", ["kvret:docs=1", "niah:docs=4"])
+def test_cli_eval_sort_documents_records_rounds_and_where_the_gold_document_went(tiny_lm_folder, tmp_path, spec):
     out = tmp_path / "run"
-    base = ["eval", "--model", str(tiny_lm_folder), "--tasks", "kvret:docs=1", "--lengths", "512", "--methods",
+    base = ["eval", "--model", str(tiny_lm_folder), "--tasks", spec, "--lengths", "512", "--methods",
             "dense", "--samples", "2", "--depths", "0,1", "--corpus", "synthetic", "--out", str(out), "--quiet"]
     cli = CliRunner()
     for extra in ([], ["--sort-documents", "1"], ["--sort-documents", "0"]):
@@ -190,9 +215,9 @@ def test_cli_eval_sort_documents_records_rounds_and_where_the_gold_document_went
     assert len(rows) == 6 and {m for m, _ in by} == {"dense", f"dense{SORT_LABEL}1", f"dense{SORT_LABEL}0"}
 
     model, tok = longreach.load_model(str(tiny_lm_folder))
-    task = parse_task("kvret:docs=1")
+    task = parse_task(spec)
     for seed, depth in enumerate((0.0, 1.0)):
-        sample = task.build(tok, None, 512, depth, seed, True)
+        sample = task.build(tok, Corpus.synthetic(), 512, depth, seed, True)
         d, n = sample.documents, len(sample.documents.documents)
         plain, zero, one = by[("dense", depth)], by[(f"dense{SORT_LABEL}0", depth)], by[(f"dense{SORT_LABEL}1", depth)]
         assert plain["gold_document"] == zero["gold_document"] == one["gold_document"] == round(depth * (n - 1))

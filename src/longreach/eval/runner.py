@@ -145,7 +145,7 @@ def make_sweep(model: str, tasks: str, methods: str, lengths: str, *, depths: st
         plain = [t.spec() for t in parsed if not t.has_documents]
         if plain:
             raise InputError(f"--sort-documents reorders a prompt's documents, and {', '.join(plain)} has none: "
-                             "use a task with documents, e.g. kvret:docs=1")
+                             "use a task with documents, e.g. niah:docs=8 or kvret:docs=1")
     procedures = [m for m in method_specs if parse_spec(m).of_kind("procedure")]
     scored = [t.spec() for t in parsed if t.metric == "ppl"]
     if procedures and scored:

@@ -19,7 +19,9 @@ from ...configurable import Configurable
 from ...documents import Documents
 from ...errors import SpecError
 from ..corpus import Corpus
-from ..fit import uses_chat
+from ..fit import Frame, render, uses_chat
+
+DOC_SEPARATOR = "\n\n"  # between the documents of a task with documents
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,18 @@ class Task(Configurable):
 
     def replace(self, **changes) -> Task:
         return dataclasses.replace(self, **changes)
+
+    def documents_of(self, tokenizer, frame: Frame, prompt: str, made: dict[str, list[str]], chat: bool
+                     ) -> Documents:
+        """The documents ``fit`` settled on: ``made`` maps each context text it rendered to that text's documents.
+        The prompt must be exactly ``prefix + documents + question``, or sorting could not rebuild it."""
+        prefix, question = render(tokenizer, frame, "\x00", chat).split("\x00")
+        section = prompt[len(prefix):len(prompt) - len(question)]
+        docs = Documents(tuple(made.get(section, ())), prefix, question, DOC_SEPARATOR)
+        if not docs.documents or docs.prompt != prompt:
+            raise SpecError(f"{self.spec()}: this tokenizer's chat template changes the documents' text, so they "
+                            "cannot be reordered exactly; run the documents mode with --no-chat")
+        return docs
 
 
 def contains(text: str, answer: str) -> bool:

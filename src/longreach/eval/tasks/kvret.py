@@ -18,14 +18,12 @@ import random
 from dataclasses import dataclass
 
 from ...configurable import param
-from ...documents import Documents
 from ...errors import SpecError
 from ..corpus import Corpus
-from ..fit import Frame, fit, render
-from .base import Sample, Task, distinct_values
+from ..fit import Frame, fit
+from .base import DOC_SEPARATOR, Sample, Task, distinct_values
 
 FINE_LEVELS = 16  # at most 15 blank lines between two pairs: enough to close a one-pair gap from n >= 6
-DOC_SEPARATOR = "\n\n"
 DOC_FINE_LEVELS = 40  # per pair of a document: closes a one-document gap (~70 tokens a pair) from 2 documents on
 
 
@@ -116,12 +114,7 @@ class KVRetrieval(Task):
 
         prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=max_docs,
                              fine=DOC_FINE_LEVELS * per)
-        prefix, question = render(tokenizer, frame, "\x00", chat).split("\x00")
-        section = prompt[len(prefix):len(prompt) - len(question)]
-        docs = Documents(tuple(made.get(section, ())), prefix, question, DOC_SEPARATOR)
-        if not docs.documents or docs.prompt != prompt:
-            raise SpecError(f"{self.spec()}: this tokenizer's chat template changes the documents' text, so they "
-                            "cannot be reordered exactly; run the documents mode with --no-chat")
+        docs = self.documents_of(tokenizer, frame, prompt, made, chat)
         n = len(docs.documents)
         sample = self.sample(tokenizer, prompt, [gold_value], length, tokens, depth, seed, chat,
                              gold_document=round(depth * (n - 1)), documents=n, pairs=n * per)

@@ -4,18 +4,26 @@ Variants: ``single`` (one needle), ``multikey`` (the needle among needles with o
 ``multivalue`` (several values stored under one key; return all), ``multiquery`` (several keys
 asked at once; return all values). Keys and values are words, numbers or uuids. The gold needle
 sits at the requested depth (snapped to a sentence boundary); other needles at seeded random depths.
+
+``niah:docs=N`` splits the haystack into N documents (cut at the sentence ends nearest equal shares of its
+words, a blank line between them) and puts the single needle in document ``round(depth * (N - 1))``, at a
+seeded sentence end inside it: the depth is the gold document's index, as in ``kvret:docs``. The sample
+carries its documents, so attention sorting (``longreach eval --sort-documents``) can re-order them; unlike
+``kvret``, the model reads real prose, which SmolLM2 retrieves from where it fails at JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ...configurable import param
 from ...errors import SpecError
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
-from .base import VALUE_TYPES, Sample, Task, check_variant, distinct_values, insert_at, spread
+from .base import DOC_SEPARATOR, VALUE_TYPES, Sample, Task, check_variant, distinct_values, insert_at, spread
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 SINGULAR = {"numbers": "number", "words": "word", "uuids": "uuid"}
@@ -35,6 +43,8 @@ class Niah(Task):
     queries: int = param(4, "multiquery: keys asked together")
     wording: int = param(0, "0: RULER's question and answer prefix; 1: another question, prefix 'Answer:'; "
                             "2: RULER's question alone, no answer prefix")
+    docs: int = param(0, "0: one haystack; N >= 2: the haystack split into N documents, the needle in document "
+                         "round(depth * (N - 1)) (single variant; for --sort-documents)")
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -46,6 +56,15 @@ class Niah(Task):
             if getattr(self, field) < 1:
                 raise SpecError(f"niah: {field} must be >= 1")
         check_variant(self.name, self.wording, 3)
+        if isinstance(self.docs, bool) or not isinstance(self.docs, int) or self.docs < 0 or self.docs == 1:
+            raise SpecError(f"niah: docs is 0 (one haystack) or a number of documents >= 2, got {self.docs!r}")
+        if self.docs and self.variant != "single":
+            raise SpecError(f"niah: docs={self.docs} places one needle in one document; use variant=single (got "
+                            f"{self.variant})")
+
+    @property
+    def has_documents(self) -> bool:
+        return self.docs > 0
 
     @property
     def metric(self) -> str:  # type: ignore[override]
@@ -92,9 +111,47 @@ class Niah(Task):
         ][self.wording]
 
         ends = sentence_ends(passage)  # once: insert_at ignores those past n
+        if self.docs:
+            return self.build_documents(tokenizer, passage, ends, inserts[0][1], frame, gold, asked, length,
+                                        depth, rng.random(), seed, chat)
 
         def context(n: int, _m: int) -> str:
             return insert_at(passage[:n], inserts, ends)
 
         prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=max_units)
         return self.sample(tokenizer, prompt, gold, length, tokens, depth, seed, chat, keys=asked)
+
+    def build_documents(self, tokenizer, passage: list[str], ends: list[int], needle: str, frame: Frame,
+                        gold: list[str], asked: list[str], length: int, depth: float, inside: float, seed: int,
+                        chat: bool) -> Sample:
+        """The first ``n`` words in ``docs`` documents, the needle in document ``round(depth * (docs - 1))`` at
+        relative place ``inside`` (snapped to a sentence end); ``fit`` grows ``n`` to the length."""
+        gold_doc, made = round(depth * (self.docs - 1)), {}
+
+        def context(n: int, _m: int) -> str:
+            cuts = document_cuts(ends, n, self.docs)
+            docs = []
+            for i, (lo, hi) in enumerate(pairwise(cuts)):
+                inserts = [(inside, needle)] if i == gold_doc else []
+                docs.append(insert_at(passage[lo:hi], inserts, [e - lo for e in ends if lo <= e < hi]).strip())
+            text = DOC_SEPARATOR.join(docs)
+            made[text] = docs
+            return text
+
+        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=len(passage))
+        docs = self.documents_of(tokenizer, frame, prompt, made, chat)
+        sample = self.sample(tokenizer, prompt, gold, length, tokens, depth, seed, chat, keys=asked,
+                             gold_document=gold_doc, documents=self.docs)
+        return dataclasses.replace(sample, documents=docs)
+
+
+def document_cuts(ends: list[int], n: int, parts: int) -> list[int]:
+    """``parts + 1`` word indices splitting ``n`` words into ``parts`` runs: each inner cut is the sentence end
+    nearest an equal share (a word boundary where no sentence ends between the neighbouring cuts), strictly
+    increasing, so no document is empty once ``n >= parts``."""
+    cuts = [0]
+    for i in range(1, parts):
+        lo, hi, want = cuts[-1] + 1, n - (parts - i), round(i * n / parts)
+        allowed = [e + 1 for e in ends if lo <= e + 1 <= hi]
+        cuts.append(min(allowed, key=lambda c: (abs(c - want), c)) if allowed else min(max(want, lo), hi))
+    return [*cuts, n]
