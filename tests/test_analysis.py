@@ -231,6 +231,7 @@ def test_folds_are_deterministic_disjoint_covering_and_stratified():
     assert sorted(i for f in folds for i in f.tolist()) == list(range(40))
     assert sorted(int(labels[f].sum()) for f in folds) == [1, 1, 1, 2, 2]  # 7 positives dealt over 5 folds
     assert all(6 <= int((labels[f] == 0).sum()) <= 7 for f in folds)
+    assert sorted(len(f) for f in folds) == [8] * 5  # each class starts where the last left off: equal sizes
     with pytest.raises(InputError, match="at least 2 folds"):
         stratified_folds(labels, 1)
 

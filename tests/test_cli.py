@@ -338,3 +338,16 @@ def test_heads_posdim_writes_the_library_dims(tiny_lm_folder, tmp_path):
     assert f"layer  0: dim {saved.best(0)[0]} " in result.output
     assert runner.invoke(app, ["heads", "posdim", "--model", str(tiny_lm_folder), "--out", str(tmp_path)]
                          ).exit_code != 0  # a folder as --out is refused
+
+
+def test_report_pairs_with_the_baseline_it_is_given(tmp_path):
+    rows = [{"model": "m", "method": method, "task": "passkey", "metric": "accuracy", "length": 16384, "depth": d,
+             "seed": i, "chat": True, "corpus": "c", "score": float(score), "prefill_s": 1.0}
+            for method, scores in (("selfextend", [1, 1, 1, 1]), ("homer", [1, 0, 1, 0]))
+            for i, (d, score) in enumerate(zip((0.0, 0.0, 1.0, 1.0), scores, strict=True))]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["report", str(tmp_path), "--baseline", "selfextend"])
+    assert result.exit_code == 0, result.output
+    assert "| homer | 16384 | 4 | -50.0 |" in result.output and "1/2, -50.0 [" in result.output
+    bad = runner.invoke(app, ["report", str(tmp_path), "--baseline", "dense"])
+    assert bad.exit_code != 0 and "baseline 'dense' has no rows" in bad.output and "selfextend, homer" in bad.output

@@ -27,10 +27,15 @@ N = 200
 
 def family_model(arch: str, **overrides):
     """The test suite's tiny Llama / Qwen2 / Mistral, or the conformance matrix's tiny model of another family
-    homer drives (Qwen3 with its per-head query norm, the MoE families)."""
-    if arch in ("llama", "qwen2", "mistral"):
-        return tiny_model(arch, **overrides)
-    return tiny_family(arch, **overrides)
+    homer drives (Qwen3 with its per-head query norm, the MoE families). Every norm's weight is drawn at random
+    (they start at 1): a unit RMSNorm weight would hide a norm applied in the wrong place or the wrong norm."""
+    model = tiny_model(arch, **overrides) if arch in ("llama", "qwen2", "mistral") else tiny_family(arch, **overrides)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.copy_(torch.empty_like(weight).uniform_(0.5, 2.0, generator=gen))
+    return model
 
 
 def prefill(model, ids, method=MULTI):

@@ -297,6 +297,21 @@ def test_depth_table_pairs_each_depth_on_its_own_prompts():
     assert "By depth" not in markdown(rows_of("dense", 1000, [1] * 3) + rows_of("m", 1000, [1] * 3))  # one depth
 
 
+def test_depth_table_gives_no_interval_for_recall_and_marks_missing_pairs():
+    """A bootstrap over two pairs per depth would print a zero-width interval: recall cells give the mean
+    difference and n only. A method cell whose prompts the baseline never ran says so."""
+    dense = rows_of("dense", 1000, [0.5, 0.5], task="vt", metric="recall")
+    mine = rows_of("m", 1000, [1.0, 1.0], task="vt", metric="recall")
+    for rows in (dense, mine):
+        rows[1]["depth"] = 0.9
+    alone = rows_of("m", 1000, [1.0, 1.0], task="vt", metric="recall", first_seed=50)
+    alone[0]["depth"] = 0.1
+    cells = depth_cells(markdown(dense + mine + alone))
+    assert cells["dense"] == ["dense", "1000", "–", "0.50 (n = 1)", "0.50 (n = 1)"]  # depths 0.1, 0.5, 0.9
+    assert cells["m"] == ["m", "1000", "1.00 (n = 1), no pair", "1.00 (n = 2), +50.0 (n = 1)",
+                          "1.00 (n = 1), +50.0 (n = 1)"]
+
+
 def test_another_baseline_pairs_and_names_it():
     # past the trained length dense has no rows: pair with a position method instead
     rows = rows_of("selfextend", 16384, [1] * 10) + rows_of("homer", 16384, [1] * 5 + [0] * 5)
@@ -318,6 +333,11 @@ def test_report_refuses_a_baseline_without_rows(tmp_path):
     with pytest.raises(LongreachError, match=r"baseline 'selfextend' has no rows .* its methods are: dense, quest"):
         build_report(tmp_path, baseline="selfextend")
     assert "| quest | 1000 | 2 |" in build_report(tmp_path, baseline="dense").markdown
+    without_dense = rows_of("quest", 1000, [1, 1])
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in without_dense))
+    assert "no paired dense rows" in build_report(tmp_path).markdown  # dense by default: no pairs, no error
+    with pytest.raises(LongreachError, match="baseline 'dense' has no rows"):  # asked for by name: refused
+        build_report(tmp_path, baseline="dense")
 
 
 # ---- effective context length -----------------------------------------------------------------------------------

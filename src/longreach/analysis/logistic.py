@@ -11,6 +11,7 @@ depend on a threshold or on the class balance.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,17 +42,20 @@ def split_indices(labels: Tensor | list[int], held_back: float = 0.25, seed: int
 
 
 def stratified_folds(labels: Tensor | list[int], k: int = 5, seed: int = 0) -> list[Tensor]:
-    """``k`` disjoint folds covering every row: per class, a seeded shuffle dealt round-robin, so each fold keeps
-    the class balance (folds differ in size by at most one row per class)."""
+    """``k`` disjoint folds covering every row: per class, a seeded shuffle dealt round-robin, each class starting
+    at the fold after the last one the previous class filled, so each fold keeps the class balance and the folds'
+    sizes differ by at most one row."""
     y = torch.as_tensor(labels).long().flatten()
     if k < 2:
         raise InputError(f"cross-validation needs at least 2 folds, got {k}")
     gen = torch.Generator().manual_seed(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0
     for cls in sorted(set(y.tolist())):
         rows = torch.nonzero(y == cls).flatten()
-        for i, row in enumerate(rows[torch.randperm(len(rows), generator=gen)].tolist()):
-            folds[i % k].append(row)
+        for row in rows[torch.randperm(len(rows), generator=gen)].tolist():
+            folds[dealt % k].append(row)
+            dealt += 1
     return [torch.tensor(sorted(f), dtype=torch.long) for f in folds]
 
 
@@ -190,7 +194,7 @@ class FitReport:
     train_accuracy: float
     held_back_accuracy: float
     majority_accuracy: float  # held-back accuracy of always answering the training rows' majority class
-    held_back_auroc: float = float("nan")  # NaN when the held-back rows hold one label only
+    held_back_auroc: float | None = None  # None when the held-back rows hold one label only
     cross_validation: CrossValidation | None = None  # over every row, when asked for
 
 
@@ -206,8 +210,10 @@ def fit_detector(x: Tensor, y: Tensor, held_back: float = 0.25, seed: int = 0, l
     cv = cross_validate(x, y, folds, seed, l2) if folds else None
     det = LogisticDetector.fit(x[train], y[train], l2)
     majority = int(y[train].double().mean() >= 0.5)
+    held_auroc = auroc(det.probability(x[test]), y[test])  # NaN when one label was held back
     report = FitReport(len(train), len(test), int(y[train].sum()), int(y[test].sum()),
                        det.accuracy(x[train], y[train]), det.accuracy(x[test], y[test]),
-                       float((y[test] == majority).double().mean()), auroc(det.probability(x[test]), y[test]), cv)
+                       float((y[test] == majority).double().mean()),
+                       held_auroc if math.isfinite(held_auroc) else None, cv)
     det.meta["report"] = asdict(report)
     return det, report

@@ -122,7 +122,8 @@ class _SweepProgress:
         self.progress.__exit__(*exc)
 
 
-def _report(out: Path, quiet: bool, margin: float = 5.0, threshold: float = 0.85, baseline: str = "dense") -> None:
+def _report(out: Path, quiet: bool, margin: float = 5.0, threshold: float = 0.85, baseline: str | None = None
+            ) -> None:
     """Print the Markdown table of OUT (to stdout, pipeable) and name the HTML report next to it."""
     from longreach.eval import build_report
 
@@ -141,8 +142,9 @@ def report(
                                  "lower end is above -X"),
     threshold: float = typer.Option(0.85, help="effective context length: the longest length scoring at least "
                                     "this (and every shorter one too)"),
-    baseline: str = typer.Option("dense", help="the method every other is paired with, as written in the rows "
-                                 "(past a model's trained length, where dense fails, e.g. 'selfextend')"),
+    baseline: str = typer.Option(None, help="the method every other is paired with, as written in the rows "
+                                 "(default: dense; past a model's trained length, where dense fails, e.g. "
+                                 "'selfextend')"),
 ) -> None:
     """Markdown tables of an eval folder (mean ± 95% CI, density, speed vs the baseline; the paired difference
     from the baseline, dense unless told, with its interval and verdict, overall and at each depth; effective

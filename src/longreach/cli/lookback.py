@@ -142,7 +142,7 @@ def fit(
             raise LongreachError(f"{data}: rows have features of different lengths; use rows from one model")
         x, y = torch.tensor(features, dtype=torch.float64), torch.tensor([int(r["label"]) for r in rows])
         if folds == 1:
-            raise LongreachError("--folds is 0 (no cross-validation) or at least 2")
+            raise LongreachError("--folds must be 0 (no cross-validation) or at least 2")
         det, report = fit_detector(x, y, held_back, seed, l2, folds)
     det.meta.update({"data": str(data), "features": x.shape[1], "held_back": held_back, "seed": seed, "l2": l2,
                      "folds": folds,
@@ -157,7 +157,7 @@ def fit(
     table.add_row(f"{report.n_train} / {report.n_held_back}",
                   f"{report.positives_train} / {report.positives_held_back}", f"{report.train_accuracy:.3f}",
                   f"{report.held_back_accuracy:.3f}", f"{report.majority_accuracy:.3f}",
-                  f"{report.held_back_auroc:.3f}")
+                  "–" if report.held_back_auroc is None else f"{report.held_back_auroc:.3f}")
     console.print(table)
     cv = report.cross_validation
     if cv is not None:

@@ -226,10 +226,11 @@ def verdict(p: Paired, metric: str, margin: float = MARGIN, baseline: str = BASE
     Scores in [0, 1] (accuracy, recall), with the interval [lo, hi] of method - baseline in points:
     "better" when lo > 0; "worse" when hi < 0 ("worse, but within X points of dense" when also lo > -X);
     else "within X points of dense" when lo > -X; else "no difference observed (n = …)". X = ``margin``; the
-    words name ``baseline`` where they say dense.
+    words name ``baseline`` where these say dense.
     Perplexity (lower is better; a margin in points does not apply): "better" when hi < 0, "worse" when lo > 0,
-    else "no difference observed (n = …)". No pairs: "no paired dense rows". Each comparison is strict by more
-    than :data:`EPS`, so float noise on a boundary never tips a verdict towards the claim.
+    else "no difference observed (n = …)". No pairs: "no paired dense rows" (the baseline's name). Each
+    comparison is strict by more than :data:`EPS`, so float noise on a boundary never tips a verdict towards the
+    claim.
     """
     if p.n == 0:
         return f"no paired {baseline} rows"
@@ -296,19 +297,22 @@ def fmt_depth_cell(rows: list[dict], metric: str) -> str:
 
 def depth_table(cells: dict, task: str, methods: list[str], baseline: str = BASELINE) -> list[str]:
     """Where the needle (or the gold pair, or gold document) sits, for a task whose rows sweep more than one depth:
-    each method's score at each depth and, beside the baseline's, its paired difference there (lost in the
-    middle is read off this table). Tasks with documents also show where attention sorting left the gold
-    document, and the sorting passes' time."""
+    each method's score at each depth and, for every other method, its paired difference from the baseline there
+    (lost in the middle is read off this table). The interval is given for right/wrong scores only: a bootstrap
+    over the few pairs of one depth would print a near-zero width that reads as certainty. Tasks with documents
+    also show where attention sorting left the gold document, and the sorting passes' time."""
     mine = [c for c in cells.values() if c.task == task]
     depths = sorted({r["depth"] for c in mine for r in c.rows if isinstance(r.get("depth"), int | float)})
     documents = any("gold_document" in r for c in mine for r in c.rows)
-    if len(depths) < 2 and not documents:
+    if not depths or (len(depths) < 2 and not documents):
         return []
     metric = mine[0].metric
     what = "the gold document's position" if documents else "depth"
-    out = ["", f"By {what} (0 = the start of the context, 1 = its end): score at each depth (right/samples); for "
-           f"each method beside {baseline}, its paired difference from {baseline} at that depth, "
-           + ("in the metric's unit" if metric == "ppl" else "in points") + ", with its 95% interval."
+    unit = "in the metric's unit" if metric == "ppl" else "in points"
+    out = ["", f"By {what} (0 = the start of the context, 1 = its end): score at each depth (right/samples, or "
+           f"the mean score and n); for each method other than {baseline}, its paired difference from {baseline} "
+           f"at that depth {unit}, with its 95% interval (Newcombe 10) for right/wrong scores and alone otherwise; "
+           f"\"no pair\": {baseline} has no row on those prompts."
            + (" After attention sorting: where the gold document ended, on the same scale (mean), and the sorting "
               "passes' time per sample (not in prefill s)." if documents else ""), "",
            "| method | length | " + " | ".join(f"depth {d:g}" for d in depths)
@@ -324,10 +328,14 @@ def depth_table(cells: dict, task: str, methods: list[str], baseline: str = BASE
             for d in depths:
                 rows = [r for r in cell.rows if r.get("depth") == d]
                 text = fmt_depth_cell(rows, metric)
-                if method != baseline and base is not None and rows:
-                    p = pair_rows(rows, [r for r in base.rows if r.get("depth") == d], metric)
-                    if p.n:
+                if method != baseline and rows:
+                    p = pair_rows(rows, base.rows if base else [], metric)  # depth is part of the prompt key
+                    if not p.n:
+                        text += ", no pair"
+                    elif p.interval == "Newcombe 10":
                         text += f", {fmt_diff(p.diff, metric)} {fmt_interval(p, metric)}"
+                    else:
+                        text += f", {fmt_diff(p.diff, metric)} (n = {p.n})"
                 cols.append(text)
             line = f"| {method} | {length} | {' | '.join(cols)} |"
             if documents:
@@ -395,20 +403,21 @@ class Report:
 
 
 def build_report(out: Path, margin: float = MARGIN, threshold: float = THRESHOLD,
-                 baseline: str = BASELINE) -> Report:
+                 baseline: str | None = None) -> Report:
     """Read ``out/results.jsonl``, write ``out/report.html`` (and ``out/plots/``), return the Markdown. ``margin``:
-    the points a "within X points of dense" verdict allows; ``threshold``: the score the effective context
-    length keeps; ``baseline``: the method every other is paired with (dense by default; past a model's trained
-    length, where dense has no rows, a position method such as ``selfextend``)."""
+    the points a "within X points of the baseline" verdict allows; ``threshold``: the score the effective context
+    length keeps; ``baseline``: the method every other is paired with. Unset, it is dense, and a folder without
+    dense rows gets "no paired dense rows"; named, it must have rows (past a model's trained length, where dense
+    fails, a position method such as ``selfextend``)."""
     rows, bad = read_rows(out / "results.jsonl")
     if not rows:
         raise LongreachError(f"{out / 'results.jsonl'} holds no usable rows"
                              + (f" ({len(bad)} unreadable lines)" if bad else ""))
-    methods = ordered_methods(rows, baseline)
-    if baseline != BASELINE and baseline not in methods:
+    methods = ordered_methods(rows, baseline or BASELINE)
+    if baseline is not None and baseline not in methods:
         raise LongreachError(f"baseline {baseline!r} has no rows in {out / 'results.jsonl'}; its methods are: "
                              + ", ".join(methods))
-    text = markdown(rows, margin=margin, threshold=threshold, baseline=baseline)
+    text = markdown(rows, margin=margin, threshold=threshold, baseline=baseline or BASELINE)
     from .plots import figures
 
     path = out / "report.html"

@@ -21,7 +21,8 @@ from ..errors import UnsupportedModelError
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 # what to use instead: the position methods reach past the trained window on every RoPE family
-ALTERNATIVE = "for prompts past the trained window use a position method instead (selfextend or yarn)"
+ALTERNATIVE = ("for prompts past the trained window use a position method instead (selfextend or yarn, where "
+               "docs/models.md shows the family takes it)")
 # attention implementations that read ``attention_mask=None`` as causal (eager gets an explicit additive mask)
 CAUSAL_WITHOUT_MASK = ("sdpa", "longreach", "flash_attention_2", "flash_attention_3")
 
