@@ -358,3 +358,17 @@ def test_each_keep_adds_at_most_half_a_step_of_error(bits):
         assert torch.equal(keys[:, :, -8:], k[:, :, kept[-8:]])
         errors.append(err)
     assert errors[0] > 0 and layer.stored == len(kept) < 160
+
+
+@pytest.mark.parametrize(("spec", "owner", "reason"), [
+    ("selfextend+kvquant:bits=4", "kvquant", "quantized codes"),
+    ("string+snapkv:density=0.5", "snapkv", "drops keys"),
+])
+def test_a_remapping_method_with_a_cache_owner_is_refused_in_apply_with_the_reason(spec, owner, reason):
+    """Re-mapping re-rotates cached keys by cache index: refused before any forward, naming what to use instead;
+    a rope scaling method takes the same cache policy."""
+    model = tiny_model("llama")
+    with pytest.raises(SpecError, match=rf"cannot stack \w+ with {owner}: .*{reason}.*use a rope scaling method"):
+        longreach.apply(model, spec)
+    with longreach.apply(model, f"yarn:factor=2+{spec.split('+')[1]}"):
+        model(input_ids=torch.randint(1, 128, (1, 40)))

@@ -254,9 +254,12 @@ def apply(
             "tokens of the latent and works here; so does a select method (quest, moba, flexprefill, ...)")
     remaps = [m for m in parsed.methods if isinstance(m, RemapPositions)]
     if remaps and owners:
-        raise SpecError(f"cannot stack {remaps[0].name} with {owners[0].name}: {remaps[0].name} re-maps "
-                        "positions by cache index, and presses / head policies drop keys (indices stop being "
-                        "positions); use a rope scaling method (yarn, linear, ...) with a press instead")
+        owner = owners[0].name
+        why = ("stores the keys as quantized codes that decode reads in place, which cannot be re-rotated to new "
+               "positions" if owner == "kvquant" else "drops keys (cache indices stop being positions)")
+        raise SpecError(f"cannot stack {remaps[0].name} with {owner}: {remaps[0].name} re-maps positions by cache "
+                        f"index, and {owner} {why}; use a rope scaling method (yarn, linear, ...) with {owner} "
+                        "instead")
     for m in parsed.methods:
         m.check_model(model)  # e.g. a head profile made for another model: refuse before any work
     _register()
