@@ -155,6 +155,11 @@ def main() -> None:
         for task in ("passkey", "niah"):
             accuracy(f"tuned KV press, 10% cache, {length}, {task}", "snapkv:density=0.1,pool=31",
                      f"tuned/smollm2-{length}/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    for task in ("passkey", "niah"):  # the same texts as the 4k reporting prompts, without the chat template
+        accuracy(f"tuned KV press, 10% cache, 4k, no chat template, {task}", "snapkv:density=0.1,pool=31",
+                 "heldout/smollm2-4k-nochat-austen/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    accuracy("tuned KV press, 10% cache, 4k, multikey needle", "snapkv:density=0.1,pool=31",
+             "heldout/smollm2-4k-multikey-austen/results.jsonl")
     for task in ("passkey", "niah"):  # inside the trained length, tune --positions chose Self-Extend
         accuracy(f"tuned position method, 8k, {task}", "selfextend:group=2",
                  "tuned/smollm2-8k-positions/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
