@@ -246,3 +246,13 @@ def test_the_landmark_needle_restates_the_key_not_the_answer_prefix(smol_tokeniz
 def test_passkey_leaves_room_to_restate_the_question_only_without_an_answer_prefix():
     """Without an answer prefix a model may write "The pass key is" (4 tokens) before a key Gemma-3 spells in 5."""
     assert [parse_task(f"passkey:wording={w}").max_new_tokens for w in (0, 1, 2)] == [10, 10, 16]
+
+
+def test_niah_leaves_room_to_restate_the_answer_sentence_only_without_an_answer_prefix(smol_tokenizer):
+    """Without an answer prefix SmolLM2 restates the sentence before the value, one token a digit: the budget
+    must hold the longest such reply the prompt invites, which the answer-prefix wordings do not need."""
+    budgets = [parse_task(f"niah:wording={w}").max_new_tokens for w in (0, 1, 2)]
+    assert budgets[0] == budgets[1] < budgets[2]
+    reply = "The special magic number for quick-orchid mentioned in the provided text is 6709213."
+    need = len(smol_tokenizer(reply, add_special_tokens=False)["input_ids"])
+    assert budgets[0] < need <= budgets[2]  # cut off before the value ends with the old budget, whole with the new

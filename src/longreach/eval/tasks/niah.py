@@ -28,6 +28,7 @@ from .base import DOC_SEPARATOR, VALUE_TYPES, Sample, Task, check_variant, disti
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 SINGULAR = {"numbers": "number", "words": "word", "uuids": "uuid"}
 TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 32}
+RESTATED = 24  # tokens for "The special magic number for <key> mentioned in the provided text is" and the like
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,11 @@ class Niah(Task):
 
     @property
     def max_new_tokens(self) -> int:  # type: ignore[override]
+        """Room for the values, and without an answer prefix (wording 2) for the answer sentence a model restates
+        first: SmolLM2 wrote "The special magic number for quick-orchid is 67092" and was cut off there, gold
+        6709213 (one token a digit)."""
         n = {"multivalue": self.values, "multiquery": self.queries}.get(self.variant, 1)
-        return TOKENS_PER_VALUE[self.value] * n + 8
+        return TOKENS_PER_VALUE[self.value] * n + 8 + (RESTATED if self.wording == 2 else 0)
 
     def build(self, tokenizer, corpus: Corpus, length: int, depth: float | None, seed: int, chat: bool) -> Sample:
         depth = 0.5 if depth is None else depth
