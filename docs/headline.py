@@ -160,6 +160,9 @@ def main() -> None:
                  "heldout/smollm2-4k-nochat-austen/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     accuracy("tuned KV press, 10% cache, 4k, multikey needle", "snapkv:density=0.1,pool=31",
              "heldout/smollm2-4k-multikey-austen/results.jsonl")
+    accuracy("tuned KV press, 10% cache, 4k, niah, no template, no answer prefix (18-token budget)",
+             "snapkv:density=0.1,pool=31", "heldout/smollm2-4k-wording2-nochat-austen/results.jsonl",
+             keep=lambda r: r["task"] == "niah:wording=2")
     for task in ("passkey", "niah"):  # inside the trained length, tune --positions chose Self-Extend
         accuracy(f"tuned position method, 8k, {task}", "selfextend:group=2",
                  "tuned/smollm2-8k-positions/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)

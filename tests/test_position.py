@@ -547,7 +547,7 @@ def test_bad_combinations_and_inputs_are_refused():
     model = tiny_model("llama", max_position_embeddings=TRAINED)
     with pytest.raises(SpecError, match="keep one position method"):
         longreach.parse_spec("yarn:factor=2.0+selfextend")
-    with pytest.raises(SpecError, match="drop keys"):
+    with pytest.raises(SpecError, match="drops keys"):
         longreach.apply(model, "selfextend:window=16+snapkv:density=0.5")
     with pytest.raises(SpecError, match="factor must be"):
         longreach.parse_spec("yarn:factor=0.5")
