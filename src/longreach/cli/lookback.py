@@ -141,8 +141,6 @@ def fit(
         if len({len(f) for f in features}) != 1:
             raise LongreachError(f"{data}: rows have features of different lengths; use rows from one model")
         x, y = torch.tensor(features, dtype=torch.float64), torch.tensor([int(r["label"]) for r in rows])
-        if folds == 1:
-            raise LongreachError("--folds must be 0 (no cross-validation) or at least 2")
         det, report = fit_detector(x, y, held_back, seed, l2, folds)
     det.meta.update({"data": str(data), "features": x.shape[1], "held_back": held_back, "seed": seed, "l2": l2,
                      "folds": folds,

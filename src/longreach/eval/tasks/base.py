@@ -12,6 +12,7 @@ import random
 import re
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from ...configurable import Configurable
 from ...documents import Documents
 from ...errors import SpecError
 from ..corpus import Corpus
-from ..fit import Frame, render, uses_chat
+from ..fit import Frame, fit, render, uses_chat
 
 DOC_SEPARATOR = "\n\n"  # between the documents of a task with documents
 
@@ -71,17 +72,28 @@ class Task(Configurable):
     def replace(self, **changes) -> Task:
         return dataclasses.replace(self, **changes)
 
-    def documents_of(self, tokenizer, frame: Frame, prompt: str, made: dict[str, list[str]], chat: bool
-                     ) -> Documents:
-        """The documents ``fit`` settled on: ``made`` maps each context text it rendered to that text's documents.
-        The prompt must be exactly ``prefix + documents + question``, or sorting could not rebuild it."""
+    def fit_documents(self, tokenizer, length: int, chat: bool, frame: Frame,
+                      documents: Callable[[int, int], list[str]], max_units: int, fine: int = 0
+                      ) -> tuple[str, int, Documents]:
+        """``fit`` a prompt whose context is ``documents(n, m)`` joined by :data:`DOC_SEPARATOR`, and the documents
+        it settled on. The prompt must be exactly ``prefix + documents + question``, or sorting could not rebuild
+        it."""
+        made: dict[str, list[str]] = {}  # each context text fit rendered -> its documents
+
+        def context(n: int, m: int) -> str:
+            docs = documents(n, m)
+            text = DOC_SEPARATOR.join(docs)
+            made[text] = docs
+            return text
+
+        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=max_units, fine=fine)
         prefix, question = render(tokenizer, frame, "\x00", chat).split("\x00")
         section = prompt[len(prefix):len(prompt) - len(question)]
         docs = Documents(tuple(made.get(section, ())), prefix, question, DOC_SEPARATOR)
         if not docs.documents or docs.prompt != prompt:
             raise SpecError(f"{self.spec()}: this tokenizer's chat template changes the documents' text, so they "
                             "cannot be reordered exactly; run the documents mode with --no-chat")
-        return docs
+        return prompt, tokens, docs
 
 
 def contains(text: str, answer: str) -> bool:

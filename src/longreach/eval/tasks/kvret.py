@@ -21,7 +21,7 @@ from ...configurable import param
 from ...errors import SpecError
 from ..corpus import Corpus
 from ..fit import Frame, fit
-from .base import DOC_SEPARATOR, Sample, Task, distinct_values
+from .base import Sample, Task, distinct_values
 
 FINE_LEVELS = 16  # at most 15 blank lines between two pairs: enough to close a one-pair gap from n >= 6
 DOC_FINE_LEVELS = 40  # per pair of a document: closes a one-document gap (~70 tokens a pair) from 2 documents on
@@ -92,8 +92,6 @@ class KVRetrieval(Task):
             f"\n\nKey: {json.dumps(gold_key)}",
             "Corresponding value:",
         )
-        made: dict[str, list[str]] = {}
-
         def documents(n: int, m: int) -> list[str]:
             gold, others = round(depth * (n - 1)), iter(zip(keys, values, strict=True))
             out = []
@@ -106,15 +104,8 @@ class KVRetrieval(Task):
                 out.append("{" + ", ".join(group) + pad + "}")
             return out
 
-        def context(n: int, m: int) -> str:
-            docs = documents(n, m)
-            text = DOC_SEPARATOR.join(docs)
-            made[text] = docs
-            return text
-
-        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=max_docs,
-                             fine=DOC_FINE_LEVELS * per)
-        docs = self.documents_of(tokenizer, frame, prompt, made, chat)
+        prompt, tokens, docs = self.fit_documents(tokenizer, length, chat, frame, documents, max_docs,
+                                                  DOC_FINE_LEVELS * per)
         n = len(docs.documents)
         sample = self.sample(tokenizer, prompt, [gold_value], length, tokens, depth, seed, chat,
                              gold_document=round(depth * (n - 1)), documents=n, pairs=n * per)

@@ -23,7 +23,7 @@ from ...configurable import param
 from ...errors import SpecError
 from ..corpus import Corpus, sentence_ends
 from ..fit import Frame, fit
-from .base import DOC_SEPARATOR, VALUE_TYPES, Sample, Task, check_variant, distinct_values, insert_at, spread
+from .base import VALUE_TYPES, Sample, Task, check_variant, distinct_values, insert_at, spread
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 SINGULAR = {"numbers": "number", "words": "word", "uuids": "uuid"}
@@ -130,20 +130,16 @@ class Niah(Task):
                         chat: bool) -> Sample:
         """The first ``n`` words in ``docs`` documents, the needle in document ``round(depth * (docs - 1))`` at
         relative place ``inside`` (snapped to a sentence end); ``fit`` grows ``n`` to the length."""
-        gold_doc, made = round(depth * (self.docs - 1)), {}
+        gold_doc = round(depth * (self.docs - 1))
 
-        def context(n: int, _m: int) -> str:
-            cuts = document_cuts(ends, n, self.docs)
+        def documents(n: int, _m: int) -> list[str]:
             docs = []
-            for i, (lo, hi) in enumerate(pairwise(cuts)):
+            for i, (lo, hi) in enumerate(pairwise(document_cuts(ends, n, self.docs))):
                 inserts = [(inside, needle)] if i == gold_doc else []
                 docs.append(insert_at(passage[lo:hi], inserts, [e - lo for e in ends if lo <= e < hi]).strip())
-            text = DOC_SEPARATOR.join(docs)
-            made[text] = docs
-            return text
+            return docs
 
-        prompt, tokens = fit(tokenizer, length, chat, frame, context, max_units=len(passage))
-        docs = self.documents_of(tokenizer, frame, prompt, made, chat)
+        prompt, tokens, docs = self.fit_documents(tokenizer, length, chat, frame, documents, len(passage))
         sample = self.sample(tokenizer, prompt, gold, length, tokens, depth, seed, chat, keys=asked,
                              gold_document=gold_doc, documents=self.docs)
         return dataclasses.replace(sample, documents=docs)
