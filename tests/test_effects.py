@@ -70,6 +70,7 @@ EFFECTS = {
     "mspoe": ("mspoe:first_layer=0", "positions"),
     "buckets": ("buckets:bases=1x|0.01x", "output"),
     "posdim": ("posdim:dims=0|1,scale=0.25", "output"),
+    "buckets-runs": ("buckets-runs:bases=0.01x", "output"),  # one run: a plain forward (several: test_lost_middle)
     "homer": ("homer:chunk=96,prefix=8,suffix=8,warmup=0", "procedure"),  # the cache holds one chunk
 }
 

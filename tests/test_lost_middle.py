@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 
 import pytest
@@ -19,8 +20,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import longreach
 from longreach.errors import InputError, SpecError, UnsupportedModelError
+from longreach.eval.runner import make_sweep
 from longreach.heads.posdim import _Scorer, find_position_dims
+from longreach.models import FAMILIES, tiny_family
+from longreach.position.bucketruns import BucketRuns, combine_runs, running
 from longreach.position.posdim import PositionDims, model_shape, position_scores
+from longreach.serve.engine import servable
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +42,8 @@ def _own_theta(model) -> float:
 # -- identity settings ---------------------------------------------------------------------------------------
 
 # the model's base written out (own: 10000.0, Gemma 3's global 1000000.0), and a file scaling 4 dims per layer by 1
-IDENTITY = ["buckets:bases=1x", "buckets:bases=own", "posdim:dims=3|13,scale=1.0", "posdim:file=DIMS,scale=1.0"]
+IDENTITY = ["buckets:bases=1x", "buckets:bases=own", "buckets-runs:bases=1x", "buckets-runs:bases=own",
+            "posdim:dims=3|13,scale=1.0", "posdim:file=DIMS,scale=1.0"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,6 +134,127 @@ def test_buckets_absolute_and_relative_bases_agree_and_specs_round_trip():
             longreach.parse_spec(bad)
     with pytest.raises(SpecError, match="longreach heads posdim"):  # parses (defaults round-trip); apply says
         longreach.apply(model, "posdim")
+
+
+# -- Attention Buckets as parallel runs (buckets-runs) -------------------------------------------------------
+
+def _model_at_base(model, base: float):
+    """An independent oracle: the same weights in a model built from a config whose (global) RoPE base is ``base``."""
+    cfg = copy.deepcopy(model.config)
+    params = cfg.rope_parameters
+    params.get("full_attention", params)["rope_theta"] = base
+    other = type(model)(cfg).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def _combined(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The authors' rule, written out: run i weighted by exp(max_i) / sum_j exp(max_j), weighted logits summed."""
+    tops = [float(x.detach().max()) for x in logits]
+    weights = [math.exp(t - max(tops)) for t in tops]
+    return sum(w / sum(weights) * x.double() for w, x in zip(weights, logits, strict=True))
+
+
+@pytest.mark.parametrize("arch,bases", [("llama", (1.0, 3.0)), ("qwen2", (0.25, 1.0, 4.0)), ("gemma3", (0.5, 3.0))])
+def test_buckets_runs_are_the_model_at_each_base_and_generate_the_combined_tokens(arch, bases, monkeypatch):
+    model = tiny_model(arch)
+    theta = _own_theta(model)
+    oracles = [_model_at_base(model, b * theta) for b in bases]
+    ids = torch.randint(0, 128, (1, 40))
+    spec = "buckets-runs:bases=" + "|".join(f"{b}x" for b in bases)
+    # prefill: row i of the batch is the model at base i, through the cache's decode steps too
+    want = torch.cat([o(ids).logits for o in oracles])
+    with longreach.apply(model, spec), running(len(bases)):
+        got = model(ids.expand(len(bases), -1)).logits
+        steps = prefill_then_steps(model, ids.expand(len(bases), -1), 3)
+    assert float((want[0] - want[1]).abs().max()) > 1e-3  # the bases give different runs
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps, want[:, -3:], atol=1e-5, rtol=1e-5)
+    # generation: at every step the runs' logits (recorded) are the models' at each base on the sequence so far,
+    # and every run is fed the argmax of what combine returned (oracle: a full recompute per step). The spy
+    # negates the combination: on tiny random models every base tends to pick the same token, the least likely
+    # one differs, so the tokens show that generate feeds combine's answer and not one run's
+    seen = []
+    real = BucketRuns.combine
+    monkeypatch.setattr(BucketRuns, "combine", lambda self, logits: seen.append(logits) or -real(self, logits))
+    with longreach.apply(model, spec):
+        run = longreach.generate(model, ids, 6)
+        assert run.prompt_kv_bytes == len(bases) * longreach.generate(tiny_model(arch), ids, 1).prompt_kv_bytes
+    seq = ids
+    for rows in seen:
+        per_base = [o(seq).logits[0, -1] for o in oracles]
+        torch.testing.assert_close(rows, torch.stack(per_base), atol=1e-5, rtol=1e-5)
+        seq = torch.cat([seq, (-_combined(per_base)).argmax().view(1, 1)], dim=1)
+    assert len(seen) == 6 and run.tokens == seq[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_buckets_runs_batch_every_family(family):
+    """Every family's rotary code runs per row: the run at the model's own base is the model, exactly, and the
+    other base changes the output (NoPE and chunked layers included: Llama 4; MLA's rotary part: DeepSeek-V3)."""
+    model = tiny_family(family, max_positions=48)
+    ids = torch.randint(3, 128, (1, 24))
+    plain = model(ids).logits
+    with longreach.apply(model, "buckets-runs:bases=1x|0.01x"), running(2):
+        both = model(ids.expand(2, -1)).logits
+    torch.testing.assert_close(both[:1], plain, atol=1e-5, rtol=1e-5)
+    assert float((both[1] - plain[0]).abs().max()) > 1e-4
+
+
+def test_plan_counts_every_run_of_buckets_runs():
+    """The plan's KV after the prompt is the cache longreach.generate measured: each run holds its own."""
+    from longreach.plan import plan_memory
+
+    for arch in ("llama", "gemma3"):
+        model = tiny_model(arch)
+        ids = torch.randint(0, 128, (1, 30))
+        with longreach.apply(model, "buckets-runs:bases=1x|2x|3x"):
+            measured = longreach.generate(model, ids, 1).prompt_kv_bytes
+        plan = plan_memory(model, longreach.parse_spec("buckets-runs:bases=1x|2x|3x"), 30, available=2**40)
+        dense = plan_memory(model, longreach.parse_spec("dense"), 30, available=2**40)
+        assert plan.kv_cache == measured == 3 * dense.kv_cache
+        assert plan.activations > dense.activations and any("3 times" in n for n in plan.notes)
+
+
+def test_combine_runs_weights_confident_runs_more():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    w = math.exp(2.0) / (math.exp(2.0) + math.exp(1.0))
+    want = torch.tensor([2 * w, 0.0, 1 - w])
+    torch.testing.assert_close(combine_runs(logits), want)
+    assert int(combine_runs(logits).argmax()) == 0
+    one = torch.randn(1, 7)
+    torch.testing.assert_close(combine_runs(one), one[0])  # one run is itself
+
+
+def test_buckets_runs_refuse_what_would_not_run_the_paper_form():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 20))
+    with longreach.apply(model, "buckets-runs:bases=1x|2x"):
+        with pytest.raises(InputError, match=r"longreach\.generate"):
+            model(ids)  # a plain forward is not the runs
+        with pytest.raises(InputError, match=r"longreach\.generate"):
+            model(ids.expand(2, -1))  # nor a batch outside a generation
+    for spec, reason in (("buckets-runs+snapkv:density=0.5", "each run would compress"),
+                         ("buckets-runs+kvquant:bits=4", "each run would compress")):
+        with pytest.raises(SpecError, match=reason):
+            longreach.apply(model, spec)
+    with pytest.raises(SpecError, match="once per RoPE base"):
+        longreach.parse_spec("buckets-runs+homer")
+    with pytest.raises(SpecError, match="listed twice"):
+        longreach.parse_spec("buckets-runs:bases=1x|1x")
+    assert str(longreach.parse_spec("buckets-runs:bases=1x|2x")) == "buckets-runs:bases=1x|2x"
+    with pytest.raises(SpecError, match="server"):
+        servable(longreach.parse_spec("buckets-runs"))
+    with pytest.raises(InputError, match="perplexity"):
+        make_sweep("m", "ppl", "dense;buckets-runs:bases=1x|2x", "4k")
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                            bos_token_id=0, eos_token_id=0)).eval()
+    with pytest.raises(UnsupportedModelError, match="needs a RoPE model"):
+        longreach.apply(gpt2, "buckets-runs")
+    plain = model(ids).logits
+    with longreach.apply(model, "buckets-runs:bases=1x|2x+quest:density=1.0,block=16"):
+        longreach.generate(model, ids, 2)  # a select method stacks (full budget: the runs themselves)
+    torch.testing.assert_close(model(ids).logits, plain)  # removed: the model's own rotary modules are back
 
 
 # -- posdim --------------------------------------------------------------------------------------------------

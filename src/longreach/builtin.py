@@ -19,5 +19,5 @@ from .methods import (  # noqa: F401
     twilight,
     vslash,
 )
-from .position import buckets, posdim, remap, rescale  # noqa: F401
+from .position import bucketruns, buckets, posdim, remap, rescale  # noqa: F401
 from .procedure import homer  # noqa: F401

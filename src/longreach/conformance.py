@@ -98,6 +98,9 @@ PROBES: dict[str, Probe] = {
     # lost in the middle: change attention at every length; the identity settings must equal the model
     "buckets": Probe("buckets:bases=1x", "buckets:bases=1x|0.01x"),  # far from 1x: few rotary dims (gpt-neox)
     "posdim": Probe("posdim:dims=0|1,scale=1.0", "posdim:dims=0|1,scale=0.25"),
+    # one run (a plain forward) at the model's base, and at another; several runs go through longreach.generate
+    # (tests/test_lost_middle.py checks them against the model rebuilt at each base)
+    "buckets-runs": Probe("buckets-runs:bases=1x", "buckets-runs:bases=0.01x"),
     # a procedure replaces the prefill of prompts past one chunk (checked by tests/test_homer.py, through
     # longreach.generate); a prompt within one chunk is the model's own prefill, exactly
     "homer": Probe("homer:chunk=1024,prefix=4,suffix=4", None),

@@ -17,6 +17,7 @@ from .cache.growing import growing_cache
 from .compat import cache_kwargs, output_cache
 from .errors import InputError
 from .hf import applied
+from .position.bucketruns import BucketRuns, running
 from .position.frozen import planned_length
 
 
@@ -78,6 +79,9 @@ def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | Non
     ``cache``: ``growing`` appends decode tokens in place (``cache.growing``); ``dynamic`` is transformers'
     default cache, which copies the whole cache every step (the baseline ``bench e2e`` compares with; under
     ``apply`` the runtime makes its layers grow in place too).
+
+    Under ``buckets-runs`` the prompt runs once per RoPE base, as a batch, and every step feeds each run the token
+    of their combined logits; the cache (and its bytes) holds every run.
     """
     if chunk is not None and chunk < 1:
         raise InputError(f"chunk must be >= 1 token, got {chunk}")
@@ -86,6 +90,16 @@ def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | Non
     ids = as_batch(ids)
     eos = eos or set()
     handle = applied(model)
+    runs = handle.runs if handle is not None else None  # buckets-runs: the prompt once per RoPE base, as a batch
+    n = runs.runs if runs is not None else 1
+    if n > 1:
+        ids = {key: value.expand(n, -1) for key, value in ids.items() if isinstance(value, Tensor)}
+    with running(n):
+        return _generate(model, ids, max_new_tokens, eos, chunk, cache, handle, runs)
+
+
+def _generate(model, ids: dict, max_new_tokens: int, eos: set[int], chunk: int | None, cache: str, handle,
+              runs: BucketRuns | None) -> Generation:
     procedure = handle.procedure if handle is not None else None  # homer: builds the cache itself
     if procedure is not None and chunk is not None:
         raise InputError(f"{procedure.name} prefills in its own chunks (its chunk= parameter): drop chunk / --chunk")
@@ -101,13 +115,22 @@ def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | Non
                                                logits_to_keep=1)
         logits, mask = out.logits, ids["attention_mask"]
     prefill = time.perf_counter() - start
-    token = logits[:, -1:].argmax(-1)
+    token = next_token(logits, runs)
     prompt_bytes = cache_bytes(past, room=False)  # the prompt's tokens, not the room reserved for new ones
-    new = [int(token)]
+    new = [int(token[0])]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] not in eos:
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         step = model(input_ids=token, attention_mask=mask, use_cache=True, **cache_kwargs(model, past))
-        past, token = output_cache(step), step.logits[:, -1:].argmax(-1)
-        new.append(int(token))
+        past, token = output_cache(step), next_token(step.logits, runs)
+        new.append(int(token[0]))
     return Generation(new, prefill, time.perf_counter() - start, past, prompt_bytes)
+
+
+def next_token(logits: Tensor, runs: BucketRuns | None) -> Tensor:
+    """Greedy: (B, 1) ids from the last position of ``logits`` (B, T, V); parallel runs (B = runs) all get the
+    token of their combined logits."""
+    last = logits[:, -1]
+    if runs is None:
+        return last.argmax(-1, keepdim=True)
+    return runs.combine(last).argmax().view(1, 1).expand(last.shape[0], 1)

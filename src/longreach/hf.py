@@ -22,6 +22,7 @@ from .errors import InputError, LongreachError, SpecError, UnsupportedModelError
 from .features import latent_cache, own_attention_layers, sliding_everywhere, softmax_extras
 from .kernels import rowlinear
 from .position import PositionMethod, RemapPositions, RopeInfo, rope_info
+from .position.bucketruns import BucketRuns
 from .position.rotary import nope_layers
 from .procedure import Procedure
 from .runtime.density import DensityStats
@@ -56,6 +57,8 @@ class Handle:
         # re-rotate q/k in the attention function with the model's frequencies
         self.position: PositionMethod | None = next(iter(spec.of_kind("position")), None)  # type: ignore[arg-type]
         self.remap = self.position if isinstance(self.position, RemapPositions) else None
+        # parallel runs (buckets-runs): ``longreach.generate`` batches the prompt once per run and combines the logits
+        self.runs: BucketRuns | None = self.position if isinstance(self.position, BucketRuns) else None
         # a procedure (homer) replaces the prefill: ``longreach.generate`` runs it instead of the model's forward
         self.procedure: Procedure | None = next(iter(spec.of_kind("procedure")), None)  # type: ignore[arg-type]
         self.rope: RopeInfo | None = None
@@ -260,6 +263,10 @@ def apply(
         raise SpecError(f"cannot stack {remaps[0].name} with {owner}: {remaps[0].name} re-maps positions by cache "
                         f"index, and {owner} {why}; use a rope scaling method (yarn, linear, ...) with {owner} "
                         "instead")
+    if handle.runs is not None and owners:
+        raise SpecError(f"cannot stack buckets-runs with {owners[0].name}: each run would compress its own cache, "
+                        "and the runs must stay the same prompt under different bases; use buckets-runs alone or "
+                        "with a select method")
     for m in parsed.methods:
         m.check_model(model)  # e.g. a head profile made for another model: refuse before any work
     _register()

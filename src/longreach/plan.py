@@ -20,6 +20,7 @@ from torch import nn
 from .errors import InputError
 from .kernels.gather import CHUNK_BYTES
 from .position import RemapPositions
+from .position.bucketruns import BucketRuns
 from .position.rotary import text_config
 from .procedure import Procedure
 from .spec import Spec
@@ -133,6 +134,9 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     notes: list[str] = []
 
     per_token = 2 * n_kv * head_dim * width  # K and V, one layer
+    position = next(iter(spec.of_kind("position")), None)
+    runs = position.runs if isinstance(position, BucketRuns) else 1  # one cache and forward per run, as a batch
+    per_token *= runs
     procedure = next(iter(spec.of_kind("procedure")), None)
     if isinstance(procedure, Procedure):
         return _procedure_plan(procedure, model, cfg, length, per_token, weights, available, runtime)
@@ -159,11 +163,13 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     if store is not None:  # a quantized layer attends a dequantized full-width copy of itself, one layer at a time
         kv_peak = max(kv_peak, kv + length * per_token)
 
-    acts = forward_bytes(cfg, step, width)
+    acts = forward_bytes(cfg, step, width) * runs
     attn = CHUNK_BYTES
     if step < length:
-        attn += step * length * 4  # the additive causal mask of a chunk after a prefix
-    position = next(iter(spec.of_kind("position")), None)
+        attn += step * length * 4 * runs  # the additive causal mask of a chunk after a prefix
+    if runs > 1:
+        notes.append(f"{position.name} runs the prompt {runs} times as a batch (one run per RoPE base): {runs}x "
+                     "the KV cache and activations of one run")
     if isinstance(position, RemapPositions):
         attn += (step * n_q + length * n_kv) * head_dim * width  # re-rotated far q/k
     activations = acts + attn

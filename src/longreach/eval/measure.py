@@ -80,12 +80,13 @@ def perplexity(model, sample: Sample, buckets: int, chunk: int | None = None) ->
 
 
 @torch.no_grad()
-def warm_up(model, tokens: int = 256, procedure: bool = False) -> None:
+def warm_up(model, tokens: int = 256, through_generate: bool = False) -> None:
     """One short forward per method before timing, so one-time costs (lazy init, compilation) are not billed
-    to the first sample; through ``generate`` under a procedure (homer), which refuses a plain forward."""
+    to the first sample; through ``generate`` under a procedure (homer) or parallel runs (buckets-runs), which
+    refuse a plain forward."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.arange(tokens, device=model.device).remainder(vocab - 1).add(1).unsqueeze(0)
-    if procedure:
+    if through_generate:
         generate_ids(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 1)
         return
     model(input_ids=ids, use_cache=True, logits_to_keep=1)

@@ -5,7 +5,8 @@ trough is overlooked. Another base puts its troughs elsewhere, so averaging atte
 several bases fills one base's trough with another's peak (Chen et al., arXiv:2312.04455).
 
 The paper runs one full forward per base (a batch of parallel runs) and combines the runs' next-token
-logits (the authors' code weights each run by a softmax of its largest logit). Here the bases meet in
+logits (the authors' code weights each run by a softmax of its largest logit): that is ``buckets-runs``
+(``bucketruns``). Here the bases meet in
 *every attention call* instead, training-free and in one forward: the queries and keys transformers rotated
 at the model's base are re-rotated to each base (RoPE angles are ``position x frequency``, so moving from
 frequency ``f`` to ``f'`` is one more rotation by ``position x (f' - f)``), each base's attention is computed

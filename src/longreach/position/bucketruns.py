@@ -1,0 +1,143 @@
+"""Attention Buckets as the paper runs it: one run of the whole model per RoPE base, their next-token logits combined.
+
+Chen et al. (arXiv:2312.04455) process the input in parallel runs, each with the RoPE base changed in every layer,
+so one run's attention trough is another's peak, and combine the runs' outputs at each generated token. Here the
+runs are one batch: row ``i`` of the batch is the prompt, rotated at base ``i`` by the model's own rotary code (its
+rotary modules are swapped for ones that compute row ``i``'s cos/sin at base ``i``, so every cached key stays
+rotated at its run's base and decoding re-rotates nothing). At each step the runs' last logits are combined as
+*we read the authors' code*: run ``i`` weighted by ``softmax_i(max_v logit_i,v)`` (a more confident run counts
+more), and the weighted logits summed; every run is then fed the combined token.
+
+Cost: ``n`` bases are ``n`` runs, so prefill and decode compute and the KV cache are ``n`` times one run's (the
+rows share nothing but the weights). The one-forward variant, ``buckets``, averages the bases' attention outputs in
+every layer instead and keeps one cache. Generation must go through ``longreach.generate`` (the CLI's generate and
+eval do), which batches the runs and combines their logits; a plain forward of a batch that is not those runs is
+refused with that reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..configurable import param
+from ..errors import InputError, UnsupportedModelError
+from ..methods.registry import register
+from .base import PositionMethod
+from .buckets import parse_bases
+from .rotary import rope_theta, rotary_modules, text_config
+
+_RUNS: ContextVar[int] = ContextVar("longreach_parallel_runs", default=1)
+
+
+@contextmanager
+def running(n: int):
+    """Mark the forwards inside as ``n`` parallel runs of one prompt (``longreach.generate`` enters it)."""
+    token = _RUNS.set(n)
+    try:
+        yield
+    finally:
+        _RUNS.reset(token)
+
+
+def combine_runs(logits: Tensor) -> Tensor:
+    """(n, V) next-token logits of the runs -> (V,): each run weighted by the softmax, over runs, of its largest
+    logit, then summed (in float32)."""
+    logits = logits.float()
+    weights = torch.softmax(logits.max(dim=-1).values, dim=0)
+    return (weights[:, None] * logits).sum(dim=0)
+
+
+class RowBases(nn.Module):
+    """A rotary module whose batch row ``i`` gets the cos/sin of ``rotaries[i]`` (the model's own class, built at
+    base ``i``); a single run passes straight through."""
+
+    def __init__(self, rotaries: list[nn.Module]) -> None:
+        super().__init__()
+        self.rotaries = nn.ModuleList(rotaries)
+
+    def forward(self, x: Tensor, position_ids: Tensor, *args: object, **kwargs: object) -> Tensor | tuple:
+        n = len(self.rotaries)
+        if n == 1:
+            return self.rotaries[0](x, position_ids, *args, **kwargs)
+        if x.shape[0] != n or _RUNS.get() != n:
+            raise InputError(
+                f"buckets-runs runs the prompt once per RoPE base ({n} bases: a batch of {n} copies) and combines the "
+                "runs' next-token logits at every step: generate with longreach.generate (or the CLI's generate and "
+                f"eval), which does both; this forward had a batch of {x.shape[0]} outside such a generation")
+        if position_ids.shape[0] == 1:
+            position_ids = position_ids.expand(n, -1)
+        rows = [rot(x[i:i + 1], position_ids[i:i + 1], *args, **kwargs) for i, rot in enumerate(self.rotaries)]
+        if isinstance(rows[0], Tensor):  # one tensor (Llama 4's complex freqs_cis), not (cos, sin)
+            return torch.cat(rows, dim=0)
+        return tuple(torch.cat(parts, dim=0) for parts in zip(*rows, strict=True))
+
+
+def config_at_base(config: object, base: float) -> object:
+    """A copy of ``config`` whose global layers' RoPE base is ``base`` (Gemma 3's sliding layers keep theirs)."""
+    new = copy.copy(config)
+    params = copy.deepcopy(config.rope_parameters)
+    params.get("full_attention", params)["rope_theta"] = base
+    new.rope_parameters = params
+    return new
+
+
+@register
+@dataclass(frozen=True)
+class BucketRuns(PositionMethod):
+    """One run of the model per RoPE base of ``bases``, as a batch; their next-token logits combined by confidence
+    (see the module docstring). ``bases=1x`` is exactly the model."""
+
+    name: ClassVar[str] = "buckets-runs"
+    parallel_runs: ClassVar[bool] = True  # spec composition refuses it with a procedure
+    summary: ClassVar[str] = "Attention Buckets as parallel runs: the model once per RoPE base, logits combined"
+    paper: ClassVar[str] = "Fortify the Shortest Stave in Attention: Enhancing Context Awareness of Large " \
+                           "Language Models for Effective Tool Use (arXiv:2312.04455)"
+
+    bases: str = param("1x|1.75x|1.8x|1.9x", "RoPE bases joined by '|', one run each: absolute (17500) or multiples "
+                                             "of the model's own base (1.75x)")
+
+    def __post_init__(self) -> None:
+        parse_bases(self.bases, self.name)
+
+    @property
+    def runs(self) -> int:
+        """How many copies of the prompt ``longreach.generate`` runs in a batch."""
+        return len(parse_bases(self.bases, self.name))
+
+    def combine(self, logits: Tensor) -> Tensor:
+        """(n, V) -> (V,): the runs' next-token logits combined (``combine_runs``)."""
+        return combine_runs(logits)
+
+    def check_model(self, model: nn.Module) -> None:
+        if not rotary_modules(model):
+            raise UnsupportedModelError(f"buckets-runs changes the RoPE base of each run, and {type(model).__name__} "
+                                        "has no rotary embedding module: it needs a RoPE model (Llama, Qwen2, "
+                                        "Mistral, Gemma 3)")
+        if not isinstance(getattr(text_config(model), "rope_parameters", None), dict):
+            raise UnsupportedModelError(f"buckets-runs: {type(model).__name__}'s config has no rope_parameters to "
+                                        "set a base in")
+
+    def install(self, model: nn.Module) -> Callable[[], None]:
+        config = text_config(model)
+        swapped = []
+        for parent, attr, old in rotary_modules(model):
+            freq = getattr(old, "inv_freq", None)
+            own = rope_theta(config, freq if freq is not None else old.full_attention_inv_freq)
+            device = next(iter(old.buffers())).device
+            runs = [old if base == own else type(old)(config_at_base(config, base)).to(device)
+                    for base in (value * own if relative else value for value, relative in parse_bases(self.bases))]
+            setattr(parent, attr, RowBases(runs))
+            swapped.append((parent, attr, old))
+
+        def undo() -> None:
+            for parent, attr, old in swapped:
+                setattr(parent, attr, old)
+        return undo
