@@ -19,6 +19,7 @@ from conftest import ARCHS, prefill_then_steps, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import longreach
+from longreach.bench.e2e import run_rows
 from longreach.errors import InputError, SpecError, UnsupportedModelError
 from longreach.eval.runner import make_sweep
 from longreach.heads.posdim import _Scorer, find_position_dims
@@ -35,7 +36,7 @@ def _no_grad():
 
 
 def _own_theta(model) -> float:
-    params = model.config.rope_parameters
+    params = model.config.get_text_config().rope_parameters
     return float(params.get("full_attention", params)["rope_theta"])
 
 
@@ -141,7 +142,7 @@ def test_buckets_absolute_and_relative_bases_agree_and_specs_round_trip():
 def _model_at_base(model, base: float):
     """An independent oracle: the same weights in a model built from a config whose (global) RoPE base is ``base``."""
     cfg = copy.deepcopy(model.config)
-    params = cfg.rope_parameters
+    params = cfg.get_text_config().rope_parameters
     params.get("full_attention", params)["rope_theta"] = base
     other = type(model)(cfg).eval()
     other.load_state_dict(model.state_dict())
@@ -189,16 +190,26 @@ def test_buckets_runs_are_the_model_at_each_base_and_generate_the_combined_token
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_buckets_runs_batch_every_family(family):
-    """Every family's rotary code runs per row: the run at the model's own base is the model, exactly, and the
-    other base changes the output (NoPE and chunked layers included: Llama 4; MLA's rotary part: DeepSeek-V3)."""
+def test_buckets_runs_generate_on_every_family(family, monkeypatch):
+    """Every family's rotary code runs per row (NoPE and chunked layers included: Llama 4; MLA's rotary part:
+    DeepSeek-V3): through longreach.generate, the runs' logits at each cached step are the same weights' in a model
+    built at each base, on the sequence so far."""
     model = tiny_family(family, max_positions=48)
+    theta = _own_theta(model)
+    oracles = [_model_at_base(model, b * theta) for b in (1.0, 0.01)]
     ids = torch.randint(3, 128, (1, 24))
-    plain = model(ids).logits
-    with longreach.apply(model, "buckets-runs:bases=1x|0.01x"), running(2):
-        both = model(ids.expand(2, -1)).logits
-    torch.testing.assert_close(both[:1], plain, atol=1e-5, rtol=1e-5)
-    assert float((both[1] - plain[0]).abs().max()) > 1e-4
+    seen = []
+    real = BucketRuns.combine
+    monkeypatch.setattr(BucketRuns, "combine", lambda self, logits: seen.append(logits) or real(self, logits))
+    with longreach.apply(model, "buckets-runs:bases=1x|0.01x"):
+        run = longreach.generate(model, ids, 3)
+    seq = ids
+    for rows in seen:
+        per_base = [o(seq).logits[0, -1] for o in oracles]
+        torch.testing.assert_close(rows, torch.stack(per_base), atol=1e-4, rtol=1e-4)
+        seq = torch.cat([seq, _combined(per_base).argmax().view(1, 1)], dim=1)
+    assert len(seen) == 3 and run.tokens == seq[0, ids.shape[1]:].tolist()
+    assert float((oracles[0](ids).logits - oracles[1](ids).logits).abs().max()) > 1e-4  # the bases differ
 
 
 def test_plan_counts_every_run_of_buckets_runs():
@@ -251,10 +262,40 @@ def test_buckets_runs_refuse_what_would_not_run_the_paper_form():
                                             bos_token_id=0, eos_token_id=0)).eval()
     with pytest.raises(UnsupportedModelError, match="needs a RoPE model"):
         longreach.apply(gpt2, "buckets-runs")
+    with pytest.raises(SpecError, match="same base twice"):
+        longreach.apply(model, "buckets-runs:bases=1x|10000")  # the tiny Llama's own base is 10000
+    with pytest.raises(InputError, match="--hf-generate"):
+        run_rows("m", "text", [64], ["dense", "buckets-runs"], hf_generate=True)
+    # one base is an ordinary forward: it composes like any rope change, and the server takes it
+    longreach.parse_spec("buckets-runs:bases=2x+homer")
+    servable(longreach.parse_spec("buckets-runs:bases=2x"))
+    make_sweep("m", "ppl", "dense;buckets-runs:bases=2x", "4k")
     plain = model(ids).logits
-    with longreach.apply(model, "buckets-runs:bases=1x|2x+quest:density=1.0,block=16"):
-        longreach.generate(model, ids, 2)  # a select method stacks (full budget: the runs themselves)
+    with longreach.apply(model, "buckets-runs:bases=2x+snapkv:density=0.5"):
+        model(ids)
     torch.testing.assert_close(model(ids).logits, plain)  # removed: the model's own rotary modules are back
+
+
+def test_buckets_runs_stack_a_select_method_and_chunk_and_stop_like_generate():
+    """A select method chooses keys in each run as it would in the model at that base; a chunked prefill gives
+    the same tokens; an EOS token ends the generation for every run."""
+    model = tiny_model("llama")
+    theta = _own_theta(model)
+    ids = torch.randint(0, 128, (1, 64))
+    oracles = [_model_at_base(model, b * theta) for b in (1.0, 3.0)]
+    want = []
+    for oracle in oracles:
+        with longreach.apply(oracle, "quest:density=0.25,block=16"):
+            want.append(oracle(ids).logits)
+    with longreach.apply(model, "buckets-runs:bases=1x|3x+quest:density=0.25,block=16"), running(2):
+        got = model(ids.expand(2, -1)).logits
+    assert float((want[0] - oracles[0](ids).logits).abs().max()) > 1e-4  # quest left keys out
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+    with longreach.apply(model, "buckets-runs:bases=1x|3x"):
+        whole = longreach.generate(model, ids, 5)
+        assert longreach.generate(model, ids, 5, chunk=16).tokens == whole.tokens
+        stopped = longreach.generate(model, ids, 5, eos={whole.tokens[1]})
+    assert stopped.tokens == whole.tokens[:2]
 
 
 # -- posdim --------------------------------------------------------------------------------------------------

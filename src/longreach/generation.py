@@ -16,7 +16,7 @@ from .cache.compressed import cache_bytes
 from .cache.growing import growing_cache
 from .compat import cache_kwargs, output_cache
 from .errors import InputError
-from .hf import applied
+from .hf import Handle, applied
 from .position.bucketruns import BucketRuns, running
 from .position.frozen import planned_length
 
@@ -90,16 +90,16 @@ def generate(model, ids: dict | Tensor, max_new_tokens: int, eos: set[int] | Non
     ids = as_batch(ids)
     eos = eos or set()
     handle = applied(model)
-    runs = handle.runs if handle is not None else None  # buckets-runs: the prompt once per RoPE base, as a batch
-    n = runs.runs if runs is not None else 1
+    parallel = handle.parallel if handle is not None else None  # buckets-runs: the prompt once per RoPE base
+    n = parallel.runs if parallel is not None else 1
     if n > 1:
-        ids = {key: value.expand(n, -1) for key, value in ids.items() if isinstance(value, Tensor)}
+        ids = {key: ids[key].expand(n, -1) for key in ("input_ids", "attention_mask")}
     with running(n):
-        return _generate(model, ids, max_new_tokens, eos, chunk, cache, handle, runs)
+        return _generate(model, ids, max_new_tokens, eos, chunk, cache, handle, parallel)
 
 
-def _generate(model, ids: dict, max_new_tokens: int, eos: set[int], chunk: int | None, cache: str, handle,
-              runs: BucketRuns | None) -> Generation:
+def _generate(model, ids: dict, max_new_tokens: int, eos: set[int], chunk: int | None, cache: str,
+              handle: Handle | None, runs: BucketRuns | None) -> Generation:
     procedure = handle.procedure if handle is not None else None  # homer: builds the cache itself
     if procedure is not None and chunk is not None:
         raise InputError(f"{procedure.name} prefills in its own chunks (its chunk= parameter): drop chunk / --chunk")

@@ -57,8 +57,10 @@ class Handle:
         # re-rotate q/k in the attention function with the model's frequencies
         self.position: PositionMethod | None = next(iter(spec.of_kind("position")), None)  # type: ignore[arg-type]
         self.remap = self.position if isinstance(self.position, RemapPositions) else None
-        # parallel runs (buckets-runs): ``longreach.generate`` batches the prompt once per run and combines the logits
-        self.runs: BucketRuns | None = self.position if isinstance(self.position, BucketRuns) else None
+        # parallel runs (buckets-runs, several bases): ``longreach.generate`` batches the prompt once per run and
+        # combines the logits
+        self.parallel: BucketRuns | None = (self.position if isinstance(self.position, BucketRuns)
+                                            and self.position.runs > 1 else None)
         # a procedure (homer) replaces the prefill: ``longreach.generate`` runs it instead of the model's forward
         self.procedure: Procedure | None = next(iter(spec.of_kind("procedure")), None)  # type: ignore[arg-type]
         self.rope: RopeInfo | None = None
@@ -263,7 +265,7 @@ def apply(
         raise SpecError(f"cannot stack {remaps[0].name} with {owner}: {remaps[0].name} re-maps positions by cache "
                         f"index, and {owner} {why}; use a rope scaling method (yarn, linear, ...) with {owner} "
                         "instead")
-    if handle.runs is not None and owners:
+    if handle.parallel is not None and owners:
         raise SpecError(f"cannot stack buckets-runs with {owners[0].name}: each run would compress its own cache, "
                         "and the runs must stay the same prompt under different bases; use buckets-runs alone or "
                         "with a select method")

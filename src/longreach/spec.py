@@ -84,7 +84,7 @@ def _compose(methods: list[Method]) -> Spec:
         name = by_kind["procedure"][0].name
         raise SpecError(f"cannot combine {remaps[0]} with {name}: {remaps[0]} re-maps positions by cache index, and "
                         f"{name} assigns its own; use a rope scaling method instead (e.g. {name}+yarn:factor=2)")
-    parallel = [m.name for m in by_kind["position"] if getattr(m, "parallel_runs", False)]
+    parallel = [m.name for m in by_kind["position"] if m.runs > 1]
     if by_kind["procedure"] and parallel:
         raise SpecError(f"cannot combine {parallel[0]} with {by_kind['procedure'][0].name}: {parallel[0]} runs the "
                         "whole model once per RoPE base, and the procedure builds one cache with its own prefill; "

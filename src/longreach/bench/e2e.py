@@ -36,9 +36,11 @@ import torch
 
 from .. import apply, cache_bytes
 from ..compat import output_cache
+from ..errors import InputError
 from ..generation import generate
 from ..plan import MiB, peak_resident_bytes, reset_peak_resident, weight_bytes
 from ..plotting import pyplot
+from ..spec import parse_spec
 from ._plot import speedup_axis
 from .peer import ROW_SCRIPT, Peer
 from .roofline import memory_bandwidth
@@ -143,6 +145,10 @@ def run_rows(model: str, text: str, lengths: list[int], specs: list[str], new_to
     ``model`` is what ``load_model`` takes; with ``hf_generate`` each spec also runs through ``model.generate()``
     under ``apply`` (the README's path: it must cost what ``longreach.generate`` does). ``peers`` are llama.cpp
     rows (:mod:`.peer`), run the same way."""
+    parallel = [s for s in specs if any(m.runs > 1 for m in parse_spec(s).methods)]
+    if hf_generate and parallel:
+        raise InputError(f"--hf-generate times model.generate(), which cannot run {parallel[0]}: its runs are batched "
+                         "and their logits combined by longreach.generate only; drop --hf-generate for it")
     jobs = [dict(spec=spec, hf_generate=False) for spec in [None, *specs]]
     jobs += [dict(spec=spec, hf_generate=True) for spec in specs if hf_generate]
     jobs += [dict(peer=p.job()) for p in peers]

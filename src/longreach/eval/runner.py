@@ -147,7 +147,7 @@ def make_sweep(model: str, tasks: str, methods: str, lengths: str, *, depths: st
             raise InputError(f"--sort-documents reorders a prompt's documents, and {', '.join(plain)} has none: "
                              "use a task with documents, e.g. niah:docs=8 or kvret:docs=1")
     procedures = [m for m in method_specs if parse_spec(m).of_kind("procedure")]
-    runs = [m for m in method_specs if any(getattr(p, "parallel_runs", False) for p in parse_spec(m).methods)]
+    runs = [m for m in method_specs if any(p.runs > 1 for p in parse_spec(m).methods)]
     scored = [t.spec() for t in parsed if t.metric == "ppl"]
     if procedures and scored:
         raise InputError(f"{procedures[0]} replaces the prefill to build a cache for answering, and {scored[0]} "
@@ -283,7 +283,7 @@ def run_cells(sweep: Sweep, todo: dict[Cell, list], model, tokenizer, corpus: Co
                     bank.sorted(model, cell.task, cell.length, depth, seed, sweep.sort_rounds, sweep.kernel,
                                 sweep.chunk)
         with apply(model, method, kernel=sweep.kernel) as handle:
-            warm_up(model, through_generate=handle.procedure is not None or handle.runs is not None)
+            warm_up(model, through_generate=handle.procedure is not None or handle.parallel is not None)
             for cell in cells:
                 for depth, seed in todo[cell]:
                     sample = bank.get(cell.task, cell.length, depth, seed)

@@ -35,6 +35,12 @@ class Method(Configurable):
     # assigns positions itself (a procedure) or drops keys (a press) can follow it
     remaps_positions: ClassVar[bool] = False
 
+    @property
+    def runs(self) -> int:
+        """Copies of the prompt ``longreach.generate`` runs as a batch, their logits combined (``buckets-runs``
+        with several bases); 1: an ordinary forward, which everything else may share."""
+        return 1
+
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse, at ``apply`` time, a model this method cannot act on (before any forward)."""
 

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import param
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, SpecError, UnsupportedModelError
 from ..methods.registry import register
 from .base import PositionMethod
 from .buckets import parse_bases
-from .rotary import rope_theta, rotary_modules, text_config
+from .rotary import rotary_modules, text_config
 
 _RUNS: ContextVar[int] = ContextVar("longreach_parallel_runs", default=1)
 
@@ -63,7 +63,8 @@ class RowBases(nn.Module):
         super().__init__()
         self.rotaries = nn.ModuleList(rotaries)
 
-    def forward(self, x: Tensor, position_ids: Tensor, *args: object, **kwargs: object) -> Tensor | tuple:
+    def forward(self, x: Tensor, position_ids: Tensor, *args: object, **kwargs: object
+                ) -> Tensor | tuple[Tensor, ...]:
         n = len(self.rotaries)
         if n == 1:
             return self.rotaries[0](x, position_ids, *args, **kwargs)
@@ -72,6 +73,9 @@ class RowBases(nn.Module):
                 f"buckets-runs runs the prompt once per RoPE base ({n} bases: a batch of {n} copies) and combines the "
                 "runs' next-token logits at every step: generate with longreach.generate (or the CLI's generate and "
                 f"eval), which does both; this forward had a batch of {x.shape[0]} outside such a generation")
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, n):
+            raise InputError(f"buckets-runs gives each batch row its own RoPE base and needs position ids shaped "
+                             f"(1 or {n}, tokens), got {tuple(position_ids.shape)} (multi-axis RoPE is not supported)")
         if position_ids.shape[0] == 1:
             position_ids = position_ids.expand(n, -1)
         rows = [rot(x[i:i + 1], position_ids[i:i + 1], *args, **kwargs) for i, rot in enumerate(self.rotaries)]
@@ -83,7 +87,7 @@ class RowBases(nn.Module):
 def config_at_base(config: object, base: float) -> object:
     """A copy of ``config`` whose global layers' RoPE base is ``base`` (Gemma 3's sliding layers keep theirs)."""
     new = copy.copy(config)
-    params = copy.deepcopy(config.rope_parameters)
+    params = copy.deepcopy(config.rope_parameters)  # type: ignore[attr-defined]  # check_model: it is a dict
     params.get("full_attention", params)["rope_theta"] = base
     new.rope_parameters = params
     return new
@@ -96,7 +100,6 @@ class BucketRuns(PositionMethod):
     (see the module docstring). ``bases=1x`` is exactly the model."""
 
     name: ClassVar[str] = "buckets-runs"
-    parallel_runs: ClassVar[bool] = True  # spec composition refuses it with a procedure
     summary: ClassVar[str] = "Attention Buckets as parallel runs: the model once per RoPE base, logits combined"
     paper: ClassVar[str] = "Fortify the Shortest Stave in Attention: Enhancing Context Awareness of Large " \
                            "Language Models for Effective Tool Use (arXiv:2312.04455)"
@@ -109,7 +112,7 @@ class BucketRuns(PositionMethod):
 
     @property
     def runs(self) -> int:
-        """How many copies of the prompt ``longreach.generate`` runs in a batch."""
+        """How many copies of the prompt ``longreach.generate`` runs in a batch (one per base)."""
         return len(parse_bases(self.bases, self.name))
 
     def combine(self, logits: Tensor) -> Tensor:
@@ -117,23 +120,32 @@ class BucketRuns(PositionMethod):
         return combine_runs(logits)
 
     def check_model(self, model: nn.Module) -> None:
-        if not rotary_modules(model):
+        mods = rotary_modules(model)
+        if not mods:
             raise UnsupportedModelError(f"buckets-runs changes the RoPE base of each run, and {type(model).__name__} "
                                         "has no rotary embedding module: it needs a RoPE model (Llama, Qwen2, "
                                         "Mistral, Gemma 3)")
-        if not isinstance(getattr(text_config(model), "rope_parameters", None), dict):
-            raise UnsupportedModelError(f"buckets-runs: {type(model).__name__}'s config has no rope_parameters to "
-                                        "set a base in")
+        params = getattr(text_config(model), "rope_parameters", None)
+        if not isinstance(params, dict) or not isinstance(params.get("full_attention", params).get("rope_theta"),
+                                                           int | float):
+            raise UnsupportedModelError(f"buckets-runs: {type(model).__name__}'s config has no rope_theta (in "
+                                        "rope_parameters, or its full_attention entry) to set each run's base in")
+        bases = self.base_values(model)
+        if len(set(bases)) < len(bases):
+            raise SpecError(f"buckets-runs: bases '{self.bases}' name the same base twice on this model (its own "
+                            f"base is {own_theta(model):g}): the runs would be identical; list each base once")
+
+    def base_values(self, model: nn.Module) -> list[float]:
+        own = own_theta(model)
+        return [value * own if relative else value for value, relative in parse_bases(self.bases, self.name)]
 
     def install(self, model: nn.Module) -> Callable[[], None]:
-        config = text_config(model)
+        config, own = text_config(model), own_theta(model)
         swapped = []
         for parent, attr, old in rotary_modules(model):
-            freq = getattr(old, "inv_freq", None)
-            own = rope_theta(config, freq if freq is not None else old.full_attention_inv_freq)
-            device = next(iter(old.buffers())).device
-            runs = [old if base == own else type(old)(config_at_base(config, base)).to(device)
-                    for base in (value * own if relative else value for value, relative in parse_bases(self.bases))]
+            buffer = next(iter(old.buffers()))  # new modules match its device and dtype (a bf16 model's inv_freq)
+            runs = [old if base == own else type(old)(config_at_base(config, base)).to(buffer.device, buffer.dtype)
+                    for base in self.base_values(model)]
             setattr(parent, attr, RowBases(runs))
             swapped.append((parent, attr, old))
 
@@ -141,3 +153,9 @@ class BucketRuns(PositionMethod):
             for parent, attr, old in swapped:
                 setattr(parent, attr, old)
         return undo
+
+
+def own_theta(model: nn.Module) -> float:
+    """The model's (global layers') RoPE base, from its config (``check_model`` made sure it is there)."""
+    params = text_config(model).rope_parameters
+    return float(params.get("full_attention", params)["rope_theta"])
