@@ -31,7 +31,7 @@ from ..configurable import param
 from ..errors import InputError, SpecError, UnsupportedModelError
 from ..methods.registry import register
 from .base import PositionMethod
-from .buckets import parse_bases
+from .buckets import DEFAULT_BASES, PAPER, parse_bases
 from .rotary import rotary_modules, text_config
 
 _RUNS: ContextVar[int] = ContextVar("longreach_parallel_runs", default=1)
@@ -101,10 +101,9 @@ class BucketRuns(PositionMethod):
 
     name: ClassVar[str] = "buckets-runs"
     summary: ClassVar[str] = "Attention Buckets as parallel runs: the model once per RoPE base, logits combined"
-    paper: ClassVar[str] = "Fortify the Shortest Stave in Attention: Enhancing Context Awareness of Large " \
-                           "Language Models for Effective Tool Use (arXiv:2312.04455)"
+    paper: ClassVar[str] = PAPER
 
-    bases: str = param("1x|1.75x|1.8x|1.9x", "RoPE bases joined by '|', one run each: absolute (17500) or multiples "
+    bases: str = param(DEFAULT_BASES, "RoPE bases joined by '|', one run each: absolute (17500) or multiples "
                                              "of the model's own base (1.75x)")
 
     def __post_init__(self) -> None:

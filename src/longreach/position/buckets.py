@@ -37,6 +37,10 @@ from ..methods.registry import register
 from .base import PositionView, RemapPositions
 from .rotary import RopeInfo, rerotate, rope_info
 
+PAPER = ("Fortify the Shortest Stave in Attention: Enhancing Context Awareness of Large Language Models for Effective "
+         "Tool Use (arXiv:2312.04455)")
+DEFAULT_BASES = "1x|1.75x|1.8x|1.9x"  # the paper's 10000|17500|18000|19000 on a base-10000 model
+
 
 def parse_bases(text: str, owner: str = "buckets") -> tuple[tuple[float, bool], ...]:
     """``'10000|1.75x'`` -> ((10000.0, False), (1.75, True)): a base, or (with ``x``) a multiple of the model's."""
@@ -76,10 +80,9 @@ class Buckets(RemapPositions):
 
     name: ClassVar[str] = "buckets"
     summary: ClassVar[str] = "Attention Buckets: attention under several RoPE bases per layer, outputs averaged"
-    paper: ClassVar[str] = "Fortify the Shortest Stave in Attention: Enhancing Context Awareness of Large " \
-                           "Language Models for Effective Tool Use (arXiv:2312.04455)"
+    paper: ClassVar[str] = PAPER
 
-    bases: str = param("1x|1.75x|1.8x|1.9x", "RoPE bases joined by '|': absolute (17500) or multiples of the "
+    bases: str = param(DEFAULT_BASES, "RoPE bases joined by '|': absolute (17500) or multiples of the "
                                              "model's own base (1.75x)")
 
     def __post_init__(self) -> None:
