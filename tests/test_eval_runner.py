@@ -167,11 +167,12 @@ def test_report_table_and_html(tmp_path):
             rows.append({"model": "m", "method": method, "task": "niah", "metric": "accuracy", "length": 2048,
                          "depth": [0.0, 1.0][i % 2], "seed": i, "chat": True, "corpus": "c", "score": float(s),
                          "prefill_s": t, "decode_s": 0.1, "decode_tokens": 5, "density": dens, "kv_bytes": 2**20,
-                         "peak_rss_mb": 900})
+                         "peak_rss_mb": 900, "prediction": "12345" if s else ["", " ", "99"][i % 3]})
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = build_report(tmp_path)
-    assert "| dense | 2048 | 4 | 75% (30%–95%) | 1.000 | 2.00 | 1.00x | 20 | 1.0 | 900 |" in report.markdown
-    assert "| quest:density=0.1 | 2048 | 4 | 25% (5%–70%) | 0.100 | 1.00 | 2.00x |" in report.markdown
+    # no answer: dense's one miss (i = 3) answered ""; quest's misses (i = 1, 2, 3) were " ", "99" and ""
+    assert "| dense | 2048 | 4 | 75% (30%–95%) | 1 | 1.000 | 2.00 | 1.00x | 20 | 1.0 | 900 |" in report.markdown
+    assert "| quest:density=0.1 | 2048 | 4 | 25% (5%–70%) | 2 | 0.100 | 1.00 | 2.00x |" in report.markdown
     # paired with dense: both right 1, only dense right 2, neither 1 -> Newcombe [-78.9, +13.5], McNemar 2 * 0.5**2
     assert ("| quest:density=0.1 | 2048 | 4 | -50.0 | [-78.9, +13.5] | Newcombe 10 | 0.500 | "
             "no difference observed (n = 4) |") in report.markdown

@@ -1,8 +1,8 @@
 """Turn ``results.jsonl`` into what a user decides with: Markdown tables and an offline HTML report.
 
 Per task, method and length: the score (mean with a 95% confidence interval — Wilson for
-exact-match accuracy, Student t for recall and perplexity), attention density actually used,
-prefill time and its ratio to the baseline's (``dense`` unless told) measured in the same sweep, decode time
+exact-match accuracy, Student t for recall and perplexity), how many answers were empty, attention density actually
+used, prefill time and its ratio to the baseline's (``dense`` unless told) measured in the same sweep, decode time
 per token, KV-cache size and peak RSS. Then, per task, each method set against the baseline on the same prompts:
 the paired difference with its 95% interval (Newcombe's method 10 for right/wrong scores, a paired bootstrap
 otherwise), McNemar's exact p, and a verdict worded by the interval (:func:`verdict`); where the rows sweep
@@ -132,9 +132,9 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
         metric = next(c.metric for c in cells.values() if c.task == task)
         what = {"accuracy": "accuracy", "recall": "recall", "ppl": "perplexity (lower is better)"}[metric]
         out += ["", f"### {task} — {what}", "",
-                f"| method | length | n | score | density | prefill s | speed vs {baseline} | decode ms/tok | KV MiB "
-                "| peak RSS MiB |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                f"| method | length | n | score | no answer | density | prefill s | speed vs {baseline} "
+                "| decode ms/tok | KV MiB | peak RSS MiB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method in methods:
             for length in sorted({c.length for c in cells.values() if c.task == task}):
                 cell = cells.get((task, method, length))
@@ -144,7 +144,7 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
                 dec_s, dec_n = sum(cell.values("decode_s")), sum(cell.values("decode_tokens"))
                 kv = cell.avg("kv_bytes")
                 out.append(
-                    f"| {method} | {length} | {len(cell.rows)} | {fmt_score(cell)} | "
+                    f"| {method} | {length} | {len(cell.rows)} | {fmt_score(cell)} | {no_answer(cell)} | "
                     f"{'–' if dens is None else f'{dens:.3f}'} | {cell.avg('prefill_s'):.2f} | "
                     f"{speed_ratio(cells, cell, baseline)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
                     f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
@@ -152,6 +152,16 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
         out += depth_table(cells, task, methods, baseline)
     out += effective_table(cells, methods, threshold)
     return "\n".join(out)
+
+
+def no_answer(cell: ScoreCell) -> str:
+    """How many generated rows have an empty answer: the model ended at once (its end token first), a failure
+    apart from a wrong answer (an instruct model given a bare question without its chat template often does it,
+    and a method can make it do it more often). "–" for perplexity, and for rows that did not record answers."""
+    answers = [r["prediction"] for r in cell.rows if isinstance(r.get("prediction"), str)]
+    if cell.metric == "ppl" or not answers:
+        return "–"
+    return str(sum(not a.strip() for a in answers))
 
 
 def prompt_key(row: dict) -> tuple:
