@@ -301,3 +301,32 @@ def test_a_press_on_latent_attention_drops_whole_tokens_and_decode_reads_only_th
     ref, bytes_full = restricted_decode(model, ids, nxt, {i: pos.expand(-1, heads, -1) for i, pos in kept.items()})
     assert (ours - ref).abs().max().item() < 1e-4
     assert bytes_after < 0.5 * bytes_full
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("press", ["snapkv:density=0.3", "tova:density=0.3", "pyramidkv:density=0.3"])
+def test_hold_false_is_snapkvs_order_the_prompt_dense_then_the_cache_shrunk(arch, press):
+    """hold=false: every prompt row attends every key (all prefill logits are dense's, so the first answer token
+    is), the cache is shrunk as much after the forward, and the next step reads it. The default holds the last
+    row back, so the prompt's last logits already read the shrunk cache."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (1, 96))
+    with torch.no_grad():
+        dense = model(ids, use_cache=True)
+        step = ids[:, :1]
+        dense_next = model(step, use_cache=True, **cache_kwargs(model, output_cache(dense))).logits
+        runs = {}
+        for hold in ("true", "false"):
+            with longreach.apply(model, f"{press},hold={hold}"):
+                out = model(ids, use_cache=True)
+                stored = cache_bytes(output_cache(out))
+                nxt = model(step, use_cache=True, **cache_kwargs(model, output_cache(out))).logits
+            runs[hold] = out.logits, stored, nxt
+    logits, stored, nxt = runs["false"]
+    torch.testing.assert_close(logits, dense.logits, atol=1e-5, rtol=1e-5)  # the whole prompt, dense
+    assert stored < 0.6 * cache_bytes(output_cache(dense))  # shrunk all the same
+    assert float((nxt - dense_next).abs().max()) > 1e-4  # and the next token reads the shrunk cache
+    held, held_bytes, _ = runs["true"]
+    torch.testing.assert_close(held[:, :-1], dense.logits[:, :-1], atol=1e-5, rtol=1e-5)
+    assert float((held[:, -1] - dense.logits[:, -1]).abs().max()) > 1e-4  # the held-back row read the shrunk cache
+    assert held_bytes == stored

@@ -105,6 +105,9 @@ class CachePolicy(Protocol):
     # every stored key while decoding): the runtime then arms the layer so its update skips dequantizing
     attends_codes: bool
     reads_decode_keys: bool  # after_forward reads every stored key at decode steps (h2o's history)
+    # the runtime holds a prompt's last token back, so the first answer token reads the shrunk cache; False: the
+    # whole prompt attends every key and the cache shrinks after (a press's ``hold=false``, SnapKV's own order)
+    holds_last: bool
 
     def attend(self, call: LayerCall) -> Tensor | None: ...
 
@@ -124,6 +127,7 @@ class StackedPolicy:
         # kvquant attends its codes unless a policy before it reads every stored key while decoding (h2o's history)
         self.attends_codes = any(p.attends_codes for p in policies) and not any(p.reads_decode_keys for p in policies)
         self.reads_decode_keys = any(p.reads_decode_keys for p in policies)
+        self.holds_last = all(p.holds_last for p in policies)
         storing = [p.stored_bytes for p in policies if hasattr(p, "stored_bytes")]
         if storing:  # how the last storing policy (kvquant) holds what the others keep: what ``plan`` counts
             self.stored_bytes = storing[-1]

@@ -55,6 +55,7 @@ class QuantPolicy:
     stores_only = True  # keeps every key: may follow one press in a spec, and runs after it
     attends_codes = True  # a decode step reads the codes (attend), unless the runtime did not arm the layer
     reads_decode_keys = False
+    holds_last = True
 
     def __init__(self, method: KVQuant, owner: object) -> None:
         self.method = method

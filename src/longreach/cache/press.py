@@ -60,6 +60,9 @@ class Press(Method):
     window: int | None = param(None, "most recent tokens always kept (default: the press's own)")
     every: int | None = param(None, "also compress every N decode steps; 0: only after forwards of several tokens "
                                     "(default: 1 for presses that evict while decoding, else 0)")
+    hold: bool = param(True, "hold the prompt's last token back so the first answer token reads the compressed "
+                             "cache; false: the whole prompt attends every key and the cache is compressed after "
+                             "(SnapKV's order: the first answer token is dense's)")
 
     default_window: ClassVar[int] = 0
     default_every: ClassVar[int] = 0
@@ -147,6 +150,7 @@ class PressPolicy:
         self.owner = owner  # the handle: a compressed layer refuses updates once it is removed
         # the attention every decode query pays every stored key (h2o): a decode step must see them all
         self.reads_decode_keys = press.wants_history
+        self.holds_last = press.hold
 
     def attend(self, call: LayerCall) -> Tensor | None:
         return None  # every head keeps the same number of keys: the runtime's selector + kernel path

@@ -31,6 +31,7 @@ class SplitPolicy:
     stores_only = False  # it chooses which keys each head keeps
     attends_codes = False
     reads_decode_keys = True
+    holds_last = True
 
     def __init__(self, policy: HeadPolicy, owner: object) -> None:
         self.policy = policy

@@ -6,7 +6,8 @@ The model's own sliding-window layers (Gemma 3's local layers) keep exactly thei
 policy or hook acts on them. A cache policy (a press or head policy) also holds the prompt's last token
 back: the rows before it are attended and the cache shrunk, then the last row attends the shrunk cache,
 exactly as if it were the first decode step. So the first answer token reads the compressed cache on every
-path, ``model.generate()`` included.
+path, ``model.generate()`` included (unless a press says ``hold=false``: then every row attends every key and
+the cache shrinks after the forward, SnapKV's own order).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class LayerRuntime:
         if policy is not None and key_mask is not None:
             raise InputError(f"{policy.name} compresses unpadded sequences: run one sequence per batch (or batch "
                              "prompts of equal length without padding)")
-        if policy is not None and t_q > 1 and self.cache is not None:
+        if policy is not None and t_q > 1 and self.cache is not None and policy.holds_last:
             return self.hold_last(q, k, v, scale, policy)
         return self.run(q, k, v, key_mask, scale, sliding_window)
 
