@@ -93,7 +93,7 @@ def test_report_shows_provenance_and_flags_ratios_across_machines(tmp_path, same
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = build_report(tmp_path).markdown
     assert "AMD EPYC (avx2), 2 threads, torch 2.13.0" in text
-    flagged = "| quest:density=0.1 | 1024 | 2 | 100% (34%–100%) | – | 1.00 | 2.00x† |" in text
-    plain = "| quest:density=0.1 | 1024 | 2 | 100% (34%–100%) | – | 1.00 | 2.00x |" in text
+    flagged = "| quest:density=0.1 | 1024 | 2 | 100% (34%–100%) | – | – | 1.00 | 2.00x† |" in text  # no answer, density
+    plain = "| quest:density=0.1 | 1024 | 2 | 100% (34%–100%) | – | – | 1.00 | 2.00x |" in text
     assert (plain, flagged) == (same, not same)
     assert ("Intel Xeon" in text) == (not same)
