@@ -170,6 +170,8 @@ def main() -> None:
     for task in ("niah", "passkey"):  # Gemma-3-270M: passkey under the default needle does not measure retrieval
         accuracy(f"tuned KV press, Gemma-3-270M, 8k, {task}", "snapkv:density=0.1,pool=31",
                  "tuned/gemma3-8k/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    accuracy("tuned KV press, Gemma-3-270M, 8k, passkey with Landmark Attention's needle",
+             "snapkv:density=0.1,pool=31", "heldout/gemma3-8k-passkey-landmark-austen/results.jsonl")
     accuracy(
         "KV press, 25% cache, 4k + 8k",
         "snapkv:density=0.25,pool=31",
