@@ -20,7 +20,6 @@ from torch import nn
 from .errors import InputError
 from .kernels.gather import CHUNK_BYTES
 from .position import RemapPositions
-from .position.bucketruns import BucketRuns
 from .position.rotary import text_config
 from .procedure import Procedure
 from .spec import Spec
@@ -135,7 +134,7 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
 
     per_token = 2 * n_kv * head_dim * width  # K and V, one layer
     position = next(iter(spec.of_kind("position")), None)
-    runs = position.runs if isinstance(position, BucketRuns) else 1  # one cache and forward per run, as a batch
+    runs = spec.runs  # buckets-runs: one cache and forward per run, as a batch
     per_token *= runs
     procedure = next(iter(spec.of_kind("procedure")), None)
     if isinstance(procedure, Procedure):

@@ -37,6 +37,12 @@ class Spec:
                 return m
         return method_class("dense")()  # type: ignore[return-value]
 
+    @property
+    def runs(self) -> int:
+        """Copies of the prompt ``longreach.generate`` runs as a batch (``buckets-runs`` with several bases); 1:
+        ordinary forwards."""
+        return max((m.runs for m in self.methods), default=1)
+
     def of_kind(self, kind: str) -> tuple[Method, ...]:
         return tuple(m for m in self.methods if m.kind == kind)
 

@@ -145,7 +145,7 @@ def run_rows(model: str, text: str, lengths: list[int], specs: list[str], new_to
     ``model`` is what ``load_model`` takes; with ``hf_generate`` each spec also runs through ``model.generate()``
     under ``apply`` (the README's path: it must cost what ``longreach.generate`` does). ``peers`` are llama.cpp
     rows (:mod:`.peer`), run the same way."""
-    parallel = [s for s in specs if any(m.runs > 1 for m in parse_spec(s).methods)]
+    parallel = [s for s in specs if parse_spec(s).runs > 1]
     if hf_generate and parallel:
         raise InputError(f"--hf-generate times model.generate(), which cannot run {parallel[0]}: its runs are batched "
                          "and their logits combined by longreach.generate only; drop --hf-generate for it")

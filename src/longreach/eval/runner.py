@@ -147,7 +147,7 @@ def make_sweep(model: str, tasks: str, methods: str, lengths: str, *, depths: st
             raise InputError(f"--sort-documents reorders a prompt's documents, and {', '.join(plain)} has none: "
                              "use a task with documents, e.g. niah:docs=8 or kvret:docs=1")
     procedures = [m for m in method_specs if parse_spec(m).of_kind("procedure")]
-    runs = [m for m in method_specs if any(p.runs > 1 for p in parse_spec(m).methods)]
+    runs = [m for m in method_specs if parse_spec(m).runs > 1]
     scored = [t.spec() for t in parsed if t.metric == "ppl"]
     if procedures and scored:
         raise InputError(f"{procedures[0]} replaces the prefill to build a cache for answering, and {scored[0]} "

@@ -23,7 +23,7 @@ from ..errors import SpecError, UnsupportedModelError
 from ..kernels import FarKeys
 from ..methods.base import Method
 from .frozen import LENGTH_DEPENDENT, PerSequenceFrequencies
-from .rotary import RopeInfo, rope_info, rotary_modules, text_config
+from .rotary import RopeInfo, global_rope_parameters, rope_info, rotary_modules, text_config
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,8 @@ class RopeScaling(PositionMethod):
     def check_model(self, model: nn.Module) -> None:
         """A model that already scales RoPE (Llama 3.1's llama3, a yarn Qwen2.5, Phi-3's longrope) would lose
         its own scaling: refused, rather than changing positions inside the trained window."""
-        params = getattr(text_config(model), "rope_parameters", None) or {}
-        own = params.get("full_attention", params)  # per layer type (Gemma 3): the global layers'
-        kind = own.get("rope_type", "default") if isinstance(own, dict) else "default"
+        own = global_rope_parameters(text_config(model))
+        kind = own.get("rope_type", "default")
         if kind not in ("default", None):
             raise UnsupportedModelError(
                 f"{self.name}: this model already scales RoPE ({kind}, factor {own.get('factor')}); a second rope type "

@@ -32,7 +32,7 @@ from ..errors import InputError, SpecError, UnsupportedModelError
 from ..methods.registry import register
 from .base import PositionMethod
 from .buckets import DEFAULT_BASES, PAPER, parse_bases
-from .rotary import rotary_modules, text_config
+from .rotary import global_rope_parameters, rotary_modules, text_config
 
 _RUNS: ContextVar[int] = ContextVar("longreach_parallel_runs", default=1)
 
@@ -87,9 +87,8 @@ class RowBases(nn.Module):
 def config_at_base(config: object, base: float) -> object:
     """A copy of ``config`` whose global layers' RoPE base is ``base`` (Gemma 3's sliding layers keep theirs)."""
     new = copy.copy(config)
-    params = copy.deepcopy(config.rope_parameters)  # type: ignore[attr-defined]  # check_model: it is a dict
-    params.get("full_attention", params)["rope_theta"] = base
-    new.rope_parameters = params
+    new.rope_parameters = copy.deepcopy(config.rope_parameters)  # type: ignore[attr-defined]  # check_model: a dict
+    global_rope_parameters(new)["rope_theta"] = base
     return new
 
 
@@ -124,9 +123,7 @@ class BucketRuns(PositionMethod):
             raise UnsupportedModelError(f"buckets-runs changes the RoPE base of each run, and {type(model).__name__} "
                                         "has no rotary embedding module: it needs a RoPE model (Llama, Qwen2, "
                                         "Mistral, Gemma 3)")
-        params = getattr(text_config(model), "rope_parameters", None)
-        if not isinstance(params, dict) or not isinstance(params.get("full_attention", params).get("rope_theta"),
-                                                           int | float):
+        if not isinstance(global_rope_parameters(text_config(model)).get("rope_theta"), int | float):
             raise UnsupportedModelError(f"buckets-runs: {type(model).__name__}'s config has no rope_theta (in "
                                         "rope_parameters, or its full_attention entry) to set each run's base in")
         bases = self.base_values(model)
@@ -139,12 +136,12 @@ class BucketRuns(PositionMethod):
         return [value * own if relative else value for value, relative in parse_bases(self.bases, self.name)]
 
     def install(self, model: nn.Module) -> Callable[[], None]:
-        config, own = text_config(model), own_theta(model)
+        config, own, bases = text_config(model), own_theta(model), self.base_values(model)
         swapped = []
         for parent, attr, old in rotary_modules(model):
             buffer = next(iter(old.buffers()))  # new modules match its device and dtype (a bf16 model's inv_freq)
             runs = [old if base == own else type(old)(config_at_base(config, base)).to(buffer.device, buffer.dtype)
-                    for base in self.base_values(model)]
+                    for base in bases]
             setattr(parent, attr, RowBases(runs))
             swapped.append((parent, attr, old))
 
@@ -156,5 +153,4 @@ class BucketRuns(PositionMethod):
 
 def own_theta(model: nn.Module) -> float:
     """The model's (global layers') RoPE base, from its config (``check_model`` made sure it is there)."""
-    params = text_config(model).rope_parameters
-    return float(params.get("full_attention", params)["rope_theta"])
+    return float(global_rope_parameters(text_config(model))["rope_theta"])

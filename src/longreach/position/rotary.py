@@ -72,11 +72,17 @@ def rope_info(model: nn.Module) -> RopeInfo:
     return RopeInfo(freq.detach().double().cpu(), trained, rope_theta(config, freq), interleaved_pairs(model))
 
 
+def global_rope_parameters(config: object) -> dict:
+    """The ``rope_parameters`` entry of the global-attention layers (the ``full_attention`` one where the config keeps
+    one per layer type, as Gemma 3's does); the dict itself, so a caller may change a copied config's; {} when none."""
+    params = getattr(config, "rope_parameters", None) or {}
+    own = params.get("full_attention", params) if isinstance(params, dict) else None
+    return own if isinstance(own, dict) else {}
+
+
 def rope_theta(config: object, inv_freq: Tensor) -> float:
     """The global layers' RoPE base: from the config, else read off the two highest frequencies."""
-    params = getattr(config, "rope_parameters", None) or {}
-    own = params.get("full_attention", params)  # per layer type (Gemma 3): the global layers'
-    theta = own.get("rope_theta") if isinstance(own, dict) else None
+    theta = global_rope_parameters(config).get("rope_theta")
     theta = theta or getattr(config, "rope_theta", None)
     if not theta and inv_freq.numel() > 1:  # inv_freq[i] = theta ** (-i / half) in the high-frequency dims
         theta = float((inv_freq[0].double() / inv_freq[1].double()) ** inv_freq.numel())

@@ -121,11 +121,10 @@ def servable(spec: Spec) -> Spec:
         raise SpecError(f"{m.name} replaces the prefill with its own procedure, which the server's chunked, "
                         "prefix-reusing prefill does not run: use longreach.generate or longreach eval with it, "
                         "or serve a select method or a press")
-    for m in spec.of_kind("position"):
-        if m.runs > 1:  # one base is one ordinary run
-            raise SpecError(f"{m.name} runs every request once per RoPE base and combines the runs' logits, which "
-                            "the server's batched decode does not do: use longreach.generate or longreach eval with "
-                            "it, or serve buckets (its one-forward form)")
+    if spec.runs > 1:  # one base is one ordinary run
+        raise SpecError(f"{spec} runs every request once per RoPE base and combines the runs' logits, which the "
+                        "server's batched decode does not do: use longreach.generate or longreach eval with it, or "
+                        "serve buckets (its one-forward form)")
     return spec
 
 
