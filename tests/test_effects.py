@@ -66,7 +66,7 @@ EFFECTS = {
     "longrope": ("longrope:factor=2", "positions"),
     "selfextend": ("selfextend:group=4,window=32", "positions"),
     "gali": ("gali:window=32", "positions"),
-    "string": ("string:shift=32,local=16", "positions"),
+    "string": ("string:shift=88,local=16", "positions"),  # reaches 168 tokens: T and a decode step
     "mspoe": ("mspoe:first_layer=0", "positions"),
     "buckets": ("buckets:bases=1x|0.01x", "output"),
     "posdim": ("posdim:dims=0|1,scale=0.25", "output"),

@@ -19,6 +19,7 @@ from longreach.methods.base import SelectContext
 from longreach.methods.registry import method_class
 from longreach.position import rerotate, rope_info
 from longreach.selection import Selection
+from longreach.spec import parse_spec
 
 TRAINED = 64  # tiny models' max_position_embeddings: inputs past it need extension
 IDENTITY = ["selfextend:window=16", "selfextend:group=1,window=16", "string:shift=60,local=8",
@@ -174,6 +175,57 @@ def test_string_refuses_inputs_it_cannot_keep_in_range():
     assert method.shift_for(100, TRAINED) < TRAINED
     with pytest.raises(InputError, match="selfextend"):
         method.shift_for(2 * TRAINED, TRAINED)
+
+
+def _max_grouped_relative(length: int, group: int, window: int) -> int:
+    """Self-Extend's largest relative position at ``length`` tokens, from its grouped positions written out."""
+    pq = torch.arange(length)
+    far = pq // group + window - window // group  # the last query's grouped position; the first key's is 0
+    return max(min(window, length) - 1, int(far[-1]))
+
+
+def _max_shifted_relative(length: int, shift: int, local: int) -> int:
+    """STRING's largest relative position at ``length`` tokens: r, or r - shift + local from r = shift on."""
+    r = torch.arange(length)
+    return int(torch.where(r >= shift, r - shift + local, r).max())
+
+
+@pytest.mark.parametrize(("group", "window"), [(2, 16), (3, 8), (4, 48), (5, 7)])
+def test_selfextend_reach_is_the_longest_input_its_group_keeps_in_range(group, window):
+    method = method_class("selfextend")(group=group, window=window)
+    reach = method.reach(TRAINED)
+    assert _max_grouped_relative(reach, group, window) < TRAINED <= _max_grouped_relative(reach + 1, group, window)
+    method.group_for(reach, TRAINED)
+    with pytest.raises(InputError, match="raise group"):
+        method.group_for(reach + 1, TRAINED)
+    assert method_class("selfextend")().reach(TRAINED) is None  # group=none fits every length itself
+
+
+@pytest.mark.parametrize(("shift", "local"), [(20, 8), (40, 16), (63, 1)])
+def test_string_reach_is_the_longest_input_its_shift_keeps_in_range(shift, local):
+    fixed = method_class("string")(shift=shift, local=local)
+    reach = fixed.reach(TRAINED)
+    assert _max_shifted_relative(reach, shift, local) < TRAINED <= _max_shifted_relative(reach + 1, shift, local)
+    assert fixed.shift_for(reach, TRAINED) == shift
+    with pytest.raises(InputError, match="raise shift"):
+        fixed.shift_for(reach + 1, TRAINED)
+    auto = method_class("string")(local=local)
+    auto.shift_for(auto.reach(TRAINED), TRAINED)  # shift=none reaches as far as it can shift...
+    with pytest.raises(InputError, match="STRING reaches"):
+        auto.shift_for(auto.reach(TRAINED) + 1, TRAINED)  # ...and refuses one token more
+
+
+def test_a_specs_reach_is_its_furthest_position_methods():
+    """Methods that leave positions alone reach the trained length; rope scaling reaches factor x trained;
+    methods that fit (or refuse) each length themselves reach any length; a stack reaches its furthest method's."""
+    reach = lambda spec: parse_spec(spec).reach(TRAINED)  # noqa: E731
+    assert reach("dense") == reach("snapkv:density=0.25") == reach("quest:density=0.1") == TRAINED
+    assert reach("mspoe") == reach("buckets") == TRAINED  # they move positions, but not past the trained ones
+    assert reach("yarn:factor=2") == reach("linear:factor=2") == reach("llama3:factor=2") == 2 * TRAINED
+    assert reach("yarn:factor=1.5") == 96 and reach("longrope:factor=3") == 3 * TRAINED
+    assert reach("dynamic") is reach("gali") is reach("selfextend") is reach("homer") is None
+    assert reach("homer:chunk=65,prefix=4,suffix=4") == TRAINED  # one chunk already past the trained positions
+    assert reach("homer+yarn:factor=2") is None and reach("yarn:factor=3+snapkv:density=0.1") == 3 * TRAINED
 
 
 # The published frequency rules, written out here (never through longreach): what a model trained to
@@ -376,7 +428,7 @@ def test_gemma3_rope_scaling_touches_only_global_layers():
     assert model.model.rotary_emb is rotary
 
 
-@pytest.mark.parametrize("spec", ["selfextend:group=3,window=16", "string:shift=40,local=8",
+@pytest.mark.parametrize("spec", ["selfextend:group=3,window=16", "string:shift=60,local=4",
                                   "yarn:factor=4.0"])
 def test_decode_with_cache_matches_one_forward(spec):
     """Re-mapping recomputed per step from the cache's keys: prefill + decode = the same tokens in one pass."""
@@ -617,7 +669,12 @@ def test_plan_shrinks_with_chunks_and_presses_and_refuses_what_does_not_fit():
     assert unchunked_press.kv_kept == dense.kv_cache // 4 and dense.kv_kept is None
     assert ("KV cache after the press", f"{dense.kv_cache / 4 / 2**30:.2f} GiB") in unchunked_press.rows()
     assert any("--chunk" in n for n in unchunked_press.notes)
-    assert any("past the trained" in n for n in dense.notes)
+    assert any("past the trained" in n and "yarn:factor=312.5" in n for n in dense.notes)  # 20000 / 64
+    far = lambda spec: [n for n in plan_memory(model, longreach.parse_spec(spec), 20_000).notes if "past" in n]  # noqa: E731
+    assert far("yarn:factor=400") == far("selfextend:window=16") == []  # they reach 20000 tokens
+    assert far("yarn:factor=2") == ["20000 tokens is past the 128 that yarn keeps inside the trained 64 "
+                                    "positions; raise its factor (yarn:factor=312.5) or group, or use selfextend "
+                                    "(its group adapts to the length)"]
     assert not plan_memory(model, longreach.parse_spec("dense"), 20_000, available=1000).fits
     with pytest.raises(InputError, match="STRING reaches"):
         plan_memory(model, longreach.parse_spec("string:local=8"), 20_000)
@@ -692,11 +749,17 @@ def test_generate_command_chunks_the_prefill_and_warns_past_the_trained_length(t
     runner = CliRunner()
     base = ["generate", "--model", str(tiny_lm_folder), "--input", str(prompt), "--max-new-tokens", "4"]
     plain = runner.invoke(app, base)
-    assert plain.exit_code == 0 and "past the 4096" in plain.output
+    assert plain.exit_code == 0 and "past the trained 4096" in plain.output
     one = runner.invoke(app, [*base, "--method", "selfextend"])
     chunked = runner.invoke(app, [*base, "--method", "selfextend:group=4", "--chunk", "1024"])
     fixed = runner.invoke(app, [*base, "--method", "selfextend:group=4"])
     assert one.exit_code == 0 and "past the" not in one.output
+    short = runner.invoke(app, [*base, "--method", "yarn:factor=1.2"])  # reaches 4915 of the ~6k tokens
+    words = lambda out: " ".join(out.split())  # noqa: E731  (rich wraps the warning)
+    assert short.exit_code == 0 and "past the 4915 that yarn:factor=1.2 keeps" in words(short.output)
+    assert "yarn:factor=1.5" in words(short.output)  # 6001 / 4096 = 1.47, rounded up to a tenth
+    same = runner.invoke(app, [*base, "--method", "mspoe:first_layer=0"])  # moves positions, extends none
+    assert same.exit_code == 0 and "no method in the spec extends positions" in words(same.output)
     assert chunked.exit_code == 0 and fixed.exit_code == 0
     text = lambda out: out.split("it/s]")[-1].split("\n")[0]  # noqa: E731  (after the weights progress bar)
     assert text(chunked.output) == text(fixed.output)  # the same continuation, chunked or not
@@ -738,7 +801,7 @@ def test_interleaved_rope_pairs_are_reordered_and_rerotated_like_the_models_own_
     assert not torch.allclose(half_split(at(p), rope.rotated_dims), half_split(at(p + d), rope.rotated_dims))
 
 
-@pytest.mark.parametrize("spec", ["selfextend:group=4,window=8", "string:shift=16,local=8", "gali:window=16"])
+@pytest.mark.parametrize("spec", ["selfextend:group=4,window=8", "string:shift=24,local=4", "gali:window=16"])
 def test_position_methods_leave_nope_layers_alone(spec, monkeypatch):
     """Llama 4's NoPE layers have no positions to re-map: the method re-maps only the RoPE layer (layer 0 here) and
     changes the output past the trained window; on a model with no RoPE layer to act on it is refused (it would
@@ -746,7 +809,7 @@ def test_position_methods_leave_nope_layers_alone(spec, monkeypatch):
     from longreach.errors import UnsupportedModelError
     from longreach.models import tiny_family
 
-    ids = torch.randint(3, 128, (1, 80))
+    ids = torch.randint(3, 128, (1, 50))  # past the trained 32, within what each spec reaches (STRING: 52)
     full = ["full_attention", "full_attention"]
     model = tiny_family("llama4", max_positions=32, no_rope_layers=[1, 0], layer_types=full)
     method = type(longreach.parse_spec(spec).methods[0])

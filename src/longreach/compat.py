@@ -98,6 +98,15 @@ def _cache_argument(cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def trained_length(model: torch.nn.Module) -> int | None:
+    """The context a model was trained to: its text config's ``original_max_position_embeddings`` where it keeps one
+    (Phi-3, a model already rope-scaled), else ``max_position_embeddings``; None when the config names neither."""
+    config = getattr(model.config, "text_config", None) or model.config
+    value = getattr(config, "original_max_position_embeddings", None)
+    value = value or getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def cache_kwargs(model: torch.nn.Module, cache: object | None) -> dict:
     """``{name: cache}`` for ``model(...)``, under the name this model's forward declares."""
     return {_cache_argument(type(model)): cache}

@@ -93,7 +93,7 @@ PROBES: dict[str, Probe] = {
     "longrope": Probe("longrope:factor=2", "longrope:factor=2", "past"),
     "selfextend": Probe("selfextend:window=16", "selfextend:group=4,window=16", "past"),
     "gali": Probe("gali:window=16", "gali:window=16", "past"),
-    "string": Probe("string:shift=30,local=8", "string:shift=16,local=8", "past"),  # shifts from S on, by design
+    "string": Probe("string:shift=30,local=8", "string:local=8", "past"),  # shifts from S on, by design
     "mspoe": Probe("mspoe:first_layer=0,min_ratio=1.0,max_ratio=1.0", "mspoe:first_layer=0", "past"),
     # lost in the middle: change attention at every length; the identity settings must equal the model
     "buckets": Probe("buckets:bases=1x", "buckets:bases=1x|0.01x"),  # far from 1x: few rotary dims (gpt-neox)

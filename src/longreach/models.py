@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compat import trained_length as trained_length  # the public name for eval and the CLI
 from .errors import ModelLoadError
 from .paths import cache_dir
 

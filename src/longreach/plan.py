@@ -12,11 +12,13 @@ and refuses runs that would not fit in the memory available now.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from .compat import trained_length
 from .errors import InputError
 from .kernels.gather import CHUNK_BYTES
 from .position import RemapPositions
@@ -173,10 +175,9 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
         attn += (step * n_q + length * n_kv) * head_dim * width  # re-rotated far q/k
     activations = acts + attn
 
-    trained = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-    if trained and length > trained and position is None:
-        notes.append(f"{length} tokens is past the trained {trained} with no position method: expect the model "
-                     "to fail there; add e.g. selfextend or yarn:factor=" + f"{length / trained:.1f}")
+    trained = trained_length(model) or 0
+    if (note := reach_note(length, trained, spec)) is not None:
+        notes.append(note)
     if position is not None and hasattr(position, "group_for") and trained:
         notes.append(f"selfextend groups far positions by {position.group_for(length, trained)} at this length")
     if position is not None and hasattr(position, "shift_for") and trained:
@@ -184,6 +185,20 @@ def plan_memory(model: nn.Module, spec: Spec, length: int, chunk: int | None = N
     avail = available if available is not None else available_bytes()
     return MemoryPlan(length, step, weights, kv_peak, activations, avail, tuple(notes), runtime,
                       kv if kv != kv_peak else None, kept_by=policy.name if store is not None else "the press")
+
+
+def reach_note(length: int, trained: int | None, spec: Spec) -> str | None:
+    """What to say when ``length`` tokens is past the positions ``spec`` keeps inside a model's ``trained`` ones
+    (None: it is not, or the trained length is unknown). Such a prompt still runs: the user is told, not refused."""
+    reach = spec.reach(trained) if trained else None
+    if reach is None or length <= reach:
+        return None
+    factor = f"{math.ceil(10 * length / trained) / 10:g}"  # type: ignore[operator]  # trained is set when reach is
+    if reach == trained:
+        return (f"{length} tokens is past the trained {trained} and no method in the spec extends positions: expect "
+                f"the model to fail there; add one, e.g. selfextend or yarn:factor={factor}")
+    return (f"{length} tokens is past the {reach} that {spec} keeps inside the trained {trained} positions; "
+            f"raise its factor (yarn:factor={factor}) or group, or use selfextend (its group adapts to the length)")
 
 
 def forward_bytes(cfg: object, step: int, width: int) -> int:

@@ -43,6 +43,12 @@ class Spec:
         ordinary forwards."""
         return max((m.runs for m in self.methods), default=1)
 
+    def reach(self, trained: int) -> int | None:
+        """The longest prompt this spec keeps inside a model's ``trained`` positions (None: any length): the
+        furthest its methods reach, ``trained`` when none moves positions."""
+        reaches = [m.reach(trained) for m in self.methods]
+        return None if None in reaches else max(reaches, default=trained)
+
     def of_kind(self, kind: str) -> tuple[Method, ...]:
         return tuple(m for m in self.methods if m.kind == kind)
 

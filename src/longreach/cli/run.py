@@ -63,6 +63,8 @@ def generate(
     from longreach import apply, cache_bytes, load_model, parse_spec
     from longreach import generate as timed_generate  # `generate` is this command
     from longreach.generation import eos_ids
+    from longreach.models import trained_length
+    from longreach.plan import reach_note
 
     with user_errors():
         spec = parse_spec(method)  # bad specs fail before the model loads
@@ -77,10 +79,8 @@ def generate(
         if docs is not None and sort_documents is not None:
             text = sorted_prompt(lm, tok, templated_documents(docs, text), sort_documents, templated, chunk, kernel)
         ids = tok(text, return_tensors="pt", add_special_tokens=not templated)
-        trained = getattr(getattr(lm.config, "text_config", None) or lm.config, "max_position_embeddings", None)
-        if trained and ids["input_ids"].shape[1] > trained and not spec.of_kind("position"):
-            console.print(f"[yellow]warning:[/yellow] {ids['input_ids'].shape[1]} prompt tokens is past the "
-                          f"{trained} this model was trained on; add a position method (e.g. selfextend+...)")
+        if (note := reach_note(ids["input_ids"].shape[1], trained_length(lm), spec)) is not None:
+            console.print(f"[yellow]warning:[/yellow] {note}")
         with apply(lm, method, kernel=kernel) as handle:
             run = timed_generate(lm, ids, max_new_tokens, eos_ids(lm, tok), chunk=chunk)
     console.print(tok.decode(run.tokens, skip_special_tokens=True), markup=False)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError, LongreachError
+from ..models import trained_length
 from ..spec import parse_spec
 from .corpus import Corpus
 from .report import pair_rows
@@ -173,13 +174,6 @@ def plan_tune(model: str, length: int | str, settings: TuneSettings) -> TunePlan
     if not prefill and not press:
         raise InputError("no prefill (select) or press candidates to tune")
     return TunePlan(model, n_tokens, ";".join(t.spec() for t in tasks), prefill, press, positions, per_task)
-
-
-def trained_length(model) -> int | None:
-    """The context the model was trained to (its config's original or maximum position embeddings)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(cfg, "original_max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)
-    return int(value) if value else None
 
 
 def load_corpora(settings: TuneSettings, log: Log) -> tuple[Corpus, Corpus, str]:

@@ -41,6 +41,12 @@ class Method(Configurable):
         with several bases); 1: an ordinary forward, which everything else may share."""
         return 1
 
+    def reach(self, trained: int) -> int | None:
+        """The longest prompt, in tokens, this method keeps inside the ``trained`` length's positions; None: any
+        length, because the method fits each sequence into them, or refuses it, itself. A method that leaves
+        positions alone reaches ``trained``."""
+        return trained
+
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse, at ``apply`` time, a model this method cannot act on (before any forward)."""
 

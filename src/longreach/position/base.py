@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,7 +24,7 @@ from ..errors import SpecError, UnsupportedModelError
 from ..kernels import FarKeys
 from ..methods.base import Method
 from .frozen import LENGTH_DEPENDENT, PerSequenceFrequencies
-from .rotary import RopeInfo, global_rope_parameters, rope_info, rotary_modules, text_config
+from .rotary import RopeInfo, global_rope_parameters, rope_info, rotary_modules, text_config, trained_positions
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class RopeScaling(PositionMethod):
     def max_positions(self, trained: int) -> int:
         return trained
 
+    def reach(self, trained: int) -> int | None:
+        return math.floor(trained * self.factor)  # type: ignore[attr-defined]  # every rope type here has one
+
     def check_model(self, model: nn.Module) -> None:
         """A model that already scales RoPE (Llama 3.1's llama3, a yarn Qwen2.5, Phi-3's longrope) would lose
         its own scaling: refused, rather than changing positions inside the trained window."""
@@ -70,7 +74,7 @@ class RopeScaling(PositionMethod):
         if not mods:
             rope_info(model)  # raises the "needs a RoPE model" error
         config = text_config(model)
-        trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        trained = trained_positions(model)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         new_config = copy.copy(config)
         if hasattr(new_config, "head_dim") and new_config.head_dim is None:

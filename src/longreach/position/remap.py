@@ -55,6 +55,12 @@ class SelfExtend(RemapPositions):
         if self.window >= trained:
             raise InputError(f"selfextend: window={self.window} must be below the trained length ({trained})")
 
+    def reach(self, trained: int) -> int | None:
+        if self.group is None:
+            return None  # group=none picks one that fits each sequence
+        # the largest length whose max_relative stays below trained: (L - 1) // G <= trained - 1 - W + W // G
+        return self.group * (trained - self.window + self.window // self.group)
+
     def max_relative(self, length: int, group: int) -> int:
         """The largest grouped relative position for ``length`` tokens."""
         return (length - 1) // group + self.window - self.window // group
@@ -114,8 +120,18 @@ class String(RemapPositions):
         if self.shift is not None and self.shift >= trained:
             raise InputError(f"string: shift={self.shift} must be below the trained length ({trained})")
 
+    def reach(self, trained: int) -> int | None:
+        # the farthest relative position, length - 1, shifts to length - 1 - shift + local: below trained
+        shift = trained - 1 if self.shift is None else self.shift  # shift=none grows to at most trained - 1
+        return trained + shift - self.local
+
     def shift_for(self, length: int, trained: int) -> int:
         if self.shift is not None:
+            if length > self.reach(trained):
+                raise InputError(
+                    f"string: shift={self.shift} maps {length} tokens to relative position "
+                    f"{length - 1 - self.shift + self.local}, past the trained {trained}; raise shift (at most "
+                    f"{trained - 1}) or use shift=none (picks one that fits)")
             return self.shift
         shift = max(trained // 3, length - trained + self.local, self.local + 1)
         if shift >= trained:
@@ -227,6 +243,9 @@ class Gali(RemapPositions):
         trained = rope_info(model).trained
         if self.window >= trained - 1:
             raise InputError(f"gali: window={self.window} must be below the trained length ({trained}) - 1")
+
+    def reach(self, trained: int) -> int | None:
+        return None  # packs any length below the trained positions
 
     def positions(self, length: int, trained: int) -> Tensor:
         """(length,) float64 positions, all below ``trained``; integers when ``length <= trained``."""

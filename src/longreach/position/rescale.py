@@ -53,6 +53,9 @@ class Dynamic(FactorScaling):
     paper: ClassVar[str] = "Dynamically Scaled RoPE further increases performance of long context LLaMA " \
                            "(r/LocalLLaMA, 2023); used by Code Llama / Qwen"
 
+    def reach(self, trained: int) -> int | None:
+        return None  # the base grows with the current length, whatever it is
+
 
 @register
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..compat import trained_length
 from ..errors import UnsupportedModelError
 
 
@@ -48,6 +49,15 @@ def text_config(model: nn.Module) -> object:
     return getattr(config, "text_config", None) or config
 
 
+def trained_positions(model: nn.Module) -> int:
+    """The trained length a position method extends; refused for a config that names none."""
+    trained = trained_length(model)
+    if trained is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: its config names no max_position_embeddings, the "
+                                    "trained length a position method starts from")
+    return trained
+
+
 def rope_info(model: nn.Module) -> RopeInfo:
     """Frequencies of the global-attention layers (Gemma 3's sliding layers keep their own RoPE)."""
     mods = rotary_modules(model)
@@ -68,8 +78,8 @@ def rope_info(model: nn.Module) -> RopeInfo:
             f"{type(model).__name__}: {problem}, so re-rotating its queries and keys (selfextend, string, gali, "
             "mspoe) would not match its RoPE. Use a rope scaling method (yarn, linear, dynamic, llama3, "
             "longrope), which transformers applies with the model's own rotary code")
-    trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
-    return RopeInfo(freq.detach().double().cpu(), trained, rope_theta(config, freq), interleaved_pairs(model))
+    return RopeInfo(freq.detach().double().cpu(), trained_positions(model), rope_theta(config, freq),
+                    interleaved_pairs(model))
 
 
 def global_rope_parameters(config: object) -> dict:

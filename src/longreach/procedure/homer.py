@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..compat import trained_length
 from ..errors import InputError, SpecError
 from ..methods.base import check_int, param
 from ..methods.registry import register
@@ -131,11 +132,17 @@ class Homer(Procedure):
     def check_model(self, model: nn.Module) -> None:
         Decoder.of(model, "homer")
 
+    def reach(self, trained: int) -> int | None:
+        # every node, merged or not, holds at most `chunk` positions, whatever the prompt's length
+        return None if self.chunk is None or self.chunk <= trained else trained
+
     def chunk_for(self, model: nn.Module) -> int:
         if self.chunk is not None:
             return self.chunk
-        config = model.config
-        trained = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        trained = trained_length(model)
+        if trained is None:
+            raise InputError(f"homer: {type(model).__name__}'s config names no trained length to halve for the "
+                             "chunk size; give one, e.g. homer:chunk=2048")
         return trained // 2
 
     def schedule(self, model: nn.Module, tokens: int) -> HomerSchedule:
