@@ -137,7 +137,7 @@ class String(RemapPositions):
         if shift >= trained:
             raise InputError(
                 f"string: {length} tokens cannot keep every relative position below the trained {trained} "
-                f"(STRING reaches {2 * trained - self.local - 1} tokens); use selfextend or a rope scaling "
+                f"(STRING reaches {self.reach(trained)} tokens); use selfextend or a rope scaling "
                 "method for longer inputs")
         return shift
 
