@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +180,30 @@ def test_native_kernel_falls_back_with_a_warning_when_it_cannot_build(monkeypatc
     sel = random_selection(1, 2, 40, 40, 8, 8, 2, 2, 8)
     assert not native.usable(q)
     assert (kernels.attend(q, k, v, sel, 0.3, "gather") - reference.attend(q, k, v, sel, 0.3)).abs().max() <= TOL
+
+
+def test_native_build_folder_is_keyed_by_torch_and_kernel_source(monkeypatch, tmp_path):
+    """Two checkouts of different kernel sources (an upgrade, a git worktree) build into different folders
+    instead of rebuilding over each other's; an edited header alone counts (torch's own check skips headers)."""
+    import torch.utils.cpp_extension as ext
+
+    folders = []
+    monkeypatch.setattr(ext, "load", lambda **kwargs: folders.append(kwargs["build_directory"]) or "module")
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_module", None)  # restored after the test: load() sets it
+    edited = tmp_path / native.HEADERS[-1].name
+    edited.write_bytes(native.HEADERS[-1].read_bytes() + b"\n// edited\n")
+    try:
+        for headers in (native.HEADERS, [*native.HEADERS[:-1], edited]):
+            monkeypatch.setattr(native, "HEADERS", headers)
+            monkeypatch.setattr(native, "_tried", False)
+            native.source_hash.cache_clear()
+            assert native.load() == "module"
+    finally:
+        native.source_hash.cache_clear()
+    torch_folder = tmp_path / "kernels" / torch.__version__.replace("+", "_")
+    assert [Path(f).parent for f in folders] == [torch_folder, torch_folder]
+    assert folders[0] != folders[1] and all(Path(f).is_dir() for f in folders)
 
 
 def test_native_kernel_can_be_switched_off(monkeypatch):

@@ -12,8 +12,6 @@ changes a result, only the time.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -36,15 +34,11 @@ def _store() -> Path:
     return cache_dir() / "kernels" / torch.__version__.replace("+", "_") / "choice.json"
 
 
-@functools.cache
-def _source_hash() -> str:
-    return hashlib.sha256(b"".join(path.read_bytes() for path in (*native.SOURCES, *native.HEADERS))).hexdigest()[:12]
-
-
 def choice_key() -> str:
     """CPU model, threads, torch and the kernel source: a choice is valid for exactly these (asked on every
     attention call, so nothing here reads a file twice)."""
-    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | kernel {_source_hash()}"
+    return (f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} "
+            f"| kernel {native.source_hash()}")
 
 
 def shape_key(n_q: int, n_kv: int, dim: int, decode: bool) -> str:

@@ -10,6 +10,7 @@ online softmax. Set ``LONGREACH_NATIVE=0`` to force the fallback. The build need
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -22,7 +23,7 @@ from ..paths import cache_dir
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("block_sparse.cpp", "row_linear.cpp", "quant_decode.cpp", "dense_decode.cpp")]
-# included by the sources: torch rebuilds when a source or a flag changes, not a header, so their hash is a flag
+# included by the sources (torch's own rebuild check does not look at headers; source_hash does)
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("fast_math.h", "decode.h")]
 _module: ModuleType | None = None
 _tried = False
@@ -39,11 +40,13 @@ def load(verbose: bool = False) -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as build
 
-        flags = ["-O3", "-ffast-math", "-fopenmp", f"-DLONGREACH_HEADERS={headers_hash()}"]
+        flags = ["-O3", "-ffast-math", "-fopenmp"]
         if os.environ.get("LONGREACH_NATIVE_PORTABLE") != "1":
             flags.append("-march=native")  # built where it runs: the cache is per machine
-        # one build folder per torch version: an extension built against another torch would not load
-        where = cache_dir() / "kernels" / torch.__version__.replace("+", "_")
+        # one build folder per torch version (an extension built against another torch would not load) and per
+        # kernel source: two checkouts of different versions (an upgrade, a git worktree) keep their own builds
+        # instead of rebuilding over each other's under one lock
+        where = cache_dir() / "kernels" / torch.__version__.replace("+", "_") / source_hash()
         where.mkdir(parents=True, exist_ok=True)
         _module = build(name="longreach_block_sparse", sources=[str(s) for s in SOURCES], extra_cflags=flags,
                         extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
@@ -55,8 +58,10 @@ def load(verbose: bool = False) -> ModuleType | None:
     return _module
 
 
-def headers_hash() -> str:
-    return hashlib.sha256(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:12]
+@functools.cache
+def source_hash() -> str:
+    """The kernel sources and headers: names the build folder, and keys the measured path choice."""
+    return hashlib.sha256(b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))).hexdigest()[:12]
 
 
 def usable(q: torch.Tensor) -> bool:
