@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from longreach import LongreachError
-from longreach.eval.showcase import DEMO_METHODS
+from longreach.eval.showcase import DEMO_METHODS, DEMO_NOTE
 
 from .common import CHAT_HELP, CHUNK_HELP, KERNEL_HELP, MODEL_HELP, console, fail, user_errors
 
@@ -163,8 +163,8 @@ def demo(
     out: Path = typer.Option(None, help="results folder (default: a fresh temporary folder)"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
-    """Dense vs a fast sparse prefill vs a KV press on passkey + needle-in-prose: accuracy, speed, cache memory
-    (~4 minutes on 2 cores)."""
+    """Dense vs a fast sparse prefill vs the tuned KV press on passkey + needle-in-prose: accuracy, speed, cache
+    memory (~4 minutes on 2 cores)."""
     from longreach.eval.results import read_rows
     from longreach.eval.showcase import summarise
 
@@ -184,6 +184,8 @@ def demo(
     console.print(table)
     console.print(f"A handful of prompts shows what each method does, not that it equals dense: the intervals are in "
                   f"docs/. Rows: {folder / 'results.jsonl'}; full table: longreach report {folder}")
+    if methods == ";".join(DEMO_METHODS):
+        console.print(DEMO_NOTE)
 
 
 def corpus(action: str = typer.Argument("fetch", help="fetch: download and normalise the prose corpus now")) -> None:
