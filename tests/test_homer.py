@@ -1,6 +1,7 @@
 """HOMER (hierarchical context merging) against independent oracles: the dense model where the prompt fits one
 chunk, eager attention probabilities for the token reduction, dense runs of each leaf chunk for the cache rows
-every layer keeps, and the memory plan worked out by hand."""
+every layer keeps, the whole merge tree done by hand from the model's own layers, and the memory plan worked out
+by hand."""
 
 from __future__ import annotations
 
@@ -307,6 +308,107 @@ def test_merged_cache_positions_and_rows_in_every_layer(arch):
                 want_k, want_v = c.layers[layer].keys[0, :, j, :], c.layers[layer].values[0, :, j, :]
             torch.testing.assert_close(keys[:, r, :], want_k, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(values[:, r, :], want_v, atol=1e-5, rtol=1e-4)
+
+
+def _eager_layer(model, i, hidden, positions):
+    """Decoder layer ``i`` of the model itself on rows ``hidden`` (1, T, H) at ``positions`` (T,), causal, eager:
+    (hidden out, keys, values, attention probabilities (Hq, T, T)), the keys and values read back from a
+    transformers cache the layer wrote, the probabilities from the attention module's own return value."""
+    from transformers import DynamicCache
+
+    t = hidden.shape[1]
+    mask = torch.full((t, t), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+    cache, probs = DynamicCache(config=model.config), []
+    layer = model.model.layers[i]
+    hook = layer.self_attn.register_forward_hook(lambda module, args, out: probs.append(out[1]))
+    try:
+        out = layer(hidden, attention_mask=mask, position_ids=positions[None], cache=cache, use_cache=True,
+                    position_embeddings=model.model.rotary_emb(hidden, position_ids=positions[None]))
+    finally:
+        hook.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    return out, cache.layers[i].keys, cache.layers[i].values, probs[0][0]
+
+
+def _homer_by_hand(model, ids, method, trace):
+    """HOMER as the paper describes it, from the model's own forwards: dense runs of each leaf chunk for its
+    layers, the model's decoder layers on each merged chunk, the merge rule (prefix and suffix averaged, contexts
+    concatenated) and the reduction rule (top ``budget`` context rows by the final token's attention, max over
+    heads) written out here; each node's kept tokens must be the ones this oracle ranks highest. Returns the root:
+    hidden, positions, prompt index per row, and per layer the cached keys and values."""
+    plan = method.schedule(model, ids.shape[1])
+    head, tail = plan.head, plan.tail
+    kept_by = {(r.level, r.index): r.kept.tolist() for r in trace}
+
+    def node(level, index):
+        start, stop = plan.span(level)
+        if level == 0:
+            lo, hi = plan.bounds(index)
+            tokens = torch.cat([torch.arange(head), torch.arange(lo, hi), torch.arange(ids.shape[1] - tail,
+                                                                                          ids.shape[1])])
+            positions = torch.tensor(plan.positions(index))
+            out = model(input_ids=ids[:, tokens], position_ids=positions[None], use_cache=True,
+                        output_hidden_states=True, output_attentions=True)
+            hidden, cache = out.hidden_states[stop], output_cache(out)
+            kv = [(cache.layers[i].keys, cache.layers[i].values) for i in range(stop)]
+            probs = out.attentions[stop - 1][0]
+        else:
+            left, right = node(level - 1, 2 * index), node(level - 1, 2 * index + 1)
+
+            def join(a, b, dim, average):
+                ta, tb = a.shape[dim], b.shape[dim]
+                ends = [(a.narrow(dim, 0, head), b.narrow(dim, 0, head)),
+                        (a.narrow(dim, ta - tail, tail), b.narrow(dim, tb - tail, tail))]
+                (pa, pb), (sa, sb) = ends
+                prefix, suffix = ((pa + pb) / 2, (sa + sb) / 2) if average else (pa, sa)
+                return torch.cat([prefix, a.narrow(dim, head, ta - head - tail), b.narrow(dim, head, tb - head - tail),
+                                  suffix], dim=dim)
+
+            hidden = join(left["hidden"], right["hidden"], 1, True)
+            positions, tokens = join(left["positions"], right["positions"], 0, False), join(left["tokens"],
+                                                                                           right["tokens"], 0, False)
+            kv = [(join(lk, rk, 2, True), join(lv, rv, 2, True)) for (lk, lv), (rk, rv) in zip(left["kv"], right["kv"],
+                                                                                             strict=True)]
+            for i in range(start, stop):
+                hidden, k, v, probs = _eager_layer(model, i, hidden, positions)
+                kv.append((k, v))
+        t = hidden.shape[1]
+        if (level, index) in kept_by:
+            significance = probs[:, -1].amax(dim=0)[head:t - tail]  # the final row, max over heads
+            budget = plan.budget(level, index)
+            ranked = significance.sort(descending=True).values
+            assert ranked[budget - 1] - ranked[budget] > 1e-6, "a tie at the cut would make the oracle ambiguous"
+            best = significance.topk(budget).indices.sort().values + head
+            assert kept_by[level, index] == tokens[best].tolist(), f"node {(level, index)} kept other tokens"
+            keep = torch.cat([torch.arange(head), best, torch.arange(t - tail, t)])
+            hidden, positions, tokens = hidden[:, keep], positions[keep], tokens[keep]
+            kv = [(k[:, :, keep], v[:, :, keep]) for k, v in kv]
+        return {"hidden": hidden, "positions": positions, "tokens": tokens, "kv": kv}
+
+    return node(plan.height, 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_whole_tree_against_a_by_hand_homer_from_the_models_own_layers(arch):
+    """Every level, not only the leaves: each node's kept tokens, and the final cache of every layer (the merged
+    levels' layers included), its positions, tokens and next-token logits equal HOMER done by hand from the model's
+    own forwards and decoder layers (eager attention, so the reductions rank by the model's own probabilities)."""
+    model = family_model(arch, num_hidden_layers=4)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(1, 128, (1, N))
+    with torch.no_grad():
+        done, cache = prefill(model, ids)
+        levels = {r.level for r in done.trace}
+        # leaves and level 1 reduce; the root's two 24-token contexts fit the final 48 unpruned
+        assert levels == {0, 1}, "the merged level must reduce, or its reduction goes unchecked"
+        root = _homer_by_hand(model, ids, MULTI, done.trace)
+        logits = model.lm_head(model.model.norm(root["hidden"][:, -1:]))
+    assert done.tokens.tolist() == root["tokens"].tolist() and done.positions.tolist() == root["positions"].tolist()
+    assert len(cache.layers) == len(root["kv"]) == 4
+    for layer, (keys, values) in zip(cache.layers, root["kv"], strict=True):
+        torch.testing.assert_close(layer.keys, keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.values, values, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(done.logits[0, -1], logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_plan_matches_the_hand_computed_memory():
