@@ -1,10 +1,13 @@
 """Provenance: every eval row, bench JSON and diagnose JSON names its code, versions, CPU and threads; the
-report shows them and flags speed ratios that divide times from different machines or commits."""
+report shows them and flags speed ratios that divide times from different machines or commits, or whose rows
+shared the cores with other work."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 
 import longreach
 from longreach.cli import app
-from longreach.eval import build_report
+from longreach.eval import build_report, sharing
 from longreach.provenance import code_state, isa, provenance
 
 runner = CliRunner()
@@ -70,6 +73,7 @@ def test_eval_rows_and_diagnose_json_record_their_provenance(tmp_path, tiny_lm_f
     assert result.exit_code == 0, result.output
     row = json.loads((evals / "results.jsonl").read_text().splitlines()[0])
     check_provenance(row["provenance"])
+    assert 0.0 <= row["others_cpu"] <= 1.0  # Linux: the share of the machine's CPU time outside this process
     assert row["provenance"]["cpu"] in build_report(evals).markdown
     diag = tmp_path / "diag"
     result = runner.invoke(app, ["diagnose", "--model", str(tiny_lm_folder), "--task", "passkey", "--length", "300",
@@ -97,3 +101,42 @@ def test_report_shows_provenance_and_flags_ratios_across_machines(tmp_path, same
     plain = "| quest:density=0.1 | 1024 | 2 | 100% (34%–100%) | – | – | 1.00 | 2.00x |" in text
     assert (plain, flagged) == (same, not same)
     assert ("Intel Xeon" in text) == (not same)
+
+
+def test_proc_stat_is_read_as_busy_seconds_and_cpus():
+    """user + nice + system + irq + softirq + steal, in ticks (idle and iowait are not busy; guest is inside user)."""
+    text = ("cpu  100 20 30 5000 40 5 6 7 50 0\n"
+            "cpu0 50 10 15 2500 20 2 3 3 25 0\ncpu1 50 10 15 2500 20 3 3 4 25 0\nintr 12345\nctxt 999\n")
+    busy, cpus = sharing.parse_stat(text, 100)
+    assert busy == pytest.approx((100 + 20 + 30 + 5 + 6 + 7) / 100) and cpus == 2
+
+
+@pytest.mark.parametrize(("busy", "mine", "want"), [(3.0, 1.0, 0.5), (1.0, 1.0, 0.0), (2.0, 2.5, 0.0), (9.0, 0.0, 1.0)])
+def test_others_share_is_the_machine_time_outside_this_process(busy, mine, want):
+    """2 s of wall time on 2 CPUs is 4 CPU-seconds: what the machine spent busy beyond this process, as a share of
+    that (clamped to 0..1: tick rounding can put this process's own time above the machine's)."""
+    before = sharing.Snapshot(wall=10.0, mine=5.0, busy=100.0, cpus=2)
+    after = sharing.Snapshot(wall=12.0, mine=5.0 + mine, busy=100.0 + busy, cpus=2)
+    assert sharing.others_share(before, after) == pytest.approx(want)
+    assert sharing.others_share(replace(before, busy=None), after) is None  # no /proc/stat: not recorded
+
+
+def test_this_machine_reports_a_share():
+    """On Linux a snapshot reads /proc/stat, so rows record a share; its CPU count is the one the OS reports."""
+    snap = sharing.snapshot()
+    assert snap.busy is not None and snap.busy > 0 and snap.cpus == os.cpu_count()
+
+
+@pytest.mark.parametrize("busy", [None, 0.02, 0.4])
+def test_report_marks_speed_ratios_whose_rows_shared_the_cores(tmp_path, busy):
+    dense, quest = rows_of("dense", 2.0, "AMD EPYC", "abc"), rows_of("quest:density=0.1", 1.0, "AMD EPYC", "abc")
+    if busy is not None:
+        for row in dense + quest:
+            row["others_cpu"] = 0.0
+        quest[1]["others_cpu"] = busy
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dense + quest))
+    text = build_report(tmp_path).markdown
+    marked = "| 1.00 | 2.00x‡ |" in text
+    assert marked == (busy == 0.4) and (("| 1.00 | 2.00x |" in text) == (busy != 0.4))
+    assert ("1 of 4 rows shared the cores" in text) == (busy == 0.4)
+    assert ("4 of 4 rows do not record whether the cores were shared" in text) == (busy is None)

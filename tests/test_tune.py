@@ -95,6 +95,24 @@ def test_a_standing_pairs_rows_by_prompt_and_measures_speed_and_cache():
     assert not st.passed and "min-speedup" in st.reasons[0]  # as accurate, but not faster: no prefill win
 
 
+def test_a_choice_says_how_many_of_its_rows_shared_the_cores():
+    """Rows record the share of CPU time other work took (eval.sharing): the chosen spec's JSON counts those above
+    the threshold on both sides, and the summary says its speed ratio is then not a speed result."""
+    from longreach.eval.tune import choose, shared_note
+
+    rows = rows_for("dense", [1] * 4, 2.0, 1000) + rows_for("x", [1] * 4, 1.0, 1000)
+    for i, row in enumerate(rows):
+        row["others_cpu"] = 0.5 if i in (1, 6) else 0.01
+    st, ev = stand(rows, "x", "prefill", 0, "dense", Rule(), False, "tuning")  # n = 4 could not pass a final
+    assert st.passed and (st.rows_shared, st.rows_recorded) == (2, 8)
+    got = choose("prefill", {"prefill": [st]}, [st], [st], [], ev)
+    assert got["rows_shared"] == {"shared": 2, "recorded": 8, "threshold": 0.1}
+    assert shared_note(got) == " (2 of 8 rows shared the cores with other work: not a speed result)"
+    quiet, _ = stand([{**r, "others_cpu": 0.0} for r in rows], "x", "prefill", 0, "dense", Rule(), False, "tuning")
+    assert shared_note(choose("prefill", {"prefill": [quiet]}, [quiet], [quiet], [], ev)) == ""
+    assert shared_note({"spec": "x"}) == ""  # a file written before rows recorded it
+
+
 # ---- screen cut and ranking ----
 
 def test_cut_drops_by_threshold_then_keeps_the_closest_to_dense():

@@ -19,6 +19,7 @@ from .. import cache_bytes
 from ..generation import eos_ids, prefill_chunks
 from ..generation import generate as generate_ids
 from ..plan import MiB, peak_resident_bytes, reset_peak_resident
+from . import sharing
 from .tasks import Sample, Task
 
 LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
@@ -96,6 +97,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, handle, chunk: int 
     """One measured row (without the run's identity fields, which the runner adds)."""
     handle.reset_stats()
     reset_peak_resident()
+    before = sharing.snapshot()
     if task.metric == "ppl":
         row = perplexity(model, sample, task.buckets, chunk)
         row["score"] = row["ppl"]
@@ -105,4 +107,5 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, handle, chunk: int 
     row["density"] = handle.density("prefill")
     row["density_decode"] = handle.density("decode")
     row["peak_rss_mb"] = round(peak_resident_bytes() / MiB, 1)
+    row["others_cpu"] = sharing.others_share(before, sharing.snapshot())
     return row

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import LongreachError
 from ..provenance import describe, machine_key
+from . import sharing
 from .results import BadLine, read_rows
 from .stats import T95 as T95
 from .stats import effective_length, mcnemar_exact, mean_ci, newcombe_paired, paired_bootstrap
@@ -86,6 +87,7 @@ def fmt_score(cell: ScoreCell) -> str:
 
 
 MIXED = "†"  # marks a ratio whose rows came from more than one machine, commit or thread count
+SHARED_MARK = "‡"  # marks a ratio with a row that shared the cores with other work (eval.sharing)
 
 
 def speed_ratio(cells: dict, cell: ScoreCell, baseline: str = BASELINE) -> str:
@@ -96,7 +98,8 @@ def speed_ratio(cells: dict, cell: ScoreCell, baseline: str = BASELINE) -> str:
     if not (t and t0):
         return "–"
     mixed = len({machine_key(r) for r in cell.rows + base.rows}) > 1
-    return f"{t0 / t:.2f}x{MIXED if mixed else ''}"
+    busy = any(sharing.shared(r) for r in cell.rows + base.rows)
+    return f"{t0 / t:.2f}x{MIXED if mixed else ''}{SHARED_MARK if busy else ''}"
 
 
 def provenance_lines(rows: list[dict]) -> list[str]:
@@ -128,6 +131,14 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
     if len({machine_key(r) for r in rows}) > 1:
         out += ["", f"{MIXED} this speed ratio divides times measured on different machines, commits or thread "
                 "counts: compare it with care"]
+    busy, recorded = sharing.shared_count(rows)
+    if recorded < len(rows):
+        out += ["", f"{len(rows) - recorded} of {len(rows)} rows do not record whether the cores were shared "
+                "(written before longreach recorded it)"]
+    if busy:
+        out += ["", f"{SHARED_MARK} {busy} of {recorded} rows shared the cores with other work (more than "
+                f"{sharing.SHARED:.0%} of the machine's CPU time went elsewhere during the row): a speed ratio "
+                f"that includes one is not a speed result"]
     for task in dict.fromkeys(r["task"] for r in rows):
         metric = next(c.metric for c in cells.values() if c.task == task)
         what = {"accuracy": "accuracy", "recall": "recall", "ppl": "perplexity (lower is better)"}[metric]

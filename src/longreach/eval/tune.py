@@ -34,6 +34,7 @@ from pathlib import Path
 from ..errors import InputError, LongreachError
 from ..models import trained_length
 from ..spec import parse_spec
+from . import sharing
 from .corpus import Corpus
 from .report import pair_rows
 from .results import read_rows, row_key
@@ -114,10 +115,19 @@ class TuneResult:
             if got["spec"] is None:
                 lines.append(f"{kind}: none passed — {got['reason']}")
                 continue
-            ratio = (f", {got['speed_ratio']:.2f}x the baseline's prefill speed" if kind == "prefill" else
-                     f", cache {got['cache_ratio']:.2f} of the baseline's" if kind == "press" else "")
+            ratio = (f", {got['speed_ratio']:.2f}x the baseline's prefill speed{shared_note(got)}" if kind == "prefill"
+                     else f", cache {got['cache_ratio']:.2f} of the baseline's" if kind == "press" else "")
             lines.append(f"{kind}: {got['spec']}{ratio} ({got['evidence']})")
         return lines
+
+
+def shared_note(choice: dict) -> str:
+    """Why a speed ratio may not be a speed result: its rows shared the cores with other work."""
+    got = choice.get("rows_shared")  # absent in files written before rows recorded it
+    if not got or not got["shared"]:
+        return ""
+    return (f" ({got['shared']} of {got['recorded']} rows shared the cores with other work: not a speed "
+            "result)")
 
 
 def plan_tune(model: str, length: int | str, settings: TuneSettings) -> TunePlan:
@@ -255,7 +265,8 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
     t, t0 = _median(mine_all, "prefill_s"), _median(base_all, "prefill_s")
     kv, kv0 = _median(mine_all, "kv_bytes_prompt"), _median(base_all, "kv_bytes_prompt")
     standing = Standing(spec, kind, order, not reasons, reasons, sum(r["score"] for r in mine_all),
-                        t0 / t if t and t0 else None, kv / kv0 if kv is not None and kv0 else None, baseline)
+                        t0 / t if t and t0 else None, kv / kv0 if kv is not None and kv0 else None, baseline,
+                        *sharing.shared_count(mine_all + base_all))
     if kind == "prefill" and not (standing.speed_ratio or 0.0) > rule.min_speedup:
         speed = "unmeasured" if standing.speed_ratio is None else f"{standing.speed_ratio:.2f}x"
         standing.reasons.append(f"prefill speed vs the baseline {speed}, not above --min-speedup {rule.min_speedup:g}")
@@ -507,6 +518,7 @@ def choose(kind: str, finalists: dict, final: list[Standing], standings: list[St
     if passed:
         s = passed[0]
         return {"spec": s.spec, "baseline": s.baseline, "speed_ratio": s.speed_ratio, "cache_ratio": s.cache_ratio,
+                "rows_shared": {"shared": s.rows_shared, "recorded": s.rows_recorded, "threshold": sharing.SHARED},
                 "evidence": "passed on the reporting prompts: " + "; ".join(
                     f"{e['task']} n = {e['n']}, {_fmt(e['diff_points'])} points "
                     f"[{_fmt(e['lower'])}, {_fmt(e['upper'])}]"

@@ -169,9 +169,11 @@ class Standing:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     score: float = 0.0  # sum of scores over every task's rows (position methods rank by it)
-    speed_ratio: float | None = None  # baseline prefill time / candidate's (mean over rows)
+    speed_ratio: float | None = None  # baseline prefill time / candidate's (medians over rows)
     cache_ratio: float | None = None  # candidate's KV bytes after the prompt / baseline's
     baseline: str = "dense"  # what it was judged against (past the trained length: a position method)
+    rows_shared: int = 0  # rows of both sides that shared the cores with other work (eval.sharing) ...
+    rows_recorded: int = 0  # ... of the rows that recorded it
 
 
 def rank(standings: Sequence[Standing], kind: str) -> list[Standing]:
