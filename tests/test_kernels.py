@@ -206,6 +206,56 @@ def test_native_build_folder_is_keyed_by_torch_and_kernel_source(monkeypatch, tm
     assert folders[0] != folders[1] and all(Path(f).is_dir() for f in folders)
 
 
+def fake_build(monkeypatch, tmp_path, calls: list) -> Path:
+    """load() with torch's build replaced by a recorder; returns the build folder it will use."""
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load", lambda **kwargs: calls.append(kwargs) or "module")
+    monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_tried", False)
+    where = tmp_path / "kernels" / torch.__version__.replace("+", "_") / native.source_hash()
+    where.mkdir(parents=True)
+    return where
+
+
+def test_a_build_killed_part_way_does_not_hang_the_next_one(monkeypatch, tmp_path):
+    """torch's lock file, left behind by a build that was killed, is removed under our own lock (which the system
+    releases with its process) instead of being waited on forever; the sources are built from copies in the build
+    folder, so two checkouts of the same sources name the same paths and do not rebuild over each other."""
+    calls: list = []
+    where = fake_build(monkeypatch, tmp_path, calls)
+    (where / "lock").touch()  # what torch's FileBaton leaves when its process dies mid-build
+    lock_seen = []
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load", lambda **kw: lock_seen.append((where / "lock").exists()) or calls.append(kw)
+                        or "module")
+    assert native.load() == "module" and lock_seen == [False]
+    staged = [Path(p) for p in calls[0]["sources"]]
+    assert [p.parent for p in staged] == [where / "src"] * len(native.SOURCES)
+    for original in (*native.SOURCES, *native.HEADERS):  # headers too: the sources include them by name
+        assert (where / "src" / original.name).read_bytes() == original.read_bytes()
+    assert native.staged_sources(where) == calls[0]["sources"]  # the same paths again: nothing to rebuild
+
+
+def test_a_build_in_progress_is_waited_for(monkeypatch, tmp_path):
+    import fcntl
+    import threading
+
+    calls: list = []
+    where = fake_build(monkeypatch, tmp_path, calls)
+    worker = threading.Thread(target=native.load)
+    with open(where / "longreach.lock", "a") as holder:  # another process building: its own open file and flock
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not calls  # it waits rather than building over the other
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    worker.join(10)
+    assert not worker.is_alive() and len(calls) == 1
+
+
 def test_native_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_module", None)

@@ -214,6 +214,9 @@ def test_the_json_holds_the_choices_and_the_evidence_behind_them(tuned):
     assert data["prefill"]["cache_ratio"] == pytest.approx(1.0)  # a sparse prefill keeps every key
     assert set(data["provenance"]) >= {"commit", "torch", "threads"}
     assert data["chat"] and data["chat_applied"] is True  # SmolLM2's tokenizer has a chat template
+    # the row folders, relative to the JSON's folder, lead to the rows from wherever the files are copied
+    assert data["folders"] == {"screen": "tiny-256/screen.jsonl", "tuning": "tiny-256/tuning",
+                               "reporting": "tiny-256/reporting"}
     rows, bad = read_rows(tuned.path.with_suffix("") / "reporting" / "results.jsonl")
     assert not bad
     for e in (e for e in data["evidence"] if e["stage"] == "reporting"):  # recount from the rows

@@ -121,6 +121,15 @@ class TuneResult:
         return lines
 
 
+def beside(out: Path, path: Path) -> str:
+    """A row folder as the JSON names it: relative to the JSON's own folder when inside it, so a committed tune
+    still finds its rows in another checkout; absolute otherwise."""
+    try:
+        return str(path.resolve().relative_to(out.resolve().parent))
+    except ValueError:
+        return str(path.resolve())
+
+
 def shared_note(choice: dict) -> str:
     """Why a speed ratio may not be a speed result: its rows shared the cores with other work."""
     got = choice.get("rows_shared")  # absent in files written before rows recorded it
@@ -396,7 +405,8 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     data = describe(plan, settings, trained, screen_length, screened, tuned, reported, unstackable,
                     prompt_sets(plan, settings, tuned.rows, reported.rows, tune_corpus.name, report_corpus.name,
                                 corpus_note, screen_length),
-                    {"screen": str(work / "screen.jsonl"), "tuning": str(tuning), "reporting": str(reporting)})
+                    {name: beside(out, path) for name, path in
+                     (("screen", work / "screen.jsonl"), ("tuning", tuning), ("reporting", reporting))})
     if past or positions:
         data["position"] = (choose("position", finalists, reported.standings, tuned.standings, screened,
                                    reported.evidence) if past or ranked else

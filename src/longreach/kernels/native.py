@@ -10,10 +10,12 @@ online softmax. Set ``LONGREACH_NATIVE=0`` to force the fallback. The build need
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -48,14 +50,49 @@ def load(verbose: bool = False) -> ModuleType | None:
         # instead of rebuilding over each other's under one lock
         where = cache_dir() / "kernels" / torch.__version__.replace("+", "_") / source_hash()
         where.mkdir(parents=True, exist_ok=True)
-        _module = build(name="longreach_block_sparse", sources=[str(s) for s in SOURCES], extra_cflags=flags,
-                        extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
+        with build_lock(where):
+            _module = build(name="longreach_block_sparse", sources=staged_sources(where), extra_cflags=flags,
+                            extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     except Exception as err:  # no compiler, no sgemm in this torch build, ...: the PyTorch path still works
         warnings.warn(f"longreach: compiled block-sparse kernel unavailable ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); using the PyTorch path",
                       RuntimeWarning, stacklevel=2)
         _module = None
     return _module
+
+
+@contextlib.contextmanager
+def build_lock(where: Path) -> Iterator[None]:
+    """Hold the build folder for this process alone. torch's own lock is a plain file that outlives a build killed
+    part-way (Ctrl-C, an out-of-memory kill), and every later build then waits on it forever, silently. An flock
+    is released by the system when its process dies, so while we hold one a torch lock left in the folder is
+    stale, and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's lock alone
+        yield
+        return
+    with open(where / "longreach.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (where / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def staged_sources(where: Path) -> list[str]:
+    """The sources copied into the build folder, headers with them: torch's build file names its sources' paths,
+    so two checkouts of the same sources (a git worktree) would otherwise rebuild over each other at each switch."""
+    staged = where / "src"
+    staged.mkdir(exist_ok=True)
+    for path in (*SOURCES, *HEADERS):
+        copy, text = staged / path.name, path.read_bytes()
+        if not copy.exists() or copy.read_bytes() != text:
+            partial = copy.with_name(copy.name + f".{os.getpid()}")
+            partial.write_bytes(text)
+            partial.replace(copy)  # atomic: a reader never sees half a file
+    return [str(staged / path.name) for path in SOURCES]
 
 
 @functools.cache
