@@ -27,6 +27,8 @@ PRESSES = {"snapkv", "h2o", "tova", "streamingkv", "finch", "pyramidkv"}
 ROPE_TYPES = {"linear", "dynamic", "yarn", "llama3", "longrope"}
 # the decoders homer drives layer by layer
 HOMER_FAMILIES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe"}
+# every layer a sliding-window one (Mistral-7B-v0.1, Starcoder2): longreach leaves a model's own sliding layers be
+ALL_SLIDING = {"mistral-v0.1", "starcoder2"}
 
 
 def documented_refusals(family: str) -> dict[str, str]:
@@ -44,7 +46,12 @@ def documented_refusals(family: str) -> dict[str, str]:
         refused["posdim"] = "(2i, 2i+1)"
     if family == "llama4":  # its RoPE layers are its chunked ones: re-mapping would act on no layer
         refused |= dict.fromkeys(REMAP, "would change nothing")
-    if family not in HOMER_FAMILIES:
+    if family in ALL_SLIDING:  # a method acting on attention would act on no layer; rope scaling still applies
+        refused |= dict.fromkeys(set(PROBES) - {"dense", "buckets-runs", "homer"} - ROPE_TYPES,
+                                 "is a sliding-window layer")
+    if family == "mistral-v0.1":  # a family homer drives, but its merge needs global attention
+        refused["homer"] = "has sliding-window layers"
+    elif family not in HOMER_FAMILIES:
         refused["homer"] = "supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"
     return refused
 
@@ -52,7 +59,8 @@ def documented_refusals(family: str) -> dict[str, str]:
 def test_every_method_and_family_has_a_probe():
     assert set(PROBES) == set(longreach.method_names())
     assert {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma", "gemma2", "gemma3", "phi3",
-            "olmo2", "gpt-neox", "gpt-oss", "deepseek-v3", "llama4", "glm4"} <= set(FAMILIES)
+            "olmo2", "gpt-neox", "gpt-oss", "deepseek-v3", "llama4", "glm4", "mistral-v0.1",
+            "starcoder2"} <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

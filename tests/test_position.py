@@ -74,8 +74,10 @@ def test_partial_rotary_leaves_the_unrotated_dimensions():
     assert not torch.allclose(got[..., :8], x[..., :8])
 
 
-def _explicit_two_piece(q0, k0, v, inv_freq, near_q, near_k, far_q, far_k, distance, scale):
-    """Attention recomputed from un-rotated q/k: each pair scored with RoPE at the positions of its piece."""
+def _explicit_two_piece(q0, k0, v, inv_freq, near_q, near_k, far_q, far_k, distance, scale, softcap=None,
+                        sinks=None):
+    """Attention recomputed from un-rotated q/k: each pair scored with RoPE at the positions of its piece; then
+    Gemma 2's cap * tanh(s / cap) and GPT-OSS's per-head sink logit in the denominator, when given."""
     group = q0.shape[1] // k0.shape[1]
     k0, v = k0.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     near = _rotate(q0, inv_freq, near_q) @ _rotate(k0, inv_freq, near_k).transpose(-1, -2)
@@ -84,8 +86,14 @@ def _explicit_two_piece(q0, k0, v, inv_freq, near_q, near_k, far_q, far_k, dista
     pq = torch.arange(t_k - t_q, t_k)[:, None]
     pk = torch.arange(t_k)[None, :]
     scores = torch.where(pq - pk >= distance, far, near) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(pk > pq, float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(1, 2)
+    if sinks is None:
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+    sink = sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    weights = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]  # the sink takes mass and gives nothing
+    return (weights @ v).transpose(1, 2)
 
 
 @pytest.mark.parametrize("t_q,t_k", [(90, 90), (17, 90), (1, 90)])
@@ -104,6 +112,27 @@ def test_selfextend_equals_rope_recomputed_at_grouped_positions(t_q, t_k, kernel
     want = _explicit_two_piece(q0, k0, v, rope.inv_freq, pq, pk, pq // group + window - window // group,
                                pk // group, window, 0.25)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("t_q", [90, 1])
+@pytest.mark.parametrize("kernel", ["reference", "gather"])
+@pytest.mark.parametrize("extra", ["softcap", "sinks", "both"])
+def test_the_two_piece_path_applies_a_softcap_and_learned_sinks(t_q, kernel, extra):
+    """Self-Extend's far keys on Gemma 2 / GPT-OSS style attention: the cap bends both pieces' scores and the sink
+    joins one softmax over both, as recomputed from un-rotated q/k."""
+    dim, group, window, t_k = 16, 3, 12, 90
+    rope = longreach.position.RopeInfo(1.0 / (10000 ** (torch.arange(0, dim, 2).double() / dim)), trained=40)
+    q0, k0, v = torch.randn(1, 4, t_q, dim) * 3, torch.randn(1, 2, t_k, dim), torch.randn(1, 2, t_k, dim)
+    pq, pk = torch.arange(t_k - t_q, t_k), torch.arange(t_k)
+    view = method_class("selfextend")(group=group, window=window).view(
+        _rotate(q0, rope.inv_freq, pq), _rotate(k0, rope.inv_freq, pk), rope, {})
+    softcap = 2.0 if extra in ("softcap", "both") else None
+    sinks = torch.tensor([0.5, 3.0, -1.0, 6.0]) if extra in ("sinks", "both") else None
+    got = longreach.attend(view.q, view.k, v, Selection.dense(1, t_q, t_k), 0.25, kernel, far=view.far,
+                           softcap=softcap, sinks=sinks)
+    args = (q0, k0, v, rope.inv_freq, pq, pk, pq // group + window - window // group, pk // group, window, 0.25)
+    torch.testing.assert_close(got, _explicit_two_piece(*args, softcap=softcap, sinks=sinks), atol=1e-4, rtol=1e-4)
+    assert (got - _explicit_two_piece(*args)).abs().max().item() > 1e-3  # the extra is not negligible here
 
 
 def test_string_equals_rope_recomputed_at_shifted_positions():
@@ -799,6 +828,43 @@ def test_interleaved_rope_pairs_are_reordered_and_rerotated_like_the_models_own_
     moved = rerotate(half_split(at(p), rope.rotated_dims), d[0].double(), rope.inv_freq)
     assert (moved - half_split(at(p + d), rope.rotated_dims)).abs().max().item() < 1e-4
     assert not torch.allclose(half_split(at(p), rope.rotated_dims), half_split(at(p + d), rope.rotated_dims))
+
+
+def stablelm() -> torch.nn.Module:
+    """A tiny StableLM (not a conformance family): its default config rotates a quarter of each head."""
+    import transformers
+
+    cfg = transformers.StableLmConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.StableLmForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family,rotated", [("gpt-neox", 4), ("phi3", 8), ("stablelm", 4)])
+def test_partial_rotary_models_are_rerotated_on_their_rotary_part_only(family, rotated):
+    """GPT-NeoX, Phi-3 and StableLM rotate only the first dims of each head: rotating by the model's own RoPE code
+    at p + d equals rotating at p and moving by d with the rotary info longreach reads from the model, and the
+    pass-through dims are the model's, untouched."""
+    import sys
+
+    from longreach.models import tiny_family
+
+    model = stablelm() if family == "stablelm" else tiny_family(family)
+    rope = rope_info(model)
+    assert rope.rotated_dims == rotated and not rope.interleaved
+    own = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    q = torch.randn(1, 4, 6, 16)
+    p, d = torch.arange(6).view(1, 6), torch.tensor([3, 40, 7, 100, 0, 1234]).view(1, 6)
+
+    def at(pos: torch.Tensor) -> torch.Tensor:
+        cos, sin = model.get_decoder().rotary_emb(q, pos)
+        if family == "stablelm":  # its attention splits the head itself, as here, before the shared RoPE code
+            return torch.cat([own(q[..., :rotated], q[..., :rotated], cos, sin)[0], q[..., rotated:]], dim=-1)
+        return own(q, q, cos, sin)[0]  # GPT-NeoX and Phi-3 split inside it
+
+    moved = rerotate(at(p), d[0].double(), rope.inv_freq)
+    assert (moved - at(p + d)).abs().max().item() < 1e-4
+    assert torch.equal(moved[..., rotated:], q[..., rotated:])  # the pass-through part is never rotated
+    assert not torch.allclose(at(p)[..., :rotated], at(p + d)[..., :rotated])
 
 
 @pytest.mark.parametrize("spec", ["selfextend:group=4,window=8", "string:shift=24,local=4", "gali:window=16"])

@@ -313,7 +313,11 @@ def markdown(matrix: Matrix) -> str:
         "every",
         "method that scores keys by attention mass "
         "([methods.md](methods.md#softcap-and-learned-sinks-in-mass-scoring));",
-        "a method whose own softmax leaves them out is refused on those families.",
+        "a method whose own softmax leaves them out is refused on those families. Gemma 2's tiny model has a cap that",
+        "bends its scores (cap 0.5, weights 5x the default scale), so a dropped cap fails the exactness check.",
+        "Sliding-window layers keep the model's own window under every method: on Gemma 2/3 and GPT-OSS the methods",
+        "act on the full-attention layers; a model whose every layer slides (`mistral-v0.1`, `starcoder2`) leaves them",
+        "no layer to act on, so they are refused there.",
         "",
         head,
         *rows,

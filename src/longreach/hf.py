@@ -228,8 +228,9 @@ def apply(
     if window is not None and acting:
         raise UnsupportedModelError(
             f"every attention layer of {name} is a sliding-window layer (window {window}), and longreach leaves a "
-            f"model's own sliding layers as they are: {', '.join(acting)} would change nothing. Per-layer sliding "
-            "windows are not supported yet; rope scaling methods (yarn, linear, ...) still apply")
+            f"model's own sliding layers as they are: {', '.join(acting)} would change nothing. Methods inside a "
+            "sliding window are not supported yet; its window already bounds this model's cache and attention. "
+            "To read past its trained length, use a rope scaling method (yarn, linear, ...), which still applies")
     extras = softmax_extras(model, modules)
     by_mass = [m.name for m in parsed.methods if m.scores_attention]
     if extras and by_mass:

@@ -269,7 +269,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # family -> (config class, model
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 2,
                                                             "num_experts_per_tok": 1, "moe_intermediate_size": 32}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 24}),
+    "mistral-v0.1": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 24}),  # every layer sliding
+    # larger weights and a small cap, so that the cap bends the scores: at the default (cap 50, init 0.02) removing
+    # it moves the logits by 2e-7, which no exactness check could see
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 24,
+                                                     "initializer_range": 0.1, "attn_logit_softcapping": 0.5}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 24,
                                                          "layer_types": ["sliding_attention", "full_attention"]}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
@@ -292,6 +296,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {  # family -> (config class, model
         "attention_chunk_size": 32, "no_rope_layers": [1, 0], "moe_layers": [],
         "layer_types": ["chunked_attention", "full_attention"]}),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", {"head_dim": 16}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {"sliding_window": 24}),  # every layer sliding
 }
 
 
