@@ -228,6 +228,20 @@ def test_bad_press_specs_and_padding_are_refused_before_work():
         model(ids, attention_mask=mask)
 
 
+@pytest.mark.parametrize("spec", ["snapkv:density=0.5", "kvquant:bits=4", "streamingkv:budget=16"])
+def test_a_model_set_to_generate_with_a_static_cache_is_refused_in_apply(spec):
+    """A cache policy works on a DynamicCache; a generation config asking for a static one would only fail at the
+    first forward of generate(), so apply() refuses it, and a select method is still allowed."""
+    model = tiny_model("llama")
+    model.generation_config.cache_implementation = "static"
+    with pytest.raises(longreach.UnsupportedModelError, match=r"'static' cache.*cache_implementation = None"):
+        longreach.apply(model, spec)
+    assert model.config._attn_implementation != "longreach"  # nothing was attached
+    longreach.apply(model, "quest:density=0.5").remove()
+    model.generation_config.cache_implementation = None
+    longreach.apply(model, spec).remove()
+
+
 def test_compressed_cache_refuses_use_after_the_handle_is_removed():
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 80))

@@ -250,6 +250,12 @@ def apply(
         names = " and ".join(p.name for p in droppers)
         raise SpecError(f"cannot stack presses and head policies ({names}): each manages the KV cache; keep one "
                         "per spec (it may follow a select method, and kvquant may follow it)")
+    fixed = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if owners and fixed not in (None, "dynamic"):
+        raise UnsupportedModelError(
+            f"{name}'s generation config asks generate() for a '{fixed}' cache, which {owners[0].name} cannot "
+            "shrink or re-store (it works on a DynamicCache); set model.generation_config.cache_implementation = "
+            "None before apply(), or use a select method, which works with any cache")
     latent = latent_cache(modules)
     handle.latent = latent is not None
     per_head = [p for p in owners if not isinstance(p, PressPolicy)]
