@@ -144,17 +144,18 @@ def top_keep_oracle(scores: Tensor, capacity: int, sinks: int, recent: int) -> T
     return out
 
 
-def snapkv_votes(q_win: Tensor, k: Tensor, scale: float) -> Tensor:
-    """SnapKV's votes: the last w queries' causal softmax over all n keys, summed over those queries, averaged over
-    the query heads reading each KV head: (B, Hkv, n)."""
+def snapkv_votes(q_win: Tensor, k: Tensor, scale: float, vote: str = "sum") -> Tensor:
+    """SnapKV's votes: the last w queries' causal softmax over all n keys, summed over those queries (``vote="max"``:
+    the largest of them, per key and query head), averaged over the query heads reading each KV head: (B, Hkv, n)."""
     probs = causal_probs(q_win, k, scale)  # (B, Hq, w, n)
     group = q_win.shape[1] // k.shape[1]
-    per_head = probs.sum(dim=2)  # (B, Hq, n)
+    per_head = probs.sum(dim=2) if vote == "sum" else torch.stack([probs[:, :, i] for i in range(probs.shape[2])],
+                                                                  dim=0).max(dim=0).values  # (B, Hq, n)
     return torch.stack([per_head[:, h * group : (h + 1) * group].mean(1) for h in range(k.shape[1])], dim=1)
 
 
 def snapkv_keep(q_win: Tensor, k: Tensor, scale: float, capacity: int, *, sinks: int, pool: int,
-                scope: str = "all", count_pad: bool = False, how: str = "avg") -> Tensor:
+                scope: str = "all", count_pad: bool = False, how: str = "avg", vote: str = "sum") -> Tensor:
     """Positions SnapKV keeps per KV head (B, Hkv, capacity), ascending: the observation window (the last w = the
     number of queries) always, plus the prefix keys with the highest pooled votes (and ``sinks``, a longreach
     addition; 0 in the paper).
@@ -164,7 +165,7 @@ def snapkv_keep(q_win: Tensor, k: Tensor, scale: float, capacity: int, *, sinks:
     "all" pools over every key, the window's included, as longreach does (see the report in test_oracles).
     """
     n, w = k.shape[2], q_win.shape[2]
-    votes = snapkv_votes(q_win, k, scale)
+    votes = snapkv_votes(q_win, k, scale, vote)
     if scope == "prefix":
         pooled = torch.cat([pool_1d(votes[..., : n - w], pool, how, count_pad), votes[..., n - w :]], dim=-1)
     else:

@@ -94,7 +94,7 @@ class KeepOnly(SelectionMethod):
 
 KeepOnly = dataclass(frozen=True)(KeepOnly)
 NO_DECODE_EVICTION = [s if "h2o" not in s and "tova" not in s and "streamingkv" not in s else s + ",every=0"
-                      for s in PRESSES]
+                      for s in PRESSES] + ["snapkv:budget=40,window=8,pool=5,vote=max"]
 
 
 def restricted_decode(model, ids: torch.Tensor, nxt: torch.Tensor, kept: dict[int, torch.Tensor]):
@@ -135,7 +135,7 @@ def test_decode_after_compression_matches_dense_restricted_to_kept_keys(arch, sp
         for i, (q, k, scale) in seen.items():
             assert q.shape[2] == T - 1, "the press sees the prompt without its held-back last token"
             want = snapkv_keep(q[:, :, -press.recent:], k, scale, press.capacity(i, len(cache.layers), T - 1),
-                               sinks=press.sinks, pool=press.pool)
+                               sinks=press.sinks, pool=press.pool, vote=press.vote)
             assert torch.equal(kept[i], want), f"layer {i} keeps other keys than the window votes for"
             kept[i] = want
     ref, bytes_full = restricted_decode(model, ids, nxt, kept)
@@ -217,6 +217,8 @@ def test_bad_press_specs_and_padding_are_refused_before_work():
         longreach.parse_spec("snapkv")
     with pytest.raises(SpecError, match="smaller than the always-kept"):
         longreach.parse_spec("snapkv:budget=10,window=32")
+    with pytest.raises(SpecError, match="vote must be sum or max"):
+        longreach.parse_spec("snapkv:density=0.1,vote=mean")
     model = tiny_model("llama")
     with pytest.raises(SpecError, match="cannot stack presses"):
         longreach.apply(model, "snapkv:density=0.5+h2o:density=0.5")

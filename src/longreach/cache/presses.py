@@ -28,11 +28,16 @@ class WindowVotePress(Press):
     chosen key come with it; the window itself is kept."""
 
     pool: int = param(7, "width of the average pooling over neighbouring keys' votes (1: none)")
+    vote: str = param("sum", "how the window's queries vote: sum (SnapKV: a key's attention summed over them) or "
+                             "max (its largest share from any one query, so the prompt's last query, which writes "
+                             "the first answer token, weighs as much as all the others)")
     default_window: ClassVar[int] = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self, "pool", self.pool, minimum=1)
+        if self.vote not in ("sum", "max"):
+            raise SpecError(f"{self.name}: vote must be sum or max, got {self.vote!r}")
         if self.recent < 1:
             raise SpecError(f"{self.name}: window must be >= 1: the observation window's queries do the voting")
 
@@ -41,18 +46,20 @@ class WindowVotePress(Press):
         return self.recent
 
     def scores(self, obs: Observation) -> Tensor:
-        return window_votes(obs, self.pool)
+        return window_votes(obs, self.pool, self.vote)
 
 
-def window_votes(obs: Observation, pool: int) -> Tensor:
-    """(B, Hkv, n): attention the observed queries pay each key (summed over them, averaged over the group),
-    average-pooled over ``pool`` neighbouring keys so a chosen token keeps its neighbours (SnapKV).
+def window_votes(obs: Observation, pool: int, vote: str = "sum") -> Tensor:
+    """(B, Hkv, n): attention the observed queries pay each key (summed over them, or the largest share any one
+    pays with ``vote="max"``; averaged over the group), average-pooled over ``pool`` neighbouring keys so a
+    chosen token keeps its neighbours (SnapKV).
 
     Two deliberate departures from SnapKV's reference code, both measured with (docs/kv-presses.md): the pooling
     runs over every key, so the last ``pool // 2`` prefix keys also average in the observation window's own
     votes (the reference pools ``votes[..., :-window]``), and edge padding is not counted in the average
     (the reference's default counts it; it matters only when ``sinks < pool // 2``)."""
-    votes = window_probs(obs).sum(dim=3).mean(dim=2)
+    probs = window_probs(obs)
+    votes = (probs.amax(dim=3) if vote == "max" else probs.sum(dim=3)).mean(dim=2)
     if pool > 1:
         b, h, n = votes.shape
         votes = F.avg_pool1d(votes.view(b * h, 1, n), pool, stride=1, padding=pool // 2,
