@@ -164,6 +164,15 @@ def main() -> None:
         accuracy(f"KV press, {float(density):.0%} cache, 4k, niah, no template, no answer prefix",
                  f"snapkv:density={density},pool=31",
                  "heldout/smollm2-4k-niah-wording2-nochat-austen-fixed/results.jsonl")
+    accuracy("tuned KV press, 10% cache, 4k, niah, no template, no answer prefix, fresh prompts (Canterbury)",
+             "snapkv:density=0.1,pool=31", "heldout/smollm2-4k-niah-wording2-nochat-canterbury-vote/results.jsonl")
+    for task in ("passkey", "niah"):  # a second corpus with the template
+        accuracy(f"tuned KV press, 10% cache, 4k, Canterbury, {task}", "snapkv:density=0.1,pool=31",
+                 "heldout/smollm2-4k-chat/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    for task in ("passkey:needle=1", "niah"):  # Gemma-3-270M at 16k: nothing passed (docs/tuned/gemma3-16k/)
+        for spec in ("snapkv:density=0.1,pool=31", "vslash:density=0.2"):
+            accuracy(f"Gemma-3-270M, 16k, {task}", spec, "tuned/gemma3-16k/reporting/results.jsonl",
+                     keep=lambda r, task=task: r["task"] == task)
     for task in ("passkey", "niah"):  # inside the trained length, tune --positions chose Self-Extend
         accuracy(f"tuned position method, 8k, {task}", "selfextend:group=2",
                  "tuned/smollm2-8k-positions/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
