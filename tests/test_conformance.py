@@ -109,3 +109,7 @@ def test_the_markdown_shows_every_cell_and_each_reason_once():
     assert "| `quest` | ✓ | ✓ |" in text
     assert "| `kvquant` | ✓ | refused [1](#r1) |" in text
     assert text.count("one latent per token") == 1  # one note, referenced from each refused cell
+
+    sliding = markdown(run_matrix(["mistral-v0.1"], ["quest", "snapkv", "yarn"], sizes=SMALL))
+    assert "| `quest` | refused [1](#r1) |" in sliding and "| `snapkv` | refused [1](#r1) |" in sliding
+    assert "| `yarn` | ✓ |" in sliding and "the method would change nothing" in sliding

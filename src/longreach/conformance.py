@@ -296,7 +296,9 @@ def markdown(matrix: Matrix) -> str:
             if c.status == "ok":
                 row.append("✓")
             else:
-                n = notes.setdefault(c.reason, len(notes) + 1)
+                # one note for the reason every method of a family shares, which names the method refused
+                reason = c.reason.replace(f": {c.method} would change nothing", ": the method would change nothing")
+                n = notes.setdefault(reason, len(notes) + 1)
                 row.append(f"{c.mark} [{n}](#r{n})")
         rows.append("| " + " | ".join(row) + " |")
     head = "| method | " + " | ".join(fams) + " |\n|---|" + "---|" * len(fams)
