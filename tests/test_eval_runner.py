@@ -31,7 +31,7 @@ def sweep_for(folder, **overrides):
 
 
 def drop_volatile(row):
-    return {k: v for k, v in row.items() if k not in ("prefill_s", "decode_s", "peak_rss_mb", "time")}
+    return {k: v for k, v in row.items() if k not in ("prefill_s", "decode_s", "peak_rss_mb", "time", "others_cpu")}
 
 
 def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path, tiny, tiny_lm_folder):
