@@ -149,8 +149,7 @@ def snapkv_votes(q_win: Tensor, k: Tensor, scale: float, vote: str = "sum") -> T
     the largest of them, per key and query head), averaged over the query heads reading each KV head: (B, Hkv, n)."""
     probs = causal_probs(q_win, k, scale)  # (B, Hq, w, n)
     group = q_win.shape[1] // k.shape[1]
-    per_head = probs.sum(dim=2) if vote == "sum" else torch.stack([probs[:, :, i] for i in range(probs.shape[2])],
-                                                                  dim=0).max(dim=0).values  # (B, Hq, n)
+    per_head = probs.sum(dim=2) if vote == "sum" else probs.max(dim=2).values  # (B, Hq, n)
     return torch.stack([per_head[:, h * group : (h + 1) * group].mean(1) for h in range(k.shape[1])], dim=1)
 
 

@@ -207,15 +207,16 @@ def test_native_build_folder_is_keyed_by_torch_and_kernel_source(monkeypatch, tm
 
 
 def fake_build(monkeypatch, tmp_path, calls: list) -> Path:
-    """load() with torch's build replaced by a recorder; returns the build folder it will use."""
+    """load() with torch's build replaced by a recorder of its arguments and of whether torch's lock file was
+    there when it was called; returns the build folder it will use."""
     import torch.utils.cpp_extension as ext
 
-    monkeypatch.setattr(ext, "load", lambda **kwargs: calls.append(kwargs) or "module")
+    where = tmp_path / "kernels" / torch.__version__.replace("+", "_") / native.source_hash()
+    where.mkdir(parents=True)
+    monkeypatch.setattr(ext, "load", lambda **kw: calls.append({**kw, "lock": (where / "lock").exists()}) or "module")
     monkeypatch.setenv("LONGREACH_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_tried", False)
-    where = tmp_path / "kernels" / torch.__version__.replace("+", "_") / native.source_hash()
-    where.mkdir(parents=True)
     return where
 
 
@@ -226,12 +227,7 @@ def test_a_build_killed_part_way_does_not_hang_the_next_one(monkeypatch, tmp_pat
     calls: list = []
     where = fake_build(monkeypatch, tmp_path, calls)
     (where / "lock").touch()  # what torch's FileBaton leaves when its process dies mid-build
-    lock_seen = []
-    import torch.utils.cpp_extension as ext
-
-    monkeypatch.setattr(ext, "load", lambda **kw: lock_seen.append((where / "lock").exists()) or calls.append(kw)
-                        or "module")
-    assert native.load() == "module" and lock_seen == [False]
+    assert native.load() == "module" and [call["lock"] for call in calls] == [False]
     staged = [Path(p) for p in calls[0]["sources"]]
     assert [p.parent for p in staged] == [where / "src"] * len(native.SOURCES)
     for original in (*native.SOURCES, *native.HEADERS):  # headers too: the sources include them by name
