@@ -5,6 +5,7 @@ by hand."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -456,6 +457,46 @@ def test_generate_under_apply_runs_homer_and_refuses_the_dense_prefill():
     # each decode step continues from the merged chunk's length (64), not from the prompt's (200)
     assert done.length == 64 and [p for p in seen if len(p) == 1][-3:] == [[64], [65], [66]]
     assert run.prompt_kv_bytes == 64 * 4 * 2 * 2 * 16 * 4
+
+
+def test_homer_with_yarn_is_homer_on_the_model_transformers_builds_with_yarn():
+    """``homer+yarn``: every forward of the merge tree and of decode uses YaRN's rotary tables. Oracle: plain HOMER
+    on a twin that transformers builds from YaRN's rope parameters written out by hand (its own YaRN code), with
+    the same weights. Both entry points (the spec under ``apply``, and ``homer_generate(position=...)``) give the
+    twin's prefill logits, greedy tokens and final cache (decoded tokens' keys included); YaRN must move the logits
+    and the cached keys, or the check proves nothing."""
+    trained = 64
+    model = family_model("llama", num_hidden_layers=4, max_position_embeddings=trained)
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": model.config.rope_parameters["rope_theta"],
+                              "factor": 2.0, "original_max_position_embeddings": trained, "beta_fast": 32.0,
+                              "beta_slow": 1.0}
+    twin = type(model)(config).eval()
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 128, (1, N))
+    params = {"chunk": 64, "prefix": 8, "suffix": 8, "warmup": 1}
+    with torch.no_grad():
+        want, _ = prefill(twin, ids)
+        plain, _ = prefill(model, ids)
+        oracle = longreach.homer_generate(twin, None, ids, 6, **params)
+        plain_run = longreach.homer_generate(model, None, ids, 6, **params)
+        with longreach.apply(model, "yarn:factor=2"):
+            got, _ = prefill(model, ids)
+        with longreach.apply(model, f"{MULTI}+yarn:factor=2"):
+            run = longreach.generate(model, ids, 6)
+        stacked = longreach.homer_generate(model, None, ids, 6, position="yarn:factor=2", **params)
+    assert (want.logits[0, -1] - plain.logits[0, -1]).abs().max().item() > 1e-3, "YaRN left the logits as they were"
+    torch.testing.assert_close(got.logits[0, -1], want.logits[0, -1], atol=1e-4, rtol=1e-4)
+    assert got.tokens.tolist() == want.tokens.tolist()
+    assert run.tokens == stacked.tokens == oracle.tokens
+    last = oracle.cache.layers[-1].keys
+    assert (plain_run.cache.layers[-1].keys - last).abs().max().item() > 1e-3, "YaRN left the cached keys as they were"
+    for got_run in (run, stacked):
+        assert got_run.cache.get_seq_length() == oracle.cache.get_seq_length() == 64 + 5
+        for mine, theirs in zip(got_run.cache.layers, oracle.cache.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-4)
+    assert model.config.rope_parameters["rope_type"] == "default"  # the model's own config is untouched
 
 
 def test_specs_and_refusals():
