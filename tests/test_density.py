@@ -61,3 +61,39 @@ def test_full_and_padded_selections_are_counted_exactly():
     k_pad = int(padded.to_mask().sum())
     c_pad = int(padded.causal_counts().sum())
     assert stats.density("prefill") == (k_full + k_pad) / (c_full + c_pad)
+
+
+def test_selection_time_is_the_selector_stages_own_per_phase(monkeypatch):
+    """``handle.select_s`` adds up the selector's calls, per phase: a selector that sleeps a known time in every
+    call makes each phase's total at least (calls x sleep), the calls counted here; a handle that does not track
+    leaves them at zero, and ``reset_stats`` starts again."""
+    import time
+
+    from conftest import tiny_model
+
+    import longreach
+    from longreach.generation import generate
+    from longreach.methods.blocktopk import Quest
+
+    calls = {"prefill": 0, "decode": 0}
+    select = Quest.select
+
+    def slow_select(self, q, k, ctx):
+        calls["decode" if q.shape[2] == 1 else "prefill"] += 1
+        time.sleep(0.005)
+        return select(self, q, k, ctx)
+
+    monkeypatch.setattr(Quest, "select", slow_select)
+    model = tiny_model("llama")  # 2 layers
+    ids = torch.randint(1, 128, (1, 40))
+    with torch.no_grad(), longreach.apply(model, "quest:density=0.5") as handle:
+        run = generate(model, ids, 4)
+        got = dict(handle.select_s)
+        handle.reset_stats()
+        assert handle.select_s == {"prefill": 0.0, "decode": 0.0}
+    assert calls == {"prefill": 2, "decode": 2 * (len(run.tokens) - 1)} and len(run.tokens) == 4
+    assert got["prefill"] >= 0.005 * calls["prefill"] and got["decode"] >= 0.005 * calls["decode"]
+    assert got["prefill"] + got["decode"] <= run.prefill_s + run.decode_s  # inside the measured phases
+    with torch.no_grad(), longreach.apply(model, "quest:density=0.5", track_density=False) as handle:
+        generate(model, ids, 2)
+        assert handle.select_s == {"prefill": 0.0, "decode": 0.0}

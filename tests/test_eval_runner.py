@@ -31,7 +31,8 @@ def sweep_for(folder, **overrides):
 
 
 def drop_volatile(row):
-    return {k: v for k, v in row.items() if k not in ("prefill_s", "decode_s", "peak_rss_mb", "time", "others_cpu")}
+    return {k: v for k, v in row.items() if k not in ("prefill_s", "decode_s", "peak_rss_mb", "time", "others_cpu",
+                                                  "select_s", "select_decode_s")}
 
 
 def test_resume_after_a_kill_gives_the_rows_of_an_uninterrupted_run(tmp_path, tiny, tiny_lm_folder):
@@ -72,12 +73,14 @@ def test_rows_record_what_users_need(tmp_path, tiny, tiny_lm_folder):
     run_local(sweep, tmp_path, todo, model, tok, Corpus.synthetic())
     rows, _ = read_rows(tmp_path / "results.jsonl")
     needed = {"task", "length", "depth", "method", "seed", "prediction", "gold", "score", "prefill_s", "decode_s",
-              "density", "kv_bytes", "peak_rss_mb", "version", "model", "tokens", "chat", "prompt_sha"}
+              "density", "kv_bytes", "peak_rss_mb", "version", "model", "tokens", "chat", "prompt_sha", "select_s",
+              "select_decode_s"}
     for row in rows:
         assert needed <= set(row), needed - set(row)
         assert row["version"] == longreach.__version__ and row["model"] == str(tiny_lm_folder)
         assert row["kv_bytes"] > 0 and row["peak_rss_mb"] > 0 and row["prefill_s"] > 0
         assert (row["density"] == 1.0) == (row["method"] == "dense")
+        assert 0.0 <= row["select_s"] <= row["prefill_s"]  # the selector stage is part of the prefill
     ppl = [r for r in rows if r["task"].startswith("ppl")]
     assert len(ppl) == 2 and all(len(r["loss_buckets"]) == 4 and r["score"] > 1 for r in ppl)
 

@@ -45,6 +45,8 @@ class Handle:
         self.track_density = track_density
         self.previous = previous
         self.stats = DensityStats()
+        # seconds in the selector stage per phase (CPU tensors only: a GPU's launches return before the work)
+        self.select_s: dict[str, float | None] = {"prefill": 0.0, "decode": 0.0}
         self.active = True
         # called with (layer_idx, q, k, v, scale, sliding_window, key_mask) after each attention: diagnostics
         self.observer: Callable[..., None] | None = None
@@ -80,6 +82,7 @@ class Handle:
 
     def reset_stats(self) -> None:
         self.stats = DensityStats()
+        self.select_s = {"prefill": 0.0, "decode": 0.0}
 
     def softmax_extras(self, layer_idx: int) -> SoftmaxExtras:
         """Layer ``layer_idx``'s softcap and sink logits in its current attention call: for an observer that

@@ -106,6 +106,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, handle, chunk: int 
         row["score"] = task.score(row["prediction"], sample.gold)
     row["density"] = handle.density("prefill")
     row["density_decode"] = handle.density("decode")
+    row["select_s"], row["select_decode_s"] = handle.select_s["prefill"], handle.select_s["decode"]
     row["peak_rss_mb"] = round(peak_resident_bytes() / MiB, 1)
     row["others_cpu"] = sharing.others_share(before, sharing.snapshot())
     return row

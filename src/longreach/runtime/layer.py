@@ -12,6 +12,7 @@ the cache shrinks after the forward, SnapKV's own order).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -171,6 +172,7 @@ class LayerRuntime:
         if sliding_window is not None:
             return Selection.local(batch, t_q, t_k, sinks=0, window=sliding_window, key_mask=key_mask,
                                    device=q.device)
+        start = time.perf_counter()
         # a position method re-rotates every key at each forward: summaries of stored keys would be stale
         summaries = self.summaries if self.handle.remap is None else None
         if summaries is not None:
@@ -178,9 +180,20 @@ class LayerRuntime:
         ctx = SelectContext(self.layer_idx, key_mask, summaries, self.select_state, scale, self.extras)
         # with a two-piece position method, blocks are chosen on the far (re-mapped) positions
         sel = self.handle.spec.selector.select(far.q if far else q, far.k if far else k, ctx)
+        self.count_select_time(q, time.perf_counter() - start)
         if far is not None and not sel.full and sel.window < far.distance:
             sel = replace(sel, window=far.distance)  # the near piece is always attended whole
         return sel
+
+    def count_select_time(self, q: Tensor, seconds: float) -> None:
+        """Add a selector call's time to the handle's total for its phase (tracked handles, CPU tensors: on a GPU
+        the call returns before its kernels finish, so the phase's total becomes None rather than too small)."""
+        handle = self.handle
+        if not handle.track_density:
+            return
+        phase = "decode" if q.shape[2] == 1 else "prefill"
+        total = handle.select_s[phase]
+        handle.select_s[phase] = None if total is None or q.device.type != "cpu" else total + seconds
 
     def remap_positions(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, new_sequence: bool
                         ) -> tuple[Tensor, Tensor, object, tuple]:
