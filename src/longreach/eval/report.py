@@ -159,10 +159,35 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
                     f"{'–' if dens is None else f'{dens:.3f}'} | {cell.avg('prefill_s'):.2f} | "
                     f"{speed_ratio(cells, cell, baseline)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
                     f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
+        out += select_lines(cells, task, methods)
         out += paired_table(cells, task, methods, margin, baseline)
         out += depth_table(cells, task, methods, baseline)
     out += effective_table(cells, methods, threshold)
     return "\n".join(out)
+
+
+def select_lines(cells: dict, task: str, methods: list[str]) -> list[str]:
+    """Where rows recorded it, the selector stage's share of each sparse method's time: a selector whose choice
+    costs more than its kernels save shows here, beside its accuracy. Dense (which selects nothing) is left out."""
+    lines = []
+    for method in methods:
+        for length in sorted({c.length for c in cells.values() if c.task == task}):
+            cell = cells.get((task, method, length))
+            if cell is None or method == "dense" or not cell.values("select_s"):
+                continue
+            timed = [r for r in cell.rows if isinstance(r.get("select_s"), int | float)]
+            select, prefill = sum(r["select_s"] for r in timed), sum(r["prefill_s"] for r in timed)
+            decode = [r for r in timed if isinstance(r.get("select_decode_s"), int | float) and r.get("decode_tokens")]
+            tokens = sum(r["decode_tokens"] for r in decode)
+            per_token = (f"; decode {1000 * sum(r['select_decode_s'] for r in decode) / tokens:.1f} ms per token "
+                         f"({sum(r['select_decode_s'] for r in decode) / sum(r['decode_s'] for r in decode):.0%} of "
+                         "decode)") if tokens else ""
+            lines.append(f"- {method} at {length}: prefill {select / len(timed):.2f} s per sample "
+                         f"({select / prefill:.0%} of prefill){per_token}; {len(timed)} rows")
+    if not lines:
+        return []
+    return ["", "Time in the selector stage (choosing keys, block summaries, index fits; rows' `select_s` and "
+                "`select_decode_s`, inside the prefill and decode times above):", "", *lines]
 
 
 def no_answer(cell: ScoreCell) -> str:
