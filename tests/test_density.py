@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from longreach.runtime.density import FOLD_EVERY, DensityStats, causal_pairs
@@ -96,4 +97,36 @@ def test_selection_time_is_the_selector_stages_own_per_phase(monkeypatch):
     assert got["prefill"] + got["decode"] <= run.prefill_s + run.decode_s  # inside the measured phases
     with torch.no_grad(), longreach.apply(model, "quest:density=0.5", track_density=False) as handle:
         generate(model, ids, 2)
-        assert handle.select_s == {"prefill": 0.0, "decode": 0.0}
+        assert handle.select_s == {"prefill": None, "decode": None}  # not measured, not zero
+
+
+@pytest.mark.parametrize("spec", ["quest:density=0.5+snapkv:density=0.5",  # the held-back last row: the prompt's
+                                  "lserve:profile={},ratio=0.5,window=16,density=0.2,block=16"])  # a head split
+def test_selection_time_in_a_prompt_is_the_prompts(spec, monkeypatch, tmp_path):
+    """One forward of a prompt: every selector call is the prompt's, whether the runtime's selector stage made it or
+    a head policy on its long heads (lserve's quest), the held-back last row included (attended as a decode step,
+    but inside the prompt's time); nothing is counted as decode."""
+    import time
+
+    from conftest import tiny_model
+
+    import longreach
+    from longreach.conformance import random_profile
+    from longreach.methods.blocktopk import Quest
+
+    calls = []
+    select = Quest.select
+
+    def slow_select(self, q, k, ctx):
+        calls.append(q.shape[2])
+        time.sleep(0.005)
+        return select(self, q, k, ctx)
+
+    monkeypatch.setattr(Quest, "select", slow_select)
+    model = tiny_model("llama")
+    spec = spec.format(random_profile(model, tmp_path))
+    with torch.no_grad(), longreach.apply(model, spec) as handle:
+        model(torch.randint(1, 128, (1, 256)), use_cache=True)
+        got = dict(handle.select_s)
+    assert calls and got["decode"] == 0.0 and got["prefill"] >= 0.005 * len(calls)
+    assert 1 in calls  # both hold the last prompt row back: its one-row call is there, and counted as the prompt's

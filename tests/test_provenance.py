@@ -143,14 +143,20 @@ def test_report_marks_speed_ratios_whose_rows_shared_the_cores(tmp_path, busy):
 
 
 def test_report_gives_the_selector_stages_share_where_rows_recorded_it(tmp_path):
-    """Per sparse cell: the mean select_s per sample, its share of prefill time, and per decode token; dense and
-    rows written before select_s was recorded add no line. Worked by hand: quest's rows select 0.25 s and 0.35 s
+    """Per cell: the mean select_s per sample, its share of prefill time, and per decode token. Dense (its selector
+    takes under 1% of either phase), rows written before select_s was recorded, and rows that did not measure it
+    (None) add no line; a zero prefill time divides nothing. Worked by hand: quest's rows select 0.25 s and 0.35 s
     of 1.0 s prefills (0.30 s per sample, 30%), and 0.02 s of 0.1 s decodes over 4 tokens each (5.0 ms, 20%)."""
     dense, quest = rows_of("dense", 2.0, "AMD EPYC", "abc"), rows_of("quest:density=0.1", 1.0, "AMD EPYC", "abc")
-    old = rows_of("quest:density=0.2", 1.0, "AMD EPYC", "abc")
-    for row, select in zip(dense + quest, (0.001, 0.001, 0.25, 0.35), strict=True):
-        row["select_s"], row["select_decode_s"] = select, 0.02
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dense + quest + old))
+    old, lserve = rows_of("quest:density=0.2", 1.0, "AMD EPYC", "abc"), rows_of("lserve", 1.0, "AMD EPYC", "abc")
+    instant = rows_of("loki", 0.0, "AMD EPYC", "abc")
+    for row, select, per_decode in zip(dense + quest + instant, (0.001, 0.001, 0.25, 0.35, 0.0, 0.0),
+                                       (0.0001, 0.0001, 0.02, 0.02, 0.0, 0.0), strict=True):
+        row["select_s"], row["select_decode_s"] = select, per_decode
+    for row in lserve:
+        row["select_s"] = row["select_decode_s"] = None
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dense + quest + old + lserve
+                                                    + instant))
     text = build_report(tmp_path).markdown
     lines = [line for line in text.splitlines() if line.startswith("- ") and " at 1024: prefill" in line]
     assert lines == ["- quest:density=0.1 at 1024: prefill 0.30 s per sample (30% of prefill); decode 5.0 ms per "

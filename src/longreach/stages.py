@@ -68,6 +68,8 @@ class LayerCall:
     sinks: Tensor | None = None  # GPT-OSS: one learned sink logit per query head, (Hq,) (kernels.attend)
     # DeepSeek-V3's multi-head latent attention: the cache holds one latent per token, k/v are its expanded heads
     latent: bool = False
+    # the selector stage's time, for a policy that runs a selector on its own split of the heads (seconds)
+    count_select: Callable[[float], None] | None = None
 
     @property
     def t_q(self) -> int:

@@ -117,6 +117,9 @@ def provenance_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+SELECT_SHOWN = 0.01  # the selector stage's share of prefill or decode time below which a cell gets no line
+
+
 def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESHOLD,
              baseline: str = BASELINE) -> str:
     """The report's text: per task a table of every cell, then the paired comparison with ``baseline`` (dense
@@ -167,27 +170,32 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
 
 
 def select_lines(cells: dict, task: str, methods: list[str]) -> list[str]:
-    """Where rows recorded it, the selector stage's share of each sparse method's time: a selector whose choice
-    costs more than its kernels save shows here, beside its accuracy. Dense (which selects nothing) is left out."""
+    """Where rows recorded it, the selector stage's share of a method's time: a selector whose choice costs more
+    than its kernels save shows here, beside its accuracy. Cells where it stayed under ``SELECT_SHOWN`` of both
+    prefill and decode (dense, presses: their selector chooses nothing) get no line."""
     lines = []
     for method in methods:
         for length in sorted({c.length for c in cells.values() if c.task == task}):
             cell = cells.get((task, method, length))
-            if cell is None or method == "dense" or not cell.values("select_s"):
+            timed = [r for r in cell.rows if isinstance(r.get("select_s"), int | float)] if cell else []
+            if not timed:
                 continue
-            timed = [r for r in cell.rows if isinstance(r.get("select_s"), int | float)]
-            select, prefill = sum(r["select_s"] for r in timed), sum(r["prefill_s"] for r in timed)
+            select, prefill = sum(r["select_s"] for r in timed), sum(r.get("prefill_s") or 0.0 for r in timed)
             decode = [r for r in timed if isinstance(r.get("select_decode_s"), int | float) and r.get("decode_tokens")]
+            dec_select, dec_s = sum(r["select_decode_s"] for r in decode), sum(r["decode_s"] for r in decode)
             tokens = sum(r["decode_tokens"] for r in decode)
-            per_token = (f"; decode {1000 * sum(r['select_decode_s'] for r in decode) / tokens:.1f} ms per token "
-                         f"({sum(r['select_decode_s'] for r in decode) / sum(r['decode_s'] for r in decode):.0%} of "
-                         "decode)") if tokens else ""
+            shares = (select / prefill if prefill else 0.0, dec_select / dec_s if dec_s else 0.0)
+            if max(shares) < SELECT_SHOWN:
+                continue
+            per_token = (f"; decode {1000 * dec_select / tokens:.1f} ms per token ({shares[1]:.0%} of decode)"
+                         if tokens and dec_s else "")
             lines.append(f"- {method} at {length}: prefill {select / len(timed):.2f} s per sample "
-                         f"({select / prefill:.0%} of prefill){per_token}; {len(timed)} rows")
+                         f"({shares[0]:.0%} of prefill){per_token}; {len(timed)} rows")
     if not lines:
         return []
     return ["", "Time in the selector stage (choosing keys, block summaries, index fits; rows' `select_s` and "
-                "`select_decode_s`, inside the prefill and decode times above):", "", *lines]
+                f"`select_decode_s`, inside the prefill and decode times above; cells where it reached "
+                f"{SELECT_SHOWN:.0%} of either):", "", *lines]
 
 
 def no_answer(cell: ScoreCell) -> str:

@@ -7,6 +7,7 @@ first forward; ``razor`` / ``headkv`` prefill densely and split the layer after 
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,7 +87,10 @@ class SplitPolicy:
             if sinks is None:  # the long heads: the policy's own choice, or a select method stacked before it
                 ctx = SelectContext(call.layer_idx, None, None, call.state.setdefault("select", {}), call.scale,
                                     call.extras.heads(qh))
+                start = time.perf_counter()
                 sel = self.long_select(qq, kk, ctx)
+                if call.count_select is not None:
+                    call.count_select(time.perf_counter() - start)
             elif split.keeper is not None:  # headkv: every key the short heads still hold
                 sel = Selection.dense(batch, t_q, kk.shape[2], device=q.device)
             else:

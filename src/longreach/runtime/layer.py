@@ -46,6 +46,7 @@ class LayerRuntime:
         stats = selector.block_stats
         self.summaries = BlockSummaries(selector.block_k, stats) if stats else None
         self.select_state: dict = {}  # the selector's per-layer scratch for the current sequence
+        self.prompt_tail = False  # attending the held-back last prompt row (hold_last)
         self.policy_state: dict = {}  # the cache policy's (recent queries, accumulated attention, steps)
         self.position_state: dict = {}  # the position method's (group size, head ratios)
         self.cache: object | None = None  # the forward's transformers cache (set by the pre-hook)
@@ -115,7 +116,11 @@ class LayerRuntime:
             keys, values = kept_heads(k, v, self.policy_state.pop("kept", None))
         else:
             keys, values = layers[self.layer_idx].update(k[:, :, -1:], v[:, :, -1:])
-        tail = self.run(q[:, :, -1:], keys, values, None, scale, None)
+        self.prompt_tail = True  # the last prompt row, attended as a decode step, is still the prompt's time
+        try:
+            tail = self.run(q[:, :, -1:], keys, values, None, scale, None)
+        finally:
+            self.prompt_tail = False
         return torch.cat([head, tail], dim=1)
 
     # -- the stages ----------------------------------------------------------------------------
@@ -132,7 +137,8 @@ class LayerRuntime:
         policy = handle.policy if controlled else None
         call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, self.cache, self.policy_state,
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
-                         if handle.track_density else None, self.softcap, self.sinks, handle.latent)
+                         if handle.track_density else None, self.softcap, self.sinks, handle.latent,
+                         lambda seconds: self.count_select_time(q, seconds))
         # 1. position map
         far, branches = None, ()
         if controlled and handle.remap is not None and not self.no_rope:
@@ -186,14 +192,14 @@ class LayerRuntime:
         return sel
 
     def count_select_time(self, q: Tensor, seconds: float) -> None:
-        """Add a selector call's time to the handle's total for its phase (tracked handles, CPU tensors: on a GPU
-        the call returns before its kernels finish, so the phase's total becomes None rather than too small)."""
+        """Add a selector call's time to the handle's total for its phase, the phase whose time holds it (the
+        held-back last prompt row is the prompt's). None (not measured) sticks: an untracked handle, or tensors off
+        the CPU (a GPU call returns before its kernels finish, so the time would be too small)."""
         handle = self.handle
-        if not handle.track_density:
-            return
-        phase = "decode" if q.shape[2] == 1 else "prefill"
+        phase = "decode" if q.shape[2] == 1 and not self.prompt_tail else "prefill"
         total = handle.select_s[phase]
-        handle.select_s[phase] = None if total is None or q.device.type != "cpu" else total + seconds
+        if total is not None:
+            handle.select_s[phase] = None if q.device.type != "cpu" else total + seconds
 
     def remap_positions(self, q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, new_sequence: bool
                         ) -> tuple[Tensor, Tensor, object, tuple]:
