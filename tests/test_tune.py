@@ -226,6 +226,21 @@ def test_the_json_holds_the_choices_and_the_evidence_behind_them(tuned):
         assert e["correct"] == sum(mine.values()) and e["baseline_correct"] == sum(base.values())
 
 
+def test_a_baseline_that_fails_most_tuning_prompts_is_said(tuned):
+    """The tiny random model answers nothing, so dense's 0 of 2 passkeys is noted in the JSON and the summary;
+    by hand: 4/10 is below half and noted, 5/10 and a task of the candidate alone are not."""
+    from longreach.eval.tune import weak_baselines
+
+    notes = tuned.data["tuning_notes"]
+    assert [n.split(":")[0] for n in notes] == ["dense scored 0/2 on the tuning prompts of passkey"]
+    assert [line for line in tuned.summary() if line.startswith("note: ")] == [f"note: {n}" for n in notes]
+    rows = ([{"method": "dense", "task": "a", "score": float(i < 4)} for i in range(10)]
+            + [{"method": "dense", "task": "b", "score": float(i < 5)} for i in range(10)]
+            + [{"method": "yarn", "task": "c", "score": 0.0}])
+    assert [n.split(":")[0] for n in weak_baselines(rows, ["dense"])] == ["dense scored 4/10 on the tuning prompts "
+                                                                          "of a"]
+
+
 def test_tuning_and_reporting_prompts_are_disjoint(tuned):
     prompts = tuned.data["prompts"]
     folder = tuned.path.with_suffix("")

@@ -58,6 +58,7 @@ from .tunescreen import screen
 
 SCHEMA = "longreach.tune/1"
 REPORT_CORPORA = ("austen", "bible")  # tried in order by --report-corpus auto; else the tuning corpus
+WEAK_BASELINE = 0.5  # a baseline scoring below this on a task's tuning prompts can show little loss there
 Log = Callable[[str], None]
 
 
@@ -118,7 +119,7 @@ class TuneResult:
             ratio = (f", {got['speed_ratio']:.2f}x the baseline's prefill speed{shared_note(got)}" if kind == "prefill"
                      else f", cache {got['cache_ratio']:.2f} of the baseline's" if kind == "press" else "")
             lines.append(f"{kind}: {got['spec']}{ratio} ({got['evidence']})")
-        return lines
+        return lines + [f"note: {note}" for note in self.data.get("tuning_notes", [])]
 
 
 def beside(out: Path, path: Path) -> str:
@@ -394,6 +395,9 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
         tuned.judge(run([*baselines, *runs], tuning, False), runs, rule, False, "tuning")
     finalists = {kind: rank(tuned.standings, kind)[: 1 if kind == "position" else settings.finalists]
                  for kind in ("position", "prefill", "press")}
+    notes = weak_baselines(tuned.rows, list(dict.fromkeys(["dense", *(b for _, b, _ in runs.values())])))
+    for note in notes:
+        log(f"warning: {note}")
 
     reported = Stage()
     final_runs = {f.spec: (f.kind, f.baseline, f.order) for fs in finalists.values() for f in fs}
@@ -417,11 +421,28 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     for kind in ("prefill", "press"):
         data[kind] = choose(kind, finalists, reported.standings, tuned.standings, screened, reported.evidence,
                             blocked=past and not ranked)
+    data["tuning_notes"] = notes
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(out)
     return TuneResult(data, out)
+
+
+def weak_baselines(rows: list[dict], baselines: list[str]) -> list[str]:
+    """Tasks whose tuning prompts the baseline mostly failed: a candidate cannot lose there what the baseline never
+    had, so the tuning stage passes nearly anything on that task and ranks by speed or cache alone. Said, not
+    refused: the reporting prompts still judge every finalist."""
+    notes = []
+    for baseline in baselines:
+        for task in dict.fromkeys(r["task"] for r in rows if r["method"] == baseline):
+            scores = [r["score"] for r in rows if r["method"] == baseline and r["task"] == task]
+            if scores and sum(scores) / len(scores) < WEAK_BASELINE:
+                notes.append(f"{baseline} scored {sum(scores):g}/{len(scores)} on the tuning prompts of {task}: a "
+                             f"candidate can lose at most that much there, so the tuning stage barely tells "
+                             f"candidates apart on it and the reporting prompts decide; to tune on prompts the model "
+                             f"answers, change --tune-corpus or --tune-seed, or raise --tune-samples")
+    return notes
 
 
 def require_gain(standings: list[Standing], rows: list[dict]) -> None:
