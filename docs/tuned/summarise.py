@@ -68,6 +68,7 @@ def summarise(path: Path) -> str:
                    f"{s['corpus']} |")
     out.append(f"\nTuning and reporting prompts disjoint (no prompt hash in both): {prompts['disjoint']}. "
                f"{prompts.get('passkey_note', '')}")
+    out += [f"\nNote: {note}" for note in d.get("tuning_notes", [])]
     out += ["", "| screened candidate | kind | mass recall | output error | next-token shift | kept |",
             "|---|---|---|---|---|---|"]
     for c in d["screen"]["candidates"]:
