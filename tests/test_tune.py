@@ -17,7 +17,7 @@ from longreach.eval import Corpus
 from longreach.eval.report import Paired
 from longreach.eval.results import read_rows, row_key
 from longreach.eval.stats import mcnemar_exact, newcombe_paired
-from longreach.eval.tune import TuneSettings, plan_tune, stand, tune
+from longreach.eval.tune import TuneSettings, plan_tune, prompt_sets, stand, tune
 from longreach.eval.tunerules import Rule, Screened, ScreenRule, Standing, cut, judge, kind_of, rank
 from longreach.eval.tunescreen import screen
 
@@ -253,6 +253,9 @@ def test_tuning_and_reporting_prompts_are_disjoint(tuned):
     assert seeds == {"tuning": {0, 1}, "reporting": {100, 101}}
     assert not shas["tuning"] & shas["reporting"] and prompts["disjoint"]
     assert prompts["tuning"]["seeds"] == [0, 1] and prompts["reporting"]["seeds"] == [100, 101]
+    assert "passkey_note" in prompts  # a passkey tune says its filler is one text in every corpus; others do not
+    niah = settings(tasks="niah:wording=2")
+    assert "passkey_note" not in prompt_sets(plan_tune("tiny", 256, niah), niah, [], [], "c", "c", "", 256)
 
 
 class Interrupted(Exception):

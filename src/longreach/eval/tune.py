@@ -536,7 +536,8 @@ def prompt_sets(plan: TunePlan, settings: TuneSettings, tune_rows: list[dict], r
                        "note": "the first tuning seeds of each task (at the trained length when past it)"},
             "disjoint": not set(tuning["prompt_sha"]) & set(reporting["prompt_sha"]),
             "corpus_note": note,
-            "passkey_note": "passkey's filler is the same text in every corpus: its prompts differ by seed only"}
+            **({"passkey_note": "passkey's filler is the same text in every corpus: its prompts differ by seed only"}
+               if any(task.split(":")[0] == "passkey" for task in plan.tasks.split(";")) else {})}
 
 
 def choose(kind: str, finalists: dict, final: list[Standing], standings: list[Standing], screened: list[Screened],
