@@ -400,3 +400,11 @@ def test_cli_refuses_bad_input_before_loading_a_model(monkeypatch, tmp_path):
     result = cli.invoke(app, ["tune", "--model", "smollm2-135m", "--length", "4k", "--out", str(tmp_path / "t.txt")],
                         terminal_width=200)
     assert result.exit_code == 2 and "JSON file" in result.output
+
+
+def test_points_in_the_json_round_once_as_the_report_does():
+    """A Newcombe lower end of -8.4528 points reads -8.5 in the report; the tune's evidence must read the same
+    (storing 2 decimals, then showing 1, gave -8.4)."""
+    from longreach.eval.tune import _fmt, _points
+
+    assert _fmt(_points(-0.084528)) == f"{-8.4528:+.1f}" == "-8.5"

@@ -285,7 +285,9 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
 
 
 def _points(x: float) -> float | None:
-    return round(100 * x, 2) if math.isfinite(x) else None
+    """Points kept to 4 decimals: shown to 1, they round once, as the report rounds them (2 decimals then 1 turned
+    −8.4528 into −8.4 against the report's −8.5)."""
+    return round(100 * x, 4) if math.isfinite(x) else None
 
 
 def _fmt(points: float | None) -> str:
