@@ -166,6 +166,10 @@ def main() -> None:
                  "heldout/smollm2-4k-niah-wording2-nochat-austen-fixed/results.jsonl")
     accuracy("tuned KV press, 10% cache, 4k, niah, no template, no answer prefix, fresh prompts (Canterbury)",
              "snapkv:density=0.1,pool=31", "heldout/smollm2-4k-niah-wording2-nochat-canterbury-vote/results.jsonl")
+    for density in ("0.1", "0.25"):  # tuned on the bare form (docs/tuned/smollm2-4k-bare/): fresh Austen prompts
+        accuracy(f"bare-form tune, {float(density):.0%} cache, 4k, niah, no template, no answer prefix",
+                 f"snapkv:density={density},hold=false,pool=31,vote=max",
+                 "tuned/smollm2-4k-bare/reporting/results.jsonl")
     for task in ("passkey", "niah"):  # a second corpus with the template
         accuracy(f"tuned KV press, 10% cache, 4k, Canterbury, {task}", "snapkv:density=0.1,pool=31",
                  "heldout/smollm2-4k-chat/results.jsonl", keep=lambda r, task=task: r["task"] == task)
