@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
+from conftest import tiny_model
 
+import longreach
+from longreach.conformance import random_profile
+from longreach.generation import generate
+from longreach.methods.blocktopk import Quest
 from longreach.runtime.density import FOLD_EVERY, DensityStats, causal_pairs
 from longreach.selection import Selection
+
+SLEEP = 0.005  # what the slowed selector adds to every call: a lower bound on the time counted
+
+
+def slow_quest(monkeypatch) -> list[int]:
+    """Make every Quest selector call sleep ``SLEEP``; returns the list its calls' query lengths go to."""
+    calls: list[int] = []
+    select = Quest.select
+
+    def slow_select(self, q, k, ctx):
+        calls.append(q.shape[2])
+        time.sleep(SLEEP)
+        return select(self, q, k, ctx)
+
+    monkeypatch.setattr(Quest, "select", slow_select)
+    return calls
 
 
 def _random_selection(rng: random.Random, q_len: int, kv_len: int, heads: int = 3) -> Selection:
@@ -66,25 +88,9 @@ def test_full_and_padded_selections_are_counted_exactly():
 
 def test_selection_time_is_the_selector_stages_own_per_phase(monkeypatch):
     """``handle.select_s`` adds up the selector's calls, per phase: a selector that sleeps a known time in every
-    call makes each phase's total at least (calls x sleep), the calls counted here; a handle that does not track
-    leaves them at zero, and ``reset_stats`` starts again."""
-    import time
-
-    from conftest import tiny_model
-
-    import longreach
-    from longreach.generation import generate
-    from longreach.methods.blocktopk import Quest
-
-    calls = {"prefill": 0, "decode": 0}
-    select = Quest.select
-
-    def slow_select(self, q, k, ctx):
-        calls["decode" if q.shape[2] == 1 else "prefill"] += 1
-        time.sleep(0.005)
-        return select(self, q, k, ctx)
-
-    monkeypatch.setattr(Quest, "select", slow_select)
+    call makes each phase's total at least (calls x sleep), the calls counted here; ``reset_stats`` starts again
+    at zero, and a handle that does not track records None (not measured), not zero."""
+    calls = slow_quest(monkeypatch)
     model = tiny_model("llama")  # 2 layers
     ids = torch.randint(1, 128, (1, 40))
     with torch.no_grad(), longreach.apply(model, "quest:density=0.5") as handle:
@@ -92,8 +98,9 @@ def test_selection_time_is_the_selector_stages_own_per_phase(monkeypatch):
         got = dict(handle.select_s)
         handle.reset_stats()
         assert handle.select_s == {"prefill": 0.0, "decode": 0.0}
-    assert calls == {"prefill": 2, "decode": 2 * (len(run.tokens) - 1)} and len(run.tokens) == 4
-    assert got["prefill"] >= 0.005 * calls["prefill"] and got["decode"] >= 0.005 * calls["decode"]
+    prompt, steps = calls.count(40), calls.count(1)
+    assert (prompt, steps) == (2, 2 * (len(run.tokens) - 1)) and len(calls) == prompt + steps and len(run.tokens) == 4
+    assert got["prefill"] >= SLEEP * prompt and got["decode"] >= SLEEP * steps
     assert got["prefill"] + got["decode"] <= run.prefill_s + run.decode_s  # inside the measured phases
     with torch.no_grad(), longreach.apply(model, "quest:density=0.5", track_density=False) as handle:
         generate(model, ids, 2)
@@ -106,27 +113,11 @@ def test_selection_time_in_a_prompt_is_the_prompts(spec, monkeypatch, tmp_path):
     """One forward of a prompt: every selector call is the prompt's, whether the runtime's selector stage made it or
     a head policy on its long heads (lserve's quest), the held-back last row included (attended as a decode step,
     but inside the prompt's time); nothing is counted as decode."""
-    import time
-
-    from conftest import tiny_model
-
-    import longreach
-    from longreach.conformance import random_profile
-    from longreach.methods.blocktopk import Quest
-
-    calls = []
-    select = Quest.select
-
-    def slow_select(self, q, k, ctx):
-        calls.append(q.shape[2])
-        time.sleep(0.005)
-        return select(self, q, k, ctx)
-
-    monkeypatch.setattr(Quest, "select", slow_select)
+    calls = slow_quest(monkeypatch)
     model = tiny_model("llama")
     spec = spec.format(random_profile(model, tmp_path))
     with torch.no_grad(), longreach.apply(model, spec) as handle:
         model(torch.randint(1, 128, (1, 256)), use_cache=True)
         got = dict(handle.select_s)
-    assert calls and got["decode"] == 0.0 and got["prefill"] >= 0.005 * len(calls)
+    assert calls and got["decode"] == 0.0 and got["prefill"] >= SLEEP * len(calls)
     assert 1 in calls  # both hold the last prompt row back: its one-row call is there, and counted as the prompt's

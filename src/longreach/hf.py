@@ -45,9 +45,9 @@ class Handle:
         self.track_density = track_density
         self.previous = previous
         self.stats = DensityStats()
-        # seconds in the selector stage per phase; None where not measured (an untracked handle, tensors off the
-        # CPU whose launches return before the work, selection inside a head policy)
-        self.select_s: dict[str, float | None] = self.fresh_select_s()
+        # seconds in the selector stage per phase; None where not measured (an untracked handle, or tensors off
+        # the CPU, whose launches return before the work)
+        self.select_s: dict[str, float | None] = self._fresh_select_s()
         self.active = True
         # called with (layer_idx, q, k, v, scale, sliding_window, key_mask) after each attention: diagnostics
         self.observer: Callable[..., None] | None = None
@@ -83,9 +83,9 @@ class Handle:
 
     def reset_stats(self) -> None:
         self.stats = DensityStats()
-        self.select_s = self.fresh_select_s()
+        self.select_s = self._fresh_select_s()
 
-    def fresh_select_s(self) -> dict[str, float | None]:
+    def _fresh_select_s(self) -> dict[str, float | None]:
         start = 0.0 if self.track_density else None
         return {"prefill": start, "decode": start}
 

@@ -138,7 +138,7 @@ class LayerRuntime:
         call = LayerCall(self.layer_idx, handle.n_layers, q, k, v, scale, handle.kernel, self.cache, self.policy_state,
                          (lambda sel, n, seen: handle.stats.add_heads(phase, sel, n, seen))
                          if handle.track_density else None, self.softcap, self.sinks, handle.latent,
-                         lambda seconds: self.count_select_time(q, seconds))
+                         (lambda seconds: self.count_select_time(q, seconds)) if handle.track_density else None)
         # 1. position map
         far, branches = None, ()
         if controlled and handle.remap is not None and not self.no_rope:
