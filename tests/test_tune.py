@@ -66,11 +66,29 @@ def test_the_rule_on_hand_computed_tables(table, lower, passes, why):
 
 def test_the_observed_difference_bound_is_inclusive_and_unpaired_cells_fail():
     assert judge(paired(45, 0, 1, 4), Rule(max_drop=2.0), final=False) is None  # exactly -2.0 points
-    assert judge(paired(44, 0, 1, 4), Rule(max_drop=2.0), final=False) is not None  # -2.04 points
+    assert judge(paired(44, 0, 1, 4), Rule(max_drop=2.0, tune_slack=0), final=False) is not None  # -2.04 points
     assert judge(Paired(0, math.nan, -math.inf, math.inf, "", None, None, 0, 3), Rule(), final=False) == \
         "no paired baseline rows"
     with pytest.raises(InputError, match="min-lower"):
         Rule(min_lower=5)
+
+
+def test_tuning_slack_forgives_net_losses_up_to_its_count_on_tuning_prompts_only():
+    """10 tuning prompts: one lost (-10 points) passes with the default slack of 1, not with 0; two lost and one won
+    is one net loss (passes); two lost net fails; the reporting stage never forgives (-10 points fails max_drop)."""
+    one_lost, two_one, two_lost = paired(8, 0, 1, 1), paired(7, 1, 2, 0), paired(8, 0, 2, 0)
+    assert judge(one_lost, Rule(), final=False) is None
+    assert "2 below" in judge(one_lost, Rule(tune_slack=0), final=False)
+    assert judge(two_one, Rule(), final=False) is None
+    why = judge(two_lost, Rule(), final=False)
+    assert "2 prompts lost net of those won, more than --tune-slack 1" in why
+    assert judge(two_lost, Rule(tune_slack=2), final=False) is None
+    assert "observed -10.0 points, more than 2 below" in judge(one_lost, Rule(tune_slack=5), final=True)
+    # a score without a right/wrong table (a bootstrap cell) has no prompts to count: max_drop alone decides
+    scores = Paired(10, -0.05, -0.2, 0.1, "bootstrap", None, None, 0, 0)
+    assert "observed -5.0 points" in judge(scores, Rule(tune_slack=3), final=False)
+    with pytest.raises(InputError, match="tune-slack"):
+        Rule(tune_slack=-1)
 
 
 def rows_for(method: str, outcomes: list[int], prefill_s: float, kv: int, task: str = "passkey") -> list[dict]:
@@ -380,9 +398,11 @@ def test_cli_says_when_no_candidate_passes(tiny_lm_folder, tmp_path):
                               "--tasks", "passkey", "--candidates", "streaming:window=4096;snapkv:density=0.5",
                               "--screen-prompts", "1", "--tune-samples", "1", "--report-samples", "1",
                               "--tune-seed", "0", "--report-seed", "100", "--tune-corpus", "synthetic",
-                              "--report-corpus", "synthetic", "--min-speedup", "0", "--quiet"], terminal_width=200)
+                              "--report-corpus", "synthetic", "--min-speedup", "0", "--tune-slack", "2", "--quiet"],
+                        terminal_width=200)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
+    assert data["rule"]["tune_slack"] == 2
     for kind in ("prefill", "press"):
         assert data[kind]["spec"] is None and "lower end" in data[kind]["reason"]
         assert f"{kind}: none passed" in result.output
@@ -400,6 +420,9 @@ def test_cli_refuses_bad_input_before_loading_a_model(monkeypatch, tmp_path):
     result = cli.invoke(app, ["tune", "--model", "smollm2-135m", "--length", "4k", "--out", str(tmp_path / "t.txt")],
                         terminal_width=200)
     assert result.exit_code == 2 and "JSON file" in result.output
+    result = cli.invoke(app, ["tune", "--model", "smollm2-135m", "--length", "4k", "--out", str(tmp_path / "t.json"),
+                              "--tune-slack", "-1"], terminal_width=200)
+    assert result.exit_code == 2 and "tune-slack" in result.output
 
 
 def test_points_in_the_json_round_once_as_the_report_does():

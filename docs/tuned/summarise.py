@@ -31,12 +31,19 @@ def template(d: dict, path: Path) -> str:
     return {True: "on", False: "asked for, but not applied (the tokenizer has none)"}.get(applied, "on (as asked)")
 
 
+def slack(rule: dict) -> str:
+    """JSONs written before --tune-slack (2026-12-02) forgave no tuning prompt."""
+    n = rule.get("tune_slack", 0)
+    return f" (on the tuning prompts, or at most {n} prompt{'s' * (n != 1)} lost net of those won)" if n else ""
+
+
 def summarise(path: Path) -> str:
     d = json.loads(path.read_text())
     prov = d["provenance"]
     out = [f"### {d['model']} at {d['length']} tokens ({path.name})", "",
            f"Tasks {', '.join(d['tasks'])}; chat template {template(d, path)}; trained length "
-           f"{d['trained_length']}; rule: observed difference ≥ −{d['rule']['max_drop']:g} points on every task, "
+           f"{d['trained_length']}; rule: observed difference ≥ −{d['rule']['max_drop']:g} points on every task"
+           f"{slack(d['rule'])}, "
            f"and on the reporting prompts the 95% interval's lower end > {d['rule']['min_lower']:g} points "
            f"({d['rule']['interval']}). Machine: {prov.get('cpu')} ({prov.get('isa')}), {prov.get('threads')} "
            f"threads, torch {prov.get('torch')}, transformers {prov.get('transformers')}, commit "

@@ -21,6 +21,9 @@ def tune(
     min_lower: float = typer.Option(-10.0, help="points: on the reporting prompts the paired 95% interval's lower "
                                     "end must be above this (n ≈ 50 cannot show more than about −7)"),
     min_speedup: float = typer.Option(1.0, help="a prefill spec must be faster than the baseline by more than this"),
+    tune_slack: int = typer.Option(1, help="tuning prompts per task a candidate may lose net of those it wins and "
+                                   "still reach the reporting prompts (one prompt in ~10 is noise: a near-tie for "
+                                   "dense flips under any change; docs/tuning.md)"),
     candidates: str = typer.Option(None, help="';'-separated select and press specs (default: a grid of methods "
                                    "× densities; see docs/tuning.md)"),
     positions: str = typer.Option(None, help="';'-separated position specs, tried against dense (default past the "
@@ -58,7 +61,7 @@ def tune(
     with user_errors():
         settings = TuneSettings(
             tasks=tasks, candidates=candidates, positions=positions,
-            rule=Rule(max_drop=max_drop, min_lower=min_lower, min_speedup=min_speedup),
+            rule=Rule(max_drop=max_drop, min_lower=min_lower, min_speedup=min_speedup, tune_slack=tune_slack),
             screen=ScreenRule(min_recall=min_recall, max_error=max_error, max_shift=max_shift, survivors=survivors),
             screen_prompts=screen_prompts, tune_samples=tune_samples, report_samples=report_samples,
             tune_seed=tune_seed, report_seed=report_seed, tune_corpus=tune_corpus, report_corpus=report_corpus,

@@ -499,9 +499,11 @@ def describe(plan: TunePlan, settings: TuneSettings, trained: int | None, screen
         "kernel": settings.kernel, "trained_length": trained,
         "past_trained_length": trained is not None and plan.length > trained,
         "rule": {**asdict(rule), "level": 0.95, "unit": "points (percent of prompts)",
-                 "tuning": "observed candidate - baseline difference >= -max_drop on every task (prefill: faster "
-                           "than the baseline by more than min_speedup)",
-                 "reporting": "the same, and the 95% interval's lower end > min_lower on every task",
+                 "tuning": "observed candidate - baseline difference >= -max_drop on every task, or (right/wrong "
+                           "tasks) at most tune_slack prompts lost net of those won (prefill: faster than the "
+                           "baseline by more than min_speedup)",
+                 "reporting": "observed difference >= -max_drop (no slack) and the 95% interval's lower end > "
+                              "min_lower on every task (prefill: faster, as above)",
                  "interval": "Newcombe's method 10 (right/wrong scores), paired percentile bootstrap otherwise",
                  "finalists": settings.finalists},
         "screen": {"length": screen_length, "rule": asdict(settings.screen), "queries": settings.screen_queries,

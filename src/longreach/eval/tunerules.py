@@ -133,6 +133,7 @@ class Rule:
     max_drop: float = 2.0  # points: the observed candidate - baseline difference may be at most this far below 0
     min_lower: float = -10.0  # points: the 95% interval's lower end must be above this (reporting stage)
     min_speedup: float = 1.0  # prefill candidates: baseline prefill time / candidate's must exceed this
+    tune_slack: int = 1  # tuning prompts per task a candidate may lose net of those it wins, whatever max_drop says
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_drop <= 100:
@@ -141,19 +142,29 @@ class Rule:
             raise InputError(f"--min-lower is the interval's lower end in points, -100..0; got {self.min_lower}")
         if not self.min_speedup >= 0:
             raise InputError(f"--min-speedup must be >= 0, got {self.min_speedup}")
+        if not (isinstance(self.tune_slack, int) and self.tune_slack >= 0):
+            raise InputError(f"--tune-slack is a count of prompts, >= 0; got {self.tune_slack!r}")
 
 
 def judge(p: Paired, rule: Rule, final: bool) -> str | None:
     """Why the paired evidence of one task fails the rule, or None when it passes.
 
     Tuning prompts (``final=False``) are too few for an interval to say anything, so there only the observed
-    difference counts; on the reporting prompts (``final=True``) the interval's lower end must also clear
-    ``min_lower``. Boundaries are inclusive for the observed difference (−2.0 passes ``max_drop=2``) and strict for
-    the lower end, each with :data:`EPS` of float slack towards refusing the claim."""
+    difference counts, and a right/wrong task also passes when the candidate lost at most ``tune_slack`` prompts
+    net of those it won: with ~10 prompts one prompt is 10 points, and a prompt dense answers on a near-tie flips
+    under any change (docs/tuning.md, "Near-ties"), so one loss there cannot tell a candidate from noise; the
+    reporting prompts decide. On the reporting prompts (``final=True``) the interval's lower end must also clear
+    ``min_lower``, and no slack applies. Boundaries are inclusive for the observed difference (−2.0 passes
+    ``max_drop=2``) and strict for the lower end, each with :data:`EPS` of float slack towards refusing the claim."""
     if p.n == 0:
         return "no paired baseline rows"
     if 100 * p.diff < -rule.max_drop - EPS:
-        return f"observed {100 * p.diff:+.1f} points, more than {rule.max_drop:g} below the baseline"
+        lost = p.table[2] - p.table[1] if p.table else None
+        if not final and lost is not None and lost <= rule.tune_slack:
+            return None
+        net = f" ({lost} prompts lost net of those won, more than --tune-slack {rule.tune_slack})" \
+            if not final and lost is not None else ""
+        return f"observed {100 * p.diff:+.1f} points{net}, more than {rule.max_drop:g} below the baseline"
     if final and not 100 * p.lo > rule.min_lower + EPS:
         return f"95% interval's lower end {100 * p.lo:+.1f} is not above {rule.min_lower:g} points (n = {p.n})"
     return None
