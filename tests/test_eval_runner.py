@@ -81,6 +81,9 @@ def test_rows_record_what_users_need(tmp_path, tiny, tiny_lm_folder):
         assert row["kv_bytes"] > 0 and row["peak_rss_mb"] > 0 and row["prefill_s"] > 0
         assert (row["density"] == 1.0) == (row["method"] == "dense")
         assert 0.0 <= row["select_s"] <= row["prefill_s"]  # the selector stage is part of the prefill
+        if not row["task"].startswith("ppl"):  # a lead where the answer scored (tests/test_generation.py)
+            assert (row["answer_lead"] is None) == (row["score"] == 0)
+            assert row["answer_lead"] is None or 0.0 <= row["answer_lead"] <= 1.0
     ppl = [r for r in rows if r["task"].startswith("ppl")]
     assert len(ppl) == 2 and all(len(r["loss_buckets"]) == 4 and r["score"] > 1 for r in ppl)
 

@@ -71,3 +71,33 @@ def test_generate_takes_a_tensor_of_ids():
             longreach.generate(model, bad, 6)
     with pytest.raises(longreach.errors.InputError, match="tokenizer's output"):
         longreach.generate(model, [1, 2, 3], 6)
+
+
+def test_leads_are_the_chosen_tokens_probability_over_the_runner_up():
+    """Each generated token's lead (its probability minus the runner-up's) against transformers' own generate
+    with its logits returned (greedy, no apply); under a sparse spec too, against model.generate() on the same
+    path."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 60))
+    for spec in ("dense", "quest:density=0.3,block=16"):
+        with torch.no_grad(), longreach.apply(model, spec):
+            ours = longreach.generate(model, ids, 6)
+            theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+        top = torch.stack(theirs.logits).float().softmax(-1).topk(2).values  # (steps, 1, 2)
+        assert ours.tokens == theirs.sequences[0, 60:].tolist()
+        assert ours.leads == pytest.approx((top[:, 0, 0] - top[:, 0, 1]).tolist(), abs=1e-5)
+        assert all(0 <= lead <= 1 for lead in ours.leads)
+
+
+def test_answer_lead_is_the_smallest_lead_until_the_answer_reached_its_score():
+    from longreach.eval.measure import answer_lead
+
+    text = lambda tokens: "".join(tokens)  # noqa: E731  tokens are strings here: the decode is a join
+    exact = lambda answer: float("42" in answer)  # noqa: E731
+    assert answer_lead(["4", "2", "."], [0.5, 0.01, 0.0], text, exact) == 0.01  # '.' came after the answer
+    assert answer_lead(["4", "2", "."], [0.5, 0.3, 0.0], text, exact) == 0.3
+    assert answer_lead([" ", "42"], [0.2, 0.9], text, exact) == 0.2  # a leading token of the answer counts
+    assert answer_lead(["1", "1"], [0.9, 0.9], text, exact) is None  # no score: no answer to have led
+    half = lambda answer: ("1" in answer) / 2 + ("2" in answer) / 2  # noqa: E731  partial credit: its final score
+    assert answer_lead(["1", "x", "2", "y"], [0.8, 0.7, 0.6, 0.01], text, half) == 0.6

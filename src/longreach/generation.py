@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ class Generation:
     decode_s: float
     cache: object  # the transformers cache after the last step
     prompt_kv_bytes: int | None = None  # bytes of the tokens cached right after the prompt (after any press)
+    # per generated token, its probability minus the runner-up's: a small lead is a near-tie that any change to
+    # attention can flip (docs/evaluation.md, "Near-ties")
+    leads: list[float] = field(default_factory=list)
 
 
 def prefill_chunks(module, input_ids: Tensor, chunk: int | None, cache: object | None = None,
@@ -115,22 +118,26 @@ def _generate(model, ids: dict, max_new_tokens: int, eos: set[int], chunk: int |
                                                logits_to_keep=1)
         logits, mask = out.logits, ids["attention_mask"]
     prefill = time.perf_counter() - start
-    token = next_token(logits, runs)
+    token, lead = next_token(logits, runs)
     prompt_bytes = cache_bytes(past, room=False)  # the prompt's tokens, not the room reserved for new ones
-    new = [int(token[0])]
+    new, leads = [int(token[0])], [lead]
     start = time.perf_counter()
     while len(new) < max_new_tokens and new[-1] not in eos:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         step = model(input_ids=token, attention_mask=mask, use_cache=True, **cache_kwargs(model, past))
-        past, token = output_cache(step), next_token(step.logits, runs)
+        past = output_cache(step)
+        token, lead = next_token(step.logits, runs)
         new.append(int(token[0]))
-    return Generation(new, prefill, time.perf_counter() - start, past, prompt_bytes)
+        leads.append(lead)
+    return Generation(new, prefill, time.perf_counter() - start, past, prompt_bytes, leads)
 
 
-def next_token(logits: Tensor, runs: BucketRuns | None) -> Tensor:
-    """Greedy: (B, 1) ids from the last position of ``logits`` (B, T, V); parallel runs (B = runs) all get the
-    token of their combined logits."""
+def next_token(logits: Tensor, runs: BucketRuns | None) -> tuple[Tensor, float]:
+    """Greedy: (B, 1) ids from the last position of ``logits`` (B, T, V), and the chosen token's probability
+    minus the runner-up's (of the first row; parallel runs (B = runs) all get the token of their combined
+    logits, and the lead is that distribution's)."""
     last = logits[:, -1]
-    if runs is None:
-        return last.argmax(-1, keepdim=True)
-    return runs.combine(last).argmax().view(1, 1).expand(last.shape[0], 1)
+    scores = last[0] if runs is None else runs.combine(last)
+    top = scores.float().softmax(-1).topk(2).values
+    token = scores.argmax().view(1, 1).expand(last.shape[0], 1)
+    return token, float(top[0] - top[1])

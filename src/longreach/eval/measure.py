@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,14 @@ def prompt_sha(sample: Sample) -> str:
     return hashlib.sha256(sample.prompt.encode()).hexdigest()[:12]
 
 
-def generate(model, tokenizer, sample: Sample, chunk: int | None = None) -> dict:
+def generate(model, tokenizer, sample: Sample, chunk: int | None = None,
+             score: Callable[[str], float] | None = None) -> dict:
     ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat).to(model.device)
     run = generate_ids(model, ids, sample.max_new_tokens, eos_ids(model, tokenizer), chunk)
+    text = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True).strip()  # noqa: E731
     return {
-        "prediction": tokenizer.decode(run.tokens, skip_special_tokens=True).strip(),
+        "prediction": text(run.tokens),
+        "answer_lead": None if score is None else answer_lead(run.tokens, run.leads, text, score),
         "tokens": ids["input_ids"].shape[1],
         "prefill_s": run.prefill_s,
         "decode_s": run.decode_s,
@@ -41,6 +45,18 @@ def generate(model, tokenizer, sample: Sample, chunk: int | None = None) -> dict
         "kv_bytes": cache_bytes(run.cache),
         "kv_bytes_prompt": run.prompt_kv_bytes,
     }
+
+
+def answer_lead(tokens: list[int], leads: list[float], text: Callable[[list[int]], str],
+                score: Callable[[str], float]) -> float | None:
+    """The smallest lead (chosen token's probability minus the runner-up's) among the generated tokens up to the
+    one with which the answer reached its final score; None when it scored nothing. A small value marks a
+    near-tie: the greedy answer hung on that token, and any change to attention could have flipped it."""
+    final = score(text(tokens))
+    if not final > 0:
+        return None
+    n = next((n for n in range(1, len(tokens)) if score(text(tokens[:n])) >= final), len(tokens))
+    return round(min(leads[:n]), 4)
 
 
 @torch.no_grad()
@@ -102,7 +118,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, handle, chunk: int 
         row = perplexity(model, sample, task.buckets, chunk)
         row["score"] = row["ppl"]
     else:
-        row = generate(model, tokenizer, sample, chunk=chunk)
+        row = generate(model, tokenizer, sample, chunk=chunk, score=lambda text: task.score(text, sample.gold))
         row["score"] = task.score(row["prediction"], sample.gold)
     row["density"] = handle.density("prefill")
     row["density_decode"] = handle.density("decode")

@@ -117,6 +117,7 @@ def provenance_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+NEAR_TIE = 0.05  # an answer whose token led the runner-up by less than this (probability) hung on a near-tie
 SELECT_SHOWN = 0.01  # the selector stage's share of prefill or decode time below which a cell gets no line
 
 
@@ -164,6 +165,7 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
                     f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
         out += select_lines(cells, task, methods)
         out += paired_table(cells, task, methods, margin, baseline)
+        out += near_tie_lines(cells, task, methods, baseline)
         out += depth_table(cells, task, methods, baseline)
     out += effective_table(cells, methods, threshold)
     return "\n".join(out)
@@ -234,9 +236,10 @@ class Paired:
     unpaired: int  # method rows with no baseline row on the same prompt
 
 
-def pair_rows(rows: list[dict], base_rows: list[dict], metric: str) -> Paired:
-    """Pair each scored row of ``rows`` with the baseline's row on the same prompt (:data:`PROMPT_FIELDS` equal
-    and, when both rows record ``prompt_sha``, equal hashes), then compare the pairs."""
+def row_pairs(rows: list[dict], base_rows: list[dict]) -> tuple[list[tuple[dict, dict]], int, int]:
+    """Each scored row of ``rows`` with the baseline's row on the same prompt (:data:`PROMPT_FIELDS` equal and,
+    when both rows record ``prompt_sha``, equal hashes); and how many were left out for a differing hash, and for
+    no baseline row."""
     base: dict[tuple, dict] = {}
     for r in base_rows:
         if scored(r):
@@ -253,7 +256,14 @@ def pair_rows(rows: list[dict], base_rows: list[dict], metric: str) -> Paired:
         elif r.get("prompt_sha") and o.get("prompt_sha") and r["prompt_sha"] != o["prompt_sha"]:
             differs += 1
         else:
-            pairs.append((float(r["score"]), float(o["score"])))
+            pairs.append((r, o))
+    return pairs, differs, unpaired
+
+
+def pair_rows(rows: list[dict], base_rows: list[dict], metric: str) -> Paired:
+    """Pair ``rows`` with the baseline's on the same prompts (:func:`row_pairs`), then compare the pairs."""
+    matched, differs, unpaired = row_pairs(rows, base_rows)
+    pairs = [(float(r["score"]), float(o["score"])) for r, o in matched]
     if not pairs:
         return Paired(0, math.nan, -math.inf, math.inf, "", None, None, differs, unpaired)
     x, y = [m for m, _ in pairs], [d for _, d in pairs]
@@ -337,6 +347,32 @@ def paired_table(cells: dict, task: str, methods: list[str], margin: float, base
         out.append(f"| {cell.method} | {cell.length} | {p.n} | {fmt_diff(p.diff, metric)} | {fmt_interval(p, metric)} "
                    f"| {p.interval or '–'} | {mcn} | {'; '.join(notes)} |")
     return out
+
+
+def near_tie_lines(cells: dict, task: str, methods: list[str], baseline: str = BASELINE) -> list[str]:
+    """For right/wrong cells whose rows record ``answer_lead``: of the prompts only one side answered, how many it
+    answered on a near-tie (a lead under :data:`NEAR_TIE` at some answer token). A discordant pair won on a
+    near-tie says little about the method: any change to attention could have flipped it (docs/evaluation.md)."""
+    lines = []
+    for method in methods:
+        for length in sorted({c.length for c in cells.values() if c.task == task}):
+            cell, base = cells.get((task, method, length)), cells.get((task, baseline, length))
+            if method == baseline or cell is None or base is None or cell.metric != "accuracy":
+                continue
+            pairs, _, _ = row_pairs(cell.rows, base.rows)
+            only_base = [o for r, o in pairs if o["score"] == 1 and r["score"] == 0]
+            only_method = [r for r, o in pairs if r["score"] == 1 and o["score"] == 0]
+            sides = [(won, who) for won, who in ((only_base, baseline), (only_method, "the method")) if won]
+            if not sides or not all(isinstance(w.get("answer_lead"), int | float) for won, _ in sides for w in won):
+                continue
+            told = [f"{sum(w['answer_lead'] < NEAR_TIE for w in won)} of the {len(won)} only {who} answered"
+                    for won, who in sides]
+            lines.append(f"- {method} at {length}: near-ties among the prompts one side lost: {'; '.join(told)}")
+    if not lines:
+        return []
+    return ["", f"Near-ties (the winner's answer led the runner-up token by less than {NEAR_TIE:g} in probability "
+                "at some answer token, rows' `answer_lead`; cells with discordant prompts whose winners recorded it):",
+            "", *lines]
 
 
 def fmt_depth_cell(rows: list[dict], metric: str) -> str:
