@@ -78,15 +78,31 @@ def test_tuning_slack_forgives_net_losses_up_to_its_count_on_tuning_prompts_only
     is one net loss (passes); two lost net fails; the reporting stage never forgives (-10 points fails max_drop)."""
     one_lost, two_one, two_lost = paired(8, 0, 1, 1), paired(7, 1, 2, 0), paired(8, 0, 2, 0)
     assert judge(one_lost, Rule(), final=False) is None
-    assert "2 below" in judge(one_lost, Rule(tune_slack=0), final=False)
+    why = judge(one_lost, Rule(tune_slack=0), final=False)
+    assert why is not None and "(1 prompt lost net of those won, more than --tune-slack 0)" in why
     assert judge(two_one, Rule(), final=False) is None
     why = judge(two_lost, Rule(), final=False)
-    assert "2 prompts lost net of those won, more than --tune-slack 1" in why
+    assert why is not None and "2 prompts lost net of those won, more than --tune-slack 1" in why
     assert judge(two_lost, Rule(tune_slack=2), final=False) is None
-    assert "observed -10.0 points, more than 2 below" in judge(one_lost, Rule(tune_slack=5), final=True)
+    why = judge(one_lost, Rule(tune_slack=5), final=True)
+    assert why is not None and "observed -10.0 points, more than 2 below" in why
     # a score without a right/wrong table (a bootstrap cell) has no prompts to count: max_drop alone decides
     scores = Paired(10, -0.05, -0.2, 0.1, "bootstrap", None, None, 0, 0)
-    assert "observed -5.0 points" in judge(scores, Rule(tune_slack=3), final=False)
+    why = judge(scores, Rule(tune_slack=3), final=False)
+    assert why is not None and "observed -5.0 points" in why
+
+
+def test_a_tuning_standing_forgiven_one_prompt_passes_and_says_so():
+    """10 tuning prompts, the candidate lost one (9/10 against 10/10) and is 4x faster: it passes the tuning stage
+    with the slack named in its verdict, and ranks as a finalist; without the slack it fails."""
+    rows = rows_for("dense", [1] * 10, 2.0, 1000) + rows_for("x", [1] * 9 + [0], 0.5, 1000)
+    st, (e,) = stand(rows, "x", "prefill", 0, "dense", Rule(), False, "tuning")
+    assert st.passed and e["verdict"] == "pass (within --tune-slack: 1 lost net)" and e["diff_points"] == -10.0
+    assert [s.spec for s in rank([st], "prefill")] == ["x"]
+    st, (e,) = stand(rows, "x", "prefill", 0, "dense", Rule(tune_slack=0), False, "tuning")
+    assert not st.passed and e["verdict"].startswith("fail: observed -10.0 points (1 prompt lost")
+    st, (e,) = stand(rows, "x", "prefill", 0, "dense", Rule(), True, "reporting")  # the reporting stage: no slack
+    assert not st.passed and e["verdict"].startswith("fail: observed -10.0 points, more than 2")
     with pytest.raises(InputError, match="tune-slack"):
         Rule(tune_slack=-1)
 

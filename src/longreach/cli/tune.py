@@ -22,8 +22,8 @@ def tune(
                                     "end must be above this (n ≈ 50 cannot show more than about −7)"),
     min_speedup: float = typer.Option(1.0, help="a prefill spec must be faster than the baseline by more than this"),
     tune_slack: int = typer.Option(1, help="tuning prompts per task a candidate may lose net of those it wins and "
-                                   "still reach the reporting prompts (one prompt in ~10 is noise: a near-tie for "
-                                   "dense flips under any change; docs/tuning.md)"),
+                                   "still reach the reporting prompts (one prompt is 100/n points, and a near-tie "
+                                   "for dense can flip under a small change; docs/tuning.md)"),
     candidates: str = typer.Option(None, help="';'-separated select and press specs (default: a grid of methods "
                                    "× densities; see docs/tuning.md)"),
     positions: str = typer.Option(None, help="';'-separated position specs, tried against dense (default past the "

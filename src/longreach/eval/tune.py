@@ -13,7 +13,7 @@ Three stages, each resumable from its folder next to the output JSON:
    against. Inside the trained length position methods run only when given (``--positions``), and one becomes
    the baseline only if it was more accurate than dense (a model can miss what lies far from the question even
    inside its window); else the others run alone. Per kind, the ``finalists`` best that pass the
-   observed-difference rule go on.
+   observed-difference rule (or lost at most ``tune_slack`` prompts net) go on.
 3. **report** (``WORK/reporting/results.jsonl``) — the finalists and the baseline on disjoint reporting prompts
    (other seeds, another corpus where one loads). The chosen spec of each kind is the first finalist, in tuning
    order, that passes the full rule (:func:`tunerules.judge`) there.
@@ -50,6 +50,7 @@ from .tunerules import (
     default_positions,
     default_prefill,
     default_press,
+    forgiven,
     judge,
     kind_of,
     rank,
@@ -269,7 +270,8 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
             "baseline_correct": a + c if p.table else round(sum(r["score"] for r in base), 3),
             "diff_points": _points(p.diff), "lower": _points(p.lo), "upper": _points(p.hi),
             "interval": p.interval or None, "mcnemar_p": p.p, "table": list(p.table) if p.table else None,
-            "verdict": "pass" if why is None else f"fail: {why}"})
+            "verdict": f"fail: {why}" if why else "pass" + (f" (within --tune-slack: {lost} lost net)"
+                                                              if (lost := forgiven(p, rule, final)) else "")})
     mine_all = [r for r in rows if r["method"] == spec]
     base_all = [r for r in rows if r["method"] == baseline]
     t, t0 = _median(mine_all, "prefill_s"), _median(base_all, "prefill_s")
@@ -499,9 +501,9 @@ def describe(plan: TunePlan, settings: TuneSettings, trained: int | None, screen
         "kernel": settings.kernel, "trained_length": trained,
         "past_trained_length": trained is not None and plan.length > trained,
         "rule": {**asdict(rule), "level": 0.95, "unit": "points (percent of prompts)",
-                 "tuning": "observed candidate - baseline difference >= -max_drop on every task, or (right/wrong "
-                           "tasks) at most tune_slack prompts lost net of those won (prefill: faster than the "
-                           "baseline by more than min_speedup)",
+                 "tuning": "on every task, observed candidate - baseline difference >= -max_drop (a right/wrong "
+                           "task also passes with at most tune_slack prompts lost net of those won) (prefill: "
+                           "faster than the baseline by more than min_speedup)",
                  "reporting": "observed difference >= -max_drop (no slack) and the 95% interval's lower end > "
                               "min_lower on every task (prefill: faster, as above)",
                  "interval": "Newcombe's method 10 (right/wrong scores), paired percentile bootstrap otherwise",

@@ -146,24 +146,33 @@ class Rule:
             raise InputError(f"--tune-slack is a count of prompts, >= 0; got {self.tune_slack!r}")
 
 
+def forgiven(p: Paired, rule: Rule, final: bool) -> int:
+    """Prompts the tuning slack forgave on this task: the net loss of a task that passed by the slack alone, else
+    0 (it passed by the observed difference, or it failed)."""
+    if final or not p.table or not 100 * p.diff < -rule.max_drop - EPS:
+        return 0
+    lost = p.table[2] - p.table[1]
+    return lost if lost <= rule.tune_slack else 0
+
+
 def judge(p: Paired, rule: Rule, final: bool) -> str | None:
     """Why the paired evidence of one task fails the rule, or None when it passes.
 
     Tuning prompts (``final=False``) are too few for an interval to say anything, so there only the observed
     difference counts, and a right/wrong task also passes when the candidate lost at most ``tune_slack`` prompts
-    net of those it won: with ~10 prompts one prompt is 10 points, and a prompt dense answers on a near-tie flips
-    under any change (docs/tuning.md, "Near-ties"), so one loss there cannot tell a candidate from noise; the
-    reporting prompts decide. On the reporting prompts (``final=True``) the interval's lower end must also clear
+    net of those it won: with n prompts one is 100/n points, and a prompt dense answers on a near-tie can flip
+    under a small change (docs/tuning.md, "Near-ties"), so one loss there may be noise; the reporting prompts
+    decide. On the reporting prompts (``final=True``) the interval's lower end must also clear
     ``min_lower``, and no slack applies. Boundaries are inclusive for the observed difference (−2.0 passes
     ``max_drop=2``) and strict for the lower end, each with :data:`EPS` of float slack towards refusing the claim."""
     if p.n == 0:
         return "no paired baseline rows"
     if 100 * p.diff < -rule.max_drop - EPS:
-        lost = p.table[2] - p.table[1] if p.table else None
-        if not final and lost is not None and lost <= rule.tune_slack:
+        if forgiven(p, rule, final):
             return None
-        net = f" ({lost} prompts lost net of those won, more than --tune-slack {rule.tune_slack})" \
-            if not final and lost is not None else ""
+        lost = p.table[2] - p.table[1] if p.table else None
+        net = f" ({lost} prompt{'s' * (lost != 1)} lost net of those won, more than --tune-slack " \
+              f"{rule.tune_slack})" if not final and lost is not None else ""
         return f"observed {100 * p.diff:+.1f} points{net}, more than {rule.max_drop:g} below the baseline"
     if final and not 100 * p.lo > rule.min_lower + EPS:
         return f"95% interval's lower end {100 * p.lo:+.1f} is not above {rule.min_lower:g} points (n = {p.n})"
