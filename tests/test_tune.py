@@ -17,7 +17,7 @@ from longreach.eval import Corpus
 from longreach.eval.report import Paired
 from longreach.eval.results import read_rows, row_key
 from longreach.eval.stats import mcnemar_exact, newcombe_paired
-from longreach.eval.tune import TuneSettings, plan_tune, prompt_sets, stand, tune
+from longreach.eval.tune import Stage, TuneSettings, finalist_rounds, plan_tune, prompt_sets, stand, tune
 from longreach.eval.tunerules import Rule, Screened, ScreenRule, Standing, cut, judge, kind_of, rank
 from longreach.eval.tunescreen import screen
 
@@ -105,6 +105,39 @@ def test_a_tuning_standing_forgiven_one_prompt_passes_and_says_so():
     assert not st.passed and e["verdict"].startswith("fail: observed -10.0 points, more than 2")
     with pytest.raises(InputError, match="tune-slack"):
         Rule(tune_slack=-1)
+
+
+def test_finalists_run_one_round_at_a_time_until_one_of_their_kind_passes():
+    """Prefill finalists a, b, c and press finalists x, y in tuning order: round 1 runs a and x; x passes, a fails,
+    so round 2 runs b alone; b passes, and c never runs. Stacked on a position method that failed on the reporting
+    prompts, a later finalist is not run (it would fail with it)."""
+    def st(spec: str, kind: str, passed: bool = False, baseline: str = "dense") -> Standing:
+        return Standing(spec, kind, 0, passed, baseline=baseline)
+
+    finalists = {"position": [], "prefill": [st("a", "prefill"), st("b", "prefill"), st("c", "prefill")],
+                 "press": [st("x", "press"), st("y", "press")]}
+    reported = Stage()
+    rounds = finalist_rounds(finalists, reported)
+    assert set(next(rounds)) == {"a", "x"}
+    reported.standings += [st("a", "prefill", False), st("x", "press", True)]
+    assert set(next(rounds)) == {"b"}
+    reported.standings.append(st("b", "prefill", True))
+    assert list(rounds) == []
+    finalists = {"position": [st("P", "position")], "prefill": [st("P+a", "prefill", baseline="P"),
+                                                                st("P+b", "prefill", baseline="P")], "press": []}
+    reported = Stage()
+    rounds = finalist_rounds(finalists, reported)
+    assert set(next(rounds)) == {"P", "P+a"}
+    reported.standings += [st("P", "position", False), st("P+a", "prefill", False)]
+    assert list(rounds) == []
+
+
+def test_a_stage_keeps_each_row_once():
+    stage = Stage()
+    rows = rows_for("dense", [1, 0], 1.0, 10) + rows_for("x", [1, 1], 1.0, 10)
+    stage.judge(rows, {"x": ("press", "dense", 0)}, Rule(), False, "tuning")
+    stage.judge(rows_for("dense", [1, 0], 1.0, 10), {}, Rule(), False, "tuning")  # the baseline again
+    assert len(stage.rows) == 4
 
 
 def rows_for(method: str, outcomes: list[int], prefill_s: float, kv: int, task: str = "passkey") -> list[dict]:

@@ -37,7 +37,8 @@ def tune(
     tune_corpus: str = typer.Option("canterbury", help="prose of the tuning prompts"),
     report_corpus: str = typer.Option("auto", help="prose of the reporting prompts; auto: austen or bible where "
                                       "they load, else the tuning corpus (recorded)"),
-    finalists: int = typer.Option(2, help="best candidates per kind carried to the reporting prompts"),
+    finalists: int = typer.Option(2, help="at most this many of the best candidates per kind tried on the reporting "
+                                  "prompts, one at a time in tuning order until one passes"),
     survivors: int = typer.Option(6, help="at most this many candidates per kind pass the screen"),
     min_recall: float = typer.Option(0.7, help="screen: select methods keeping less dense attention mass are dropped"),
     max_error: float = typer.Option(0.35, help="screen: select methods with a larger output error are dropped"),

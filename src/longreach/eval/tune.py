@@ -15,8 +15,9 @@ Three stages, each resumable from its folder next to the output JSON:
    inside its window); else the others run alone. Per kind, the ``finalists`` best that pass the
    observed-difference rule (or lost at most ``tune_slack`` prompts net) go on.
 3. **report** (``WORK/reporting/results.jsonl``) — the finalists and the baseline on disjoint reporting prompts
-   (other seeds, another corpus where one loads). The chosen spec of each kind is the first finalist, in tuning
-   order, that passes the full rule (:func:`tunerules.judge`) there.
+   (other seeds, another corpus where one loads), one finalist per kind at a time in tuning order
+   (:func:`finalist_rounds`). The chosen spec of each kind is the first finalist that passes the full rule
+   (:func:`tunerules.judge`) there.
 
 The JSON holds the choices, their measured speed and cache ratios, the evidence table of every stage, the screen,
 both prompt sets (seeds, corpora, prompt hashes) and the provenance.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -335,8 +336,10 @@ class Stage:
 
     def judge(self, rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Rule, final: bool,
               name: str) -> None:
-        """``runs``: spec as run -> (kind, baseline, grid order)."""
-        self.rows += rows
+        """``runs``: spec as run -> (kind, baseline, grid order). A row already held (a baseline judged with
+        an earlier batch) is kept once."""
+        held = {row_key(r) for r in self.rows}
+        self.rows += [r for r in rows if row_key(r) not in held]
         for spec, (kind, baseline, order) in runs.items():
             st, ev = stand(rows, spec, kind, order, baseline, rule, final, name)
             self.standings.append(st)
@@ -404,8 +407,7 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
         log(f"warning: {note}")
 
     reported = Stage()
-    final_runs = {f.spec: (f.kind, f.baseline, f.order) for fs in finalists.values() for f in fs}
-    if final_runs:
+    for final_runs in finalist_rounds(finalists, reported):
         baselines = ["dense", *dict.fromkeys(b for _, b, _ in final_runs.values())]
         reported.judge(run([*baselines, *final_runs], reporting, True), final_runs, rule, True, "reporting")
         drop_rejected_stacks(reported.standings)
@@ -431,6 +433,21 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(out)
     return TuneResult(data, out)
+
+
+def finalist_rounds(finalists: dict[str, list[Standing]], reported: Stage
+                    ) -> Iterator[dict[str, tuple[str, str, int]]]:
+    """The finalists to run on the reporting prompts, one per kind per round, in tuning order: a kind whose
+    finalist passed (``reported``, updated between rounds) gets no further round, nor does a candidate stacked on
+    a position method that failed there (it would fail with it). The choice is the one running every finalist at
+    once would give (the first in tuning order that passes), without the reporting runs of those behind it."""
+    for r in range(max((len(fs) for fs in finalists.values()), default=0)):
+        settled = {s.kind for s in reported.standings if s.passed}
+        rejected = {s.spec for s in reported.standings if s.kind == "position" and not s.passed}
+        batch = {f.spec: (f.kind, f.baseline, f.order) for kind, fs in finalists.items()
+                 if kind not in settled for f in fs[r:r + 1] if f.baseline not in rejected}
+        if batch:
+            yield batch
 
 
 def weak_baselines(rows: list[dict], baselines: list[str]) -> list[str]:
