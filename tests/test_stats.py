@@ -371,20 +371,24 @@ def test_report_shows_effective_lengths():
 
 def test_near_ties_count_the_winners_small_leads_on_discordant_prompts():
     """dense wins prompts 0-2 (leads 0.001, 0.3, 0.04: two near-ties under 0.05), the method wins prompt 3 (lead
-    0.2); prompts 4-5 agree and their leads (tiny) must not count. A cell whose winners did not all record a lead
-    (rows written before the field) gets no line rather than a partial count."""
+    0.2); prompts 4-5 agree and their leads (tiny) must not count. A side whose winners did not all record a lead
+    (rows written before the field) is named, not counted in part; a cell where no side recorded gets no line."""
     dense = rows_of("dense", 1000, [1, 1, 1, 0, 1, 0], sha="p")
     method = rows_of("m", 1000, [0, 0, 0, 1, 1, 0], sha="p")
     for row, lead in zip(dense, [0.001, 0.3, 0.04, None, 0.001, None], strict=True):
         row["answer_lead"] = lead
     for row, lead in zip(method, [None, None, None, 0.2, 0.001, None], strict=True):
         row["answer_lead"] = lead
-    old = rows_of("old", 1000, [1, 1, 1, 1, 1, 0], sha="p")  # it wins prompt 3 and recorded no lead: no line
+    old = rows_of("old", 1000, [1, 1, 1, 1, 1, 0], sha="p")  # it wins prompt 3 only, recorded no lead: no line
     text = markdown(dense + method + old)
     lines = [line for line in text.splitlines() if line.startswith("- ") and "near-ties" in line]
     assert lines == ["- m at 1000: near-ties among the prompts one side lost: 2 of the 3 only dense answered; "
                      "0 of the 1 only the method answered"]
     method[3]["answer_lead"] = 0.049
     assert "1 of the 1 only the method answered" in markdown(dense + method)
-    dense[1]["answer_lead"] = None  # a winner without a lead: no line for the cell
+    dense[1]["answer_lead"] = None  # a winner without a lead: that side is named, not counted in part
+    text = markdown(dense + method)
+    assert "2 of the 3 only dense" not in text
+    assert "the 3 only dense answered: not recorded (rows without answer_lead); 1 of the 1 only the method" in text
+    method[3]["answer_lead"] = None  # neither side recorded: no line
     assert "near-ties among" not in markdown(dense + method)

@@ -352,7 +352,9 @@ def paired_table(cells: dict, task: str, methods: list[str], margin: float, base
 def near_tie_lines(cells: dict, task: str, methods: list[str], baseline: str = BASELINE) -> list[str]:
     """For right/wrong cells whose rows record ``answer_lead``: of the prompts only one side answered, how many it
     answered on a near-tie (a lead under :data:`NEAR_TIE` at some answer token). A discordant pair won on a
-    near-tie says little about the method: any change to attention could have flipped it (docs/evaluation.md)."""
+    near-tie says little about the method: a small change to attention could have flipped it (docs/evaluation.md).
+    A side whose winners did not all record it (rows written before the field) is named as not recorded rather than
+    counted in part."""
     lines = []
     for method in methods:
         for length in sorted({c.length for c in cells.values() if c.task == task}):
@@ -363,10 +365,12 @@ def near_tie_lines(cells: dict, task: str, methods: list[str], baseline: str = B
             only_base = [o for r, o in pairs if o["score"] == 1 and r["score"] == 0]
             only_method = [r for r, o in pairs if r["score"] == 1 and o["score"] == 0]
             sides = [(won, who) for won, who in ((only_base, baseline), (only_method, "the method")) if won]
-            if not sides or not all(isinstance(w.get("answer_lead"), int | float) for won, _ in sides for w in won):
+            recorded = [all(isinstance(w.get("answer_lead"), int | float) for w in won) for won, _ in sides]
+            if not any(recorded):
                 continue
-            told = [f"{sum(w['answer_lead'] < NEAR_TIE for w in won)} of the {len(won)} only {who} answered"
-                    for won, who in sides]
+            told = [f"{sum(w['answer_lead'] < NEAR_TIE for w in won)} of the {len(won)} only {who} answered" if ok
+                    else f"the {len(won)} only {who} answered: not recorded (rows without answer_lead)"
+                    for (won, who), ok in zip(sides, recorded, strict=True)]
             lines.append(f"- {method} at {length}: near-ties among the prompts one side lost: {'; '.join(told)}")
     if not lines:
         return []
