@@ -95,9 +95,14 @@ def test_answer_lead_is_the_smallest_lead_until_the_answer_reached_its_score():
 
     text = lambda tokens: "".join(tokens)  # noqa: E731  tokens are strings here: the decode is a join
     exact = lambda answer: float("42" in answer)  # noqa: E731
-    assert answer_lead(["4", "2", "."], [0.5, 0.01, 0.0], text, exact) == 0.01  # '.' came after the answer
-    assert answer_lead(["4", "2", "."], [0.5, 0.3, 0.0], text, exact) == 0.3
+    assert answer_lead(["4", "2", "."], [0.5, 0.01, 0.9], text, exact) == 0.01
+    # the '.' closed the answer ("42" could have gone on as "423"): its lead counts ...
+    assert answer_lead(["4", "2", ".", "x"], [0.5, 0.3, 0.02, 0.0], text, exact) == 0.02
+    # ... but not a token after text that already ended outside a word
+    assert answer_lead(["42", " .", "x"], [0.5, 0.03, 0.0], text, lambda a: float("42 " in a or "42." in a)) == 0.03
+    assert answer_lead(["4", "2 ", "x"], [0.5, 0.3, 0.0], text, lambda a: float("42 " in a)) == 0.3
     assert answer_lead([" ", "42"], [0.2, 0.9], text, exact) == 0.2  # a leading token of the answer counts
     assert answer_lead(["1", "1"], [0.9, 0.9], text, exact) is None  # no score: no answer to have led
     half = lambda answer: ("1" in answer) / 2 + ("2" in answer) / 2  # noqa: E731  partial credit: its final score
-    assert answer_lead(["1", "x", "2", "y"], [0.8, 0.7, 0.6, 0.01], text, half) == 0.6
+    assert answer_lead(["1", "x", "2", " y"], [0.8, 0.7, 0.6, 0.01], text, half) == 0.01  # ' y' closed the '2'
+    assert answer_lead(["1", "x", "2 ", "y"], [0.8, 0.7, 0.6, 0.01], text, half) == 0.6

@@ -293,6 +293,40 @@ def test_the_json_holds_the_choices_and_the_evidence_behind_them(tuned):
         assert e["correct"] == sum(mine.values()) and e["baseline_correct"] == sum(base.values())
 
 
+def test_a_second_finalist_runs_on_the_reporting_prompts_only_after_the_first_failed(tiny, tmp_path, monkeypatch):
+    """The eval runner replaced by rows written here: both prefill candidates (every key: the screen keeps them)
+    answer every tuning prompt and the faster one ranks first. On the reporting prompts the faster one loses 3 of
+    4 and the slower one none: with --finalists 2 the slower is then run and chosen, the JSON naming both as
+    reported; when the faster one passes, the slower is never run there."""
+    import longreach.eval.tune as tune_module
+
+    lm, tok = tiny
+    fast, slow = "streaming:window=4096", "streaming:window=2048"
+    asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def fake_stage(plan, settings, methods, folder, samples, first_seed, corpus, *rest):
+        methods = list(dict.fromkeys(methods))  # as the runner's sweep takes them
+        asked.append((folder.name, tuple(methods)))
+        lost = {fast: losses} if folder.name == "reporting" else {}
+        return [{"model": "tiny", "method": m, "task": "passkey", "metric": "accuracy", "length": plan.length,
+                 "depth": 0.5, "seed": first_seed + i, "chat": True, "corpus": corpus.name,
+                 "score": 0.0 if i < lost.get(m, 0) else 1.0, "prefill_s": {fast: 0.2, slow: 0.5}.get(m, 1.0),
+                 "kv_bytes_prompt": 1000, "prompt_sha": f"{first_seed + i}"} for m in methods for i in range(samples)]
+
+    monkeypatch.setattr(tune_module, "run_stage", fake_stage)
+    s = settings(candidates=f"{fast};{slow}", finalists=2, report_samples=4)
+    losses = 3
+    data = tune("tiny", 256, tmp_path / "a.json", s, lm=lm, tokenizer=tok, log=lambda _: None).data
+    assert [methods for stage, methods in asked if stage == "reporting"] == [("dense", fast), ("dense", slow)]
+    assert data["prefill"]["spec"] == slow and data["prefill"]["reported"] == [fast, slow]
+    assert data["prefill"]["finalists"] == [fast, slow]
+    asked.clear()
+    losses = 0
+    data = tune("tiny", 256, tmp_path / "b.json", s, lm=lm, tokenizer=tok, log=lambda _: None).data
+    assert [methods for stage, methods in asked if stage == "reporting"] == [("dense", fast)]
+    assert data["prefill"]["spec"] == fast and data["prefill"]["reported"] == [fast]
+
+
 def test_a_baseline_that_fails_most_tuning_prompts_is_said(tuned):
     """The tiny random model answers nothing, so dense's 0 of 2 passkeys is noted in the JSON and the summary;
     by hand: 4/10 is below half and noted, 5/10 and a task of the candidate alone are not."""

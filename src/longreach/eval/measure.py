@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from ..plan import MiB, peak_resident_bytes, reset_peak_resident
 from . import sharing
 from .tasks import Sample, Task
 
+WORD_END = re.compile(r"[\w-]$")  # an answer ending here could still go on
 LOGIT_CHUNK = 1024  # positions per vocabulary projection in perplexity
 
 
@@ -50,12 +52,16 @@ def generate(model, tokenizer, sample: Sample, chunk: int | None = None,
 def answer_lead(tokens: list[int], leads: list[float], text: Callable[[list[int]], str],
                 score: Callable[[str], float]) -> float | None:
     """The smallest lead (chosen token's probability minus the runner-up's) among the generated tokens up to the
-    one with which the answer reached its final score; None when it scored nothing. A small value marks a
-    near-tie: the greedy answer hung on that token, and any change to attention could have flipped it."""
+    one with which the answer reached its final score, and the token after it when the text then ends inside a
+    word (a digit or letter: that token decided whether the answer ended there, "42" then "." against "423");
+    None when it scored nothing. A small value marks a near-tie: the greedy answer hung on that token, and a
+    small change to attention could have flipped it."""
     final = score(text(tokens))
     if not final > 0:
         return None
     n = next((n for n in range(1, len(tokens)) if score(text(tokens[:n])) >= final), len(tokens))
+    if n < len(tokens) and WORD_END.search(text(tokens[:n])):
+        n += 1
     return round(min(leads[:n]), 4)
 
 

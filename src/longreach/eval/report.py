@@ -375,7 +375,8 @@ def near_tie_lines(cells: dict, task: str, methods: list[str], baseline: str = B
     if not lines:
         return []
     return ["", f"Near-ties (the winner's answer led the runner-up token by less than {NEAR_TIE:g} in probability "
-                "at some answer token, rows' `answer_lead`; cells with discordant prompts whose winners recorded it):",
+                "at some token of its answer, rows' `answer_lead`; cells with discordant prompts where a side's "
+                "winners recorded it):",
             "", *lines]
 
 

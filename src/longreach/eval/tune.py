@@ -565,11 +565,14 @@ def prompt_sets(plan: TunePlan, settings: TuneSettings, tune_rows: list[dict], r
 
 def choose(kind: str, finalists: dict, final: list[Standing], standings: list[Standing], screened: list[Screened],
            evidence: list[dict], blocked: bool = False) -> dict:
-    """The first finalist of ``kind`` that passed on the reporting prompts, or why there is none."""
+    """The first finalist of ``kind`` that passed on the reporting prompts, or why there is none. ``finalists``
+    lists every finalist, ``reported`` those that ran there (the rest waited behind one that passed, or were
+    stacked on a position method that failed)."""
     if blocked:
         return {"spec": None, "reason": "no position method passed on the tuning prompts, so nothing past the "
                                         "trained length was tuned"}
     passed = [s for s in final if s.kind == kind and s.passed]
+    reported = [s.spec for s in final if s.kind == kind]  # run on the reporting prompts (finalist_rounds)
     if passed:
         s = passed[0]
         return {"spec": s.spec, "baseline": s.baseline, "speed_ratio": s.speed_ratio, "cache_ratio": s.cache_ratio,
@@ -578,7 +581,7 @@ def choose(kind: str, finalists: dict, final: list[Standing], standings: list[St
                     f"{e['task']} n = {e['n']}, {_fmt(e['diff_points'])} points "
                     f"[{_fmt(e['lower'])}, {_fmt(e['upper'])}]"
                     for e in evidence if e["stage"] == "reporting" and e["spec"] == s.spec),
-                "finalists": [f.spec for f in finalists[kind]]}
+                "finalists": [f.spec for f in finalists[kind]], "reported": reported}
     if any(s.kind == kind for s in final):
         why = "; ".join(f"{s.spec}: {', '.join(s.reasons)}" for s in final if s.kind == kind)
         reason = f"no finalist passed on the reporting prompts ({why})"
@@ -590,4 +593,4 @@ def choose(kind: str, finalists: dict, final: list[Standing], standings: list[St
         reason = "every candidate was dropped by the screen"
     else:
         reason = "no candidates of this kind were given"
-    return {"spec": None, "reason": reason, "finalists": [f.spec for f in finalists[kind]]}
+    return {"spec": None, "reason": reason, "finalists": [f.spec for f in finalists[kind]], "reported": reported}
