@@ -162,6 +162,31 @@ def test_a_standing_pairs_rows_by_prompt_and_measures_speed_and_cache():
     assert not st.passed and "min-speedup" in st.reasons[0]  # as accurate, but not faster: no prefill win
 
 
+def test_speed_is_compared_on_rows_measured_alike_else_the_tuning_stage_speaks():
+    """Dense measured at 2 threads (1.0 s) and the candidate at 1 thread (2.0 s, and 0.5 s on its two 2-thread rows):
+    only the 2-thread rows compare, 1.0 / 0.5 = 2x. With no rows of both on one thread count the reporting stage
+    takes the tuning stage's ratio and says so; with none from either, the prefill is refused as unmeasured."""
+    from longreach.eval.tune import choose, comparable_medians
+
+    def on(rows: list[dict], threads: int) -> list[dict]:
+        return [{**r, "provenance": {"cpu": "c", "isa": "i", "threads": threads, "commit": "x", "dirty": False,
+                                     "torch": "t"}} for r in rows]
+
+    dense = on(rows_for("dense", [1] * 4, 1.0, 1000), 2)
+    cand = on(rows_for("x", [1] * 4, 2.0, 1000), 1)
+    cand[:2] = on([{**r, "prefill_s": 0.5} for r in cand[:2]], 2)
+    assert comparable_medians(cand, dense, "prefill_s") == (0.5, 1.0)
+    assert comparable_medians(cand[2:], dense, "prefill_s") == (None, None)
+    st, _ = stand(dense + cand, "x", "prefill", 0, "dense", Rule(min_lower=-100.0), True, "reporting")
+    assert st.passed and st.speed_ratio == pytest.approx(2.0) and st.speed_from == ""
+    apart = dense + cand[2:] + on(rows_for("x", [1] * 4, 2.0, 1000), 1)[:2]
+    st, ev = stand(apart, "x", "prefill", 0, "dense", Rule(min_lower=-100.0), True, "reporting", tuning_speed=3.0)
+    assert st.passed and st.speed_ratio == 3.0 and st.speed_from == "tuning"
+    assert choose("prefill", {"prefill": [st]}, [st], [st], [], ev)["speed_from"] == "tuning"
+    st, _ = stand(apart, "x", "prefill", 0, "dense", Rule(min_lower=-100.0), True, "reporting")
+    assert not st.passed and "unmeasured (no rows of both on one machine" in st.reasons[0]
+
+
 def test_a_choice_says_how_many_of_its_rows_shared_the_cores():
     """Rows record the share of CPU time other work took (eval.sharing): the chosen spec's JSON counts those above
     the threshold on both sides, and the summary says its speed ratio is then not a speed result."""

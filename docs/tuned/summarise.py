@@ -55,7 +55,8 @@ def summarise(path: Path) -> str:
             continue
         c = d[kind]
         if c.get("spec"):
-            out.append(f"| {kind} | `{c['spec']}` | {c['baseline']} | {fmt(c.get('speed_ratio'), 2, False)}x | "
+            tuning = " (tuning rows)" if c.get("speed_from") == "tuning" else ""
+            out.append(f"| {kind} | `{c['spec']}` | {c['baseline']} | {fmt(c.get('speed_ratio'), 2, False)}x{tuning} | "
                        f"{fmt(c.get('cache_ratio'), 2, False)}x | {c['evidence']} |")
         else:
             out.append(f"| {kind} | none | – | – | – | {c['reason']} |")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..errors import InputError, LongreachError
 from ..models import trained_length
+from ..provenance import machine_key
 from ..spec import parse_spec
 from . import sharing
 from .corpus import Corpus
@@ -118,7 +119,8 @@ class TuneResult:
             if got["spec"] is None:
                 lines.append(f"{kind}: none passed — {got['reason']}")
                 continue
-            ratio = (f", {got['speed_ratio']:.2f}x the baseline's prefill speed{shared_note(got)}" if kind == "prefill"
+            ratio = (f", {got['speed_ratio']:.2f}x the baseline's prefill speed{speed_note(got)}{shared_note(got)}"
+                     if kind == "prefill"
                      else f", cache {got['cache_ratio']:.2f} of the baseline's" if kind == "press" else "")
             lines.append(f"{kind}: {got['spec']}{ratio} ({got['evidence']})")
         return lines + [f"note: {note}" for note in self.data.get("tuning_notes", [])]
@@ -131,6 +133,11 @@ def beside(out: Path, path: Path) -> str:
         return str(path.resolve().relative_to(out.resolve().parent))
     except ValueError:
         return str(path.resolve())
+
+
+def speed_note(choice: dict) -> str:
+    """Where a chosen prefill's ratio came from the tuning prompts (the reporting rows were not measured alike)."""
+    return " (from the tuning prompts' rows)" if choice.get("speed_from") == "tuning" else ""
 
 
 def shared_note(choice: dict) -> str:
@@ -251,9 +258,24 @@ def _median(rows: list[dict], field: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def comparable_medians(mine: list[dict], base: list[dict], field: str) -> tuple[float | None, float | None]:
+    """Medians of ``field`` on each side over the rows of one machine, thread count and commit
+    (:func:`provenance.machine_key`): the key both sides have most rows of. (None, None) when they share none: a
+    baseline measured at 2 threads months before beside a candidate at 1 thread beside another job is no ratio."""
+    keys = {machine_key(r) for r in mine} & {machine_key(r) for r in base}
+    if not keys:
+        return None, None
+    key = max(keys, key=lambda k: (min(sum(machine_key(r) == k for r in mine), sum(machine_key(r) == k for r in base)),
+                                   str(k)))
+    return (_median([r for r in mine if machine_key(r) == key], field),
+            _median([r for r in base if machine_key(r) == key], field))
+
+
 def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rule: Rule, final: bool,
-          stage: str) -> tuple[Standing, list[dict]]:
-    """One candidate against the baseline on the same prompts, task by task: its standing and evidence rows."""
+          stage: str, tuning_speed: float | None = None) -> tuple[Standing, list[dict]]:
+    """One candidate against the baseline on the same prompts, task by task: its standing and evidence rows.
+    The prefill speed ratio comes from comparable rows (:func:`comparable_medians`); where this stage has none,
+    ``tuning_speed`` (the tuning stage's ratio for the same spec) stands in, and the standing says so."""
     evidence, reasons = [], []
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     for task in tasks:
@@ -275,14 +297,17 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
                                                               if (lost := forgiven(p, rule, final)) else "")})
     mine_all = [r for r in rows if r["method"] == spec]
     base_all = [r for r in rows if r["method"] == baseline]
-    t, t0 = _median(mine_all, "prefill_s"), _median(base_all, "prefill_s")
-    kv, kv0 = _median(mine_all, "kv_bytes_prompt"), _median(base_all, "kv_bytes_prompt")
-    standing = Standing(spec, kind, order, not reasons, reasons, sum(r["score"] for r in mine_all),
-                        t0 / t if t and t0 else None, kv / kv0 if kv is not None and kv0 else None, baseline,
+    t, t0 = comparable_medians(mine_all, base_all, "prefill_s")
+    kv, kv0 = _median(mine_all, "kv_bytes_prompt"), _median(base_all, "kv_bytes_prompt")  # bytes: any machine
+    speed, speed_from = (t0 / t, "") if t and t0 else (tuning_speed, "tuning" if tuning_speed else "")
+    standing = Standing(spec, kind, order, not reasons, reasons, sum(r["score"] for r in mine_all), speed,
+                        speed_from, kv / kv0 if kv is not None and kv0 else None, baseline,
                         *sharing.shared_count(mine_all + base_all))
     if kind == "prefill" and not (standing.speed_ratio or 0.0) > rule.min_speedup:
-        speed = "unmeasured" if standing.speed_ratio is None else f"{standing.speed_ratio:.2f}x"
-        standing.reasons.append(f"prefill speed vs the baseline {speed}, not above --min-speedup {rule.min_speedup:g}")
+        speed_text = ("unmeasured (no rows of both on one machine, thread count and commit)"
+                      if standing.speed_ratio is None else f"{standing.speed_ratio:.2f}x")
+        standing.reasons.append(f"prefill speed vs the baseline {speed_text}, not above --min-speedup "
+                                f"{rule.min_speedup:g}")
         standing.passed = False
     return standing, evidence
 
@@ -335,13 +360,15 @@ class Stage:
     rows: list[dict] = field(default_factory=list)
 
     def judge(self, rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Rule, final: bool,
-              name: str) -> None:
+              name: str, tuned: Stage | None = None) -> None:
         """``runs``: spec as run -> (kind, baseline, grid order). A row already held (a baseline judged with
-        an earlier batch) is kept once."""
+        an earlier batch) is kept once. ``tuned``: the tuning stage, whose speed ratio stands in where this
+        stage's rows of a spec and its baseline were not measured alike."""
         held = {row_key(r) for r in self.rows}
         self.rows += [r for r in rows if row_key(r) not in held]
+        speeds = {s.spec: s.speed_ratio for s in tuned.standings} if tuned else {}
         for spec, (kind, baseline, order) in runs.items():
-            st, ev = stand(rows, spec, kind, order, baseline, rule, final, name)
+            st, ev = stand(rows, spec, kind, order, baseline, rule, final, name, speeds.get(spec))
             self.standings.append(st)
             self.evidence += ev
 
@@ -409,7 +436,7 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     reported = Stage()
     for final_runs in finalist_rounds(finalists, reported):
         baselines = ["dense", *dict.fromkeys(b for _, b, _ in final_runs.values())]
-        reported.judge(run([*baselines, *final_runs], reporting, True), final_runs, rule, True, "reporting")
+        reported.judge(run([*baselines, *final_runs], reporting, True), final_runs, rule, True, "reporting", tuned)
         drop_rejected_stacks(reported.standings)
 
     data = describe(plan, settings, trained, screen_length, screened, tuned, reported, unstackable,
@@ -575,7 +602,8 @@ def choose(kind: str, finalists: dict, final: list[Standing], standings: list[St
     reported = [s.spec for s in final if s.kind == kind]  # run on the reporting prompts (finalist_rounds)
     if passed:
         s = passed[0]
-        return {"spec": s.spec, "baseline": s.baseline, "speed_ratio": s.speed_ratio, "cache_ratio": s.cache_ratio,
+        return {"spec": s.spec, "baseline": s.baseline, "speed_ratio": s.speed_ratio,
+                "speed_from": s.speed_from or "reporting", "cache_ratio": s.cache_ratio,
                 "rows_shared": {"shared": s.rows_shared, "recorded": s.rows_recorded, "threshold": sharing.SHARED},
                 "evidence": "passed on the reporting prompts: " + "; ".join(
                     f"{e['task']} n = {e['n']}, {_fmt(e['diff_points'])} points "
