@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -262,11 +263,11 @@ def comparable_medians(mine: list[dict], base: list[dict], field: str) -> tuple[
     """Medians of ``field`` on each side over the rows of one machine, thread count and commit
     (:func:`provenance.machine_key`): the key both sides have most rows of. (None, None) when they share none: a
     baseline measured at 2 threads months before beside a candidate at 1 thread beside another job is no ratio."""
-    keys = {machine_key(r) for r in mine} & {machine_key(r) for r in base}
-    if not keys:
+    mine_n, base_n = Counter(map(machine_key, mine)), Counter(map(machine_key, base))
+    shared = mine_n.keys() & base_n.keys()
+    if not shared:
         return None, None
-    key = max(keys, key=lambda k: (min(sum(machine_key(r) == k for r in mine), sum(machine_key(r) == k for r in base)),
-                                   str(k)))
+    key = max(shared, key=lambda k: (min(mine_n[k], base_n[k]), str(k)))
     return (_median([r for r in mine if machine_key(r) == key], field),
             _median([r for r in base if machine_key(r) == key], field))
 
