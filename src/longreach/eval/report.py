@@ -71,6 +71,12 @@ def group(rows: list[dict]) -> dict[tuple[str, str, int], ScoreCell]:
     return cells
 
 
+def task_cells(cells: dict, task: str, methods: list[str]) -> list[ScoreCell]:
+    """The cells of ``task``, method by method in ``methods``' order, each method's lengths ascending."""
+    lengths = sorted({c.length for c in cells.values() if c.task == task})
+    return [cells[(task, m, n)] for m in methods for n in lengths if (task, m, n) in cells]
+
+
 def ordered_methods(rows: list[dict], baseline: str = BASELINE) -> list[str]:
     """The baseline first, then methods in the order they first appear."""
     seen = list(dict.fromkeys(r["method"] for r in rows))
@@ -150,19 +156,15 @@ def markdown(rows: list[dict], margin: float = MARGIN, threshold: float = THRESH
                 f"| method | length | n | score | no answer | density | prefill s | speed vs {baseline} "
                 "| decode ms/tok | KV MiB | peak RSS MiB |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for method in methods:
-            for length in sorted({c.length for c in cells.values() if c.task == task}):
-                cell = cells.get((task, method, length))
-                if cell is None:
-                    continue
-                dens = cell.avg("density")
-                dec_s, dec_n = sum(cell.values("decode_s")), sum(cell.values("decode_tokens"))
-                kv = cell.avg("kv_bytes")
-                out.append(
-                    f"| {method} | {length} | {len(cell.rows)} | {fmt_score(cell)} | {no_answer(cell)} | "
-                    f"{'–' if dens is None else f'{dens:.3f}'} | {cell.avg('prefill_s'):.2f} | "
-                    f"{speed_ratio(cells, cell, baseline)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
-                    f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
+        for cell in task_cells(cells, task, methods):
+            dens = cell.avg("density")
+            dec_s, dec_n = sum(cell.values("decode_s")), sum(cell.values("decode_tokens"))
+            kv = cell.avg("kv_bytes")
+            out.append(
+                f"| {cell.method} | {cell.length} | {len(cell.rows)} | {fmt_score(cell)} | {no_answer(cell)} | "
+                f"{'–' if dens is None else f'{dens:.3f}'} | {cell.avg('prefill_s'):.2f} | "
+                f"{speed_ratio(cells, cell, baseline)} | {f'{1000 * dec_s / dec_n:.0f}' if dec_n else '–'} | "
+                f"{'–' if kv is None else f'{kv / 2**20:.1f}'} | {cell.avg('peak_rss_mb') or 0:.0f} |")
         out += select_lines(cells, task, methods)
         out += paired_table(cells, task, methods, margin, baseline)
         out += near_tie_lines(cells, task, methods, baseline)
@@ -176,23 +178,21 @@ def select_lines(cells: dict, task: str, methods: list[str]) -> list[str]:
     than its kernels save shows here, beside its accuracy. Cells where it stayed under ``SELECT_SHOWN`` of both
     prefill and decode (dense, presses: their selector chooses nothing) get no line."""
     lines = []
-    for method in methods:
-        for length in sorted({c.length for c in cells.values() if c.task == task}):
-            cell = cells.get((task, method, length))
-            timed = [r for r in cell.rows if isinstance(r.get("select_s"), int | float)] if cell else []
-            if not timed:
-                continue
-            select, prefill = sum(r["select_s"] for r in timed), sum(r.get("prefill_s") or 0.0 for r in timed)
-            decode = [r for r in timed if isinstance(r.get("select_decode_s"), int | float) and r.get("decode_tokens")]
-            dec_select, dec_s = sum(r["select_decode_s"] for r in decode), sum(r["decode_s"] for r in decode)
-            tokens = sum(r["decode_tokens"] for r in decode)
-            shares = (select / prefill if prefill else 0.0, dec_select / dec_s if dec_s else 0.0)
-            if max(shares) < SELECT_SHOWN:
-                continue
-            per_token = (f"; decode {1000 * dec_select / tokens:.1f} ms per token ({shares[1]:.0%} of decode)"
-                         if tokens and dec_s else "")
-            lines.append(f"- {method} at {length}: prefill {select / len(timed):.2f} s per sample "
-                         f"({shares[0]:.0%} of prefill){per_token}; {len(timed)} rows")
+    for cell in task_cells(cells, task, methods):
+        timed = [r for r in cell.rows if isinstance(r.get("select_s"), int | float)]
+        if not timed:
+            continue
+        select, prefill = sum(r["select_s"] for r in timed), sum(r.get("prefill_s") or 0.0 for r in timed)
+        decode = [r for r in timed if isinstance(r.get("select_decode_s"), int | float) and r.get("decode_tokens")]
+        dec_select, dec_s = sum(r["select_decode_s"] for r in decode), sum(r["decode_s"] for r in decode)
+        tokens = sum(r["decode_tokens"] for r in decode)
+        shares = (select / prefill if prefill else 0.0, dec_select / dec_s if dec_s else 0.0)
+        if max(shares) < SELECT_SHOWN:
+            continue
+        per_token = (f"; decode {1000 * dec_select / tokens:.1f} ms per token ({shares[1]:.0%} of decode)"
+                     if tokens and dec_s else "")
+        lines.append(f"- {cell.method} at {cell.length}: prefill {select / len(timed):.2f} s per sample "
+                     f"({shares[0]:.0%} of prefill){per_token}; {len(timed)} rows")
     if not lines:
         return []
     return ["", "Time in the selector stage (choosing keys, block summaries, index fits; rows' `select_s` and "
@@ -321,11 +321,10 @@ def fmt_interval(p: Paired, metric: str) -> str:
 
 def paired_table(cells: dict, task: str, methods: list[str], margin: float, baseline: str = BASELINE) -> list[str]:
     """The paired comparison with the baseline for every other cell of ``task``."""
-    keys = [(task, m, length) for m in methods if m != baseline
-            for length in sorted({c.length for c in cells.values() if c.task == task}) if (task, m, length) in cells]
-    if not keys:
+    mine = [c for c in task_cells(cells, task, methods) if c.method != baseline]
+    if not mine:
         return []
-    metric = cells[keys[0]].metric
+    metric = mine[0].metric
     unit = "perplexity (lower is better)" if metric == "ppl" else "points"
     claim = ("" if metric == "ppl" else
              f"; \"within {margin:g} points of {baseline}\" only where the interval's lower end is above −{margin:g}")
@@ -335,8 +334,7 @@ def paired_table(cells: dict, task: str, methods: list[str], margin: float, base
            f"McNemar's exact p on the discordant pairs{claim}.", "",
            f"| method | length | n paired | method − {baseline} | 95% CI | CI by | McNemar p | verdict |",
            "|---|---|---|---|---|---|---|---|"]
-    for key in keys:
-        cell = cells[key]
+    for cell in mine:
         p = pair_cells(cells, cell, baseline)
         mcn = "–" if p.p is None else "< 0.001" if p.p < 0.001 else f"{p.p:.3f}"
         notes = [verdict(p, metric, margin, baseline)]
@@ -356,22 +354,22 @@ def near_tie_lines(cells: dict, task: str, methods: list[str], baseline: str = B
     A side whose winners did not all record it (rows written before the field) is named as not recorded rather than
     counted in part."""
     lines = []
-    for method in methods:
-        for length in sorted({c.length for c in cells.values() if c.task == task}):
-            cell, base = cells.get((task, method, length)), cells.get((task, baseline, length))
-            if method == baseline or cell is None or base is None or cell.metric != "accuracy":
-                continue
-            pairs, _, _ = row_pairs(cell.rows, base.rows)
-            only_base = [o for r, o in pairs if o["score"] == 1 and r["score"] == 0]
-            only_method = [r for r, o in pairs if r["score"] == 1 and o["score"] == 0]
-            sides = [(won, who) for won, who in ((only_base, baseline), (only_method, "the method")) if won]
-            recorded = [all(isinstance(w.get("answer_lead"), int | float) for w in won) for won, _ in sides]
-            if not any(recorded):
-                continue
-            told = [f"{sum(w['answer_lead'] < NEAR_TIE for w in won)} of the {len(won)} only {who} answered" if ok
-                    else f"the {len(won)} only {who} answered: not recorded (rows without answer_lead)"
-                    for (won, who), ok in zip(sides, recorded, strict=True)]
-            lines.append(f"- {method} at {length}: near-ties among the prompts one side lost: {'; '.join(told)}")
+    for cell in task_cells(cells, task, methods):
+        base = cells.get((task, baseline, cell.length))
+        if cell.method == baseline or base is None or cell.metric != "accuracy":
+            continue
+        pairs, _, _ = row_pairs(cell.rows, base.rows)
+        only_base = [o for r, o in pairs if o["score"] == 1 and r["score"] == 0]
+        only_method = [r for r, o in pairs if r["score"] == 1 and o["score"] == 0]
+        sides = [(won, who) for won, who in ((only_base, baseline), (only_method, "the method")) if won]
+        recorded = [all(isinstance(w.get("answer_lead"), int | float) for w in won) for won, _ in sides]
+        if not any(recorded):
+            continue
+        told = [f"{sum(w['answer_lead'] < NEAR_TIE for w in won)} of the {len(won)} only {who} answered" if ok
+                else f"the {len(won)} only {who} answered: not recorded (rows without answer_lead)"
+                for (won, who), ok in zip(sides, recorded, strict=True)]
+        lines.append(f"- {cell.method} at {cell.length}: near-ties among the prompts one side lost: "
+                     f"{'; '.join(told)}")
     if not lines:
         return []
     return ["", f"Near-ties (the winner's answer led the runner-up token by less than {NEAR_TIE:g} in probability "
