@@ -257,6 +257,31 @@ class BudgetedMethod(SelectionMethod):
         return self.selection(idx, quota, ctx)
 
 
+@dataclass(frozen=True)
+class PrefillPattern(BudgetedMethod):
+    """A method that estimates a prefill pattern from the last queries' exact attention (vslash, flexprefill).
+
+    In decode the one query is its own estimate: choosing its blocks costs a pass of q over every key, so a
+    sparse decode step does dense attention's work and then attends again, and is slower than dense
+    (``decode=dense``: every key, exactly, as the papers decode). ``sparse`` stays the default so that rows
+    recorded before the option keep their meaning.
+    """
+
+    decode: str = param("sparse", "sparse: a decode step keeps its budget's best blocks by its exact attention; "
+                        "dense: decode attends every key (the papers' rule, and faster)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decode not in ("sparse", "dense"):
+            raise SpecError(f"{self.name}: decode must be 'sparse' or 'dense', got {self.decode!r}")
+
+    def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
+        if q.shape[2] == 1 and self.decode == "dense":
+            return Selection.dense(q.shape[0], 1, k.shape[2], key_mask=ctx.key_mask, block=self.block,
+                                   device=q.device)
+        return super().select(q, k, ctx)
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_quota(method: BudgetedMethod, t_q: int, t_k: int, dev: torch.device) -> BlockQuota:
     """Plans depend only on the method's parameters and the shapes; consumers never modify them."""

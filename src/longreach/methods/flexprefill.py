@@ -10,7 +10,8 @@ blocks until their estimated mass, with the sinks and window, reaches ``gamma``:
 per head and input; ``budget=``/``density=`` only cap it. The last query block, whose queries were
 attended exactly for the estimate, ranks blocks by their own attention and fills its budget
 (``scoring.last_block_exact``); in decode the one query is that block, so a decode step keeps its
-budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule). Without
+budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule; ``decode=dense``
+attends every key in decode, as the paper does: ``base.PrefillPattern``). Without
 ``budget=``/``density=`` there is no budget to fill: ``gamma`` sizes every block, the last one included.
 
 On a model whose softmax holds more than q.k (``SelectContext.extras``) the estimates use the model's
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..errors import SpecError
 from ..selection import Selection
-from .base import BlockQuota, BudgetedMethod, SelectContext, param
+from .base import BlockQuota, PrefillPattern, SelectContext, param
 from .registry import register
 from .scoring import (
     block_sums,
@@ -61,7 +62,7 @@ def js_distance(p: Tensor, q: Tensor) -> Tensor:
 
 @register
 @dataclass(frozen=True)
-class FlexPrefill(BudgetedMethod):
+class FlexPrefill(PrefillPattern):
     name: ClassVar[str] = "flexprefill"
     summary: ClassVar[str] = "per head: query-aware or vertical-slash, blocks until mass gamma (FlexPrefill)"
     paper: ClassVar[str] = "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence " \

@@ -8,7 +8,8 @@ plus the mass of the diagonals that cross it, and keeps the best blocks under th
 sinks and local window). The last query block, whose queries the estimate attended exactly, also ranks
 blocks by their own attention (``scoring.last_block_exact``): a needle only the final question reads is
 kept for it. In decode the one query is its own estimate, so decode keeps the blocks with the most true
-attention mass (selection costs one pass of q over the keys).
+attention mass (selection costs one pass of q over the keys); ``decode=dense`` attends every key instead, as
+the paper decodes (``base.PrefillPattern``).
 
 Simplification: MInference's kernel takes verticals per token and slashes per diagonal; here both
 are rounded to blocks (``key_block`` tokens), since a Selection addresses keys in blocks.
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
+from .base import BlockQuota, PrefillPattern, SelectContext, check_int, param
 from .registry import register
 from .scoring import block_sums, last_block_exact, last_query_probs, reduce_heads, slash_sums
 
@@ -60,7 +61,7 @@ def vertical_slash_scores(probs: Tensor, quota: BlockQuota, block_q: int, block_
 
 @register
 @dataclass(frozen=True)
-class VerticalSlash(BudgetedMethod):
+class VerticalSlash(PrefillPattern):
     name: ClassVar[str] = "vslash"
     summary: ClassVar[str] = "key columns + diagonals estimated from the last queries (MInference)"
     paper: ClassVar[str] = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse " \
