@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longreach import SpecError, parse_spec
+from longreach import parse_spec
 from longreach.methods import SelectContext
 
 NEEDLE_BLOCK = 2  # keys 128..191
@@ -75,45 +75,3 @@ def test_flexprefill_chooses_the_same_blocks_when_its_estimate_runs_a_few_kv_hea
     monkeypatch.setattr(flexprefill, "PASS_BYTES", 4 * 2 * 64 * 512)  # one KV head's probabilities per pass
     per_head = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
     assert torch.equal(one_pass.indices, per_head.indices)
-
-
-def _retrieval_head_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """One KV head read by 3 query heads (SmolLM2's grouping). Only head 0's final query reads the needle (6 keys
-    in block 1, most of its attention); heads 1 and 2 read 4 distractor keys in blocks 2-5 from every query of
-    the last block, each with a smaller share. Averaged over the group the distractors outrank the needle."""
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(1, 1, 512, 64, generator=g) * 0.3
-    q = torch.randn(1, 3, 512, 64, generator=g) * 0.3
-
-    def unit() -> torch.Tensor:
-        u = torch.randn(64, generator=g)
-        return u / u.norm()
-
-    needle = unit()
-    k[0, 0, 70:76] = 8 * needle
-    q[0, 0, -1] = 6.5 * needle
-    for b in (2, 3, 4, 5):
-        u = unit()
-        k[0, 0, b * 64 + 10] = 8 * u
-        q[0, 1:, 448:] += 7 * u
-    return q, k
-
-
-@pytest.mark.parametrize("method,budget", [("flexprefill", 132), ("vslash", 196)])  # 1 and 2 blocks to choose
-def test_last_heads_max_keeps_the_block_one_head_of_the_group_needs(method, budget):
-    q, k = _retrieval_head_inputs()
-    spec = f"{method}:budget={budget},block=64"
-    mean = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
-    most = parse_spec(f"{spec},last_heads=max").selector.select(q, k, SelectContext(scale=SCALE))
-    assert 1 not in mean.indices[0, 0, -1].tolist(), "the setup must make the group's mean drop the needle"
-    assert 1 in most.indices[0, 0, -1].tolist()
-    assert torch.equal(mean.indices[:, :, :-1], most.indices[:, :, :-1]), "only the last block's row may change"
-    assert (most.indices[0, 0, -1] >= 0).sum() == (mean.indices[0, 0, -1] >= 0).sum(), "the same budget"
-    # each query head choosing alone (group=q) keeps it for head 0 too: the max is the group's union of needs
-    alone = parse_spec(f"{spec},group=q").selector.select(q, k, SelectContext(scale=SCALE))
-    assert 1 in alone.indices[0, 0, -1].tolist()
-
-
-def test_last_heads_is_checked():
-    with pytest.raises(SpecError, match="last_heads must be 'mean' or 'max'"):
-        parse_spec("vslash:last_heads=sum")

@@ -19,7 +19,6 @@ from ..configurable import Configurable, param
 from ..errors import SpecError
 from ..selection import Selection
 from ..stages import PLAIN, CachePolicy, SoftmaxExtras
-from .scoring import reduce_heads
 from .summaries import block_stats
 
 
@@ -268,35 +267,13 @@ class PrefillPattern(BudgetedMethod):
     recorded before the option keep their meaning.
     """
 
-    exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
-                             "attention (false: by the pattern estimate alone, as the paper does)")
     decode: str = param("sparse", "sparse: a decode step keeps its budget's best blocks by its exact attention; "
                         "dense: decode attends every key (the papers' rule, and faster)")
-    last_heads: str = param("mean", "group=kv, exact_last: how the query heads sharing a KV head combine the last "
-                            "block's exact ranking: mean, or max (a block one head needs is kept)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.decode not in ("sparse", "dense"):
             raise SpecError(f"{self.name}: decode must be 'sparse' or 'dense', got {self.decode!r}")
-        if self.last_heads not in ("mean", "max"):
-            raise SpecError(f"{self.name}: last_heads must be 'mean' or 'max', got {self.last_heads!r}")
-
-    def combine_heads(self, scores: Tensor, n_kv: int, how: str) -> Tensor:
-        """Per-query-head block scores (B, Hq, nQB, nKB) -> the selection's heads, combined ``how``; with
-        ``last_heads=max`` the last query block's row by the group's largest score instead.
-
-        Why: with group=kv the heads of a group share one budget, and a head that retrieves (the one reading a
-        needle) is often alone in its group. Averaged with two heads that read elsewhere, its needle block lost
-        to blocks all three read a little: on SmolLM2 at 8k (9 query heads, 3 KV heads), a needle prompt that
-        flexprefill:density=0.1 answered wrong kept none of the needle for the answer's row in layer 21, the layer
-        whose most needle-attending head puts 0.42 of its attention there under dense (docs/tuned/needle_mass.py).
-        The max is the last block's exact ranking taken one step further: no query, and no query head, of the
-        block that writes the answer loses a key block it needs, within the same budget."""
-        out = reduce_heads(scores, n_kv, self.group, how)
-        if self.exact_last and self.last_heads == "max" and self.group == "kv":
-            out[:, :, -1] = reduce_heads(scores[:, :, -1], n_kv, self.group, "max")
-        return out
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
         if q.shape[2] == 1 and self.decode == "dense":

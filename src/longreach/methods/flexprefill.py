@@ -72,6 +72,8 @@ class FlexPrefill(PrefillPattern):
 
     gamma: float = param(0.9, "estimated attention mass each query block must reach, in (0, 1]")
     tau: float = param(0.1, "JS distance below which a head trusts the pooled (query-aware) estimate")
+    exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
+                             "attention (false: by the pattern estimate alone, as the paper does)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,14 +107,13 @@ class FlexPrefill(PrefillPattern):
         # average would drop what only its final query needs (see last_block_exact)
         if self.exact_last:
             mass[:, :, -1] = torch.maximum(mass[:, :, -1], own_last)
-        ranked = self.combine_heads(mass, n_kv, "mean")
         mass = reduce_heads(mass, n_kv, self.group, "mean")
         always = (mass * (causal & ~quota.candidate)).sum(-1)  # sinks' and window's blocks
-        need = sorted_count_to_reach(mass * quota.candidate, always, self.gamma)
+        cand_mass = mass * quota.candidate
+        need = sorted_count_to_reach(cand_mass, always, self.gamma)
         if self.exact_last and self.capped:  # without a budget there is none to fill: gamma sizes it too
             need[..., -1] = quota.n_take[-1]
-        # how many blocks: from the heads' mean mass, a distribution; which: ``ranked`` (see last_heads)
-        scores = (ranked * quota.candidate).masked_fill(~(mass * quota.candidate > 0), float("-inf"))
+        scores = cand_mass.masked_fill(cand_mass <= 0, float("-inf"))
         return self.top_blocks(scores, quota, ctx, n_take=need)
 
     def last_query_estimates(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..selection import Selection
 from .base import BlockQuota, PrefillPattern, SelectContext, check_int, param
 from .registry import register
-from .scoring import block_sums, last_block_exact, last_query_probs, slash_sums
+from .scoring import block_sums, last_block_exact, last_query_probs, reduce_heads, slash_sums
 
 
 def keep_top(x: Tensor, n: int | None) -> Tensor:
@@ -70,6 +70,8 @@ class VerticalSlash(PrefillPattern):
     last_q: int = param(64, "last queries whose exact attention estimates the pattern")
     vertical: int | None = param(None, "key columns kept in the estimate (default: all, weighted by mass)")
     slash: int | None = param(None, "diagonals kept in the estimate (default: all, weighted by mass)")
+    exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
+                             "attention (false: by the pattern estimate alone, as the paper does)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,4 +87,4 @@ class VerticalSlash(PrefillPattern):
         if self.exact_last:
             scores[:, :, -1] = torch.maximum(scores[:, :, -1], last_block_exact(probs, quota.t_q, self.block,
                                                                                 self.block_k))
-        return self.top_blocks(self.combine_heads(scores, k.shape[1], "sum"), quota, ctx)
+        return self.top_blocks(reduce_heads(scores, k.shape[1], self.group, "sum"), quota, ctx)
