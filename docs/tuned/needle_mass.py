@@ -1,5 +1,7 @@
 """Where does a sparse prefill lose the needle? Per layer, the row whose logits give the answer's first digit
-(the prompt, then the answer's leading space, as the eval decodes it first) against the needle sentence's tokens.
+against the needle sentence's tokens. The answer's leading space (what the eval generates first) is appended to
+the prompt, so that row is the prefill's last one and attends under the prefill's selection; in the eval it is a
+decode step, with the method's decode selection.
 
 For each spec the model runs the needle prompt (SmolLM2-135M, chat template, the eval's corpus, seed and depth) with
 the spec applied; at every layer an observer takes that layer's q and k as the spec's run produced them and reports:
