@@ -155,9 +155,11 @@ def main() -> None:
         for task in ("passkey", "niah"):
             accuracy(f"tuned KV press, 10% cache, {length}, {task}", "snapkv:density=0.1,pool=31",
                      f"tuned/smollm2-{length}/reporting/results.jsonl", keep=lambda r, task=task: r["task"] == task)
-    for task in ("passkey", "niah"):  # the same texts as the 4k reporting prompts, without the chat template
-        accuracy(f"tuned KV press, 10% cache, 4k, no chat template, {task}", "snapkv:density=0.1,pool=31",
-                 "heldout/smollm2-4k-nochat-austen/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+    for length in ("4k", "8k"):  # the same texts as the reporting prompts, without the chat template
+        for task in ("passkey", "niah"):
+            accuracy(f"tuned KV press, 10% cache, {length}, no chat template, {task}", "snapkv:density=0.1,pool=31",
+                     f"heldout/smollm2-{length}-nochat-austen/results.jsonl",
+                     keep=lambda r, task=task: r["task"] == task)
     accuracy("tuned KV press, 10% cache, 4k, multikey needle", "snapkv:density=0.1,pool=31",
              "heldout/smollm2-4k-multikey-austen/results.jsonl")
     for density in ("0.1", "0.25"):  # a bare question, no template: the press stops at once more often than dense
