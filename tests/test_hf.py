@@ -10,7 +10,8 @@ import longreach
 from longreach import LongreachError, UnsupportedModelError
 
 FULL = ["dense", "quest:budget=100000,block=16", "moba:density=1.0,block=16", "streaming:window=100000",
-        "hip:density=1.0,block=16", "twilight:density=1.0,block=16", "vslash:budget=100000,block=16"]
+        "hip:density=1.0,block=16", "twilight:density=1.0,block=16", "vslash:budget=100000,block=16",
+        "flexprefill:budget=100000,block=16,decode=dense"]
 NEW_SELECTORS = ["hip", "twilight", "flexprefill", "vslash", "squeezed", "loki", "hyper", "longheads", "anchor",
                  "recycled"]
 
