@@ -571,11 +571,12 @@ def test_two_ray_serve_replicas_answer_alike_each_with_its_own_prefix_cache(tiny
         replicas = {got.model_extra["longreach"]["replica"] for got in answers}
         assert len(replicas) == 2, replicas  # requests spread over both
         health: dict[str, dict] = {}
-        for _ in range(60):  # /health goes to either replica: ask until both have answered
-            h = httpx.get(url + "/health").json()
-            health[h["replica"]] = h
-            if len(health) == 2:
-                break
+        with ThreadPoolExecutor(4) as pool:  # /health goes to either replica: ask until both have answered
+            for _ in range(60):  # 4 at once: one at a time, a loaded machine's router kept picking one replica
+                for h in pool.map(lambda _: httpx.get(url + "/health").json(), range(4)):
+                    health[h["replica"]] = h
+                if len(health) == 2:
+                    break
         assert set(health) == replicas
         assert sum(h["requests"]["served"] for h in health.values()) == 8
         for h in health.values():
