@@ -121,3 +121,20 @@ def test_selection_time_in_a_prompt_is_the_prompts(spec, monkeypatch, tmp_path):
         got = dict(handle.select_s)
     assert calls and got["decode"] == 0.0 and got["prefill"] >= SLEEP * len(calls)
     assert 1 in calls  # both hold the last prompt row back: its one-row call is there, and counted as the prompt's
+
+
+def test_with_query_heads_every_layer_weighs_alike_whatever_rows_its_selection_has():
+    """A dense layer (one selection row for all heads) beside a sparse one (a row per KV head), 4 query heads: the
+    density is the mean of the two layers' own mask densities, as if each query head were counted."""
+    rng = random.Random(3)
+    sparse = _random_selection(rng, 24, 24, heads=2)
+    full = Selection.dense(1, 24, 24)
+    stats = DensityStats()
+    stats.add("prefill", full, 4)
+    stats.add("prefill", sparse, 4)
+    kept, causal = _mask_pairs(sparse)
+    assert full.heads == 1 and stats.density() == pytest.approx((1 + kept / causal) / 2, abs=1e-12)
+    unweighted = DensityStats()  # without query heads: rows counted as they come, the dense layer weighs half
+    unweighted.add("prefill", full)
+    unweighted.add("prefill", sparse)
+    assert unweighted.density() == pytest.approx((1 + 2 * kept / causal) / 3, abs=1e-12)

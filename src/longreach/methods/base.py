@@ -265,21 +265,49 @@ class PrefillPattern(BudgetedMethod):
     sparse decode step does dense attention's work and then attends again, and is slower than dense
     (``decode=dense``: every key, exactly, as the papers decode). ``sparse`` stays the default so that rows
     recorded before the option keep their meaning.
+
+    ``dense_layers=N`` attends every key in the model's first N layers. Why: on SmolLM2 at 8k, the prose needles
+    ``flexprefill:density=0.1`` lost at depth 0.5 were lost to the early layers' sparsity, not to the answer
+    row's own choice (docs/tuned.md, "Where flexprefill lost the needle"). A dense layer costs what dense
+    attention costs there; the rest stay sparse.
     """
 
     decode: str = param("sparse", "sparse: a decode step keeps its budget's best blocks by its exact attention; "
                         "dense: decode attends every key (the papers' rule, and faster)")
+    dense_layers: int = param(0, "the model's first N layers attend every key, in prefill and decode")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.decode not in ("sparse", "dense"):
             raise SpecError(f"{self.name}: decode must be 'sparse' or 'dense', got {self.decode!r}")
+        check_int(self, "dense_layers", self.dense_layers, minimum=0)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a ``dense_layers`` that leaves none of the layers this method acts on sparse: the method would
+        be dense attention under another name."""
+        layers = selectable_layers(model)
+        if self.dense_layers and layers is not None and not any(i >= self.dense_layers for i in layers):
+            raise SpecError(f"{self.name}: dense_layers={self.dense_layers} leaves no layer sparse: this model's "
+                            f"layers with full attention are {layers}; use a smaller dense_layers, or dense")
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        if q.shape[2] == 1 and self.decode == "dense":
-            return Selection.dense(q.shape[0], 1, k.shape[2], key_mask=ctx.key_mask, block=self.block,
+        if ctx.layer_idx < self.dense_layers or (q.shape[2] == 1 and self.decode == "dense"):
+            return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, block=self.block,
                                    device=q.device)
         return super().select(q, k, ctx)
+
+
+def selectable_layers(model: torch.nn.Module) -> list[int] | None:
+    """Indices of the layers a select method acts on: every layer but the model's own local ones (sliding-window
+    or chunked layers keep their attention), from the config's ``layer_types``; None when the config does not say
+    how many layers there are."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    n = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        return None
+    types = getattr(text, "layer_types", None) or ["full_attention"] * n
+    return [i for i, t in enumerate(types) if t not in ("sliding_attention", "chunked_attention")]
 
 
 @functools.lru_cache(maxsize=16)

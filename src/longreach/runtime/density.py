@@ -33,19 +33,22 @@ class DensityStats:
     causal: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     # selections not counted yet: one geometry (phase, template) and the block indices of each
     _pending: list[torch.Tensor] = field(default_factory=list)
-    _template: tuple[str, Selection] | None = None
+    _template: tuple[str, Selection, float] | None = None
 
-    def add(self, phase: str, sel: Selection) -> None:
-        total = causal_pairs(sel)
+    def add(self, phase: str, sel: Selection, query_heads: int | None = None) -> None:
+        """Count ``sel``; with ``query_heads``, per query head, so that a layer weighs the same whether its
+        Selection has a row per KV head, per query head or one for all (a dense layer beside sparse ones)."""
+        weight = query_heads / sel.heads if query_heads else 1.0
+        total = causal_pairs(sel) * weight
         self.causal[phase] += total
         if sel.full:
             self.kept[phase] += total
         elif sel.key_mask is not None:
-            self.kept[phase] += float(sel.visible_total())
+            self.kept[phase] += float(sel.visible_total()) * weight
         else:
-            if self._template is not None and not _same_geometry(self._template, phase, sel):
+            if self._template is not None and not _same_geometry(self._template, phase, sel, weight):
                 self._fold()
-            self._template = (phase, sel)
+            self._template = (phase, sel, weight)
             self._pending.append(sel.indices)
             if len(self._pending) >= FOLD_EVERY:
                 self._fold()
@@ -54,9 +57,9 @@ class DensityStats:
         """Count the pending selections at once: stacked on the batch axis they are one Selection."""
         if self._template is None:
             return
-        phase, sel = self._template
+        phase, sel, weight = self._template
         stacked = replace(sel, indices=torch.cat(self._pending, dim=0))
-        self.kept[phase] += float(stacked.visible_total())
+        self.kept[phase] += float(stacked.visible_total()) * weight
         self._pending, self._template = [], None
 
     def add_heads(self, phase: str, sel: Selection, n_heads: int, seen: int) -> None:
@@ -75,10 +78,10 @@ class DensityStats:
         return None if causal == 0 else sum(self.kept[p] for p in phases) / causal
 
 
-def _same_geometry(template: tuple[str, Selection], phase: str, sel: Selection) -> bool:
+def _same_geometry(template: tuple[str, Selection, float], phase: str, sel: Selection, weight: float) -> bool:
     """Whether ``sel`` stacks with the pending ones: every field but the indices' batch axis must agree."""
-    t_phase, t = template
-    return (t_phase == phase and t.indices.shape[1:] == sel.indices.shape[1:]
+    t_phase, t, t_weight = template
+    return (t_phase == phase and t_weight == weight and t.indices.shape[1:] == sel.indices.shape[1:]
             and (t.q_len, t.kv_len, t.block_q, t.block_k, t.sinks, t.window)
             == (sel.q_len, sel.kv_len, sel.block_q, sel.block_k, sel.sinks, sel.window)
             and t.indices.device == sel.indices.device)

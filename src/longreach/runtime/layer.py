@@ -150,13 +150,14 @@ class LayerRuntime:
             raise LongreachError(f"layer {self.layer_idx}: a kvquant cache left its codes to a policy that did not "
                                  "attend them (please report this)")
         if deferred and handle.track_density:  # every stored key, as the dense selection the runtime skipped
-            handle.stats.add(phase, Selection.dense(q.shape[0], t_q, k.shape[2] + deferred, device=q.device))
+            handle.stats.add(phase, Selection.dense(q.shape[0], t_q, k.shape[2] + deferred, device=q.device),
+                             q.shape[1])
         if out is None:
             sel = self.select(q, k, key_mask, scale, sliding_window, new_sequence, far)
             if t_q > 1:  # the projections' and the selector's freed scratch leave before the output is allocated
                 release_free_memory(k.shape[2])
             if handle.track_density and controlled:
-                handle.stats.add(phase, sel)
+                handle.stats.add(phase, sel, q.shape[1])
             out = kernels.attend(q, k, v, sel, scale, handle.kernel, far=far, softcap=self.softcap, sinks=self.sinks)
             if branches:
                 out = self.average_branches(out, branches, v, sel, scale)
