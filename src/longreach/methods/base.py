@@ -267,8 +267,8 @@ class PrefillPattern(BudgetedMethod):
     recorded before the option keep their meaning.
 
     ``dense_layers=N`` attends every key in the model's first N layers. Why: on SmolLM2 at 8k, the prose needles
-    ``flexprefill:density=0.1`` lost at depth 0.5 were lost to the early layers' sparsity, not to the answer
-    row's own choice (docs/tuned.md, "Where flexprefill lost the needle"). A dense layer costs what dense
+    ``flexprefill:density=0.1`` lost in the middle of the text came back with its first layers dense, and not
+    with the answer rows dense (docs/tuned.md, "Which layers lose it"). A dense layer costs what dense
     attention costs there; the rest stay sparse.
     """
 
