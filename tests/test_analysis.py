@@ -360,3 +360,33 @@ def test_cli_lookback_dataset_labels_answers_by_the_task_scorer(tiny_lm_folder, 
         assert torch.allclose(torch.tensor(r["features"]), lookback_ratios(lm, ids, 3).features(), atol=1e-5)
     refused = CliRunner().invoke(app, ["lookback", "fit", str(out)])
     assert refused.exit_code == 2 and "need both labels" in refused.output
+
+
+def test_cli_lookback_dataset_resumes_and_refuses_another_set(tiny_lm_folder, tmp_path):
+    """A second run keeps the rows already written and asks only the missing samples; a cut-off last line is
+    dropped and asked again; a file of another set (here: another template setting) is refused, untouched."""
+    out = tmp_path / "data.jsonl"
+    base = ["lookback", "dataset", "--model", str(tiny_lm_folder), "--task", "passkey", "--lengths", "200",
+            "--depths", "0,1", "--max-new-tokens", "2", "--no-chat", "--out", str(out)]
+    assert CliRunner().invoke(app, [*base, "--seeds", "1"]).exit_code == 0
+    first = out.read_text().splitlines()
+    assert [(json.loads(r)["depth"], json.loads(r)["seed"]) for r in first] == [(0.0, 0), (1.0, 0)]
+
+    out.write_text("\n".join(first) + "\n" + first[1][:25])  # an interrupted write: no newline at the end
+    result = CliRunner().invoke(app, [*base, "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 answers kept, 2 to run" in result.output
+    lines = out.read_text().splitlines()
+    assert lines[:2] == first  # kept byte for byte, not recomputed
+    keys = [(json.loads(r)["depth"], json.loads(r)["seed"]) for r in lines]
+    assert sorted(keys) == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
+
+    result = CliRunner().invoke(app, [*base, "--seeds", "1", "--first-seed", "7"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(r)["seed"] for r in out.read_text().splitlines()[4:]] == [7, 7]
+
+    before = out.read_text()
+    chat = [a if a != "--no-chat" else "--chat" for a in base]
+    refused = CliRunner().invoke(app, [*chat, "--seeds", "1"])
+    assert refused.exit_code == 2 and "another set" in refused.output and "'chat': False" in refused.output
+    assert out.read_text() == before

@@ -78,15 +78,18 @@ def dataset(
     lengths: str = typer.Option("1k", help="prompt lengths in tokens, e.g. 1k,2k"),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="needle depths"),
     seeds: int = typer.Option(4, min=1, help="samples per (length, depth)"),
+    first_seed: int = typer.Option(0, min=0, help="seed of the first sample (seeds first_seed .. first_seed+seeds-1)"),
     max_new_tokens: int = typer.Option(None, min=1, help="greedy tokens per answer (default: the task's)"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
     corpus: str = typer.Option("canterbury", help="prose source: canterbury, austen, bible or synthetic"),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
-    out: Path = typer.Option(Path("lookback-data.jsonl"), help="JSONL to write, one labelled answer per line"),
+    out: Path = typer.Option(Path("lookback-data.jsonl"), help="JSONL to write, one labelled answer per line; "
+                             "an existing file of the same set is resumed"),
 ) -> None:
     """Build a labelled set: answer each task sample greedily; label 1 when the scorer finds it wrong.
 
-    The label is a proxy for the paper's contextual-hallucination annotations (docs/analyses.md).
+    The label is a proxy for the paper's contextual-hallucination annotations (docs/analyses.md). A long set
+    resumes: answers already in --out (same model, task, template and corpus) are kept and not asked again.
     """
     from longreach import load_model
     from longreach.eval import Corpus, parse_task
@@ -97,18 +100,52 @@ def dataset(
         if out.is_dir():
             raise LongreachError(f"--out {out} is a folder; give a file name such as data.jsonl")
         prose = Corpus.synthetic() if corpus == "synthetic" else Corpus.load(corpus)
+        settings = {"model": model, "task_spec": task, "chat": chat, "corpus": corpus,
+                    "max_new_tokens": max_new_tokens}
+        kept = resumable_rows(out, settings)
+        done = {(r["length"], r["depth"], r["seed"]) for r in kept}
+        todo = [(n, d, s) for n in lens for d in deps for s in range(first_seed, first_seed + seeds)]
+        todo = [key for key in todo if key not in done]
+        if kept:
+            console.print(f"resuming {out}: {len(kept)} answers kept, {len(todo)} to run")
         lm, tok = load_model(model)
-        total = len(lens) * len(deps) * seeds
-        wrong = 0
-        with out.open("w") as fh:
-            for i, row in enumerate(labelled_rows(lm, tok, task_obj, prose, lens, deps, range(seeds), chat,
-                                                  max_new_tokens, kernel), 1):
-                row["model"] = model
+        total, wrong = len(kept) + len(todo), sum(r["label"] for r in kept)
+        with out.open("a") as fh:
+            for i, row in enumerate(labelled_rows(lm, tok, task_obj, prose, todo, chat, max_new_tokens, kernel),
+                                    len(kept) + 1):
+                row.update(settings)
                 fh.write(json.dumps(row) + "\n")
+                fh.flush()
                 wrong += row["label"]
                 console.print(f"[dim]{i}/{total} {row['tokens']} tokens, depth {row['depth']}: "
                               f"{'wrong' if row['label'] else 'right'} ({row['prediction'][:40]!r})[/dim]")
     console.print(f"wrote {out}: {total} answers, {wrong} wrong (label 1), {total - wrong} right (label 0)")
+
+
+def resumable_rows(out: Path, settings: dict) -> list[dict]:
+    """The rows a resumed `dataset` keeps. Refuses a file of another set rather than mixing or overwriting it; a
+    last line cut off by an interrupted write (no newline) is dropped, and only that line."""
+    if not out.exists() or out.stat().st_size == 0:
+        return []
+    text = out.read_text()
+    lines = text.splitlines()
+    if not text.endswith("\n"):
+        console.print(f"[yellow]{out}: dropping its last line, cut off by an interrupted write[/yellow]")
+        lines = lines[:-1]
+        out.write_text("".join(line + "\n" for line in lines))
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise LongreachError(f"{out}:{n} is not JSON; give another --out (the file is left as it is)") from None
+        other = {k: row.get(k, "(not recorded)") for k, v in settings.items() if row.get(k, "(not recorded)") != v}
+        if other:
+            mine = {k: settings[k] for k in other}
+            raise LongreachError(f"{out} holds answers of another set ({other}; this run: {mine}): give another "
+                                 f"--out, or the same options to resume it (the file is left as it is)")
+        rows.append(row)
+    return rows
 
 
 @lookback_app.command("fit")

@@ -8,8 +8,7 @@ supported by the context, and a correct one can still hold unsupported text beyo
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 
 from ..analysis import lookback_ratios
 from ..generation import eos_ids
@@ -17,12 +16,12 @@ from .corpus import Corpus
 from .tasks import Task
 
 
-def labelled_rows(model, tokenizer, task: Task, corpus: Corpus, lengths: Sequence[int], depths: Sequence[float],
-                  seeds: Sequence[int], chat: bool = True, max_new_tokens: int | None = None, kernel: str = "auto",
+def labelled_rows(model, tokenizer, task: Task, corpus: Corpus, samples: Iterable[tuple[int, float, int]],
+                  chat: bool = True, max_new_tokens: int | None = None, kernel: str = "auto",
                   progress: Callable[[dict], None] | None = None) -> Iterator[dict]:
-    """One row per (length, depth, seed): the answer's lookback features, its score and the label."""
+    """One row per (length, depth, seed) of ``samples``: the answer's lookback features, its score and the label."""
     eos = eos_ids(model, tokenizer)
-    for length, depth, seed in itertools.product(lengths, depths, seeds):
+    for length, depth, seed in samples:
         sample = task.build(tokenizer, corpus, length, depth, seed, chat)
         ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not sample.chat)["input_ids"]
         run = lookback_ratios(model, ids, max_new_tokens or sample.max_new_tokens, eos, kernel)
