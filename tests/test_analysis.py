@@ -390,3 +390,7 @@ def test_cli_lookback_dataset_resumes_and_refuses_another_set(tiny_lm_folder, tm
     refused = CliRunner().invoke(app, [*chat, "--seeds", "1"])
     assert refused.exit_code == 2 and "another set" in refused.output and "'chat': False" in refused.output
     assert out.read_text() == before
+
+    out.write_text(before + lines[0][:25])  # another set's file with a cut-off tail: refused, not trimmed either
+    refused = CliRunner().invoke(app, [*chat, "--seeds", "1"])
+    assert refused.exit_code == 2 and out.read_text() == before + lines[0][:25]

@@ -94,6 +94,7 @@ def dataset(
     from longreach import load_model
     from longreach.eval import Corpus, parse_task
     from longreach.eval.lookback import labelled_rows
+    from longreach.eval.results import ResultsWriter
 
     with user_errors():
         task_obj, lens, deps = parse_task(task), token_lengths(lengths), floats(depths, "depths")
@@ -110,12 +111,11 @@ def dataset(
             console.print(f"resuming {out}: {len(kept)} answers kept, {len(todo)} to run")
         lm, tok = load_model(model)
         total, wrong = len(kept) + len(todo), sum(r["label"] for r in kept)
-        with out.open("a") as fh:
+        with ResultsWriter(out) as writer:  # one fsync'd append per answer, as eval's results.jsonl
             for i, row in enumerate(labelled_rows(lm, tok, task_obj, prose, todo, chat, max_new_tokens, kernel),
                                     len(kept) + 1):
                 row.update(settings)
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
+                writer.append(row)
                 wrong += row["label"]
                 console.print(f"[dim]{i}/{total} {row['tokens']} tokens, depth {row['depth']}: "
                               f"{'wrong' if row['label'] else 'right'} ({row['prediction'][:40]!r})[/dim]")
@@ -124,27 +124,30 @@ def dataset(
 
 def resumable_rows(out: Path, settings: dict) -> list[dict]:
     """The rows a resumed `dataset` keeps. Refuses a file of another set rather than mixing or overwriting it; a
-    last line cut off by an interrupted write (no newline) is dropped, and only that line."""
+    last line cut off by an interrupted write (no newline) is dropped, and only that line, once the rest passed."""
     if not out.exists() or out.stat().st_size == 0:
         return []
     text = out.read_text()
     lines = text.splitlines()
-    if not text.endswith("\n"):
-        console.print(f"[yellow]{out}: dropping its last line, cut off by an interrupted write[/yellow]")
+    torn = not text.endswith("\n")
+    if torn:
         lines = lines[:-1]
-        out.write_text("".join(line + "\n" for line in lines))
     rows = []
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except ValueError:
             raise LongreachError(f"{out}:{n} is not JSON; give another --out (the file is left as it is)") from None
-        other = {k: row.get(k, "(not recorded)") for k, v in settings.items() if row.get(k, "(not recorded)") != v}
+        other = {k: row.get(k, "(not recorded)") for k in settings}
+        other = {k: v for k, v in other.items() if v != settings[k]}
         if other:
             mine = {k: settings[k] for k in other}
             raise LongreachError(f"{out} holds answers of another set ({other}; this run: {mine}): give another "
                                  f"--out, or the same options to resume it (the file is left as it is)")
         rows.append(row)
+    if torn:
+        console.print(f"[yellow]{out}: dropping its last line, cut off by an interrupted write[/yellow]")
+        out.write_text("".join(line + "\n" for line in lines))
     return rows
 
 
