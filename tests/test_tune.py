@@ -412,6 +412,40 @@ def test_an_interrupted_tune_resumes_without_duplicating_rows(tiny, tuned, tmp_p
     assert (tmp_path / "tiny-256" / "tuning" / "results.jsonl").read_text() == before
 
 
+def test_a_baseline_recorded_elsewhere_is_timed_again_beside_the_candidates(tiny, tmp_path):
+    """Dense's tuning rows recorded at another commit (a tune resumed after an upgrade, or rows copied in) share no
+    machine key with the candidates', so no speed ratio compares them; rather than refuse every prefill candidate
+    as unmeasured, tune times dense and them again on a few tuning prompts in WORK/timing and takes the ratio of
+    those medians. Oracle: the medians recomputed from the timing rows themselves."""
+    import statistics
+
+    from longreach.eval.tune import unmeasured
+
+    lm, tok = tiny
+    out, work = tmp_path / "t.json", tmp_path / "t"
+    tune("tiny", 256, out, settings(), lm=lm, tokenizer=tok, log=lambda _: None)
+    assert not (work / "timing").exists()  # measured alike the first time: nothing to time again
+    path = work / "tuning" / "results.jsonl"
+    rows, _ = read_rows(path)
+    moved = [{**r, "provenance": {**r["provenance"], "commit": "elsewhere"}} if r["method"] == "dense" else r
+             for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in moved))
+    prefill = [s["spec"] for s in json.loads(out.read_text())["standings"]["tuning"] if s["kind"] == "prefill"]
+    runs = {spec: ("prefill", "dense", i) for i, spec in enumerate(prefill)}
+    assert prefill and unmeasured(moved, runs, Rule(min_speedup=0.0, min_lower=-100.0)) == prefill
+    log: list[str] = []
+    data = tune("tiny", 256, out, settings(), lm=lm, tokenizer=tok, log=log.append).data
+    assert any("timing both again" in line for line in log)
+    timed, bad = read_rows(work / "timing" / "results.jsonl")
+    assert not bad and {r["method"] for r in timed} == {"dense", *prefill} and data["folders"]["timing"] == "t/timing"
+    for st in (s for s in data["standings"]["tuning"] if s["kind"] == "prefill"):
+        mine = statistics.median(r["prefill_s"] for r in timed if r["method"] == st["spec"])
+        base = statistics.median(r["prefill_s"] for r in timed if r["method"] == "dense")
+        assert st["speed_from"] == "timing" and st["speed_ratio"] == pytest.approx(base / mine)
+        assert not any("unmeasured" in why for why in st["reasons"])
+    assert read_rows(path)[0] == moved  # the tuning rows are left as they were
+
+
 def test_past_the_trained_length_it_picks_a_position_method(smol_tokenizer, tmp_path):
     """Trained to 256 tokens, asked for 320: the screen runs at 256, the position methods against dense, the
     candidates under a position method they can be stacked with (Self-Extend re-maps by cache index, so a press

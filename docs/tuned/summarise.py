@@ -55,7 +55,7 @@ def summarise(path: Path) -> str:
             continue
         c = d[kind]
         if c.get("spec"):
-            tuning = " (tuning rows)" if c.get("speed_from") == "tuning" else ""
+            tuning = {"tuning": " (tuning rows)", "timing": " (timed again)"}.get(c.get("speed_from"), "")
             out.append(f"| {kind} | `{c['spec']}` | {c['baseline']} | {fmt(c.get('speed_ratio'), 2, False)}x{tuning} | "
                        f"{fmt(c.get('cache_ratio'), 2, False)}x | {c['evidence']} |")
         else:

@@ -13,7 +13,9 @@ Three stages, each resumable from its folder next to the output JSON:
    against. Inside the trained length position methods run only when given (``--positions``), and one becomes
    the baseline only if it was more accurate than dense (a model can miss what lies far from the question even
    inside its window); else the others run alone. Per kind, the ``finalists`` best that pass the
-   observed-difference rule (or lost at most ``tune_slack`` prompts net) go on.
+   observed-difference rule (or lost at most ``tune_slack`` prompts net) go on. A prefill candidate that passes
+   on accuracy but whose rows and the baseline's were not recorded alike (machine, threads, commit: a resumed
+   or copied run) is timed again beside the baseline on a few tuning prompts (``WORK/timing``).
 3. **report** (``WORK/reporting/results.jsonl``) — the finalists and the baseline on disjoint reporting prompts
    (other seeds, another corpus where one loads), one finalist per kind at a time in tuning order
    (:func:`finalist_rounds`). The chosen spec of each kind is the first finalist that passes the full rule
@@ -138,7 +140,8 @@ def beside(out: Path, path: Path) -> str:
 
 def speed_note(choice: dict) -> str:
     """Where a chosen prefill's ratio came from the tuning prompts (the reporting rows were not measured alike)."""
-    return " (from the tuning prompts' rows)" if choice.get("speed_from") == "tuning" else ""
+    return {"tuning": " (from the tuning prompts' rows)",
+            "timing": " (from rows timed again alike on tuning prompts)"}.get(choice.get("speed_from"), "")
 
 
 def shared_note(choice: dict) -> str:
@@ -273,10 +276,11 @@ def comparable_medians(mine: list[dict], base: list[dict], field: str) -> tuple[
 
 
 def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rule: Rule, final: bool,
-          stage: str, tuning_speed: float | None = None) -> tuple[Standing, list[dict]]:
+          stage: str, tuning_speed: float | None = None, timing: list[dict] = ()) -> tuple[Standing, list[dict]]:
     """One candidate against the baseline on the same prompts, task by task: its standing and evidence rows.
     The prefill speed ratio comes from comparable rows (:func:`comparable_medians`); where this stage has none,
-    ``tuning_speed`` (the tuning stage's ratio for the same spec) stands in, and the standing says so."""
+    the ``timing`` rows (both run again alike, :func:`retime`) or else ``tuning_speed`` (the tuning stage's ratio
+    for the same spec) stand in, and the standing says which."""
     evidence, reasons = [], []
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     for task in tasks:
@@ -300,17 +304,41 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
     base_all = [r for r in rows if r["method"] == baseline]
     t, t0 = comparable_medians(mine_all, base_all, "prefill_s")
     kv, kv0 = _median(mine_all, "kv_bytes_prompt"), _median(base_all, "kv_bytes_prompt")  # bytes: any machine
-    speed, speed_from = (t0 / t, "") if t and t0 else (tuning_speed, "tuning" if tuning_speed else "")
+    speed, speed_from = (t0 / t, "") if t and t0 else (None, "")
+    if speed is None and timing:
+        t, t0 = comparable_medians([r for r in timing if r["method"] == spec],
+                                   [r for r in timing if r["method"] == baseline], "prefill_s")
+        speed, speed_from = (t0 / t, "timing") if t and t0 else (None, "")
+    if speed is None and tuning_speed:
+        speed, speed_from = tuning_speed, "tuning"
     standing = Standing(spec, kind, order, not reasons, reasons, sum(r["score"] for r in mine_all), speed,
                         speed_from, kv / kv0 if kv is not None and kv0 else None, baseline,
                         *sharing.shared_count(mine_all + base_all))
     if kind == "prefill" and not (standing.speed_ratio or 0.0) > rule.min_speedup:
-        speed_text = ("unmeasured (no rows of both on one machine, thread count and commit)"
+        speed_text = (UNMEASURED
                       if standing.speed_ratio is None else f"{standing.speed_ratio:.2f}x")
         standing.reasons.append(f"prefill speed vs the baseline {speed_text}, not above --min-speedup "
                                 f"{rule.min_speedup:g}")
         standing.passed = False
     return standing, evidence
+
+
+UNMEASURED = "unmeasured (no rows of both on one machine, thread count and commit)"
+TIMING_SAMPLES = 3  # tuning prompts per task that time a prefill candidate and its baseline again, alike
+
+
+def unmeasured(rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Rule) -> list[str]:
+    """The prefill candidates that pass on these rows' accuracy but whose speed against the baseline is unmeasured:
+    their rows and the baseline's were recorded on different machines, thread counts or commits (a tune resumed
+    after an upgrade, or a baseline's rows copied from another run). Timing them again beats refusing them."""
+    found = []
+    for spec, (kind, baseline, order) in runs.items():
+        if kind != "prefill":
+            continue
+        st, _ = stand(rows, spec, kind, order, baseline, rule, False, "tuning")
+        if st.speed_ratio is None and len(st.reasons) == 1:  # the speed reason is its only one
+            found.append(spec)
+    return found
 
 
 def _points(x: float) -> float | None:
@@ -361,15 +389,16 @@ class Stage:
     rows: list[dict] = field(default_factory=list)
 
     def judge(self, rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Rule, final: bool,
-              name: str, tuned: Stage | None = None) -> None:
+              name: str, tuned: Stage | None = None, timing: list[dict] = ()) -> None:
         """``runs``: spec as run -> (kind, baseline, grid order). A row already held (a baseline judged with
         an earlier batch) is kept once. ``tuned``: the tuning stage, whose speed ratio stands in where this
-        stage's rows of a spec and its baseline were not measured alike."""
+        stage's rows of a spec and its baseline were not measured alike; ``timing``: rows run again alike for
+        that (:func:`unmeasured`), tried first."""
         held = {row_key(r) for r in self.rows}
         self.rows += [r for r in rows if row_key(r) not in held]
         speeds = {s.spec: s.speed_ratio for s in tuned.standings} if tuned else {}
         for spec, (kind, baseline, order) in runs.items():
-            st, ev = stand(rows, spec, kind, order, baseline, rule, final, name, speeds.get(spec))
+            st, ev = stand(rows, spec, kind, order, baseline, rule, final, name, speeds.get(spec), timing)
             self.standings.append(st)
             self.evidence += ev
 
@@ -405,7 +434,7 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     screened = screen(plan, settings, lm, tokenizer, tune_corpus, screen_length, work / "screen.jsonl", log)
     survivors = cut(screened, settings.screen)
     order = {s: i for i, s in enumerate(positions + plan.prefill + plan.press)}
-    tuning, reporting = work / "tuning", work / "reporting"
+    tuning, reporting, timing = work / "tuning", work / "reporting", work / "timing"
     rule = settings.rule
 
     def run(methods: list[str], folder: Path, final: bool) -> list[dict]:
@@ -427,7 +456,17 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
     runs, unstackable = pair_with_positions(lm, survivors, bases, order, settings.kernel)
     if runs:
         baselines = list(dict.fromkeys(b for _, b, _ in runs.values()))
-        tuned.judge(run([*baselines, *runs], tuning, False), runs, rule, False, "tuning")
+        rows = run([*baselines, *runs], tuning, False)
+        again = unmeasured(rows, runs, rule)
+        timed: list[dict] = []
+        if again:
+            log(f"{', '.join(again)}: passed on accuracy, but the prefill speed against the baseline is "
+                f"{UNMEASURED}; timing both again on {min(TIMING_SAMPLES, settings.tune_samples)} tuning prompts "
+                f"per task in {timing}")
+            timed = run_stage(plan, settings, [*dict.fromkeys(runs[s][1] for s in again), *again], timing,
+                              min(TIMING_SAMPLES, settings.tune_samples), settings.tune_seed, tune_corpus, lm,
+                              tokenizer, log)
+        tuned.judge(rows, runs, rule, False, "tuning", timing=timed)
     finalists = {kind: rank(tuned.standings, kind)[: 1 if kind == "position" else settings.finalists]
                  for kind in ("position", "prefill", "press")}
     notes = weak_baselines(tuned.rows, list(dict.fromkeys(["dense", *(b for _, b, _ in runs.values())])))
@@ -444,7 +483,8 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
                     prompt_sets(plan, settings, tuned.rows, reported.rows, tune_corpus.name, report_corpus.name,
                                 corpus_note, screen_length),
                     {name: beside(out, path) for name, path in
-                     (("screen", work / "screen.jsonl"), ("tuning", tuning), ("reporting", reporting))})
+                     (("screen", work / "screen.jsonl"), ("tuning", tuning), ("reporting", reporting),
+                      *((("timing", timing),) if timing.exists() else ()))})
     if past or positions:
         data["position"] = (choose("position", finalists, reported.standings, tuned.standings, screened,
                                    reported.evidence) if past or ranked else

@@ -190,7 +190,7 @@ class Standing:
     reasons: list[str] = field(default_factory=list)
     score: float = 0.0  # sum of scores over every task's rows (position methods rank by it)
     speed_ratio: float | None = None  # baseline prefill time / candidate's (medians over comparable rows)
-    speed_from: str = ""  # "" this stage's rows; "tuning": the tuning stage's (this stage's were not comparable)
+    speed_from: str = ""  # "" this stage's rows; "timing": rows timed again alike; "tuning": the tuning stage's
     cache_ratio: float | None = None  # candidate's KV bytes after the prompt / baseline's
     baseline: str = "dense"  # what it was judged against (past the trained length: a position method)
     rows_shared: int = 0  # rows of both sides that shared the cores with other work (eval.sharing) ...
