@@ -177,6 +177,10 @@ def main() -> None:
         accuracy(f"bare-form tune, {float(density):.0%} cache, 4k, niah, no template, no answer prefix",
                  f"snapkv:density={density},hold=false,pool=31,vote=max",
                  "tuned/smollm2-4k-bare/reporting/results.jsonl")
+    for task in ("passkey", "niah"):  # the bare-form choice on the template's prompt form (the 4k tune's prompts)
+        accuracy(f"bare-form tune's press, 25% cache, 4k, chat template, {task}",
+                 "snapkv:density=0.25,hold=false,pool=31,vote=max",
+                 "heldout/smollm2-4k-chat-austen-bareform/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     for task in ("passkey", "niah"):  # a second corpus with the template
         accuracy(f"tuned KV press, 10% cache, 4k, Canterbury, {task}", "snapkv:density=0.1,pool=31",
                  "heldout/smollm2-4k-chat/results.jsonl", keep=lambda r, task=task: r["task"] == task)
