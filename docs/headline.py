@@ -167,6 +167,8 @@ def main() -> None:
                      keep=lambda r, task=task: r["task"] == task)
     accuracy("tuned KV press, 10% cache, 4k, multikey needle", "snapkv:density=0.1,pool=31",
              "heldout/smollm2-4k-multikey-austen/results.jsonl")
+    accuracy("tuned KV press, 10% cache, 8k, multikey needle", "snapkv:density=0.1,pool=31",
+             "heldout/smollm2-8k-multikey-austen/results.jsonl")
     for density in ("0.1", "0.25"):  # a bare question, no template: the press stops at once more often than dense
         accuracy(f"KV press, {float(density):.0%} cache, 4k, niah, no template, no answer prefix",
                  f"snapkv:density={density},pool=31",
