@@ -187,6 +187,9 @@ def main() -> None:
         accuracy(f"bare-form tune's press, 25% cache, 4k, chat template, {task}",
                  "snapkv:density=0.25,hold=false,pool=31,vote=max",
                  "heldout/smollm2-4k-chat-austen-bareform/results.jsonl", keep=lambda r, task=task: r["task"] == task)
+        accuracy(f"bare-form tune's press, 25% cache, 4k, no template, answer prefix, {task}",
+                 "snapkv:density=0.25,hold=false,pool=31,vote=max",
+                 "heldout/smollm2-4k-nochat-austen-bareform/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     for task in ("passkey", "niah"):  # a second corpus with the template
         accuracy(f"tuned KV press, 10% cache, 4k, Canterbury, {task}", "snapkv:density=0.1,pool=31",
                  "heldout/smollm2-4k-chat/results.jsonl", keep=lambda r, task=task: r["task"] == task)
