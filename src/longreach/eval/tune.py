@@ -279,7 +279,7 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
           stage: str, tuning_speed: float | None = None, timing: list[dict] = ()) -> tuple[Standing, list[dict]]:
     """One candidate against the baseline on the same prompts, task by task: its standing and evidence rows.
     The prefill speed ratio comes from comparable rows (:func:`comparable_medians`); where this stage has none,
-    the ``timing`` rows (both run again alike, :func:`retime`) or else ``tuning_speed`` (the tuning stage's ratio
+    the ``timing`` rows (both run again alike, :func:`unmeasured`) or else ``tuning_speed`` (the tuning stage's ratio
     for the same spec) stand in, and the standing says which."""
     evidence, reasons = [], []
     tasks = list(dict.fromkeys(r["task"] for r in rows))
