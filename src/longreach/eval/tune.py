@@ -315,16 +315,19 @@ def stand(rows: list[dict], spec: str, kind: str, order: int, baseline: str, rul
                         speed_from, kv / kv0 if kv is not None and kv0 else None, baseline,
                         *sharing.shared_count(mine_all + base_all))
     if kind == "prefill" and not (standing.speed_ratio or 0.0) > rule.min_speedup:
-        speed_text = (UNMEASURED
-                      if standing.speed_ratio is None else f"{standing.speed_ratio:.2f}x")
-        standing.reasons.append(f"prefill speed vs the baseline {speed_text}, not above --min-speedup "
-                                f"{rule.min_speedup:g}")
+        standing.reasons.append(slow_reason(standing.speed_ratio, rule))
         standing.passed = False
     return standing, evidence
 
 
 UNMEASURED = "unmeasured (no rows of both on one machine, thread count and commit)"
 TIMING_SAMPLES = 3  # tuning prompts per task that time a prefill candidate and its baseline again, alike
+
+
+def slow_reason(speed_ratio: float | None, rule: Rule) -> str:
+    """Why a prefill candidate fails the speed part of the rule (its ratio is not above --min-speedup)."""
+    speed_text = UNMEASURED if speed_ratio is None else f"{speed_ratio:.2f}x"
+    return f"prefill speed vs the baseline {speed_text}, not above --min-speedup {rule.min_speedup:g}"
 
 
 def unmeasured(rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Rule) -> list[str]:
@@ -336,7 +339,7 @@ def unmeasured(rows: list[dict], runs: dict[str, tuple[str, str, int]], rule: Ru
         if kind != "prefill":
             continue
         st, _ = stand(rows, spec, kind, order, baseline, rule, False, "tuning")
-        if st.speed_ratio is None and len(st.reasons) == 1:  # the speed reason is its only one
+        if st.reasons == [slow_reason(None, rule)]:  # unmeasured speed is its only fault
             found.append(spec)
     return found
 
@@ -460,12 +463,11 @@ def tune(model: str, length: int | str, out: Path, settings: TuneSettings | None
         again = unmeasured(rows, runs, rule)
         timed: list[dict] = []
         if again:
+            samples = min(TIMING_SAMPLES, settings.tune_samples)
             log(f"{', '.join(again)}: passed on accuracy, but the prefill speed against the baseline is "
-                f"{UNMEASURED}; timing both again on {min(TIMING_SAMPLES, settings.tune_samples)} tuning prompts "
-                f"per task in {timing}")
+                f"{UNMEASURED}; timing both again on {samples} tuning prompts per task in {timing}")
             timed = run_stage(plan, settings, [*dict.fromkeys(runs[s][1] for s in again), *again], timing,
-                              min(TIMING_SAMPLES, settings.tune_samples), settings.tune_seed, tune_corpus, lm,
-                              tokenizer, log)
+                              samples, settings.tune_seed, tune_corpus, lm, tokenizer, log)
         tuned.judge(rows, runs, rule, False, "tuning", timing=timed)
     finalists = {kind: rank(tuned.standings, kind)[: 1 if kind == "position" else settings.finalists]
                  for kind in ("position", "prefill", "press")}
