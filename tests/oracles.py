@@ -76,12 +76,14 @@ def moba_score(q: Tensor, keys: Tensor) -> Tensor:
 
 
 def block_topk_oracle(q: Tensor, k: Tensor, *, block: int, sinks: int, window: int, budget: int, group: str,
-                      per_token, over_queries: str, over_heads: str) -> list[list[list[set[int]]]]:
+                      per_token, over_queries: str, over_heads: str, share_scale: float | None = None
+                      ) -> list[list[list[set[int]]]]:
     """Chosen key blocks [b][head][query block] of a block top-k selector, scored block by block.
 
     ``per_token(q_rows, keys) -> (R,)`` is the paper's score of one key block for each query; a query block
     aggregates its queries with ``over_queries`` and, with group=kv, the query heads of a KV head with
-    ``over_heads`` ("max" or "mean"); the best ``take`` candidate blocks are chosen.
+    ``over_heads`` ("max" or "mean"); the best ``take`` candidate blocks are chosen. ``share_scale``: each
+    query's scores first become its log-shares over the query block's candidates, log(softmax(scale * score)).
     """
     reduce = {"max": lambda t: t.max(), "mean": lambda t: t.mean()}
     batch, n_q, t_q, _ = q.shape
@@ -97,12 +99,16 @@ def block_topk_oracle(q: Tensor, k: Tensor, *, block: int, sinks: int, window: i
             kv = h if group == "kv" else h // group_size
             per_block = []
             for rows, cand, take in geometry:
-                scores = {}
-                for j in cand:
-                    keys = k[b, kv, j * block : min((j + 1) * block, t_k)].float()
-                    per_q_head = torch.stack([reduce[over_queries](per_token(q[b, hq, rows].float(), keys))
-                                              for hq in q_heads])
-                    scores[j] = float(reduce[over_heads](per_q_head))
+                # raw[hq][j]: (R,) the score of key block j for each query row of head hq
+                raw = {hq: {j: per_token(q[b, hq, rows].float(), k[b, kv, j * block: min((j + 1) * block, t_k)].float())
+                            for j in cand} for hq in q_heads}
+                if share_scale is not None and cand:
+                    for hq in q_heads:
+                        logits = torch.stack([raw[hq][j] for j in cand]) * share_scale  # (n_cand, R)
+                        shares = torch.log(torch.softmax(logits.double(), dim=0))
+                        raw[hq] = {j: shares[i] for i, j in enumerate(cand)}
+                scores = {j: float(reduce[over_heads](torch.stack([reduce[over_queries](raw[hq][j])
+                                                                    for hq in q_heads]))) for j in cand}
                 best = sorted(cand, key=lambda j: scores[j], reverse=True)[:take]
                 per_block.append(set(best))
             per_head.append(per_block)

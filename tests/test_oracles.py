@@ -167,8 +167,8 @@ def chosen_sets(sel) -> list[list[list[set[int]]]]:
              for h in range(idx.shape[1])] for b in range(idx.shape[0])]
 
 
-def run_block_topk(name: str, t_q: int, t_k: int, group: str, budget: int = 64, block: int = 8):
-    method = method_class(name)(budget=budget, block=block, sinks=4, window=8, group=group)
+def run_block_topk(name: str, t_q: int, t_k: int, group: str, budget: int = 64, block: int = 8, **params):
+    method = method_class(name)(budget=budget, block=block, sinks=4, window=8, group=group, **params)
     q, k, _ = qkv(t_q, t_k)
     assert not method.make_quota(t_q, t_k, q.device).dense, "a partial budget: blocks are chosen"
     return method.select(q, k, SelectContext(scale=SCALE)), q, k
@@ -178,11 +178,43 @@ def run_block_topk(name: str, t_q: int, t_k: int, group: str, budget: int = 64, 
 @pytest.mark.parametrize(("t_q", "t_k"), PARTIAL)
 def test_quest_picks_the_blocks_with_the_highest_min_max_bound(t_q, t_k, group):
     """Quest (arXiv:2406.10774): a block's bound for q is sum_d max(q_d max_d, q_d min_d) over its keys' per-channel
-    min/max; longreach scores a query block by its best query and (group=kv) a KV head by its best query head."""
-    sel, q, k = run_block_topk("quest", t_q, t_k, group)
+    min/max; with ``share=false`` longreach scores a query block by its best query's raw bound and (group=kv) a KV
+    head by its best query head."""
+    sel, q, k = run_block_topk("quest", t_q, t_k, group, share=False)
     want = block_topk_oracle(q, k, block=8, sinks=4, window=8, budget=64, group=group, per_token=quest_bound,
                              over_queries="max", over_heads="max")
     assert chosen_sets(sel) == want
+
+
+@pytest.mark.parametrize("group", ["kv", "q"])
+@pytest.mark.parametrize(("t_q", "t_k"), PARTIAL)
+def test_quest_by_default_ranks_blocks_by_the_largest_share_any_query_gives_them(t_q, t_k, group):
+    """The default (``share``): each query's scaled bounds become log-shares over its block's candidate blocks, and
+    a key block scores the largest share any query (and, with group=kv, any query head) gives it."""
+    sel, q, k = run_block_topk("quest", t_q, t_k, group)
+    want = block_topk_oracle(q, k, block=8, sinks=4, window=8, budget=64, group=group, per_token=quest_bound,
+                             over_queries="max", over_heads="max", share_scale=SCALE)
+    assert chosen_sets(sel) == want
+
+
+def test_quest_shares_keep_the_block_one_query_needs_when_another_query_has_larger_norms():
+    """The case the share rule is for: in one query block, query A has small norms and attends one far block; query
+    B has 10x larger norms and spreads over the others. By raw bounds B outbids A on every block and A's block is
+    dropped; by shares A's block wins. The expected blocks are written by hand from the construction."""
+    torch.manual_seed(0)
+    dim, block = 16, 8
+    keys = torch.randn(1, 1, 64, dim) * 0.1  # 8 key blocks of 8; the queries are the last 8 positions
+    needle = torch.zeros(dim)
+    needle[0] = 1.0
+    keys[0, 0, 16:24] = needle * 3.0  # block 2: the one query A needs
+    q = torch.zeros(1, 1, 8, dim)
+    q[0, 0, 7] = needle * 4.0  # A: the block's last query, small norm, aligned with block 2 only
+    q[0, 0, 0, 1:] = 10.0  # B: large norm on the other channels, no interest in block 2's direction
+    method = method_class("quest")(budget=4 + 8 + 8, block=block, sinks=4, window=8, group="q")
+    raw = method_class("quest")(budget=4 + 8 + 8, block=block, sinks=4, window=8, group="q", share=False)
+    ctx = SelectContext(scale=SCALE)
+    assert chosen_sets(method.select(q, keys, ctx))[0][0][0] == {2}
+    assert 2 not in chosen_sets(raw.select(q, keys, ctx))[0][0][0]
 
 
 @pytest.mark.parametrize("group", ["kv", "q"])

@@ -1,7 +1,8 @@
 """Block top-k selectors: score each key block by a summary, keep the best blocks per query block.
 
 - ``quest``: per-channel min/max of each key block give an upper bound of q.k over the block
-  (Quest, arXiv:2406.10774); a query block scores a key block by its best query's bound.
+  (Quest, arXiv:2406.10774); a query block scores a key block by the largest share of its own bounded
+  attention any of its queries gives it (``share``; see ``Quest``).
 - ``moba``: the mean key of each block against the mean query of the block (MoBA, arXiv:2502.13189;
   InfLLM's representative keys are the same idea).
 
@@ -18,15 +19,16 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
-from .base import BlockQuota, BudgetedMethod, SelectContext
+from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import by_group, chunk_rows, query_blocks
 
 
 @dataclass(frozen=True)
 class BlockTopK(BudgetedMethod):
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor) -> Tensor:
-        """q (B, Hkv, G, nb, bq, D) for nb query blocks -> (B, Hkv, G, nb, nKB) block scores."""
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
+        """q (B, Hkv, G, nb, bq, D) for nb query blocks -> (B, Hkv, G, nb, nKB) block scores; ``candidate``
+        (nb, nKB) marks the blocks each query block may choose, ``scale`` is the model's softmax scale."""
         raise NotImplementedError
 
     def combine_group(self, scores: Tensor) -> Tensor:
@@ -34,10 +36,12 @@ class BlockTopK(BudgetedMethod):
         return scores.amax(dim=2)
 
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
-        scores = self._block_scores(q, k.shape[1], self.key_stats(k, ctx, self.block_stats), quota)  # (B, H, nQB, nKB)
+        stats = self.key_stats(k, ctx, self.block_stats)
+        scores = self._block_scores(q, k.shape[1], stats, quota, ctx.softmax_scale(q))  # (B, H, nQB, nKB)
         return self.top_blocks(scores, quota, ctx)
 
-    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], quota: BlockQuota) -> Tensor:
+    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], quota: BlockQuota, scale: float
+                      ) -> Tensor:
         """Scores of every (query block, key block); only candidate key blocks are computed (a chunk of
         query blocks scores the key blocks up to its last candidate: half the work of a causal prefill),
         the rest are -inf."""
@@ -53,12 +57,12 @@ class BlockTopK(BudgetedMethod):
             b1 = min(b0 + step, n_qb)
             width = quota.width(b0, b1)
             if width == n_kb:  # decode, or the last chunk of a prefill: nothing to pad
-                part = self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1])
+                part = self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1], quota.candidate[b0:b1], scale)
             else:
                 part = qg.new_full((*qg.shape[:3], b1 - b0, n_kb), float("-inf"))
                 if width:
-                    part[..., :width] = self.score(qg[:, :, :, b0:b1],
-                                                   {s: t[:, :, :width] for s, t in stats.items()}, q_valid[b0:b1])
+                    part[..., :width] = self.score(qg[:, :, :, b0:b1], {s: t[:, :, :width] for s, t in stats.items()},
+                                                   q_valid[b0:b1], quota.candidate[b0:b1, :width], scale)
             chunks.append(part)
         scores = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=3)  # (B, Hkv, G, nQB, nKB)
         return self.combine_group(scores) if self.group == "kv" else scores.flatten(1, 2)
@@ -72,7 +76,10 @@ class Quest(BlockTopK):
     paper: ClassVar[str] = "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (arXiv:2406.10774)"
     block_stats: ClassVar[tuple[str, ...]] = ("min", "max")
 
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor) -> Tensor:
+    share: bool = param(True, "rank a key block by the largest share of its own bounded attention any query gives "
+                              "it; false: by the largest raw bound (before the change; for ablations)")
+
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
         # upper bound of q.k over a block: sum_c max(q_c * min_c, q_c * max_c), i.e. [q+, q-] . [max, min]:
         # one GEMM per KV head with inner size 2D (a broadcast matmul would copy the bounds per query block)
         batch, n_kv, group, nb, bq, dim = q.shape
@@ -81,6 +88,8 @@ class Quest(BlockTopK):
         bounds = torch.cat([stats["max"], stats["min"]], dim=-1).reshape(batch * n_kv, -1, 2 * dim)
         bound = rows @ bounds.transpose(-1, -2)  # (B*Hkv, rows, nKB)
         bound = bound.view(batch, n_kv, group, nb, bq, -1)  # (B, Hkv, G, nb, bq, nKB)
+        if self.share:
+            bound = bounded_shares(bound, candidate, scale)
         if not bool(q_valid.all()):
             bound = bound.masked_fill(~q_valid[:, :, None], float("-inf"))
         return bound.amax(dim=-2)
@@ -94,7 +103,7 @@ class MoBA(BlockTopK):
     paper: ClassVar[str] = "MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)"
     block_stats: ClassVar[tuple[str, ...]] = ("mean",)
 
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor) -> Tensor:
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
         # padding rows are zeros (query_blocks), so a sum over the block is the sum over its valid queries; q *
         # weights would make a copy the size of q (38 MiB per layer at 16k, SmolLM2)
         q_mean = q.sum(dim=-2) / q_valid.sum(-1).clamp(min=1)[:, None]  # (B, Hkv, G, nb, D)
@@ -105,3 +114,17 @@ class MoBA(BlockTopK):
 
     def combine_group(self, scores: Tensor) -> Tensor:
         return scores.mean(dim=2)
+
+
+def bounded_shares(bound: Tensor, candidate: Tensor, scale: float) -> Tensor:
+    """Each query's bounds as log-shares over the blocks its query block may choose: log-softmax of the scaled
+    bounds, in place; (..., nb, bq, nKB) with ``candidate`` (nb, nKB). Other blocks get -inf.
+
+    Why: a query block shares one choice, and raw bounds compare across queries in logit units, so a query
+    with large norms outbids the rest on every block. Without a chat template the answer-writing query is the
+    last of a block of queries that read the question around it; on SmolLM2 at 4k the needle's block fell to
+    13th and 46th of 63 in two needle heads, where 5 are kept; by shares it is 3rd in both (docs/template-free.md).
+    """
+    bound = bound.mul_(scale).masked_fill_(~candidate[:, None, :], float("-inf"))
+    norm = bound.logsumexp(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # a row with no candidate stays -inf
+    return bound.sub_(norm)
