@@ -179,10 +179,11 @@ def main() -> None:
         accuracy(f"bare-form tune, {float(density):.0%} cache, 4k, niah, no template, no answer prefix",
                  f"snapkv:density={density},hold=false,pool=31,vote=max",
                  "tuned/smollm2-4k-bare/reporting/results.jsonl")
-    for spec, when in (("flexprefill:density=0.1,exact_last=false", "before"), ("flexprefill:density=0.1", "after")):
-        accuracy(f"template-free fix, {when}: sparse prefill, 4k, passkey, no template",  # docs/template-free.md
-                 spec, "heldout/smollm2-4k-nochat-austen-prefill/results.jsonl",
-                 keep=lambda r: r["task"] == "passkey")
+    for task in ("passkey", "niah"):
+        for spec, when in (("flexprefill:density=0.1,exact_last=false", "before"), ("flexprefill:density=0.1", "after")):
+            accuracy(f"template-free fix, {when}: sparse prefill, 4k, {task}, no template",  # docs/template-free.md
+                     spec, "heldout/smollm2-4k-nochat-austen-prefill/results.jsonl",
+                     keep=lambda r, task=task: r["task"] == task)
     for task in ("passkey", "niah"):  # the bare-form choice on the template's prompt form (the 4k tune's prompts)
         accuracy(f"bare-form tune's press, 25% cache, 4k, chat template, {task}",
                  "snapkv:density=0.25,hold=false,pool=31,vote=max",
