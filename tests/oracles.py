@@ -76,14 +76,15 @@ def moba_score(q: Tensor, keys: Tensor) -> Tensor:
 
 
 def block_topk_oracle(q: Tensor, k: Tensor, *, block: int, sinks: int, window: int, budget: int, group: str,
-                      per_token, over_queries: str, over_heads: str, share_scale: float | None = None
-                      ) -> list[list[list[set[int]]]]:
+                      per_token, over_queries: str, over_heads: str, share_scale: float | None = None,
+                      softcap: float | None = None, sink_logits: Tensor | None = None) -> list[list[list[set[int]]]]:
     """Chosen key blocks [b][head][query block] of a block top-k selector, scored block by block.
 
     ``per_token(q_rows, keys) -> (R,)`` is the paper's score of one key block for each query; a query block
     aggregates its queries with ``over_queries`` and, with group=kv, the query heads of a KV head with
     ``over_heads`` ("max" or "mean"); the best ``take`` candidate blocks are chosen. ``share_scale``: each
-    query's scores first become its log-shares over the query block's candidates, log(softmax(scale * score)).
+    query's scores first become its log-shares over the query block's candidates, log(softmax(scale * score)),
+    the scaled scores softcapped (cap * tanh(s / cap)) and a query head's sink logit in the denominator if given.
     """
     reduce = {"max": lambda t: t.max(), "mean": lambda t: t.mean()}
     batch, n_q, t_q, _ = q.shape
@@ -104,8 +105,13 @@ def block_topk_oracle(q: Tensor, k: Tensor, *, block: int, sinks: int, window: i
                             for j in cand} for hq in q_heads}
                 if share_scale is not None and cand:
                     for hq in q_heads:
-                        logits = torch.stack([raw[hq][j] for j in cand]) * share_scale  # (n_cand, R)
-                        shares = torch.log(torch.softmax(logits.double(), dim=0))
+                        logits = (torch.stack([raw[hq][j] for j in cand]) * share_scale).double()  # (n_cand, R)
+                        if softcap is not None:
+                            logits = softcap * torch.tanh(logits / softcap)
+                        total = logits.exp().sum(0)
+                        if sink_logits is not None:
+                            total = total + math.exp(float(sink_logits[hq]))
+                        shares = logits - total.log()
                         raw[hq] = {j: shares[i] for i, j in enumerate(cand)}
                 scores = {j: float(reduce[over_heads](torch.stack([reduce[over_queries](raw[hq][j])
                                                                     for hq in q_heads]))) for j in cand}

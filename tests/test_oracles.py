@@ -33,6 +33,7 @@ from longreach.cache.press import Observation
 from longreach.compat import cache_kwargs, output_cache
 from longreach.kernels import attend
 from longreach.methods import BudgetedMethod, SelectContext, method_class, method_names
+from longreach.stages import SoftmaxExtras
 
 SCALE = 0.25  # 1 / sqrt(16)
 D = 16
@@ -195,6 +196,38 @@ def test_quest_by_default_ranks_blocks_by_the_largest_share_any_query_gives_them
     want = block_topk_oracle(q, k, block=8, sinks=4, window=8, budget=64, group=group, per_token=quest_bound,
                              over_queries="max", over_heads="max", share_scale=SCALE)
     assert chosen_sets(sel) == want
+
+
+@pytest.mark.parametrize(("t_q", "t_k"), [(96, 96), (37, 131)])
+def test_quest_shares_scored_one_query_block_at_a_time_match_the_oracle(t_q, t_k, monkeypatch):
+    """Long prefills score query blocks in chunks, each against the key blocks up to its last candidate; a
+    share's denominator must still hold every candidate of its query block."""
+    import longreach.methods.blocktopk as blocktopk
+
+    monkeypatch.setattr(blocktopk, "chunk_rows", lambda _bytes: 1)
+    sel, q, k = run_block_topk("quest", t_q, t_k, "kv")
+    want = block_topk_oracle(q, k, block=8, sinks=4, window=8, budget=64, group="kv", per_token=quest_bound,
+                             over_queries="max", over_heads="max", share_scale=SCALE)
+    assert chosen_sets(sel) == want
+
+
+def test_quest_shares_use_the_models_softmax_softcap_and_sink_logits():
+    """Gemma 2's softcap and GPT-OSS's learned sinks are part of the model's softmax, so they are part of a query's
+    share (tests/oracles.py applies them to the oracle's logits). The check is not vacuous: on some shapes they
+    change which blocks are chosen."""
+    extras = SoftmaxExtras(softcap=2.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    changed = 0
+    for t_q, t_k in PARTIAL:
+        for group in ("kv", "q"):
+            method = method_class("quest")(budget=64, block=8, sinks=4, window=8, group=group)
+            q, k, _ = qkv(t_q, t_k)
+            got = chosen_sets(method.select(q, k, SelectContext(scale=SCALE, extras=extras)))
+            want = block_topk_oracle(q, k, block=8, sinks=4, window=8, budget=64, group=group, per_token=quest_bound,
+                                     over_queries="max", over_heads="max", share_scale=SCALE, softcap=2.0,
+                                     sink_logits=extras.sinks)
+            assert got == want, (t_q, t_k, group)
+            changed += got != chosen_sets(method.select(q, k, SelectContext(scale=SCALE)))
+    assert changed > 0
 
 
 def test_quest_shares_keep_the_block_one_query_needs_when_another_query_has_larger_norms():

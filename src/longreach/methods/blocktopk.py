@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Selection
+from ..stages import PLAIN, SoftmaxExtras
 from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
 from .scoring import by_group, chunk_rows, query_blocks
@@ -26,9 +27,10 @@ from .scoring import by_group, chunk_rows, query_blocks
 
 @dataclass(frozen=True)
 class BlockTopK(BudgetedMethod):
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, ctx: SelectContext
+              ) -> Tensor:
         """q (B, Hkv, G, nb, bq, D) for nb query blocks -> (B, Hkv, G, nb, nKB) block scores; ``candidate``
-        (nb, nKB) marks the blocks each query block may choose, ``scale`` is the model's softmax scale."""
+        (nb, nKB) marks the blocks each query block may choose; ``ctx`` gives the model's softmax (scale, extras)."""
         raise NotImplementedError
 
     def combine_group(self, scores: Tensor) -> Tensor:
@@ -37,10 +39,10 @@ class BlockTopK(BudgetedMethod):
 
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         stats = self.key_stats(k, ctx, self.block_stats)
-        scores = self._block_scores(q, k.shape[1], stats, quota, ctx.softmax_scale(q))  # (B, H, nQB, nKB)
+        scores = self._block_scores(q, k.shape[1], stats, quota, ctx)  # (B, H, nQB, nKB)
         return self.top_blocks(scores, quota, ctx)
 
-    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], quota: BlockQuota, scale: float
+    def _block_scores(self, q: Tensor, n_kv: int, stats: dict[str, Tensor], quota: BlockQuota, ctx: SelectContext
                       ) -> Tensor:
         """Scores of every (query block, key block); only candidate key blocks are computed (a chunk of
         query blocks scores the key blocks up to its last candidate: half the work of a causal prefill),
@@ -57,12 +59,12 @@ class BlockTopK(BudgetedMethod):
             b1 = min(b0 + step, n_qb)
             width = quota.width(b0, b1)
             if width == n_kb:  # decode, or the last chunk of a prefill: nothing to pad
-                part = self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1], quota.candidate[b0:b1], scale)
+                part = self.score(qg[:, :, :, b0:b1], stats, q_valid[b0:b1], quota.candidate[b0:b1], ctx)
             else:
                 part = qg.new_full((*qg.shape[:3], b1 - b0, n_kb), float("-inf"))
                 if width:
                     part[..., :width] = self.score(qg[:, :, :, b0:b1], {s: t[:, :, :width] for s, t in stats.items()},
-                                                   q_valid[b0:b1], quota.candidate[b0:b1, :width], scale)
+                                                   q_valid[b0:b1], quota.candidate[b0:b1, :width], ctx)
             chunks.append(part)
         scores = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=3)  # (B, Hkv, G, nQB, nKB)
         return self.combine_group(scores) if self.group == "kv" else scores.flatten(1, 2)
@@ -79,7 +81,8 @@ class Quest(BlockTopK):
     share: bool = param(True, "rank a key block by the largest share of its own bounded attention any query gives "
                               "it; false: by the largest raw bound (before the change; for ablations)")
 
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, ctx: SelectContext
+              ) -> Tensor:
         # upper bound of q.k over a block: sum_c max(q_c * min_c, q_c * max_c), i.e. [q+, q-] . [max, min]:
         # one GEMM per KV head with inner size 2D (a broadcast matmul would copy the bounds per query block)
         batch, n_kv, group, nb, bq, dim = q.shape
@@ -89,7 +92,7 @@ class Quest(BlockTopK):
         bound = rows @ bounds.transpose(-1, -2)  # (B*Hkv, rows, nKB)
         bound = bound.view(batch, n_kv, group, nb, bq, -1)  # (B, Hkv, G, nb, bq, nKB)
         if self.share:
-            bound = bounded_shares(bound, candidate, scale)
+            bound = bounded_shares(bound, candidate, ctx.softmax_scale(q), ctx.extras)
         if not bool(q_valid.all()):
             bound = bound.masked_fill(~q_valid[:, :, None], float("-inf"))
         return bound.amax(dim=-2)
@@ -103,7 +106,8 @@ class MoBA(BlockTopK):
     paper: ClassVar[str] = "MoBA: Mixture of Block Attention for Long-Context LLMs (arXiv:2502.13189)"
     block_stats: ClassVar[tuple[str, ...]] = ("mean",)
 
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, ctx: SelectContext
+              ) -> Tensor:
         # padding rows are zeros (query_blocks), so a sum over the block is the sum over its valid queries; q *
         # weights would make a copy the size of q (38 MiB per layer at 16k, SmolLM2)
         q_mean = q.sum(dim=-2) / q_valid.sum(-1).clamp(min=1)[:, None]  # (B, Hkv, G, nb, D)
@@ -116,15 +120,20 @@ class MoBA(BlockTopK):
         return scores.mean(dim=2)
 
 
-def bounded_shares(bound: Tensor, candidate: Tensor, scale: float) -> Tensor:
-    """Each query's bounds as log-shares over the blocks its query block may choose: log-softmax of the scaled
-    bounds, in place; (..., nb, bq, nKB) with ``candidate`` (nb, nKB). Other blocks get -inf.
+def bounded_shares(bound: Tensor, candidate: Tensor, scale: float, extras: SoftmaxExtras = PLAIN) -> Tensor:
+    """Each query's bounds as log-shares over the blocks its query block may choose: the log-softmax of the scaled
+    bounds as the model's softmax sees them (softcapped; a learned sink logit joins the denominator), in place;
+    bound (B, Hkv, G, nb, bq, nKB) with ``candidate`` (nb, nKB). Other blocks get -inf.
 
     Why: a query block shares one choice, and raw bounds compare across queries in logit units, so a query
     with large norms outbids the rest on every block. Without a chat template the answer-writing query is the
-    last of a block of queries that read the question around it; on SmolLM2 at 4k the needle's block fell to
-    13th and 46th of 63 in two needle heads, where 5 are kept; by shares it is 3rd in both (docs/template-free.md).
+    last of a block of queries that read the question around it; on one SmolLM2 prompt at 4k (seed 1001) the
+    needle's block fell to 13th and 46th of 63 in two needle heads, where 5 are kept, and is 3rd in both by
+    shares (docs/template-free.md).
     """
-    bound = bound.mul_(scale).masked_fill_(~candidate[:, None, :], float("-inf"))
-    norm = bound.logsumexp(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # a row with no candidate stays -inf
-    return bound.sub_(norm)
+    bound = extras.cap(bound.mul_(scale)).masked_fill_(~candidate[:, None, :], float("-inf"))
+    norm = bound.logsumexp(dim=-1, keepdim=True)
+    if extras.sinks is not None:
+        sinks = extras.sinks.to(norm.dtype).view(1, norm.shape[1], norm.shape[2], 1, 1, 1)
+        norm = torch.logaddexp(norm, sinks)
+    return bound.sub_(norm.masked_fill_(norm == float("-inf"), 0.0))  # a row with no candidate stays -inf

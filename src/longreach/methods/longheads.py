@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import param
+from .base import SelectContext, param
 from .blocktopk import BlockTopK
 from .registry import register
 
@@ -35,7 +35,8 @@ class LongHeads(BlockTopK):
     sinks: int = param(64, "first tokens every query sees (LongHeads always keeps the first chunk)")
     group: str = param("q", "q: each query head picks its chunks (LongHeads); kv: heads of a KV group agree")
 
-    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, scale: float) -> Tensor:
+    def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, ctx: SelectContext
+              ) -> Tensor:
         rep = stats["pooled"][:, :, None, None]  # (B, Hkv, 1, 1, nKB, D)
         s = q @ rep.transpose(-1, -2)  # (B, Hkv, G, nb, bq, nKB)
         return s.masked_fill(~q_valid[:, :, None], float("-inf")).amax(dim=-2)
