@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from longreach import kernels, parse_spec
+from longreach import LongreachError, kernels, parse_spec
 from longreach.cli import app
 from longreach.diagnostics import diagnose, mass_recall
 from longreach.methods import SelectContext
@@ -52,6 +52,44 @@ def test_last_query_recall_is_the_last_rows_mass_on_its_kept_keys():
         want = logits.softmax(-1)[:, -16:].sum(-1)  # the window: the last 16 keys
         assert torch.allclose(torch.tensor(r.last_recall), want, atol=1e-5)
         assert max(r.last_recall) < 1
+
+
+def test_diagnose_on_the_methods_own_inputs_replays_it_where_its_earlier_layers_left_the_model():
+    """inputs="method": each method's own forward. Its last-query recall at every layer equals a brute-force sum
+    over the queries and keys a spy sees in that method's run (an independent replay); layer 0 sees the same
+    inputs as dense, later layers do not, and a full budget reads exactly as on dense's inputs."""
+    from longreach import apply
+
+    model = tiny_model("llama")
+    x = torch.randint(0, 128, (1, 96))
+    spec = "streaming:window=16,sinks=0"
+    seen = {}
+
+    def spy(layer, q, k, v, scale, sliding, key_mask):
+        seen.setdefault(layer, (q.clone(), k.clone(), scale))
+
+    with torch.no_grad(), apply(model, spec) as handle:
+        handle.observer = spy
+        model(x)
+    own = diagnose(model, x, [spec], inputs="method")
+    on_dense = diagnose(model, x, [spec])
+    for r in own.of(str(parse_spec(spec))):
+        q, k, scale = seen[r.layer]
+        logits = torch.einsum("hd,htd->ht", q[0, :, -1], k[0].repeat_interleave(2, 0)) * scale
+        assert torch.allclose(torch.tensor(r.last_recall), logits.softmax(-1)[:, -16:].sum(-1), atol=1e-5)
+    first_own, first_dense = own.layers[0], on_dense.layers[0]
+    assert first_own.layer == first_dense.layer == 0
+    assert first_own.recall == pytest.approx(first_dense.recall, abs=1e-6)
+    assert any(a.recall != pytest.approx(b.recall, abs=1e-4) for a, b in zip(own.layers[1:], on_dense.layers[1:],
+                                                                             strict=True))
+    full = "quest:budget=100000,block=16"
+    assert [r.recall for r in diagnose(model, x, [full], inputs="method").layers] == \
+        [r.recall for r in diagnose(model, x, [full]).layers]
+
+
+def test_diagnose_refuses_unknown_inputs():
+    with pytest.raises(LongreachError, match="inputs must be one of dense, method"):
+        diagnose(tiny_model("llama"), torch.randint(0, 128, (1, 32)), ["quest:budget=128"], inputs="own")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -104,6 +142,19 @@ def test_cli_diagnose_writes_table_json_and_heatmap(tiny_lm_folder, tmp_path):
     assert all(0 < s["recall"] <= 1 for s in data["summary"].values())
     assert (out / "recall.png").stat().st_size > 1000
     assert "oracle gap per layer" in result.output
+    assert data["inputs"] == "dense"
+
+
+def test_cli_diagnose_replays_each_method_on_its_own_forward(tiny_lm_folder, tmp_path):
+    out = tmp_path / "diag"
+    result = CliRunner().invoke(app, ["diagnose", "--model", str(tiny_lm_folder), "--method", "quest:budget=128",
+                                      "--method", "streaming:window=32", "--task", "passkey", "--length", "512",
+                                      "--seed", "7", "--corpus", "synthetic", "--no-chat", "--inputs", "method",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "diagnose.json").read_text())
+    assert data["inputs"] == "method" and set(data["summary"]) == {"quest:budget=128", "streaming:window=32"}
+    assert "each method's own forward" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -111,6 +162,8 @@ def test_cli_diagnose_writes_table_json_and_heatmap(tiny_lm_folder, tmp_path):
     (["--method", "quest", "--task", "passkey", "--input", "README.md"], "exactly one of"),
     (["--method", "quest", "--task", "passkey", "--layers", "a"], "not a layer index"),
     (["--method", "quest", "--task", "pasky"], "pasky"),
+    (["--method", "quest", "--task", "passkey", "--inputs", "own"], "--inputs must be one of dense, method"),
+    (["--method", "quest", "--task", "passkey", "--corpus", "austin"], "unknown corpus 'austin'"),
 ])
 def test_cli_diagnose_refuses_bad_input_before_loading(monkeypatch, args, message):
     import longreach

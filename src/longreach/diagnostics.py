@@ -1,12 +1,16 @@
 """The oracle gap: how far a method's selection is from dense attention, layer by layer.
 
 ``diagnose`` runs the model once densely and, at every attention layer, replays each method on that
-layer's real queries and keys. Per (layer, query head) it reports the share of the dense softmax mass
-that falls on the selected keys (*mass recall*: 1.0 means nothing that mattered was dropped) and the
-relative error of the attention output, and the recall of the *last* query alone (the one that writes the
-next token: a needle lost there is lost from the answer, whatever the average says); per layer, the
-density actually used and how long the
-selection took next to the sparse and the dense attention. Layers the model itself runs with a
+layer's real queries and keys (``inputs="dense"``). With ``inputs="method"`` each method runs its own
+forward instead and is replayed on the queries and keys its own earlier layers produced: a loss that only
+shows once the layers before have lost something is then measured where it happens (on SmolLM2, quest's
+raw-bound rule dropped a needle in layer 18 in its own run, not on dense's inputs; docs/template-free.md).
+
+Per (layer, query head) it reports the share of the dense softmax mass that falls on the selected keys
+(*mass recall*: 1.0 means nothing that mattered was dropped) and the relative error of the attention
+output, and the recall of the *last* query alone (the one that writes the next token: a needle lost there
+is lost from the answer, whatever the average says); per layer, the density actually used and how long
+the selection took next to the sparse and the dense attention. Layers the model itself runs with a
 sliding window (Gemma 3's local layers) are not controlled by methods and are skipped.
 """
 
@@ -140,18 +144,38 @@ def best_of(fn: Callable[[], T], repeat: int = 1, warm_up: bool = False) -> tupl
     return out, best
 
 
+INPUTS = ("dense", "method")
+
+
 def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kernel: str = "auto",
              layers: Sequence[int] | None = None,
-             progress: Callable[[int], None] | None = None, max_queries: int | None = None) -> Diagnosis:
-    """Replay every method in ``specs`` on each attention layer of one dense forward of ``input_ids``.
+             progress: Callable[[int], None] | None = None, max_queries: int | None = None,
+             inputs: str = "dense") -> Diagnosis:
+    """Replay every method in ``specs`` on each attention layer of one dense forward of ``input_ids``
+    (``inputs="dense"``), or each on its own forward (``inputs="method"``: one forward per method).
 
     ``max_queries`` estimates mass recall from that many evenly spaced queries (all by default).
     """
     methods = [parse_spec(s) for s in specs]  # every spec is checked before the model runs
+    if inputs not in INPUTS:
+        raise InputError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise InputError(f"input_ids must be (batch, tokens) with at least 2 tokens, got {tuple(input_ids.shape)}")
     wanted = set(layers) if layers is not None else None
     diag = Diagnosis(int(input_ids.shape[1]), [str(m) for m in methods])
+    forwards = [("dense", methods)] if inputs == "dense" else [(str(m), [m]) for m in methods]
+    for run_spec, replayed in forwards:
+        with torch.no_grad(), apply(model, run_spec, kernel=kernel, track_density=False) as handle:
+            handle.observer = _replayer(diag, replayed, wanted, kernel, max_queries, progress)
+            model(input_ids=input_ids, use_cache=False)
+    order = {m: i for i, m in enumerate(diag.methods)}
+    diag.layers.sort(key=lambda r: (r.layer, order[r.method]))
+    return diag
+
+
+def _replayer(diag: Diagnosis, methods: list, wanted: set[int] | None, kernel: str, max_queries: int | None,
+              progress: Callable[[int], None] | None):
+    """The observer that replays ``methods`` on each layer's queries and keys and appends their reports."""
 
     def observe(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, sliding: int | None,
                 key_mask: Tensor | None) -> None:
@@ -180,10 +204,7 @@ def diagnose(model: nn.Module, input_ids: Tensor, specs: Sequence[str], *, kerne
         if progress is not None:
             progress(layer)
 
-    with torch.no_grad(), apply(model, "dense", kernel=kernel, track_density=False) as handle:
-        handle.observer = observe
-        model(input_ids=input_ids, use_cache=False)
-    return diag
+    return observe
 
 
 def recall_heatmaps(diag: Diagnosis, path: str | Path) -> None:

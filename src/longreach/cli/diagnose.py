@@ -38,12 +38,15 @@ def check_prompt_options(input: Path | None, task: str | None, length: str) -> t
     return None, parse_task(task), token_lengths(length)[0]
 
 
-def prompt_ids(tok, text: str | None, task_obj, n_tokens: int, depth: float, chat: bool):
-    """The prompt's token ids (1, T): the file's text in the chat template, or the task's sample (seed 0)."""
+def prompt_ids(tok, text: str | None, task_obj, n_tokens: int, depth: float, chat: bool, seed: int = 0,
+               prose=None):
+    """The prompt's token ids (1, T): the file's text in the chat template, or the task's sample, as ``longreach
+    eval`` builds it for that seed, depth and corpus (default Canterbury), so a prompt an eval row lost can be
+    diagnosed."""
     from longreach.eval import Corpus
 
     if text is None:
-        sample = task_obj.build(tok, Corpus.load("canterbury"), n_tokens, depth, 0, chat)
+        sample = task_obj.build(tok, prose or Corpus.load("canterbury"), n_tokens, depth, seed, chat)
         text, templated = sample.prompt, sample.chat
     else:
         text, templated = chat_prompt(tok, text, chat)
@@ -57,6 +60,11 @@ def diagnose(
     task: str = typer.Option(None, help="instead of --input: build the prompt from an eval task, e.g. passkey"),
     length: str = typer.Option("2k", help="prompt length in tokens for --task (e.g. 8k)"),
     depth: float = typer.Option(0.5, help="needle depth for --task"),
+    seed: int = typer.Option(0, help="--task: the prompt's seed (an eval row's `seed`)"),
+    corpus: str = typer.Option("canterbury", help="--task: the prose corpus (an eval row's `corpus`)"),
+    inputs: str = typer.Option("dense", help="dense: replay every method on one dense forward's queries and keys; "
+                               "method: each method runs its own forward and is replayed on what its earlier "
+                               "layers produced (one forward per method)"),
     layers: str = typer.Option(None, help="layers to replay, e.g. 0,10,20 (default: all)"),
     queries: int = typer.Option(1024, min=1, help="queries (evenly spaced) that estimate mass recall"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help=CHAT_HELP),
@@ -73,25 +81,33 @@ def diagnose(
     Example: longreach diagnose --model smollm2-135m --method hip:density=0.1 --method quest:density=0.1
     --task passkey --length 8k
 
+    A prompt an eval row lost, in the method's own run: longreach diagnose --model smollm2-135m --task passkey
+    --length 4k --depth 0.25 --seed 1001 --corpus austen --no-chat --method quest:density=0.1 --inputs method
+
     Attention rollout only: longreach diagnose --model smollm2-135m --rollout --task passkey --length 1k
     """
     from longreach import load_model
+    from longreach.diagnostics import INPUTS
+    from longreach.eval import Corpus
 
     with user_errors():
         specs = checked_specs(method or [])
         if not specs and not rollout:
             raise LongreachError("nothing to do: give --method SPEC (oracle gap) and/or --rollout")
+        if inputs not in INPUTS:
+            raise LongreachError(f"--inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
         text, task_obj, n_tokens = check_prompt_options(input, task, length)
+        prose = Corpus.load(corpus) if task_obj is not None else None  # an unknown corpus fails before the model
         wanted = layer_indices(layers)
         lm, tok = load_model(model)
-        ids = prompt_ids(tok, text, task_obj, n_tokens, depth, chat)
+        ids = prompt_ids(tok, text, task_obj, n_tokens, depth, chat, seed, prose)
         n_layers = getattr(lm.config, "num_hidden_layers", None)
         if wanted and n_layers is not None and max(wanted) >= n_layers:
             raise LongreachError(f"--layers: this model has layers 0..{n_layers - 1}, got {max(wanted)}")
         if rollout:
             write_rollout(lm, tok, ids, model, out, rollout_size, rollout_max_tokens, kernel)
     if specs:
-        oracle_gap(lm, ids, specs, model, out, wanted, queries, kernel)
+        oracle_gap(lm, ids, specs, model, out, wanted, queries, kernel, inputs)
 
 
 def write_rollout(lm, tok, ids, model: str, out: Path, size: int, max_tokens: int, kernel: str) -> None:
@@ -125,20 +141,22 @@ def write_rollout(lm, tok, ids, model: str, out: Path, size: int, max_tokens: in
 
 
 def oracle_gap(lm, ids, specs: list[str], model: str, out: Path, wanted: list[int] | None, queries: int,
-               kernel: str) -> None:
+               kernel: str, inputs: str = "dense") -> None:
     """Replay each method on every layer; print the tables, write diagnose.json and recall.png."""
     from longreach.diagnostics import diagnose as run_diagnosis
     from longreach.diagnostics import recall_heatmaps
 
     with user_errors():
         n_layers = getattr(lm.config, "num_hidden_layers", None)
-        console.print(f"{ids.shape[1]} tokens; replaying {len(specs)} method(s) on each layer")
-        total = len(wanted) if wanted else n_layers
+        forwards = 1 if inputs == "dense" else len(specs)
+        console.print(f"{ids.shape[1]} tokens; replaying {len(specs)} method(s) on each layer of "
+                      + ("one dense forward" if inputs == "dense" else "each method's own forward"))
+        total = (len(wanted) if wanted else n_layers) * forwards
         with Progress(TextColumn("layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console) as bar:
             task_id = bar.add_task("layers", total=total)
             diag = run_diagnosis(lm, ids, specs, kernel=kernel, layers=wanted, max_queries=queries,
-                                 progress=lambda _layer: bar.advance(task_id))
+                                 progress=lambda _layer: bar.advance(task_id), inputs=inputs)
     table = Table(title=f"oracle gap per layer, {diag.tokens} tokens, recall over {min(queries, diag.tokens)} "
                         "queries (times: this machine, one run)")
     for col in ("layer", "method", "recall mean", "recall min head", "last query min head", "output error",
@@ -163,7 +181,7 @@ def oracle_gap(lm, ids, specs: list[str], model: str, out: Path, wanted: list[in
     console.print(summary)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps({"tokens": diag.tokens, "model": model, "provenance": provenance(),
-                                                   "methods": diag.methods,
+                                                   "inputs": inputs, "methods": diag.methods,
                                                    "summary": {m: diag.summary(m) for m in diag.methods},
                                                    "layers": [r.__dict__ for r in diag.layers]}, indent=1))
     recall_heatmaps(diag, out / "recall.png")
