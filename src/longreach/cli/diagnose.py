@@ -46,7 +46,8 @@ def prompt_ids(tok, text: str | None, task_obj, n_tokens: int, depth: float, cha
     from longreach.eval import Corpus
 
     if text is None:
-        sample = task_obj.build(tok, prose or Corpus.load("canterbury"), n_tokens, depth, seed, chat)
+        prose = prose if prose is not None else Corpus.load("canterbury")
+        sample = task_obj.build(tok, prose, n_tokens, depth, seed, chat)
         text, templated = sample.prompt, sample.chat
     else:
         text, templated = chat_prompt(tok, text, chat)

@@ -22,7 +22,7 @@ from ..selection import Selection
 from ..stages import PLAIN, SoftmaxExtras
 from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
-from .scoring import by_group, chunk_rows, query_blocks
+from .scoring import by_group, chunk_rows, grouped_sinks, query_blocks
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,6 @@ def bounded_shares(bound: Tensor, candidate: Tensor, scale: float, extras: Softm
     bound = extras.cap(bound.mul_(scale)).masked_fill_(~candidate[:, None, :], float("-inf"))
     norm = bound.logsumexp(dim=-1, keepdim=True)
     if extras.sinks is not None:
-        sinks = extras.sinks.to(norm.dtype).view(1, norm.shape[1], norm.shape[2], 1, 1, 1)
+        sinks = grouped_sinks(extras.sinks, norm.shape[1]).to(norm.device)[None, :, :, None, None, None]
         norm = torch.logaddexp(norm, sinks)
     return bound.sub_(norm.masked_fill_(norm == float("-inf"), 0.0))  # a row with no candidate stays -inf
