@@ -46,7 +46,7 @@ def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method)
     # and none of the other queries of the last block puts as much in any candidate block
     others = (q[0, 0, 448:511] @ k[0, 0].T * SCALE).softmax(-1)[:, :384].reshape(63, 6, 64).sum(-1)
     assert others.max() < probs[128:192].sum()
-    spec = f"{method}:density=0.45"  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
+    spec = f"{method}:density=0.45,sinks=4"  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
     assert NEEDLE_BLOCK in _last_block_keys(spec, q, k)
     # as the papers estimate (the average of the last 64 queries), the needle's block loses: the test can fail
     assert NEEDLE_BLOCK not in _last_block_keys(spec + ",exact_last=false", q, k)
@@ -56,7 +56,7 @@ def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method)
 def test_exact_last_changes_only_the_last_block_and_stays_in_budget(method):
     q, k = _needle_inputs(1)
     new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
-                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
+                for s in (f"{method}:density=0.45,sinks=4", f"{method}:density=0.45,sinks=4,exact_last=false"))
     assert torch.equal(new.indices[:, :, :-1], old.indices[:, :, :-1])
     assert int((new.indices[:, :, -1] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
 
@@ -75,3 +75,18 @@ def test_flexprefill_chooses_the_same_blocks_when_its_estimate_runs_a_few_kv_hea
     monkeypatch.setattr(flexprefill, "PASS_BYTES", 4 * 2 * 64 * 512)  # one KV head's probabilities per pass
     per_head = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
     assert torch.equal(one_pass.indices, per_head.indices)
+
+
+def test_flexprefill_keeps_the_first_key_block_for_every_query_as_the_papers_code_does():
+    """Every query sees the prompt's first 64 keys (the instruction, a needle at depth 0), even where a block
+    elsewhere takes all the estimated mass; with 4 sink tokens (the rule before) most queries lose them."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 1, 512, 64, generator=g)
+    q = torch.randn(1, 2, 512, 64, generator=g) * 0.1
+    q[0, :, 192:] += 3 * k[0, 0, 128:192].mean(0)  # every later query prefers key block 2
+    k[0, 0, 128:192] += 3 * k[0, 0, 128:192].mean(0)
+    first = slice(0, 64)
+    seen = parse_spec("flexprefill:density=0.375").selector.select(q, k, SelectContext(scale=SCALE)).to_mask()
+    assert seen[0, :, 64:, first].all()  # budget 192 = first block + window + one chosen block
+    before = parse_spec("flexprefill:density=0.375,sinks=4").selector.select(q, k, SelectContext(scale=SCALE))
+    assert not before.to_mask()[0, :, 256:, first].all()  # the test can fail: block 2 takes the one free slot

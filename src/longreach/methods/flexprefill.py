@@ -22,6 +22,12 @@ keys' true mass sums to less than 1, and a gamma above it would be unreachable a
 pattern estimates are distributions over key blocks already, and the exact block distribution is rescaled
 to the keys' total before the JS comparison.
 
+The first key block is always kept (``sinks=64``, one default block), as the paper's code forces its first
+vertical block. With 4 sink tokens the rest of that block competed like any other and, in SmolLM2's diffuse early
+layers, lost, though the prompt's opening (the instruction, a needle at depth 0) sits there: of the 5 NIAH
+prompts lost at depth 0 at 4k without a template, 3 were found with it (docs/template-free.md). ``sinks=4`` is
+the rule before.
+
 Simplifications: verticals and slashes are rounded to key blocks (see ``vslash``); in decode the one
 query is the last block, so both patterns use its exact attention.
 """
@@ -70,6 +76,7 @@ class FlexPrefill(PrefillPattern):
     block_stats: ClassVar[tuple[str, ...]] = ("mean",)
     default_budget: ClassVar[int | None] = None  # gamma decides; budget/density only cap
 
+    sinks: int = param(64, "first tokens every query sees (FlexPrefill's code always keeps the first key block)")
     gamma: float = param(0.9, "estimated attention mass each query block must reach, in (0, 1]")
     tau: float = param(0.1, "JS distance below which a head trusts the pooled (query-aware) estimate")
     exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
