@@ -46,7 +46,7 @@ def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method)
     # and none of the other queries of the last block puts as much in any candidate block
     others = (q[0, 0, 448:511] @ k[0, 0].T * SCALE).softmax(-1)[:, :384].reshape(63, 6, 64).sum(-1)
     assert others.max() < probs[128:192].sum()
-    spec = f"{method}:density=0.45,sinks=4"  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
+    spec = f"{method}:density=0.45"  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
     assert NEEDLE_BLOCK in _last_block_keys(spec, q, k)
     # as the papers estimate (the average of the last 64 queries), the needle's block loses: the test can fail
     assert NEEDLE_BLOCK not in _last_block_keys(spec + ",exact_last=false", q, k)
@@ -56,7 +56,7 @@ def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method)
 def test_exact_last_changes_only_the_last_block_and_stays_in_budget(method):
     q, k = _needle_inputs(1)
     new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
-                for s in (f"{method}:density=0.45,sinks=4", f"{method}:density=0.45,sinks=4,exact_last=false"))
+                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
     assert torch.equal(new.indices[:, :, :-1], old.indices[:, :, :-1])
     assert int((new.indices[:, :, -1] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
 
@@ -77,16 +77,49 @@ def test_flexprefill_chooses_the_same_blocks_when_its_estimate_runs_a_few_kv_hea
     assert torch.equal(one_pass.indices, per_head.indices)
 
 
-def test_flexprefill_keeps_the_first_key_block_for_every_query_as_the_papers_code_does():
-    """Every query sees the prompt's first 64 keys (the instruction, a needle at depth 0), even where a block
-    elsewhere takes all the estimated mass; with 4 sink tokens (the rule before) most queries lose them."""
-    g = torch.Generator().manual_seed(5)
-    k = torch.randn(1, 1, 512, 64, generator=g)
-    q = torch.randn(1, 2, 512, 64, generator=g) * 0.1
-    q[0, :, 192:] += 3 * k[0, 0, 128:192].mean(0)  # every later query prefers key block 2
-    k[0, 0, 128:192] += 3 * k[0, 0, 128:192].mean(0)
-    first = slice(0, 64)
-    seen = parse_spec("flexprefill:density=0.375").selector.select(q, k, SelectContext(scale=SCALE)).to_mask()
-    assert seen[0, :, 64:, first].all()  # budget 192 = first block + window + one chosen block
-    before = parse_spec("flexprefill:density=0.375,sinks=4").selector.select(q, k, SelectContext(scale=SCALE))
-    assert not before.to_mask()[0, :, 256:, first].all()  # the test can fail: block 2 takes the one free slot
+def _question_before_the_boundary(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """513 keys: the prompt ends one token past a block boundary, so the last query block holds one query and the
+    question's last words (queries 509..511, which alone match the needle in block 2) sit in the block before it."""
+    q, k = _needle_inputs(seed)
+    k = torch.cat([k, torch.randn(1, 1, 1, 64, generator=torch.Generator().manual_seed(seed + 1))], dim=2)
+    q = torch.cat([q, q[:, :, -1:] * 0], dim=2)  # the final query matches nothing in particular
+    q[0, :, 509:512] = 8 * k[0, 0, 130] / k[0, 0, 130].norm()
+    return q, k
+
+
+@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+def test_the_question_before_a_block_boundary_keeps_its_needle(method):
+    q, k = _question_before_the_boundary()
+    # the oracle: the question's queries put most of their mass on the needle's keys, which the final query does not
+    probs = (q[0, 0, 509:512] @ k[0, 0].T * SCALE).softmax(-1)
+    assert (probs[:, 130:138].sum(-1) > 0.5).all()
+    spec = f"{method}:density=0.45"
+    sel = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
+    assert NEEDLE_BLOCK in {int(b) for b in sel.indices[0, :, -2].flatten() if b >= 0}  # the question's block
+    # by the estimate alone, as that block was ranked before (only the one-query last block was exact), the
+    # needle's block is lost: the test can fail
+    old = parse_spec(spec + ",exact_last=false").selector.select(q, k, SelectContext(scale=SCALE))
+    assert NEEDLE_BLOCK not in {int(b) for b in old.indices[0, :, -2].flatten() if b >= 0}
+
+
+@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+def test_exact_last_changes_only_the_blocks_of_the_last_queries(method):
+    q, k = _question_before_the_boundary(1)
+    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
+                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
+    assert torch.equal(new.indices[:, :, :-2], old.indices[:, :, :-2])
+    assert int((new.indices[:, :, -2:] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
+
+
+def test_last_blocks_exact_scores_each_query_block_by_its_own_queries_maximum():
+    from longreach.methods.scoring import last_blocks_exact
+
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(1, 2, 64, 130, generator=g)  # the last 64 of 130 queries: 62 in block 1, 2 in block 2
+    got = last_blocks_exact(probs, t_q=130, block_q=64, block_k=32)
+    per_key_block = torch.stack([probs[..., i:i + 32].sum(-1) for i in range(0, 130, 32)], dim=-1)  # (1, 2, 64, 5)
+    assert got.shape == (1, 2, 2, 5)
+    assert torch.allclose(got[:, :, 0], per_key_block[:, :, :62].amax(2))
+    assert torch.allclose(got[:, :, 1], per_key_block[:, :, 62:].amax(2))
+    one = last_blocks_exact(probs[:, :, -2:], t_q=130, block_q=64, block_k=32)  # decode-like: one block only
+    assert one.shape == (1, 2, 1, 5) and torch.allclose(one[:, :, 0], got[:, :, 1])

@@ -249,9 +249,9 @@ def test_flexprefill_without_a_budget_lets_gamma_choose_instead_of_running_dense
     q, k, _ = _inputs(1, 2, 2, 256, 256, d=32)
     q = q[:, :, :1] + 0.05 * q
     k[:, :, 40:48] = q[:, :, :1] * 4
-    bare = parse_spec("flexprefill:block=16,sinks=16").selector.select(q, k, SelectContext())  # sinks: 1 block
+    bare = parse_spec("flexprefill:block=16").selector.select(q, k, SelectContext())
     assert not bare.full and bare.density() < 0.5
-    step = parse_spec("flexprefill:block=16,sinks=16").selector.select(q[:, :, -1:], k, SelectContext())  # decode
+    step = parse_spec("flexprefill:block=16").selector.select(q[:, :, -1:], k, SelectContext())  # decode too
     assert not step.full and step.density() < 0.5
     assert parse_spec("flexprefill:block=16,density=1").selector.select(q, k, SelectContext()).full
 

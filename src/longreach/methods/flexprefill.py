@@ -7,9 +7,10 @@ agree (Jensen-Shannon distance below ``tau``) the pooled estimate is trusted and
 ranks key blocks by its own pooled scores (*query-aware*); otherwise the head falls back to the
 *vertical-slash* pattern estimated from the last queries. Either way a query block keeps its best
 blocks until their estimated mass, with the sinks and window, reaches ``gamma``: the budget adapts
-per head and input; ``budget=``/``density=`` only cap it. The last query block, whose queries were
-attended exactly for the estimate, ranks blocks by their own attention and fills its budget
-(``scoring.last_block_exact``); in decode the one query is that block, so a decode step keeps its
+per head and input; ``budget=``/``density=`` only cap it. The query blocks of the last queries, which were
+attended exactly for the estimate, rank blocks by those queries' own attention and fill their budget
+(``scoring.last_blocks_exact``; two blocks when the prompt ends just past a block boundary, the question then
+sitting in the one before the last); in decode the one query is the last block, so a decode step keeps its
 budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule; ``decode=dense``
 attends every key in decode, as the paper does: ``base.PrefillPattern``). Without
 ``budget=``/``density=`` there is no budget to fill: ``gamma`` sizes every block, the last one included.
@@ -21,12 +22,6 @@ estimate. ``gamma`` is a fraction of the keys' own mass: the sink's share belong
 keys' true mass sums to less than 1, and a gamma above it would be unreachable and keep every block). The
 pattern estimates are distributions over key blocks already, and the exact block distribution is rescaled
 to the keys' total before the JS comparison.
-
-The first key block is always kept (``sinks=64``, one default block), as the paper's code forces its first
-vertical block. With 4 sink tokens the rest of that block competed like any other and, in SmolLM2's diffuse early
-layers, lost, though the prompt's opening (the instruction, a needle at depth 0) sits there: of the 5 NIAH
-prompts lost at depth 0 at 4k without a template, 3 were found with it (docs/template-free.md). ``sinks=4`` is
-the rule before.
 
 Simplifications: verticals and slashes are rounded to key blocks (see ``vslash``); in decode the one
 query is the last block, so both patterns use its exact attention.
@@ -48,7 +43,7 @@ from .scoring import (
     block_sums,
     by_group,
     keys_share,
-    last_block_exact,
+    last_blocks_exact,
     last_query_probs,
     mean_queries,
     reduce_heads,
@@ -76,11 +71,10 @@ class FlexPrefill(PrefillPattern):
     block_stats: ClassVar[tuple[str, ...]] = ("mean",)
     default_budget: ClassVar[int | None] = None  # gamma decides; budget/density only cap
 
-    sinks: int = param(64, "first tokens every query sees (FlexPrefill's code always keeps the first key block)")
     gamma: float = param(0.9, "estimated attention mass each query block must reach, in (0, 1]")
     tau: float = param(0.1, "JS distance below which a head trusts the pooled (query-aware) estimate")
-    exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
-                             "attention (false: by the pattern estimate alone, as the paper does)")
+    exact_last: bool = param(True, "the query blocks of the last queries also rank key blocks by those "
+                             "queries' exact attention (false: by the pattern estimate alone, as the paper does)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,7 +91,7 @@ class FlexPrefill(PrefillPattern):
 
         extras = ctx.extras
         causal = (torch.arange(quota.n_kb, device=dev) * bk)[None, :] <= quota.last[:, None]  # (nQB, nKB)
-        true_dist, vs, own_last = self.last_query_estimates(q, k, quota, ctx)
+        true_dist, vs, own_last = self.last_query_estimates(q, k, quota, ctx)  # own_last: (B, Hq, m, nKB)
         q_last = q[:, :, -min(self.block, q.shape[2]):].float().mean(2)  # (B, Hq, D) pooled last block
         est_logits = (by_group(q_last, n_kv).unsqueeze(-2) @ k_mean.unsqueeze(2).transpose(-1, -2)).squeeze(-2)
         est_dist = extras.cap(est_logits.reshape(q.shape[0], n_q, -1) * scale).softmax(-1)  # (B, Hq, nKB)
@@ -110,23 +104,25 @@ class FlexPrefill(PrefillPattern):
         qa = qa.masked_fill(~causal, float("-inf")).softmax(-1)
         vs = keys_share(vs * causal)  # sink-weighted rows, then a distribution over the key blocks
         mass = torch.where(query_aware[..., None, None], qa, vs)  # (B, Hq, nQB, nKB)
-        # the last query block ranks by its own queries' exact attention too, and fills its budget: gamma of an
-        # average would drop what only its final query needs (see last_block_exact)
+        # the last queries' blocks rank by those queries' exact attention too, and fill their budget: gamma of an
+        # average would drop what only the question needs (see last_blocks_exact)
+        m = own_last.shape[2]  # the query blocks the last queries fall in (1, or 2 past a block boundary)
         if self.exact_last:
-            mass[:, :, -1] = torch.maximum(mass[:, :, -1], own_last)
+            mass[:, :, -m:] = torch.maximum(mass[:, :, -m:], own_last)
         mass = reduce_heads(mass, n_kv, self.group, "mean")
         always = (mass * (causal & ~quota.candidate)).sum(-1)  # sinks' and window's blocks
         cand_mass = mass * quota.candidate
         need = sorted_count_to_reach(cand_mass, always, self.gamma)
         if self.exact_last and self.capped:  # without a budget there is none to fill: gamma sizes it too
-            need[..., -1] = quota.n_take[-1]
+            need[..., -m:] = quota.n_take[-m:]
         scores = cand_mass.masked_fill(cand_mass <= 0, float("-inf"))
         return self.top_blocks(scores, quota, ctx, n_take=need)
 
     def last_query_estimates(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext
                              ) -> tuple[Tensor, Tensor, Tensor]:
         """From the last block's exact attention: its block distribution (B, Hq, nKB), the vertical-slash
-        pattern (B, Hq, nQB, nKB) and the last block's own ranking (B, Hq, nKB), all in the keys' shares.
+        pattern (B, Hq, nQB, nKB) and the last queries' own ranking of the m query blocks they fall in
+        (B, Hq, m, nKB), all in the keys' shares.
         A few KV heads at a time when the probabilities are large: (queries x keys) per head is 38 MiB a layer
         for SmolLM2 at 16k with all heads at once, which put flexprefill's peak memory above dense's; a decode
         step's one query takes all heads in one pass (a loop per head cost it a quarter of its speed)."""
@@ -145,7 +141,7 @@ class FlexPrefill(PrefillPattern):
             true_dist = block_sums(probs.mean(2), bk)
             vs = vertical_slash_scores(probs, quota, self.block, bk)
             own = keys_share(probs) if sinks else probs  # in the estimates' unit: the keys' shares
-            ranked = last_block_exact(own, quota.t_q, self.block, bk) if self.exact_last else true_dist
+            ranked = last_blocks_exact(own, quota.t_q, self.block, bk) if self.exact_last else true_dist[:, :, None]
             parts.append((keys_share(true_dist) if sinks else true_dist, vs, ranked))
             del probs, own
         return tuple(torch.cat(p, dim=1) for p in zip(*parts, strict=True))  # type: ignore[return-value]

@@ -125,18 +125,22 @@ def keys_share(mass: Tensor) -> Tensor:
     return mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
-def last_block_exact(probs: Tensor, t_q: int, block_q: int, block_k: int) -> Tensor:
-    """(B, H, nKB): for the last query block, each key block's largest share of attention among its queries.
+def last_blocks_exact(probs: Tensor, t_q: int, block_q: int, block_k: int) -> Tensor:
+    """(B, H, m, nKB): for each of the m query blocks that the exactly attended last queries fall in (the last
+    ``probs.shape[2]`` of ``t_q`` queries), each key block's largest share of attention among those queries.
 
-    Those queries' attention is known exactly (the estimate computed it from the last queries), and they are
-    the ones that write the answer. Averaged into a pattern, a key block that only the final query needs (the
-    needle a question asks for) weighs 1/last_q of its mass and loses to the diagonals: measured on SmolLM2
-    at 4k without a chat template, vslash and flexprefill kept none of the last query's needle mass in
-    layers 14, 20 and 21 (docs/template-free.md). Scored by its queries' own maximum, no query of the block
-    loses a key block it needs, within the same budget.
+    They are the ones that write the answer, and their attention is known exactly (the estimate computed it).
+    Averaged into a pattern, a key block that only the question needs (the needle it asks for) weighs 1/last_q
+    of its mass and loses to the diagonals: measured on SmolLM2 at 4k without a chat template, vslash and
+    flexprefill kept none of the last query's needle mass in layers 14, 20 and 21 (docs/template-free.md).
+    Scored by its queries' own maximum, no query loses a key block it needs, within the same budget. Every block
+    they fall in is scored, not only the last: a prompt one token past a block boundary leaves a last block of
+    one query, and the question in the block before it, ranked by the estimate alone (docs/template-free.md).
     """
-    in_last = min(t_q - (math.ceil(t_q / block_q) - 1) * block_q, probs.shape[2])
-    return block_sums(probs[:, :, -in_last:], block_k).amax(2)
+    n = probs.shape[2]
+    owner = torch.arange(t_q - n, t_q, device=probs.device) // block_q
+    sums = block_sums(probs, block_k)  # (B, H, n, nKB)
+    return torch.stack([sums[:, :, owner == b].amax(2) for b in range(int(owner[0]), int(owner[-1]) + 1)], dim=2)
 
 
 def block_sums(x: Tensor, block: int) -> Tensor:

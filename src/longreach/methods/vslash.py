@@ -5,11 +5,11 @@ The exact attention of the last ``last_q`` queries over all keys is cheap (O(las
 and shows both: summed per key it gives *vertical* column mass, summed per offset (query - key) it
 gives *slash* diagonal mass. Every query block then scores each key block by the vertical mass in it
 plus the mass of the diagonals that cross it, and keeps the best blocks under the budget (with the
-sinks and local window). The last query block, whose queries the estimate attended exactly, also ranks
-blocks by their own attention (``scoring.last_block_exact``): a needle only the final question reads is
-kept for it. In decode the one query is its own estimate, so decode keeps the blocks with the most true
-attention mass (selection costs one pass of q over the keys); ``decode=dense`` attends every key instead, as
-the paper decodes (``base.PrefillPattern``).
+sinks and local window). The query blocks of the last queries, which the estimate attended exactly, also
+rank blocks by those queries' own attention (``scoring.last_blocks_exact``): a needle only the question reads
+is kept for it, wherever the block boundary falls in the question. In decode the one query is its own
+estimate, so decode keeps the blocks with the most true attention mass (selection costs one pass of q over the
+keys); ``decode=dense`` attends every key instead, as the paper decodes (``base.PrefillPattern``).
 
 Simplification: MInference's kernel takes verticals per token and slashes per diagonal; here both
 are rounded to blocks (``key_block`` tokens), since a Selection addresses keys in blocks.
@@ -26,7 +26,7 @@ from torch import Tensor
 from ..selection import Selection
 from .base import BlockQuota, PrefillPattern, SelectContext, check_int, param
 from .registry import register
-from .scoring import block_sums, last_block_exact, last_query_probs, reduce_heads, slash_sums
+from .scoring import block_sums, last_blocks_exact, last_query_probs, reduce_heads, slash_sums
 
 
 def keep_top(x: Tensor, n: int | None) -> Tensor:
@@ -70,8 +70,8 @@ class VerticalSlash(PrefillPattern):
     last_q: int = param(64, "last queries whose exact attention estimates the pattern")
     vertical: int | None = param(None, "key columns kept in the estimate (default: all, weighted by mass)")
     slash: int | None = param(None, "diagonals kept in the estimate (default: all, weighted by mass)")
-    exact_last: bool = param(True, "the last query block also ranks key blocks by its own queries' exact "
-                             "attention (false: by the pattern estimate alone, as the paper does)")
+    exact_last: bool = param(True, "the query blocks of the last queries also rank key blocks by those "
+                             "queries' exact attention (false: by the pattern estimate alone, as the paper does)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,8 +83,8 @@ class VerticalSlash(PrefillPattern):
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
         probs = last_query_probs(q, k, self.last_q, ctx.softmax_scale(q), ctx.key_mask, ctx.extras)
         scores = vertical_slash_scores(probs, quota, self.block, self.block_k, self.vertical, self.slash)
-        # the last query block ranks key blocks by its own queries' exact attention too (see last_block_exact)
+        # the last queries' blocks rank key blocks by those queries' exact attention too (see last_blocks_exact)
         if self.exact_last:
-            scores[:, :, -1] = torch.maximum(scores[:, :, -1], last_block_exact(probs, quota.t_q, self.block,
-                                                                                self.block_k))
+            own = last_blocks_exact(probs, quota.t_q, self.block, self.block_k)
+            scores[:, :, -own.shape[2]:] = torch.maximum(scores[:, :, -own.shape[2]:], own)
         return self.top_blocks(reduce_heads(scores, k.shape[1], self.group, "sum"), quota, ctx)
