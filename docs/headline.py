@@ -184,6 +184,10 @@ def main() -> None:
             accuracy(f"template-free fix, {when}: sparse prefill, 4k, {task}, no template",  # docs/template-free.md
                      spec, "heldout/smollm2-4k-nochat-austen-prefill/results.jsonl",
                      keep=lambda r, task=task: r["task"] == task)
+    for task in ("passkey", "niah"):  # quest's share rule (docs/template-free.md#quest), both forms at d4c78a1
+        for spec, when in (("quest:density=0.1,share=false", "before"), ("quest:density=0.1", "after")):
+            accuracy(f"quest share rule, {when}: sparse attention, 4k, {task}, no template", spec,
+                     "heldout/smollm2-4k-nochat-quest-share/results.jsonl", keep=lambda r, task=task: r["task"] == task)
     for task in ("passkey", "niah"):  # the bare-form choice on the template's prompt form (the 4k tune's prompts)
         accuracy(f"bare-form tune's press, 25% cache, 4k, chat template, {task}",
                  "snapkv:density=0.25,hold=false,pool=31,vote=max",
