@@ -1,7 +1,9 @@
-"""The last query block of attention-estimating selectors (vslash, flexprefill) keeps what its own queries need.
+"""The query blocks of the last queries of attention-estimating selectors (vslash, flexprefill) keep what those
+queries need.
 
-A key block that only the final query attends to (the needle a question asks for) weighs 1/last_q in a pattern
-averaged over the last queries; the selectors also rank the last block by its queries' exact attention.
+A key block that only the question attends to (the needle it asks for) weighs 1/last_q in a pattern averaged over
+the last queries; the selectors also rank every query block the last queries fall in by those queries' exact
+attention (two blocks when the prompt ends just past a block boundary).
 """
 
 from __future__ import annotations
@@ -121,5 +123,14 @@ def test_last_blocks_exact_scores_each_query_block_by_its_own_queries_maximum():
     assert got.shape == (1, 2, 2, 5)
     assert torch.allclose(got[:, :, 0], per_key_block[:, :, :62].amax(2))
     assert torch.allclose(got[:, :, 1], per_key_block[:, :, 62:].amax(2))
-    one = last_blocks_exact(probs[:, :, -2:], t_q=130, block_q=64, block_k=32)  # decode-like: one block only
+    one = last_blocks_exact(probs[:, :, -2:], t_q=130, block_q=64, block_k=32)  # only the last block's 2 queries
     assert one.shape == (1, 2, 1, 5) and torch.allclose(one[:, :, 0], got[:, :, 1])
+    step = last_blocks_exact(probs[:, :, -1:], t_q=1, block_q=64, block_k=32)  # a prompt of one token
+    assert step.shape == (1, 2, 1, 5) and torch.allclose(step[:, :, 0], per_key_block[:, :, -1])
+    even = last_blocks_exact(probs, t_q=128, block_q=64, block_k=32)  # an exact multiple: one block
+    assert even.shape == (1, 2, 1, 5) and torch.allclose(even[:, :, 0], per_key_block.amax(2))
+    wide = last_blocks_exact(probs, t_q=130, block_q=16, block_k=32)  # 64 queries over 5 blocks of 16: 14+16+16+16+2
+    bounds = [0, 14, 30, 46, 62, 64]
+    assert wide.shape == (1, 2, 5, 5)
+    for b in range(5):
+        assert torch.allclose(wide[:, :, b], per_key_block[:, :, bounds[b]:bounds[b + 1]].amax(2))

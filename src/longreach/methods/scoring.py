@@ -137,10 +137,11 @@ def last_blocks_exact(probs: Tensor, t_q: int, block_q: int, block_k: int) -> Te
     they fall in is scored, not only the last: a prompt one token past a block boundary leaves a last block of
     one query, and the question in the block before it, ranked by the estimate alone (docs/template-free.md).
     """
-    n = probs.shape[2]
-    owner = torch.arange(t_q - n, t_q, device=probs.device) // block_q
+    first = t_q - probs.shape[2]  # the first exact query's index; Python ints, so no device sync per layer
     sums = block_sums(probs, block_k)  # (B, H, n, nKB)
-    return torch.stack([sums[:, :, owner == b].amax(2) for b in range(int(owner[0]), int(owner[-1]) + 1)], dim=2)
+    rows = [(max(b * block_q, first) - first, min((b + 1) * block_q, t_q) - first)
+            for b in range(first // block_q, (t_q - 1) // block_q + 1)]
+    return torch.stack([sums[:, :, lo:hi].amax(2) for lo, hi in rows], dim=2)
 
 
 def block_sums(x: Tensor, block: int) -> Tensor:
