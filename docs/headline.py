@@ -180,10 +180,15 @@ def main() -> None:
                  f"snapkv:density={density},hold=false,pool=31,vote=max",
                  "tuned/smollm2-4k-bare/reporting/results.jsonl")
     for task in ("passkey", "niah"):
-        for spec, when in (("flexprefill:density=0.1,exact_last=false", "before"), ("flexprefill:density=0.1", "after")):
+        for spec, when in (("flexprefill:density=0.1,exact_last=false", "before"),
+                           ("flexprefill:density=0.1", "after")):
             accuracy(f"template-free fix, {when}: sparse prefill, 4k, {task}, no template",  # docs/template-free.md
                      spec, "heldout/smollm2-4k-nochat-austen-prefill/results.jsonl",
                      keep=lambda r, task=task: r["task"] == task)
+    for task in ("passkey", "niah"):  # every block of the last queries ranked exactly (6451936; template-free.md)
+        accuracy(f"template-free fix, question split by a block boundary, after: sparse prefill, 4k, {task}, "
+                 "no template", "flexprefill:density=0.1", "heldout/smollm2-4k-nochat-austen-lastq/results.jsonl",
+                 keep=lambda r, task=task: r["task"] == task)
     for task in ("passkey", "niah"):  # quest's share rule (docs/template-free.md#quest), both forms at d4c78a1
         for spec, when in (("quest:density=0.1,share=false", "before"), ("quest:density=0.1", "after")):
             accuracy(f"quest share rule, {when}: sparse attention, 4k, {task}, no template", spec,
