@@ -54,15 +54,6 @@ def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method)
     assert NEEDLE_BLOCK not in _last_block_keys(spec + ",exact_last=false", q, k)
 
 
-@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
-def test_exact_last_changes_only_the_last_block_and_stays_in_budget(method):
-    q, k = _needle_inputs(1)
-    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
-                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
-    assert torch.equal(new.indices[:, :, :-1], old.indices[:, :, :-1])
-    assert int((new.indices[:, :, -1] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
-
-
 @pytest.mark.parametrize("exact_last", [True, False])
 def test_flexprefill_chooses_the_same_blocks_when_its_estimate_runs_a_few_kv_heads_at_a_time(monkeypatch, exact_last):
     """Long prompts take the last queries' probabilities a few KV heads per pass (the memory cap, PASS_BYTES); the
@@ -104,15 +95,6 @@ def test_the_question_before_a_block_boundary_keeps_its_needle(method):
     assert NEEDLE_BLOCK not in {int(b) for b in old.indices[0, :, -2].flatten() if b >= 0}
 
 
-@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
-def test_exact_last_changes_only_the_blocks_of_the_last_queries(method):
-    q, k = _question_before_the_boundary(1)
-    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
-                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
-    assert torch.equal(new.indices[:, :, :-2], old.indices[:, :, :-2])
-    assert int((new.indices[:, :, -2:] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
-
-
 def test_last_blocks_exact_scores_each_query_block_by_its_own_queries_maximum():
     from longreach.methods.scoring import last_blocks_exact
 
@@ -134,3 +116,14 @@ def test_last_blocks_exact_scores_each_query_block_by_its_own_queries_maximum():
     assert wide.shape == (1, 2, 5, 5)
     for b in range(5):
         assert torch.allclose(wide[:, :, b], per_key_block[:, :, bounds[b]:bounds[b + 1]].amax(2))
+
+
+@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+@pytest.mark.parametrize("inputs, blocks", [(_needle_inputs, 1), (_question_before_the_boundary, 2)])
+def test_exact_last_changes_only_the_blocks_of_the_last_queries_and_stays_in_budget(method, inputs, blocks):
+    """512 queries: the last 64 fill one block; 513: they fall in two."""
+    q, k = inputs(1)
+    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
+                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
+    assert torch.equal(new.indices[:, :, :-blocks], old.indices[:, :, :-blocks])
+    assert int((new.indices[:, :, -blocks:] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
