@@ -1,5 +1,5 @@
-"""``dense_layers=N`` on the prefill-pattern selectors (vslash, flexprefill): the model's first N layers attend every
-key, the others choose exactly as without the option."""
+"""``dense_layers=N`` on the phase-gated selectors (vslash, flexprefill, quest, moba): the model's first N layers attend
+every key, the others choose exactly as without the option."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return (s.masked_fill(future, float("-inf")).softmax(-1) @ v).transpose(1, 2)
 
 
-@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+@pytest.mark.parametrize("method", ["vslash", "flexprefill", "quest", "moba"])
 @pytest.mark.parametrize("t_q", [512, 1])  # prefill, and a decode step with decode=sparse
 def test_layers_below_n_attend_every_key_and_the_rest_choose_as_without_the_option(method, t_q):
     q, k, v = _inputs(512)

@@ -258,28 +258,35 @@ class BudgetedMethod(SelectionMethod):
 
 
 @dataclass(frozen=True)
-class PrefillPattern(BudgetedMethod):
-    """A method that estimates a prefill pattern from the last queries' exact attention (vslash, flexprefill).
+class PhaseGated(BudgetedMethod):
+    """A block selector that can leave a phase, or the model's first layers, to dense attention.
 
-    In decode the one query is its own estimate: choosing its blocks costs a pass of q over every key, so a
-    sparse decode step does dense attention's work and then attends again, and is slower than dense
-    (``decode=dense``: every key, exactly, as the papers decode). ``sparse`` stays the default so that rows
-    recorded before the option keep their meaning.
+    ``prefill=dense`` attends every key while reading a prompt (a call with more than one query) and selects only
+    in decode, as Quest's paper runs it; ``decode=dense`` is the converse, as MInference and FlexPrefill decode.
+    Both dense would be dense attention under another name, and is refused. A prompt's last token held back as
+    the first decode step (under a press, see ``runtime``) counts as decode. ``sparse`` stays the default in both
+    so that rows recorded before the options keep their meaning.
 
     ``dense_layers=N`` attends every key in the model's first N layers. Why: on SmolLM2 at 8k, the prose needles
     ``flexprefill:density=0.1`` lost in the middle of the text came back with its first layers dense, and not
-    with the answer rows dense (docs/tuned.md, "Which layers lose it"). A dense layer costs what dense
-    attention costs there; the rest stay sparse.
+    with the answer rows dense (docs/tuned.md, "Which layers lose it"); Quest's code keeps its first two layers
+    dense. A dense layer costs what dense attention costs there; the rest stay sparse.
     """
 
-    decode: str = param("sparse", "sparse: a decode step keeps its budget's best blocks by its exact attention; "
-                        "dense: decode attends every key (the papers' rule, and faster)")
+    prefill: str = param("sparse", "sparse: a prompt's queries choose their blocks; dense: a prompt attends every "
+                         "key and only decode selects (Quest's paper)")
+    decode: str = param("sparse", "sparse: a decode step chooses its blocks; dense: decode attends every key (the "
+                        "rule of MInference and FlexPrefill, and faster for them)")
     dense_layers: int = param(0, "the model's first N layers attend every key, in prefill and decode")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.decode not in ("sparse", "dense"):
-            raise SpecError(f"{self.name}: decode must be 'sparse' or 'dense', got {self.decode!r}")
+        for phase in ("prefill", "decode"):
+            if getattr(self, phase) not in ("sparse", "dense"):
+                raise SpecError(f"{self.name}: {phase} must be 'sparse' or 'dense', got {getattr(self, phase)!r}")
+        if self.prefill == self.decode == "dense":
+            raise SpecError(f"{self.name}: prefill=dense and decode=dense attend every key in both phases: that is "
+                            "dense attention; keep one of them sparse, or use dense")
         check_int(self, "dense_layers", self.dense_layers, minimum=0)
 
     def check_model(self, model: torch.nn.Module) -> None:
@@ -291,10 +298,21 @@ class PrefillPattern(BudgetedMethod):
                             f"layers with full attention are {layers}; use a smaller dense_layers, or dense")
 
     def select(self, q: Tensor, k: Tensor, ctx: SelectContext) -> Selection:
-        if ctx.layer_idx < self.dense_layers or (q.shape[2] == 1 and self.decode == "dense"):
+        phase = self.prefill if q.shape[2] > 1 else self.decode
+        if ctx.layer_idx < self.dense_layers or phase == "dense":
             return Selection.dense(q.shape[0], q.shape[2], k.shape[2], key_mask=ctx.key_mask, block=self.block,
                                    device=q.device)
         return super().select(q, k, ctx)
+
+
+@dataclass(frozen=True)
+class PrefillPattern(PhaseGated):
+    """A method that estimates a prefill pattern from the last queries' exact attention (vslash, flexprefill).
+
+    In decode the one query is its own estimate: choosing its blocks costs a pass of q over every key, so a
+    sparse decode step does dense attention's work and then attends again, and is slower than dense
+    (``decode=dense``: every key, exactly, as the papers decode).
+    """
 
 
 def selectable_layers(model: torch.nn.Module) -> list[int] | None:

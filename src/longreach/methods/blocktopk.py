@@ -7,7 +7,9 @@
   InfLLM's representative keys are the same idea).
 
 Both keep the sinks and the local window, which count toward the budget; ``group`` is described in
-``BudgetedMethod``.
+``BudgetedMethod``. Both select in prefill and decode by default; ``prefill=dense`` selects in decode only, as
+Quest's paper and code run it (with ``dense_layers=2``: its code leaves the first two layers dense); see
+``PhaseGated``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from torch import Tensor
 
 from ..selection import Selection
 from ..stages import PLAIN, SoftmaxExtras
-from .base import BlockQuota, BudgetedMethod, SelectContext, param
+from .base import BlockQuota, PhaseGated, SelectContext, param
 from .registry import register
 from .scoring import by_group, chunk_rows, grouped_sinks, query_blocks
 
 
 @dataclass(frozen=True)
-class BlockTopK(BudgetedMethod):
+class BlockTopK(PhaseGated):
     def score(self, q: Tensor, stats: dict[str, Tensor], q_valid: Tensor, candidate: Tensor, ctx: SelectContext
               ) -> Tensor:
         """q (B, Hkv, G, nb, bq, D) for nb query blocks -> (B, Hkv, G, nb, nKB) block scores; ``candidate``

@@ -12,7 +12,7 @@ attended exactly for the estimate, rank blocks by those queries' own attention a
 (``scoring.last_blocks_exact``; two blocks when the prompt ends just past a block boundary, the question then
 sitting in the one before the last); in decode the one query is the last block, so a decode step keeps its
 budget's best blocks instead of stopping at ``gamma`` (``exact_last=false``: the paper's rule; ``decode=dense``
-attends every key in decode, as the paper does: ``base.PrefillPattern``). Without
+attends every key in decode, as the paper does: ``base.PhaseGated``). Without
 ``budget=``/``density=`` there is no budget to fill: ``gamma`` sizes every block, the last one included.
 
 On a model whose softmax holds more than q.k (``SelectContext.extras``) the estimates use the model's

@@ -9,7 +9,7 @@ sinks and local window). The query blocks of the last queries, which the estimat
 rank blocks by those queries' own attention (``scoring.last_blocks_exact``): a needle only the question reads
 is kept for it, wherever the block boundary falls in the question. In decode the one query is its own
 estimate, so decode keeps the blocks with the most true attention mass (selection costs one pass of q over the
-keys); ``decode=dense`` attends every key instead, as the paper decodes (``base.PrefillPattern``).
+keys); ``decode=dense`` attends every key instead, as the paper decodes (``base.PhaseGated``).
 
 Simplification: MInference's kernel takes verticals per token and slashes per diagonal; here both
 are rounded to blocks (``key_block`` tokens), since a Selection addresses keys in blocks.
