@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from oracles import dense_attention
 
 import longreach
 from longreach import SpecError, parse_spec
@@ -21,23 +22,14 @@ def _inputs(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.randn(1, 2, t, 64, generator=g))
 
 
-def _causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense causal attention by hand (query heads 2h and 2h+1 read KV head h): (B, T, Hq, D)."""
-    k, v = k.repeat_interleave(2, dim=1).double(), v.repeat_interleave(2, dim=1).double()
-    t_q, t_k = q.shape[2], k.shape[2]
-    s = q.double() @ k.transpose(-1, -2) * SCALE
-    future = torch.arange(t_k)[None, :] > (t_k - t_q + torch.arange(t_q))[:, None]
-    return (s.masked_fill(future, float("-inf")).softmax(-1) @ v).transpose(1, 2)
-
-
 @pytest.mark.parametrize("method", ["quest", "moba"])
 def test_a_dense_prefill_sees_every_key_and_a_sparse_one_does_not(method):
     q, k, v = _inputs(512)
-    want = _causal_softmax(q, k, v)
+    want = dense_attention(q, k, v, SCALE)
     for prefill in ("dense", "sparse"):
         sel = parse_spec(f"{method}:density=0.25,block=32,prefill={prefill}").selector.select(
             q, k, SelectContext(scale=SCALE))
-        err = (reference.attend(q, k, v, sel, SCALE).double() - want).abs().max()
+        err = (reference.attend(q, k, v, sel, SCALE) - want).abs().max()
         assert sel.full == (prefill == "dense")
         assert err < 1e-5 if prefill == "dense" else err > 1e-3
 
