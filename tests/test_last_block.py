@@ -1,9 +1,10 @@
-"""The query blocks of the last queries of attention-estimating selectors (vslash, flexprefill) keep what those
-queries need.
+"""The query blocks of the last queries of attention-estimating selectors (vslash, flexprefill, anchor) keep what
+those queries need.
 
 A key block that only the question attends to (the needle it asks for) weighs 1/last_q in a pattern averaged over
-the last queries; the selectors also rank every query block the last queries fall in by those queries' exact
-attention (two blocks when the prompt ends just past a block boundary).
+the last queries, or in anchor's mean query of the block; the selectors also rank every query block the last
+queries fall in by those queries' exact attention (anchor: each query against its own anchor), two blocks when the
+prompt ends just past a block boundary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from longreach.methods import SelectContext
 
 NEEDLE_BLOCK = 2  # keys 128..191
 SCALE = 0.125
+ESTIMATORS = ["vslash", "flexprefill", "anchor"]
+
+
+def _spec(method: str, density: float) -> str:
+    """anchor's stripes are 16 keys by default: 64 here, so every method's key blocks are the same."""
+    return f"{method}:density={density}" + (",key_block=64" if method == "anchor" else "")
 
 
 def _needle_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +46,7 @@ def _last_block_keys(spec: str, q: torch.Tensor, k: torch.Tensor) -> set[int]:
     return {int(b) for b in sel.indices[0, :, -1].flatten() if b >= 0}
 
 
-@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+@pytest.mark.parametrize("method", ESTIMATORS)
 def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method):
     q, k = _needle_inputs()
     # the oracle: the final query's exact attention puts most of its mass on the needle's keys
@@ -48,9 +55,10 @@ def test_the_block_only_the_final_query_needs_is_kept_for_the_last_block(method)
     # and none of the other queries of the last block puts as much in any candidate block
     others = (q[0, 0, 448:511] @ k[0, 0].T * SCALE).softmax(-1)[:, :384].reshape(63, 6, 64).sum(-1)
     assert others.max() < probs[128:192].sum()
-    spec = f"{method}:density=0.45"  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
+    spec = _spec(method, 0.45)  # 230 keys: sinks 4 + window 64 + two chosen blocks of 64
     assert NEEDLE_BLOCK in _last_block_keys(spec, q, k)
-    # as the papers estimate (the average of the last 64 queries), the needle's block loses: the test can fail
+    # estimated from the average of the last 64 queries (anchor: their mean query), the needle's block loses: the
+    # test can fail
     assert NEEDLE_BLOCK not in _last_block_keys(spec + ",exact_last=false", q, k)
 
 
@@ -80,13 +88,13 @@ def _question_before_the_boundary(seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return q, k
 
 
-@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+@pytest.mark.parametrize("method", ESTIMATORS)
 def test_the_question_before_a_block_boundary_keeps_its_needle(method):
     q, k = _question_before_the_boundary()
     # the oracle: the question's queries put most of their mass on the needle's keys, which the final query does not
     probs = (q[0, 0, 509:512] @ k[0, 0].T * SCALE).softmax(-1)
     assert (probs[:, 130:138].sum(-1) > 0.5).all()
-    spec = f"{method}:density=0.45"
+    spec = _spec(method, 0.45)
     sel = parse_spec(spec).selector.select(q, k, SelectContext(scale=SCALE))
     assert NEEDLE_BLOCK in {int(b) for b in sel.indices[0, :, -2].flatten() if b >= 0}  # the question's block
     # by the estimate alone, as that block was ranked before (only the one-query last block was exact), the
@@ -118,12 +126,22 @@ def test_last_blocks_exact_scores_each_query_block_by_its_own_queries_maximum():
         assert torch.allclose(wide[:, :, b], per_key_block[:, :, bounds[b]:bounds[b + 1]].amax(2))
 
 
-@pytest.mark.parametrize("method", ["vslash", "flexprefill"])
+@pytest.mark.parametrize("method", ESTIMATORS)
 @pytest.mark.parametrize("inputs, blocks", [(_needle_inputs, 1), (_question_before_the_boundary, 2)])
 def test_exact_last_changes_only_the_blocks_of_the_last_queries_and_stays_in_budget(method, inputs, blocks):
     """512 queries: the last 64 fill one block; 513: they fall in two."""
     q, k = inputs(1)
     new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
-                for s in (f"{method}:density=0.45", f"{method}:density=0.45,exact_last=false"))
+                for s in (_spec(method, 0.45), _spec(method, 0.45) + ",exact_last=false"))
     assert torch.equal(new.indices[:, :, :-blocks], old.indices[:, :, :-blocks])
     assert int((new.indices[:, :, -blocks:] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
+
+
+@pytest.mark.parametrize("t_k", [130, 513])
+def test_anchor_decode_is_unchanged_by_exact_last(t_k):
+    """One query is its own block mean: a decode step compares it with its own anchor either way."""
+    g = torch.Generator().manual_seed(t_k)
+    q, k = torch.randn(2, 4, 1, 32, generator=g), torch.randn(2, 2, t_k, 32, generator=g)
+    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
+                for s in ("anchor:density=0.3", "anchor:density=0.3,exact_last=false"))
+    assert torch.equal(new.to_mask(), old.to_mask())

@@ -10,8 +10,14 @@ On a model whose softmax holds more than q.k (``SelectContext.extras``) the scor
 softcapped as its softmax sees them, and a head's learned sink logit, which sits in every denominator like
 the sinks and window, is an anchor candidate too (a head with a strong sink keeps fewer stripes).
 
+The query blocks of the last ``block`` queries also compare each of those queries with its own anchor and keep
+a stripe any of them finds close (``exact_last``): they write the answer, and a needle only the question reads
+is diluted in the block's mean query, as in the averaged estimates of vslash and flexprefill
+(docs/template-free.md). ``exact_last=false`` is the mean-query rule alone.
+
 Simplifications: the anchor and the comparison use the block's mean query (the paper compares
-per query against a per-query anchor); stripes are ``key_block`` tokens wide, not single tokens.
+per query against a per-query anchor), except in the blocks of the last queries; stripes are ``key_block``
+tokens wide, not single tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ..errors import SpecError
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
-from .scoring import by_group, chunk_rows, grouped_sinks, mean_queries, reduce_heads
+from .scoring import by_group, chunk_rows, grouped_sinks, last_rows_max, mean_queries, reduce_heads
 
 
 @register
@@ -39,6 +45,8 @@ class Anchor(BudgetedMethod):
 
     key_block: int | None = param(16, "stripe width in tokens")
     theta: float = param(4.0, "keep stripes whose best scaled score is within theta of the anchor")
+    exact_last: bool = param(True, "the query blocks of the last queries also compare each of those queries with "
+                             "its own anchor (false: the block's mean query alone)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,31 +54,44 @@ class Anchor(BudgetedMethod):
             raise SpecError(f"anchor: theta must be a number >= 0, got {self.theta!r}")
 
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
-        batch, n_q = q.shape[:2]
-        n_kv, t_k = k.shape[1], k.shape[2]
-        bk, dev = self.block_k, q.device
-        qm = by_group(mean_queries(q, self.block), n_kv) * ctx.softmax_scale(q)  # (B, Hkv, G, nQB, D)
+        n_kv, t_q = k.shape[1], q.shape[2]
+        scale = ctx.softmax_scale(q)
+        qm = by_group(mean_queries(q, self.block), n_kv) * scale  # (B, Hkv, G, nQB, D)
+        gap = self.stripe_gaps(qm, k, quota.first, quota.last, quota.n_kb, ctx).flatten(1, 2)  # (B, Hq, nQB, nKB)
+        if self.exact_last and t_q > 1:  # (one query is its own mean)
+            rows = torch.arange(t_q - min(self.block, t_q), t_q, device=q.device)
+            pos = (k.shape[2] - t_q) + rows
+            own = self.stripe_gaps(by_group(q[:, :, rows].float(), n_kv) * scale, k, pos, pos, quota.n_kb, ctx)
+            own = last_rows_max(own.flatten(1, 2), t_q, self.block)  # (B, Hq, m, nKB)
+            gap[:, :, -own.shape[2]:] = torch.maximum(gap[:, :, -own.shape[2]:], own)
+        gap = reduce_heads(gap, n_kv, self.group, "max")
+        close = (gap >= -self.theta) & quota.candidate
+        return self.top_blocks(gap, quota, ctx, n_take=close.sum(-1))
+
+    def stripe_gaps(self, qs: Tensor, k: Tensor, first: Tensor, last: Tensor, n_kb: int,
+                    ctx: SelectContext) -> Tensor:
+        """Each stripe's best score minus the anchor, for query rows qs (B, Hkv, G, R, D), already scaled, that
+        sit at key positions first..last (R,) (a block's mean query spans its block; one query, its own position):
+        (B, Hkv, G, R, nKB), -inf where a stripe holds no key the row may see."""
+        batch, n_kv, group, n_rows = qs.shape[:4]
+        t_k, bk = k.shape[2], self.block_k
+        j = torch.arange(t_k, device=qs.device)
         kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-        j = torch.arange(t_k, device=dev)
-        pad = quota.n_kb * bk - t_k
-        step = chunk_rows(4 * batch * n_q * t_k * 2)
         extras = ctx.extras
-        sink = None if extras.sinks is None else grouped_sinks(extras.sinks, n_kv).to(dev)[None, :, :, None, None]
+        sink = None if extras.sinks is None else grouped_sinks(extras.sinks, n_kv).to(qs.device)[None, :, :, None, None]
+        step = chunk_rows(4 * batch * n_kv * group * t_k * 2)
         parts = []
-        for b0 in range(0, quota.n_qb, step):
-            b1 = min(b0 + step, quota.n_qb)
-            s = extras.cap(qm[:, :, :, b0:b1] @ kf.transpose(-1, -2))  # (B, Hkv, G, nb, Tk)
-            first, last = quota.first[b0:b1, None], quota.last[b0:b1, None]
-            always = ((j < self.sinks) | (j > first - self.local_window)) & (j <= last)  # (nb, Tk)
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            s = extras.cap(qs[:, :, :, r0:r1] @ kf.transpose(-1, -2))  # (B, Hkv, G, r, Tk)
+            lo, hi = first[r0:r1, None], last[r0:r1, None]
+            always = ((j < self.sinks) | (j > lo - self.local_window)) & (j <= hi)  # (r, Tk)
             if ctx.key_mask is not None:
                 s = s.masked_fill(~ctx.key_mask[:, None, None, None, :], float("-inf"))
             anchor = s.masked_fill(~always, float("-inf")).amax(-1, keepdim=True)
             if sink is not None:  # (1, Hkv, G, 1, 1): the learned sink logit is always in the softmax too
                 anchor = torch.maximum(anchor, sink)
-            gap = (s - anchor).masked_fill(j > last, float("-inf"))
-            gap = torch.nn.functional.pad(gap, (0, pad), value=float("-inf"))
-            parts.append(gap.view(*gap.shape[:-1], quota.n_kb, bk).amax(-1))  # (B, Hkv, G, nb, nKB)
-        gap = torch.cat(parts, dim=3).reshape(batch, n_q, quota.n_qb, quota.n_kb)
-        gap = reduce_heads(gap, n_kv, self.group, "max")
-        close = (gap >= -self.theta) & quota.candidate
-        return self.top_blocks(gap, quota, ctx, n_take=close.sum(-1))
+            gap = torch.nn.functional.pad((s - anchor).masked_fill(j > hi, float("-inf")), (0, n_kb * bk - t_k),
+                                          value=float("-inf"))
+            parts.append(gap.view(*gap.shape[:-1], n_kb, bk).amax(-1))  # (B, Hkv, G, r, nKB)
+        return torch.cat(parts, dim=3)

@@ -133,15 +133,20 @@ def last_blocks_exact(probs: Tensor, t_q: int, block_q: int, block_k: int) -> Te
     Averaged into a pattern, a key block that only the question needs (the needle it asks for) weighs 1/last_q
     of its mass and loses to the diagonals: measured on SmolLM2 at 4k without a chat template, vslash and
     flexprefill kept none of the last query's needle mass in layers 14, 20 and 21 (docs/template-free.md).
-    Scored by its queries' own maximum, no query loses a key block it needs, within the same budget. Every block
-    they fall in is scored, not only the last: a prompt one token past a block boundary leaves a last block of
-    one query, and the question in the block before it, ranked by the estimate alone (docs/template-free.md).
+    Scored by its queries' own maximum, no query loses a key block it needs, within the same budget.
     """
-    first = t_q - probs.shape[2]  # the first exact query's index; Python ints, so no device sync per layer
-    sums = block_sums(probs, block_k)  # (B, H, n, nKB)
+    return last_rows_max(block_sums(probs, block_k), t_q, block_q)
+
+
+def last_rows_max(x: Tensor, t_q: int, block_q: int) -> Tensor:
+    """(B, H, n, X) scores of the last n of ``t_q`` queries -> (B, H, m, X): the maximum over the rows of each of
+    the m query blocks they fall in. Every block they fall in gets a row, not only the last: a prompt one token
+    past a block boundary leaves a last block of one query, and the question in the block before it
+    (docs/template-free.md)."""
+    first = t_q - x.shape[2]  # the first row's query index; Python ints, so no device sync per layer
     rows = [(max(b * block_q, first) - first, min((b + 1) * block_q, t_q) - first)
             for b in range(first // block_q, (t_q - 1) // block_q + 1)]
-    return torch.stack([sums[:, :, lo:hi].amax(2) for lo, hi in rows], dim=2)
+    return torch.stack([x[:, :, lo:hi].amax(2) for lo, hi in rows], dim=2)
 
 
 def block_sums(x: Tensor, block: int) -> Tensor:
