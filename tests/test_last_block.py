@@ -9,6 +9,8 @@ prompt ends just past a block boundary.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ ESTIMATORS = ["vslash", "flexprefill", "anchor"]
 
 
 def _spec(method: str, density: float) -> str:
-    """anchor's stripes are 16 keys by default: 64 here, so every method's key blocks are the same."""
+    """anchor's stripes are 16 keys by default: 64 here, so every method's key blocks are the same (NEEDLE_BLOCK
+    and the two-block budget below count 64-key blocks)."""
     return f"{method}:density={density}" + (",key_block=64" if method == "anchor" else "")
 
 
@@ -137,11 +140,47 @@ def test_exact_last_changes_only_the_blocks_of_the_last_queries_and_stays_in_bud
     assert int((new.indices[:, :, -blocks:] >= 0).sum(-1).max()) <= 2  # the two blocks the budget allows
 
 
-@pytest.mark.parametrize("t_k", [130, 513])
-def test_anchor_decode_is_unchanged_by_exact_last(t_k):
-    """One query is its own block mean: a decode step compares it with its own anchor either way."""
-    g = torch.Generator().manual_seed(t_k)
-    q, k = torch.randn(2, 4, 1, 32, generator=g), torch.randn(2, 2, t_k, 32, generator=g)
-    new, old = (parse_spec(s).selector.select(q, k, SelectContext(scale=SCALE))
-                for s in ("anchor:density=0.3", "anchor:density=0.3,exact_last=false"))
-    assert torch.equal(new.to_mask(), old.to_mask())
+def _anchor_gaps_by_hand(q, k, scale, block, stripe, sinks, window, key_mask, softcap, sink_logits):
+    """For each query head and each of the last ``block`` queries, one at a time: its scaled (softcapped) logits
+    over the keys it may see, its anchor (the best of the sinks', its own window's and the learned sink's
+    logits), each stripe's best logit minus that anchor; then the maximum over the rows of each query block."""
+    batch, heads, t_q, _ = q.shape
+    n_kv, t_k = k.shape[1], k.shape[2]
+    n_stripes = -(-t_k // stripe)
+    rows = range(t_q - min(block, t_q), t_q)
+    per_block = {}
+    for r in rows:
+        p = t_k - t_q + r
+        got = torch.full((batch, heads, n_stripes), float("-inf"))
+        for b in range(batch):
+            for h in range(heads):
+                kv = h // (heads // n_kv)
+                logits = [float(q[b, h, r] @ k[b, kv, j]) * scale for j in range(p + 1)]
+                logits = [softcap * math.tanh(x / softcap) for x in logits]
+                seen = [j for j in range(p + 1) if key_mask[b, j]]
+                anchor = max([logits[j] for j in seen if j < sinks or j > p - window] + [float(sink_logits[h])])
+                for j in seen:
+                    got[b, h, j // stripe] = max(float(got[b, h, j // stripe]), logits[j] - anchor)
+        qb = r // block
+        per_block[qb] = got if qb not in per_block else torch.maximum(per_block[qb], got)
+    return torch.stack([per_block[b] for b in sorted(per_block)], dim=2)  # (B, Hq, m, nKB)
+
+
+@pytest.mark.parametrize(("t_q", "t_k"), [(37, 130), (75, 75), (20, 83)])  # a chunk; 16 ∤ 75: two blocks
+def test_anchor_compares_each_last_query_with_its_own_anchor(t_q, t_k):
+    """The exact rows of anchor's last blocks against a by-hand oracle: a prefill chunk after cached keys, GQA
+    (4 query heads over 2 KV heads), padding, softcap and learned sinks."""
+    from longreach.methods import method_class
+    from longreach.stages import SoftmaxExtras
+
+    g = torch.Generator().manual_seed(t_q)
+    q, k = torch.randn(2, 4, t_q, 16, generator=g), torch.randn(2, 2, t_k, 16, generator=g)
+    key_mask = torch.ones(2, t_k, dtype=torch.bool)
+    key_mask[1, :5] = False  # the second sequence is left-padded
+    sink_logits = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    ctx = SelectContext(scale=0.3, key_mask=key_mask, extras=SoftmaxExtras(softcap=3.0, sinks=sink_logits))
+    method = method_class("anchor")(budget=40, block=16, sinks=4, window=16, key_block=8)
+    got = method.last_gaps(q, k.float().unsqueeze(2), -(-t_k // 8), ctx)
+    want = _anchor_gaps_by_hand(q, k, 0.3, 16, 8, 4, method.local_window, key_mask, 3.0, sink_logits)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4)

@@ -54,29 +54,34 @@ class Anchor(BudgetedMethod):
             raise SpecError(f"anchor: theta must be a number >= 0, got {self.theta!r}")
 
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
-        n_kv, t_q = k.shape[1], q.shape[2]
-        scale = ctx.softmax_scale(q)
-        qm = by_group(mean_queries(q, self.block), n_kv) * scale  # (B, Hkv, G, nQB, D)
-        gap = self.stripe_gaps(qm, k, quota.first, quota.last, quota.n_kb, ctx).flatten(1, 2)  # (B, Hq, nQB, nKB)
-        if self.exact_last and t_q > 1:  # (one query is its own mean)
-            rows = torch.arange(t_q - min(self.block, t_q), t_q, device=q.device)
-            pos = (k.shape[2] - t_q) + rows
-            own = self.stripe_gaps(by_group(q[:, :, rows].float(), n_kv) * scale, k, pos, pos, quota.n_kb, ctx)
-            own = last_rows_max(own.flatten(1, 2), t_q, self.block)  # (B, Hq, m, nKB)
+        kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+        qm = by_group(mean_queries(q, self.block), k.shape[1]) * ctx.softmax_scale(q)  # (B, Hkv, G, nQB, D)
+        gap = self.stripe_gaps(qm, kf, quota.first, quota.last, quota.n_kb, ctx).flatten(1, 2)  # (B, Hq, nQB, nKB)
+        if self.exact_last and q.shape[2] > 1:  # (one query is its own mean)
+            own = self.last_gaps(q, kf, quota.n_kb, ctx)
             gap[:, :, -own.shape[2]:] = torch.maximum(gap[:, :, -own.shape[2]:], own)
-        gap = reduce_heads(gap, n_kv, self.group, "max")
+        gap = reduce_heads(gap, k.shape[1], self.group, "max")
         close = (gap >= -self.theta) & quota.candidate
         return self.top_blocks(gap, quota, ctx, n_take=close.sum(-1))
 
-    def stripe_gaps(self, qs: Tensor, k: Tensor, first: Tensor, last: Tensor, n_kb: int,
+    def last_gaps(self, q: Tensor, kf: Tensor, n_kb: int, ctx: SelectContext) -> Tensor:
+        """(B, Hq, m, nKB): for the m query blocks the last ``block`` queries fall in, each stripe's best gap among
+        those queries, each query against its own anchor."""
+        t_q, t_k = q.shape[2], kf.shape[3]
+        rows = torch.arange(t_q - min(self.block, t_q), t_q, device=q.device)
+        pos = (t_k - t_q) + rows  # the queries' key positions (a chunk's queries follow the cached keys)
+        qs = by_group(q[:, :, rows].float(), kf.shape[1]) * ctx.softmax_scale(q)  # (B, Hkv, G, n, D)
+        return last_rows_max(self.stripe_gaps(qs, kf, pos, pos, n_kb, ctx).flatten(1, 2), t_q, self.block)
+
+    def stripe_gaps(self, qs: Tensor, kf: Tensor, first: Tensor, last: Tensor, n_kb: int,
                     ctx: SelectContext) -> Tensor:
         """Each stripe's best score minus the anchor, for query rows qs (B, Hkv, G, R, D), already scaled, that
-        sit at key positions first..last (R,) (a block's mean query spans its block; one query, its own position):
-        (B, Hkv, G, R, nKB), -inf where a stripe holds no key the row may see."""
+        sit at key positions first..last (R,) (a block's mean query spans its block; one query, its own position),
+        over keys kf (B, Hkv, 1, Tk, D) fp32: (B, Hkv, G, R, nKB), -inf where a stripe holds no key the row may
+        see."""
         batch, n_kv, group, n_rows = qs.shape[:4]
-        t_k, bk = k.shape[2], self.block_k
+        t_k, bk = kf.shape[3], self.block_k
         j = torch.arange(t_k, device=qs.device)
-        kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Tk, D)
         extras = ctx.extras
         sink = None if extras.sinks is None else grouped_sinks(extras.sinks, n_kv).to(qs.device)[None, :, :, None, None]
         step = chunk_rows(4 * batch * n_kv * group * t_k * 2)
