@@ -5,8 +5,9 @@ ratios. This script cross-validates, with the library's own fit (5 stratified fo
   1. the lookback detector on its 270 features (as `longreach lookback fit` does);
   2. a position-only detector on one-hot (length, depth) features: what knowing where the needle was gives;
 and reports the lookback detector's out-of-fold AUROC inside each (length, depth) cell, where position is fixed.
-Last, it rebuilds each prompt (the task's own builder, checked against the row's gold) and counts the wrong
-answers that are another key of the prompt (a distractor needle) against numbers found nowhere in it.
+Last, it rebuilds each prompt (the task's own builder, checked against the row's gold) and sorts the wrong
+answers: another value of the prompt (a distractor needle's), the right value cut short, or a number found
+nowhere in it.
 
     python docs/analyses/lookback-scale/by_position.py docs/analyses/lookback-scale/data.jsonl
 """
@@ -68,7 +69,8 @@ def main(path: str) -> None:
 
 
 def wrong_kinds(rows: list[dict]) -> list[str]:
-    """'right', or for a wrong answer whether its first number is another 7-digit key of its prompt."""
+    """'right', or for a wrong answer what its first number is: another 7-digit value of its prompt (a distractor
+    needle's), the start of the right value, or neither."""
     from longreach import load_model
     from longreach.eval import Corpus, parse_task
 
@@ -83,9 +85,12 @@ def wrong_kinds(rows: list[dict]) -> list[str]:
             kinds.append("right")
         elif not number:
             kinds.append("no number")
+        elif number[0] in re.findall(r"\d{7}", sample.prompt):
+            kinds.append("another value of the prompt")
+        elif any(g.startswith(number[0]) for g in r["gold"]):
+            kinds.append("the right value cut short")
         else:
-            kinds.append("another key of the prompt" if number[0] in re.findall(r"\d{7}", sample.prompt)
-                         else "a number not in the prompt")
+            kinds.append("a number not in the prompt")
     return kinds
 
 
