@@ -71,10 +71,10 @@ def main(path: str) -> None:
 def wrong_kinds(rows: list[dict]) -> list[str]:
     """'right', or for a wrong answer what its first number is: another 7-digit value of its prompt (a distractor
     needle's), the start of the right value, or neither."""
-    from longreach import load_model
     from longreach.eval import Corpus, parse_task
+    from longreach.models import load_tokenizer
 
-    _, tok = load_model(rows[0]["model"])
+    tok = load_tokenizer(rows[0]["model"])
     kinds = []
     for r in rows:
         sample = parse_task(r["task_spec"]).build(tok, Corpus.load(r["corpus"]), r["length"], r["depth"], r["seed"],
