@@ -180,7 +180,7 @@ def test_anchor_compares_each_last_query_with_its_own_anchor(t_q, t_k):
     sink_logits = torch.tensor([0.5, -1.0, 2.0, 0.0])
     ctx = SelectContext(scale=0.3, key_mask=key_mask, extras=SoftmaxExtras(softcap=3.0, sinks=sink_logits))
     method = method_class("anchor")(budget=40, block=16, sinks=4, window=16, key_block=8)
-    got = method.last_gaps(q, k.float().unsqueeze(2), -(-t_k // 8), ctx)
+    got = method.last_gaps(q, k.float(), -(-t_k // 8), ctx)
     want = _anchor_gaps_by_hand(q, k, 0.3, 16, 8, 4, method.local_window, key_mask, 3.0, sink_logits)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-4)

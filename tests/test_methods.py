@@ -140,6 +140,30 @@ def test_block_summaries_are_incremental_and_match_recomputation():
     assert summ.rebuilds == 1 and summ.blocks_done == 2
 
 
+
+@pytest.mark.parametrize(("rows_shape", "keys_shape"), [
+    ((2, 3, 4, 1, 16), (2, 3, 50, 16)),  # one decode query per head, keys shared by the group
+    ((1, 2, 3, 5, 7, 16), (1, 2, 40, 16)),  # query blocks x rows, keys shared by every row
+    ((2, 2, 3, 5, 7, 16), (2, 2, 5, 30, 16)),  # each query block has its own candidate keys (S = nb)
+    ((1, 3, 2, 4, 6, 1, 16), (1, 3, 4, 6, 9, 16)),  # each probe its own keys (S = nb, P), one row
+    ((1, 4, 1, 3, 5, 16), (1, 4, 3, 8, 16)),  # group=q: one head per group
+])
+def test_grouped_scores_equal_the_broadcast_product(rows_shape, keys_shape):
+    """One GEMM per (KV head, *S) over the group's rows: the same numbers as broadcasting the keys over the heads
+    (the definition), in the same layout."""
+    from longreach.methods.scoring import grouped_scores
+
+    rows, keys = torch.randn(rows_shape), torch.randn(keys_shape)
+    n_s = len(keys_shape) - 4
+    bcast = keys.unsqueeze(2)  # (B, H, 1, *S, N, D)
+    for _ in range(len(rows_shape) - len(keys_shape) - 1):  # row dims between S and the keys: broadcast too
+        bcast = bcast.unsqueeze(-3)
+    want = rows @ bcast.transpose(-1, -2)
+    got = grouped_scores(rows, keys)
+    assert got.shape == want.shape == (*rows_shape[:-1], keys_shape[-2])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert got.is_contiguous() or n_s == 0
+
 def test_streaming_window_and_budget_agree():
     q, k, _ = _inputs(1, 2, 2, 64, 64)
     a = parse_spec("streaming:sinks=4,window=20").selector.select(q, k, SelectContext())

@@ -34,7 +34,7 @@ from ..selection import Selection
 from . import pq
 from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import by_group, chunk_rows, group_heads, query_blocks, same_keys
+from .scoring import by_group, chunk_rows, group_heads, grouped_scores, query_blocks, same_keys
 
 WEIGHT_FLOOR = 0.05  # each channel's weight is at least this fraction of the mean weight
 
@@ -149,7 +149,7 @@ class A2ATS(BudgetedMethod):
         if t_q == 1:  # decode: the table lookups the method exists for
             lut = pq.tables(book, by_group(q, n_kv).flatten(2, 3))  # (B, Hkv, G, m*c)
             return pq.lookup(lut, stored, book.size).unsqueeze(3)  # (B, Hkv, G, 1, Tk)
-        keys_t = pq.reconstruct(book, stored).flatten(0, 1).transpose(-1, -2)  # (B*Hkv, D, Tk)
+        keys = pq.reconstruct(book, stored)  # (B, Hkv, Tk, D)
         qb, q_valid = query_blocks(q, self.block)
         qg = by_group(qb, n_kv)  # (B, Hkv, G, nQB, bq, D)
         n_qb, bq = q_valid.shape
@@ -158,8 +158,7 @@ class A2ATS(BudgetedMethod):
         parts = []
         for b0 in range(0, n_qb, step):
             b1 = min(b0 + step, n_qb)
-            rows = qg[:, :, :, b0:b1]  # one GEMM per KV head (a broadcast matmul would copy the keys per row)
-            s = (rows.reshape(batch * n_kv, -1, rows.shape[-1]) @ keys_t).view(*rows.shape[:-1], t_k)
+            s = grouped_scores(qg[:, :, :, b0:b1], keys)  # (B, Hkv, G, nb, bq, Tk)
             pos = (t_k - t_q) + torch.arange(b0 * bq, b1 * bq, device=q.device).view(b1 - b0, bq, 1)
             hidden = (j > pos) | ~q_valid[b0:b1, :, None]
             parts.append(s.masked_fill(hidden, float("-inf")).amax(-2))

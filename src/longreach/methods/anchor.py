@@ -32,7 +32,7 @@ from ..errors import SpecError
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
-from .scoring import by_group, chunk_rows, grouped_sinks, last_rows_max, mean_queries, reduce_heads
+from .scoring import by_group, chunk_rows, grouped_scores, grouped_sinks, last_rows_max, mean_queries, reduce_heads
 
 
 @register
@@ -54,7 +54,7 @@ class Anchor(BudgetedMethod):
             raise SpecError(f"anchor: theta must be a number >= 0, got {self.theta!r}")
 
     def choose(self, q: Tensor, k: Tensor, quota: BlockQuota, ctx: SelectContext) -> Selection:
-        kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+        kf = k.float()
         qm = by_group(mean_queries(q, self.block), k.shape[1]) * ctx.softmax_scale(q)  # (B, Hkv, G, nQB, D)
         gap = self.stripe_gaps(qm, kf, quota.first, quota.last, quota.n_kb, ctx).flatten(1, 2)  # (B, Hq, nQB, nKB)
         if self.exact_last and q.shape[2] > 1:  # (one query is its own mean)
@@ -67,7 +67,7 @@ class Anchor(BudgetedMethod):
     def last_gaps(self, q: Tensor, kf: Tensor, n_kb: int, ctx: SelectContext) -> Tensor:
         """(B, Hq, m, nKB): for the m query blocks the last ``block`` queries fall in, each stripe's best gap among
         those queries, each query against its own anchor."""
-        t_q, t_k = q.shape[2], kf.shape[3]
+        t_q, t_k = q.shape[2], kf.shape[2]
         rows = torch.arange(t_q - min(self.block, t_q), t_q, device=q.device)
         pos = (t_k - t_q) + rows  # the queries' key positions (a chunk's queries follow the cached keys)
         qs = by_group(q[:, :, rows].float(), kf.shape[1]) * ctx.softmax_scale(q)  # (B, Hkv, G, n, D)
@@ -77,10 +77,10 @@ class Anchor(BudgetedMethod):
                     ctx: SelectContext) -> Tensor:
         """Each stripe's best score minus the anchor, for query rows qs (B, Hkv, G, R, D), already scaled, that
         sit at key positions first..last (R,) (a block's mean query spans its block; one query, its own position),
-        over keys kf (B, Hkv, 1, Tk, D) fp32: (B, Hkv, G, R, nKB), -inf where a stripe holds no key the row may
+        over keys kf (B, Hkv, Tk, D) fp32: (B, Hkv, G, R, nKB), -inf where a stripe holds no key the row may
         see."""
         batch, n_kv, group, n_rows = qs.shape[:4]
-        t_k, bk = kf.shape[3], self.block_k
+        t_k, bk = kf.shape[2], self.block_k
         j = torch.arange(t_k, device=qs.device)
         extras = ctx.extras
         sink = None if extras.sinks is None else grouped_sinks(extras.sinks, n_kv).to(qs.device)[None, :, :, None, None]
@@ -88,7 +88,7 @@ class Anchor(BudgetedMethod):
         parts = []
         for r0 in range(0, n_rows, step):
             r1 = min(r0 + step, n_rows)
-            s = extras.cap(qs[:, :, :, r0:r1] @ kf.transpose(-1, -2))  # (B, Hkv, G, r, Tk)
+            s = extras.cap(grouped_scores(qs[:, :, :, r0:r1], kf))  # (B, Hkv, G, r, Tk)
             lo, hi = first[r0:r1, None], last[r0:r1, None]
             always = ((j < self.sinks) | (j > lo - self.local_window)) & (j <= hi)  # (r, Tk)
             if ctx.key_mask is not None:

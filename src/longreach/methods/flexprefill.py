@@ -42,6 +42,7 @@ from .registry import register
 from .scoring import (
     block_sums,
     by_group,
+    grouped_scores,
     keys_share,
     last_blocks_exact,
     last_query_probs,
@@ -93,13 +94,13 @@ class FlexPrefill(PrefillPattern):
         causal = (torch.arange(quota.n_kb, device=dev) * bk)[None, :] <= quota.last[:, None]  # (nQB, nKB)
         true_dist, vs, own_last = self.last_query_estimates(q, k, quota, ctx)  # own_last: (B, Hq, m, nKB)
         q_last = q[:, :, -min(self.block, q.shape[2]):].float().mean(2)  # (B, Hq, D) pooled last block
-        est_logits = (by_group(q_last, n_kv).unsqueeze(-2) @ k_mean.unsqueeze(2).transpose(-1, -2)).squeeze(-2)
+        est_logits = grouped_scores(by_group(q_last, n_kv).unsqueeze(-2), k_mean).squeeze(-2)
         est_dist = extras.cap(est_logits.reshape(q.shape[0], n_q, -1) * scale).softmax(-1)  # (B, Hq, nKB)
         query_aware = js_distance(true_dist, est_dist) < self.tau  # (B, Hq)
 
         # query-aware: each query block's pooled query against pooled keys, softmax over causal blocks
         qm = by_group(mean_queries(q, self.block), n_kv)  # (B, Hkv, G, nQB, D)
-        qa = (qm @ k_mean.unsqueeze(2).transpose(-1, -2)).reshape(q.shape[0], n_q, quota.n_qb, quota.n_kb) * scale
+        qa = grouped_scores(qm, k_mean).reshape(q.shape[0], n_q, quota.n_qb, quota.n_kb) * scale
         qa = extras.cap(qa)
         qa = qa.masked_fill(~causal, float("-inf")).softmax(-1)
         vs = keys_share(vs * causal)  # sink-weighted rows, then a distribution over the key blocks

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, param
 from .registry import register
-from .scoring import by_group, chunk_rows, expand_kv, query_blocks
+from .scoring import by_group, chunk_rows, expand_kv, grouped_scores, query_blocks
 
 
 @register
@@ -74,7 +74,7 @@ class HiP(BudgetedMethod):
             rep = rep.clamp(max=t_k - 1)
             rep_k = keys.gather(2, rep.flatten(2)[..., None].expand(-1, -1, -1, keys.shape[-1]))
             rep_k = rep_k.view(batch, heads, nb, 2 * k_max, -1)  # (B, H, nb, 2k, D)
-            s = queries @ rep_k.unsqueeze(2).transpose(-1, -2)  # (B, H, G, nb, bq, 2k)
+            s = grouped_scores(queries, rep_k)  # (B, H, G, nb, bq, 2k)
             s = s.masked_fill(~q_valid[:, :, None], float("-inf")).amax(dim=(2, 4))  # (B, H, nb, 2k)
             s = s.masked_fill(c_hi <= c_lo, float("-inf"))
             best = s.topk(k_max, dim=-1).indices  # sorted: the first `take` are the row's keepers

@@ -23,7 +23,7 @@ from ..errors import SpecError
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import block_sums, by_group, group_heads, query_blocks
+from .scoring import block_sums, by_group, group_heads, grouped_scores, query_blocks
 
 
 def bucket_histograms(x: Tensor, planes: Tensor, block: int, valid: Tensor | None = None) -> Tensor:
@@ -66,7 +66,7 @@ class Hyper(BudgetedMethod):
         hk = bucket_histograms(k, planes, self.block_k)  # (B, Hkv, nKB, nb)
         if ctx.key_mask is not None:
             hk = hk * block_sums(ctx.key_mask.float(), self.block_k)[:, None, :, None].clamp(max=1)
-        collide = by_group(hq, n_kv) @ hk.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, nQB, nKB)
+        collide = grouped_scores(by_group(hq, n_kv), hk)  # (B, Hkv, G, nQB, nKB)
         collide = group_heads(collide, self.group, "sum")
         collide = collide.masked_fill(~quota.candidate, 0)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..selection import Selection
 from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import by_group, chunk_rows, group_heads, query_blocks
+from .scoring import by_group, chunk_rows, group_heads, grouped_scores, query_blocks
 
 
 def principal_directions(keys: Tensor, rank: int) -> Tensor:
@@ -53,7 +53,7 @@ class Loki(BudgetedMethod):
         if t_q > 1 or basis is None or basis.shape != (batch, n_kv, dim, rank):
             basis = principal_directions(k, rank)
             ctx.state["loki"] = basis
-        k_low = (k.float() @ basis).unsqueeze(2)  # (B, Hkv, 1, Tk, r)
+        k_low = k.float() @ basis  # (B, Hkv, Tk, r)
         qb, q_valid = query_blocks(q, self.block)
         q_low = by_group(qb, n_kv) @ basis[:, :, None, None]  # (B, Hkv, G, nQB, bq, r)
         bs, bk = q_valid.shape[1], self.block_k  # rows per query block as scored (fewer than block in decode)
@@ -63,7 +63,7 @@ class Loki(BudgetedMethod):
         parts = []
         for b0 in range(0, quota.n_qb, step):
             b1 = min(b0 + step, quota.n_qb)
-            s = q_low[:, :, :, b0:b1] @ k_low.unsqueeze(3).transpose(-1, -2)  # (B, Hkv, G, nb, bq, Tk)
+            s = grouped_scores(q_low[:, :, :, b0:b1], k_low)  # (B, Hkv, G, nb, bq, Tk)
             pos = (t_k - t_q) + torch.arange(b0 * bs, b1 * bs, device=q.device).view(b1 - b0, bs, 1)
             s = s.masked_fill((j > pos) | ~q_valid[b0:b1, :, None], float("-inf")).amax(-2)  # (B,Hkv,G,nb,Tk)
             s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))

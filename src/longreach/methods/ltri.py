@@ -39,7 +39,7 @@ from ..selection import Selection
 from . import spans
 from .base import BlockQuota, BudgetedMethod, SelectContext, check_int, param
 from .registry import register
-from .scoring import by_group, chunk_rows, group_heads, query_blocks, same_keys
+from .scoring import by_group, chunk_rows, group_heads, grouped_scores, query_blocks, same_keys
 
 PRIOR_MASS = 0.1  # added to every key's received mass in the index vectors
 
@@ -181,14 +181,13 @@ class Ltri(BudgetedMethod):
         qb, q_valid = query_blocks(q, self.block)
         qg = by_group(qb, n_kv)  # (B, Hkv, G, nQB, bq, D)
         n_qb, bq = q_valid.shape
-        both = torch.cat([span_vec, atom_vec], dim=2).flatten(0, 1).transpose(-1, -2)  # (B*Hkv, D, nS + nA)
-        step = chunk_rows(4 * batch * n_q * bq * both.shape[-1] * 2)
+        both = torch.cat([span_vec, atom_vec], dim=2)  # (B, Hkv, nS + nA, D)
+        step = chunk_rows(4 * batch * n_q * bq * both.shape[2] * 2)
         padded = not bool(q_valid.all())
         parts = []
         for b0 in range(0, n_qb, step):
             b1 = min(b0 + step, n_qb)
-            rows = qg[:, :, :, b0:b1]  # one GEMM per KV head (a broadcast matmul would copy the vectors per row)
-            s = (rows.reshape(batch * n_kv, -1, rows.shape[-1]) @ both).view(*rows.shape[:-1], -1)
+            s = grouped_scores(qg[:, :, :, b0:b1], both)  # (B, Hkv, G, nb, bq, nS + nA)
             if padded:
                 s = s.masked_fill(~q_valid[b0:b1, :, None], float("-inf"))
             parts.append(s.amax(-2))

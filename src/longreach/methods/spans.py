@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..stages import PLAIN, SoftmaxExtras
-from .scoring import by_group, chunk_rows
+from .scoring import by_group, chunk_rows, grouped_scores
 
 
 def band_evidence(q: Tensor, k: Tensor, p0: int, band: int, atom: int, scale: float,
@@ -68,7 +68,7 @@ def band_evidence(q: Tensor, k: Tensor, p0: int, band: int, atom: int, scale: fl
         ok = (rel >= 0) & (rel < band) & (kpos >= 0)[:, None, :] & real_q  # (nb, w, cols): in the band
         ok = ok.unsqueeze(0) if key_mask is None else ok & key_mask[:, kidx][:, :, None, :]  # (B or 1, nb, w, cols)
         okf = ok.float()
-        logits = qg[:, :, :, b0:b1] @ k[:, :, kidx].float()[:, :, None].transpose(-1, -2)  # (B, Hkv, G, nb, w, cols)
+        logits = grouped_scores(qg[:, :, :, b0:b1], k[:, :, kidx].float())  # (B, Hkv, G, nb, w, cols)
         bias = (okf - 1) * 1e30  # finite, so a query with no key in its band gives no NaN (its row is zeroed)
         probs = (extras.cap(logits * scale) + bias[:, None, None]).softmax(-1).mean(2)
         probs = probs * okf[:, None]  # (B, Hkv, nb, w, cols)

@@ -30,7 +30,7 @@ from ..selection import Selection
 from ..stages import SoftmaxExtras
 from .base import BudgetedMethod, SelectContext, check_int, param
 from .registry import method_class, register
-from .scoring import by_group, chunk_rows, expand_kv, gather_keys, grouped_sinks, sorted_count_to_reach
+from .scoring import by_group, chunk_rows, expand_kv, gather_keys, grouped_scores, grouped_sinks, sorted_count_to_reach
 
 
 @register
@@ -98,7 +98,7 @@ class Twilight(BudgetedMethod):
         pos = (idx.clamp(min=0).unsqueeze(-1) * bk + torch.arange(bk, device=dev)).flatten(-2)  # (B,Hs,nb,K*bk)
         ok = (idx >= 0).repeat_interleave(bk, dim=-1) & (pos < t_k) & (pos >= sinks)
         kc = gather_keys(keys, pos.clamp(max=t_k - 1))  # (B, Hs, nb, K*bk, D)
-        lc = extras.cap((qp @ kc.unsqueeze(2).transpose(-1, -2)) * scale)  # (B, Hs, G, nb, P, K*bk)
+        lc = extras.cap(grouped_scores(qp, kc) * scale)  # (B, Hs, G, nb, P, K*bk)
         behind = pos.unsqueeze(-2) <= (ppos - window).view(1, 1, nb, -1, 1)  # (B, Hs, nb, P, K*bk)
         lc = lc.masked_fill(~(ok.unsqueeze(-2) & behind).unsqueeze(2), float("-inf"))
         if sel.key_mask is not None:
@@ -110,7 +110,7 @@ class Twilight(BudgetedMethod):
                           ppos[..., None] - window + 1 + torch.arange(window, device=dev)], dim=-1)  # (nb, P, A)
         a_ok = torch.cat([apos[..., :sinks] <= (ppos - window)[..., None], apos[..., sinks:] >= 0], dim=-1)
         ka = gather_keys(keys, apos.clamp(min=0).expand(batch, heads, -1, -1, -1))  # (B, Hs, nb, P, A, D)
-        la = extras.cap((qp.unsqueeze(-2) @ ka.unsqueeze(2).transpose(-1, -2)).squeeze(-2) * scale)  # (B,Hs,G,nb,P,A)
+        la = extras.cap(grouped_scores(qp.unsqueeze(-2), ka).squeeze(-2) * scale)  # (B, Hs, G, nb, P, A)
         la = la.masked_fill(~a_ok, float("-inf"))
         if sel.key_mask is not None:
             km = sel.key_mask[:, apos.clamp(min=0)]  # (B, nb, P, A)
